@@ -41,7 +41,9 @@ def namespace_for_device(device: str) -> ModuleType:
                 "(or the cupy-cudaXXx wheel matching your CUDA), or use --device cpu"
             ) from exc
         if not cupy_available():
-            raise AfpxError("device 'cuda': CuPy is installed but sees no CUDA device; use --device cpu")
+            raise AfpxError(
+                "device 'cuda': CuPy is installed but sees no CUDA device; use --device cpu"
+            )
         return cupy  # type: ignore[no-any-return]
     raise AfpxError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}")
 
