@@ -44,7 +44,7 @@ def namespace_for_device(device: str) -> ModuleType:
             raise AfpxError(
                 "device 'cuda': CuPy is installed but sees no CUDA device; use --device cpu"
             )
-        return cupy  # type: ignore[no-any-return]
+        return cupy
     raise AfpxError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}")
 
 
@@ -54,12 +54,12 @@ def get_array_namespace(*arrays: Any) -> ModuleType:
         if type(a).__module__.split(".")[0] == "cupy":
             import cupy
 
-            return cupy  # type: ignore[no-any-return]
+            return cupy
     return np
 
 
 def to_numpy(a: Any) -> np.ndarray:
     """Bring an array to host memory as numpy."""
     if type(a).__module__.split(".")[0] == "cupy":
-        return a.get()  # type: ignore[no-any-return]
+        return a.get()
     return np.asarray(a)
