@@ -1,0 +1,252 @@
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+
+from afpx import AfpxError, schema
+from afpx.evaluate import (
+    EvaluateParams,
+    confusion_counts,
+    count_assignments,
+    error_rate,
+    first_known_metrics,
+    known_positions,
+    likelihood_histogram,
+    optimality_score,
+    tie_ranks,
+)
+
+# -- the optimality score ------------------------------------------------------
+
+
+def test_os_all_known_on_top_is_one() -> None:
+    for n, q in [(10, 1), (10, 3), (57, 20), (2, 1)]:
+        assert optimality_score(np.arange(1, q + 1), n) == pytest.approx(1.0)
+
+
+def test_os_all_known_at_bottom_is_minus_one() -> None:
+    for n, q in [(10, 1), (10, 3), (57, 20), (2, 1)]:
+        assert optimality_score(np.arange(n - q + 1, n + 1), n) == pytest.approx(-1.0)
+
+
+def test_os_exact_value_of_a_hand_made_list() -> None:
+    # N = 5, known at 1 and 4: (5*2 + 2 - 2*5) / (5*2 - 4) = 2 / 6
+    assert optimality_score(np.array([1, 4]), 5) == pytest.approx(1 / 3)
+    # N = 4, known at 2: (4 + 1 - 4) / (4 - 1) = 1/3
+    assert optimality_score(np.array([2]), 4) == pytest.approx(1 / 3)
+
+
+def test_os_undefined_when_nothing_or_everything_known() -> None:
+    with np.errstate(all="raise"):  # no division by zero anywhere
+        assert math.isnan(optimality_score(np.array([1, 2, 3]), 3))
+        assert math.isnan(optimality_score(np.array([]), 7))
+        assert math.isnan(optimality_score(np.array([1.0]), 1))
+
+
+def test_os_rejects_positions_outside_the_list() -> None:
+    with pytest.raises(AfpxError, match="positions must lie"):
+        optimality_score(np.array([0, 2]), 5)
+    with pytest.raises(AfpxError, match="positions must lie"):
+        optimality_score(np.array([6]), 5)
+
+
+def test_os_mean_is_zero_on_random_rankings() -> None:
+    rng = np.random.default_rng(42)
+    values = []
+    for _ in range(4000):
+        n = int(rng.integers(2, 60))
+        q = int(rng.integers(1, n))
+        positions = rng.choice(np.arange(1, n + 1), size=q, replace=False)
+        values.append(optimality_score(positions, n))
+    values = np.asarray(values)
+    assert values.min() >= -1 - 1e-12 and values.max() <= 1 + 1e-12
+    # standard error of the mean is about 0.6 / sqrt(4000) ~ 0.01
+    assert abs(values.mean()) < 0.04
+
+
+def test_os_with_ties_is_zero_when_everything_ties() -> None:
+    scores = np.zeros(8)
+    mid, _, _ = tie_ranks(scores)
+    assert optimality_score(mid[[0, 3, 5]], 8) == pytest.approx(0.0)
+
+
+def test_os_with_partial_ties() -> None:
+    # known items tie with one unknown item at the top: mid-rank 2 for all three
+    scores = np.array([5.0, 5.0, 5.0, 1.0, 0.0])
+    mid, opt, pes = tie_ranks(scores)
+    np.testing.assert_array_equal(mid, [2, 2, 2, 4, 5])
+    np.testing.assert_array_equal(opt, [1, 1, 1, 4, 5])
+    np.testing.assert_array_equal(pes, [3, 3, 3, 4, 5])
+    # N = 5, Q = 2, sum = 4: (10 + 2 - 8) / (10 - 4) = 2/3
+    assert optimality_score(mid[:2], 5) == pytest.approx(2 / 3)
+    q_mid, q_opt, q_pes = known_positions(scores, np.array([True, True, False, False, False]))
+    np.testing.assert_array_equal(q_mid, [2, 2])
+    assert sorted(q_opt) == [1, 2] and sorted(q_pes) == [2, 3]
+    assert optimality_score(q_opt, 5) == pytest.approx(1.0)
+    assert optimality_score(q_pes, 5) == pytest.approx(1 / 3)
+    # the score of the mid-ranks is the mean of the two
+    assert optimality_score(q_mid, 5) == pytest.approx(0.5 * (1 + 1 / 3))
+
+
+# -- ranks with ties -------------------------------------------------------------
+
+
+def test_tie_ranks_do_not_depend_on_input_order() -> None:
+    rng = np.random.default_rng(0)
+    scores = rng.integers(0, 4, size=30).astype(float)
+    mid, opt, pes = tie_ranks(scores)
+    perm = rng.permutation(30)
+    mid2, opt2, pes2 = tie_ranks(scores[perm])
+    np.testing.assert_array_equal(mid[perm], mid2)
+    np.testing.assert_array_equal(opt[perm], opt2)
+    np.testing.assert_array_equal(pes[perm], pes2)
+    # the definition: 1 + better + tied others / 2
+    for i, s in enumerate(scores):
+        better = (scores > s).sum()
+        tied = (scores == s).sum() - 1
+        assert mid[i] == 1 + better + tied / 2
+        assert opt[i] == 1 + better and pes[i] == 1 + better + tied
+    # mid-ranks always sum to n (n + 1) / 2
+    assert mid.sum() == pytest.approx(30 * 31 / 2)
+
+
+def test_tie_ranks_tolerance_and_infinities() -> None:
+    mid, _, _ = tie_ranks(np.array([1.0, 1.0 + 1e-12, 0.5, -np.inf, -np.inf]))
+    np.testing.assert_array_equal(mid, [1.5, 1.5, 3, 4.5, 4.5])
+    mid, _, _ = tie_ranks(np.array([1.0, 1.0 + 1e-3]), tolerance=1e-9)
+    np.testing.assert_array_equal(mid, [2, 1])
+
+
+def test_known_positions_match_brute_force() -> None:
+    rng = np.random.default_rng(5)
+    for _ in range(50):
+        scores = rng.integers(0, 5, size=20).astype(float)
+        known = rng.random(20) < 0.4
+        mid, opt, pes = known_positions(scores, known)
+        # optimistic: sort by (-score, unknown-last); pessimistic: (-score, known-last)
+        pos_opt = np.empty(20, int)
+        pos_opt[np.lexsort((~known, -scores))] = np.arange(1, 21)
+        pos_pes = np.empty(20, int)
+        pos_pes[np.lexsort((known, -scores))] = np.arange(1, 21)
+        np.testing.assert_array_equal(opt, pos_opt[known])
+        np.testing.assert_array_equal(pes, pos_pes[known])
+        assert mid.sum() == pytest.approx(0.5 * (opt.sum() + pes.sum()))
+    with pytest.raises(AfpxError, match="known has shape"):
+        known_positions(np.zeros(3), np.zeros(2, dtype=bool))
+
+
+def test_tie_ranks_errors() -> None:
+    with pytest.raises(AfpxError, match="NaN"):
+        tie_ranks(np.array([1.0, np.nan]))
+    with pytest.raises(AfpxError, match="one-dimensional"):
+        tie_ranks(np.zeros((2, 2)))
+
+
+def test_first_known_metrics() -> None:
+    m = first_known_metrics(np.array([4.5, 12.0]), (1, 10))
+    assert m == {"first_rank": 4.5, "reciprocal_rank": 1 / 4.5, "hit@1": 0.0, "hit@10": 1.0}
+    m = first_known_metrics(np.array([]), (1,))
+    assert math.isnan(m["first_rank"]) and m["reciprocal_rank"] == 0.0 and m["hit@1"] == 0.0
+
+
+def test_params_are_checked() -> None:
+    with pytest.raises(AfpxError, match="unknown split"):
+        EvaluateParams(split="validation")
+    with pytest.raises(AfpxError, match="at least 10"):
+        EvaluateParams(test1_cap=5)
+    with pytest.raises(AfpxError, match="positive"):
+        EvaluateParams(set_sizes=(0,))
+    attrs = EvaluateParams().to_attrs()
+    assert attrs["case_study"] == [["Mn", "Ge"], ["Li", "Mn", "Ge"]]
+
+
+# -- exact counting of the assignments that beat a score ---------------------------
+
+
+def _brute_count(logl: np.ndarray, mult: np.ndarray, target: np.ndarray, thr: float):
+    n, k = logl.shape
+    better = tied = total = 0
+    best = -math.inf
+    for a in itertools.product(range(k), repeat=n):
+        a = np.asarray(a)
+        counts = np.bincount(a, weights=mult, minlength=k)
+        if (counts != target).any():
+            continue
+        total += 1
+        s = logl[np.arange(n), a].sum()
+        best = max(best, s)
+        if s > thr + 1e-9:
+            better += 1
+        elif s >= thr - 1e-9:
+            tied += 1
+    return better, tied, total, best
+
+
+def test_count_assignments_equals_brute_force() -> None:
+    rng = np.random.default_rng(7)
+    for trial in range(150):
+        n, k = int(rng.integers(1, 7)), int(rng.integers(1, 4))
+        logl = np.log(rng.random((n, k)))
+        if trial % 2:
+            logl = np.round(logl, 1)  # many ties
+        mult = rng.choice([1, 2, 3, 4], size=n)
+        a = rng.integers(0, k, size=n)
+        target = np.bincount(a, weights=mult, minlength=k).astype(int)
+        thr = float(logl[np.arange(n), a].sum())
+        got = count_assignments(logl, mult, target, thr)
+        better, tied, total, best = _brute_count(logl, mult, target, thr)
+        assert (got.better, got.tied, got.total) == (better, tied, total)
+        assert got.best == pytest.approx(best)
+        assert not got.truncated
+
+
+def test_count_assignments_cap_and_unreachable_target() -> None:
+    logl = np.zeros((6, 2))  # every assignment ties
+    mult = np.ones(6, dtype=int)
+    got = count_assignments(logl, mult, np.array([3, 3]), 0.0)
+    assert (got.better, got.tied, got.total) == (0, 20, 20.0)
+    got = count_assignments(logl, mult, np.array([3, 3]), 0.0, cap=5)
+    assert got.tied == 5 and got.truncated
+    got = count_assignments(logl, mult, np.array([4, 3]), 0.0)  # counts do not add up
+    assert got.total == 0 and got.best == -math.inf
+    got = count_assignments(np.zeros((2, 2)), np.array([2, 2]), np.array([1, 3]), 0.0)
+    assert got.total == 0  # reachable in sum, not in parts
+    with pytest.raises(AfpxError, match="shapes disagree"):
+        count_assignments(np.zeros((2, 2)), np.array([1]), np.array([1, 1]), 0.0)
+
+
+# -- confusion matrix, error rate, histograms -------------------------------------
+
+
+def test_confusion_sums_to_sites_and_error_rate_is_one_minus_trace() -> None:
+    rng = np.random.default_rng(1)
+    true = rng.choice([3, 8, 25, 32], size=500)
+    pred = np.where(rng.random(500) < 0.7, true, rng.choice([3, 8, 25, 32], size=500))
+    counts = confusion_counts(true, pred)
+    assert counts.shape == (schema.N_ELEMENTS, schema.N_ELEMENTS)
+    assert counts.sum() == 500
+    assert error_rate(counts) == pytest.approx(1 - np.trace(counts) / 500)
+    assert error_rate(counts) == pytest.approx(np.mean(true != pred))
+    assert counts[7, 7] == np.sum((true == 8) & (pred == 8))
+    assert math.isnan(error_rate(np.zeros((3, 3))))
+
+
+def test_confusion_errors() -> None:
+    with pytest.raises(AfpxError, match="differ in shape"):
+        confusion_counts(np.array([1, 2]), np.array([1]))
+    with pytest.raises(AfpxError, match="predicted atomic numbers"):
+        confusion_counts(np.array([1]), np.array([0]))
+
+
+def test_likelihood_histogram_true_and_other() -> None:
+    lk = np.full((3, schema.N_ELEMENTS), 0.01)
+    z = np.array([1, 8, 8])
+    lk[np.arange(3), z - 1] = [0.99, 0.5, 1.0]
+    true, other = likelihood_histogram(lk, z, bins=10)
+    assert true.sum() == 3 and other.sum() == 3 * (schema.N_ELEMENTS - 1)
+    assert true[9] == 2 and true[5] == 1 and other[0] == 3 * 117
+    with pytest.raises(AfpxError, match="does not match"):
+        likelihood_histogram(lk, np.array([1]))
