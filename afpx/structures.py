@@ -1,0 +1,1321 @@
+"""Read crystal structures, filter them as the paper did, and find their unique sites.
+
+Every input a user may have ends up in the same place: CIF files (one structure
+per data block), folders of them (recursive), JSON / JSON-lines files of
+pymatgen structure dicts (optionally gzipped), ASE databases, and the named
+public datasets of :mod:`afpx.datasets` (``"oqmd-icsd"``).  Each record either
+becomes an :class:`AnalysedStructure` (compact arrays plus its unique sites) or
+a :class:`Rejection` naming the reason; nothing is dropped silently and a file
+that cannot be parsed is a rejection, not a traceback.
+
+Filters (all in :class:`FilterParams`, each switchable, applied in this order
+after the record has been parsed):
+
+1. ``no_atoms`` -- the record holds no sites;
+2. ``bad_cell`` -- non-finite lattice, or zero / negative volume;
+3. ``unknown_species`` -- a symbol that is not one of the 118 elements (D, T,
+   X, vacancies, charges that cannot be stripped, dummy species);
+4. ``r_factor`` -- the CIF states ``_refine_ls_R_factor_gt`` (else ``_all``,
+   else ``_obs``) at or above ``r_factor_max``; absent R-factors are kept;
+5. ``occupancy`` -- a site holds more than one species, or its occupancy is at
+   or below ``min_occupancy``;
+6. ``short_distance`` -- an interatomic distance, periodic images included,
+   below ``min_distance``;
+7. ``symmetry`` -- spglib could not analyse the structure.
+
+Records of an ASE database or JSON file that repeat an earlier record of the
+same source exactly (same id, same species, cell and positions, bit for bit)
+are ``duplicate`` rejections.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+import re
+import warnings
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final
+
+import numpy as np
+
+from afpx import AfpxError
+from afpx.schema import N_ELEMENTS, REJECT_REASONS
+
+if TYPE_CHECKING:
+    from pymatgen.core import Structure
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "AnalysedStructure",
+    "FilterParams",
+    "ReadResult",
+    "Rejection",
+    "SiteTable",
+    "read_structures",
+    "unique_sites",
+]
+
+CIF_SUFFIXES: Final = (".cif", ".mcif")
+JSON_SUFFIXES: Final = (".json", ".jsonl", ".ndjson", ".json.gz", ".jsonl.gz", ".ndjson.gz")
+ASE_SUFFIXES: Final = (".db",)
+
+#: Rows of an ASE database handled by one task of the process pool.
+_ROWS_PER_TASK: Final = 1000
+#: CIF files handled by one task of the process pool.
+_FILES_PER_TASK: Final = 16
+
+# CIF R-factor keys, in order of preference (``_obs`` is the pre-2000 name of ``_gt``).
+_R_FACTOR_KEYS: Final = (
+    "_refine_ls_R_factor_gt",
+    "_refine_ls_R_factor_all",
+    "_refine_ls_R_factor_obs",
+)
+_SYMOP_KEYS: Final = (
+    "_symmetry_equiv_pos_as_xyz",
+    "_space_group_symop_operation_xyz",
+    "_symmetry_equiv_pos_as_xyz_",
+    "_space_group_symop_operation_xyz_",
+)
+_HM_KEYS: Final = (
+    "_symmetry_space_group_name_H-M",
+    "_space_group_name_H-M_alt",
+    "_symmetry_space_group_name_H_M",
+)
+_HALL_KEYS: Final = ("_symmetry_space_group_name_Hall", "_space_group_name_Hall")
+_SG_NUMBER_KEYS: Final = ("_symmetry_Int_Tables_number", "_space_group_IT_number")
+# A CIF type symbol: an element-like token and an optional charge (Fe3+, O2-, Na+, Fe2.5+, Ti0).
+_TYPE_SYMBOL: Final = re.compile(r"^([A-Za-z]{1,3})(?:\d*(?:\.\d+)?[+-]?|[+-]\d*(?:\.\d+)?)$")
+# Tokens that look like element prefixes of labels but are not elements.
+_NOT_ELEMENTS: Final = frozenset({"D", "T", "X", "Xx", "Va", "Vac", "Q"})
+
+
+# -- public data classes -------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FilterParams:
+    """Quality filters and symmetry tolerances, defaulting to the paper's values.
+
+    Parameters
+    ----------
+    r_factor_max : float or None
+        Reject a CIF whose stated R-factor is at or above this value (a
+        fraction, 0.10 = 10 %). Structures without a stated R-factor are kept.
+        None disables the filter.
+    min_occupancy : float or None
+        Reject a structure with a site of occupancy at or below this value, or
+        with more than one species on a site. None disables the filter: each
+        site then keeps its majority species and the record says so
+        (``metadata["disordered"]``).
+    min_distance : float or None
+        Reject a structure with an interatomic distance (periodic images
+        included) below this value, in Å. None disables the filter.
+    check_species : bool
+        Reject a structure with a symbol that is not one of the 118 elements
+        (D, T, X, vacancies, unstrippable charges). When False, D and T count
+        as H; species that have no atomic number at all are still rejected.
+    symprec : float
+        Distance tolerance of the symmetry search (spglib ``symprec``), in Å.
+    angle_tolerance : float
+        Angle tolerance of the symmetry search, in degrees.
+    """
+
+    r_factor_max: float | None = 0.10
+    min_occupancy: float | None = 0.98
+    min_distance: float | None = 0.65
+    check_species: bool = True
+    symprec: float = 0.01
+    angle_tolerance: float = 5.0
+
+    def to_attrs(self) -> dict[str, Any]:
+        """The parameters as a JSON-able dict (for zarr attributes)."""
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """An input that was read but not accepted, and why.
+
+    Attributes
+    ----------
+    id : str
+        Structure id, or the path of a file that could not be read.
+    source : str
+        File path or dataset name.
+    block : str or None
+        CIF data block name, database row id or JSON line number.
+    reason : str
+        One of :data:`afpx.schema.REJECT_REASONS`.
+    message : str
+        The reason in words, naming the offending value or symbol.
+    """
+
+    id: str
+    source: str
+    block: str | None
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True)
+class SiteTable:
+    """Crystallographically unique sites of one structure.
+
+    Attributes
+    ----------
+    index : ndarray of shape (n_unique,), int32
+        Index of the representative atom of each unique site in the structure.
+    z : ndarray of shape (n_unique,), int16
+        Atomic number on each unique site.
+    multiplicity : ndarray of shape (n_unique,), int32
+        Number of atoms of the structure's cell equivalent to the site.
+    wyckoff : ndarray of shape (n_unique,), str
+        Wyckoff letter of each unique site.
+    spacegroup : int
+        International space-group number.
+    dmin : float
+        Shortest interatomic distance in the structure, periodic images
+        included, in Å.
+    """
+
+    index: np.ndarray
+    z: np.ndarray
+    multiplicity: np.ndarray
+    wyckoff: np.ndarray
+    spacegroup: int
+    dmin: float
+
+    def __len__(self) -> int:
+        return int(self.index.shape[0])
+
+
+@dataclass(frozen=True)
+class AnalysedStructure:
+    """An accepted structure as compact arrays, with its unique sites.
+
+    No pymatgen object is kept, so that tens of thousands fit in memory; call
+    :meth:`to_structure` for one.
+
+    Attributes
+    ----------
+    structure_id : str
+        Id within its source (CIF file stem, ``stem#block`` for multi-block
+        files, the ``name`` of a database row, ...).
+    source : str
+        File path or dataset name.
+    formula : str
+        Reduced formula (pymatgen ``Composition.reduced_formula``).
+    lattice : ndarray of shape (3, 3), float64
+        Lattice vectors as rows, in Å.
+    frac_coords : ndarray of shape (n_atoms, 3), float64
+        Fractional coordinates.
+    numbers : ndarray of shape (n_atoms,), int16
+        Atomic numbers.
+    sites : SiteTable
+        Unique sites.
+    metadata : dict
+        ``r_factor`` (float or None), ``r_factor_stated`` (bool), ``block`` and
+        whatever the source provides (COD id, database key-value pairs, ...).
+    """
+
+    structure_id: str
+    source: str
+    formula: str
+    lattice: np.ndarray
+    frac_coords: np.ndarray
+    numbers: np.ndarray
+    sites: SiteTable
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def n_atoms(self) -> int:
+        """Number of atoms in the cell."""
+        return int(self.numbers.shape[0])
+
+    def to_structure(self) -> Structure:
+        """The structure as a :class:`pymatgen.core.Structure`."""
+        from pymatgen.core import Lattice, Structure
+
+        symbols = _elements()
+        return Structure(
+            Lattice(self.lattice), [symbols[int(z)] for z in self.numbers], self.frac_coords
+        )
+
+
+@dataclass
+class ReadResult:
+    """Accepted structures and rejections of one :func:`read_structures` call.
+
+    Attributes
+    ----------
+    structures : list of AnalysedStructure
+        Accepted structures, in input order.
+    rejections : list of Rejection
+        Rejected records, in input order.
+    n_read : int
+        Records read: structures, CIF blocks, rows, lines, and files that
+        could not be read at all.
+    params : FilterParams
+        The filters used.
+    """
+
+    structures: list[AnalysedStructure]
+    rejections: list[Rejection]
+    n_read: int
+    params: FilterParams
+
+    def counts(self) -> dict[str, int]:
+        """Rejections by reason, in the order of :data:`afpx.schema.REJECT_REASONS`."""
+        counter = Counter(r.reason for r in self.rejections)
+        return {reason: counter[reason] for reason in REJECT_REASONS if counter[reason]}
+
+    def summary(self) -> str:
+        """Read, accepted and rejected counts, rejections by reason, in words."""
+        lines = [
+            f"read: {self.n_read}",
+            f"accepted: {len(self.structures)}",
+            f"rejected: {len(self.rejections)}",
+        ]
+        lines += [f"  {reason}: {n}" for reason, n in self.counts().items()]
+        return "\n".join(lines)
+
+
+# -- unique sites ---------------------------------------------------------------
+
+
+def shortest_distance(structure: Structure) -> float:
+    """Shortest interatomic distance of a structure, periodic images included.
+
+    A one-atom cell gives the length of its shortest lattice vector.
+
+    Parameters
+    ----------
+    structure : pymatgen.core.Structure
+        A periodic structure with at least one site.
+
+    Returns
+    -------
+    float
+        The distance in Å.
+
+    Raises
+    ------
+    AfpxError
+        If the structure has no sites.
+    """
+    if len(structure) == 0:
+        raise AfpxError("a structure without sites has no shortest distance")
+    return _closest_pair(
+        np.asarray(structure.lattice.matrix, dtype=float),
+        np.asarray(structure.frac_coords, dtype=float),
+    )[2]
+
+
+def _closest_pair(lattice: np.ndarray, frac_coords: np.ndarray) -> tuple[int, int, float]:
+    """Atoms ``i, j`` of the shortest distance (periodic images included) and the distance.
+
+    Parameters
+    ----------
+    lattice : ndarray of shape (3, 3)
+        Lattice vectors as rows, Å.
+    frac_coords : ndarray of shape (n_atoms, 3)
+        Fractional coordinates, n_atoms >= 1.
+    """
+    from pymatgen.optimization.neighbors import find_points_in_spheres
+
+    lattice = np.ascontiguousarray(lattice, dtype=float)
+    cart = np.ascontiguousarray(frac_coords @ lattice, dtype=float)
+    pbc = np.ones(3, dtype=np.int64)
+    # Grow the search radius until some pair is found: the shortest lattice
+    # vector bounds the answer, so this ends. Cell lists keep it O(n).
+    radius = 3.0
+    while True:
+        center, neighbour, images, distances = find_points_in_spheres(
+            cart, cart, r=radius, pbc=pbc, lattice=lattice, tol=1e-8
+        )
+        # an atom and itself in the same cell is no pair; two atoms on the same spot are
+        keep = ~((center == neighbour) & np.all(images == 0, axis=1))
+        if np.any(keep):
+            k = int(np.argmin(np.where(keep, distances, np.inf)))
+            return int(center[k]), int(neighbour[k]), float(distances[k])
+        radius *= 2.0
+
+
+def _site_table(
+    lattice: np.ndarray,
+    frac_coords: np.ndarray,
+    numbers: np.ndarray,
+    dmin: float,
+    *,
+    symprec: float,
+    angle_tolerance: float,
+) -> SiteTable:
+    """Unique sites from spglib's symmetry dataset (the cell pymatgen's analyser passes)."""
+    import spglib
+
+    cell = (np.asarray(lattice), np.asarray(frac_coords), np.asarray(numbers, dtype=np.intc))
+    dataset = spglib.get_symmetry_dataset(
+        cell,  # type: ignore[arg-type]  # spglib accepts arrays
+        symprec=symprec,
+        angle_tolerance=angle_tolerance,
+    )
+    if dataset is None:
+        raise AfpxError(f"spglib found no space group (symprec={symprec}, angle={angle_tolerance})")
+    equivalent = np.asarray(dataset.equivalent_atoms)
+    index, multiplicity = np.unique(equivalent, return_counts=True)
+    wyckoffs = np.asarray(dataset.wyckoffs)
+    return SiteTable(
+        index=index.astype(np.int32),
+        z=np.asarray(numbers)[index].astype(np.int16),
+        multiplicity=multiplicity.astype(np.int32),
+        wyckoff=wyckoffs[index].astype(str),
+        spacegroup=int(dataset.number),
+        dmin=dmin,
+    )
+
+
+def unique_sites(
+    structure: Structure, *, symprec: float = 0.01, angle_tolerance: float = 5.0
+) -> SiteTable:
+    """Crystallographically unique sites of an ordered structure.
+
+    Parameters
+    ----------
+    structure : pymatgen.core.Structure
+        An ordered structure (one element per site).
+    symprec : float
+        Distance tolerance of spglib, in Å.
+    angle_tolerance : float
+        Angle tolerance of spglib, in degrees.
+
+    Returns
+    -------
+    SiteTable
+        Representative atom, element, multiplicity (atoms of this cell in the
+        orbit) and Wyckoff letter of each unique site, the space-group number
+        and the shortest interatomic distance.
+
+    Notes
+    -----
+    spglib's ``equivalent_atoms`` maps every atom to the first atom of its
+    orbit; the representatives are the distinct values, the multiplicities
+    their counts. Multiplicities are counts in the given cell, so a 2x1x1
+    supercell doubles them while elements and Wyckoff letters stay the same.
+
+    Examples
+    --------
+    >>> from pymatgen.core import Lattice, Structure
+    >>> nacl = Structure.from_spacegroup("Fm-3m", Lattice.cubic(5.64), ["Na", "Cl"],
+    ...                                  [[0, 0, 0], [0.5, 0.5, 0.5]])
+    >>> table = unique_sites(nacl)
+    >>> table.multiplicity.tolist(), table.wyckoff.tolist(), table.spacegroup
+    ([4, 4], ['a', 'b'], 225)
+    """
+    if len(structure) == 0:
+        raise AfpxError("a structure without sites has no unique sites")
+    if not structure.is_ordered:
+        raise AfpxError("unique sites need an ordered structure (one element per site)")
+    lattice = np.asarray(structure.lattice.matrix, dtype=float)
+    frac_coords = np.asarray(structure.frac_coords, dtype=float)
+    numbers = np.asarray([site.specie.Z for site in structure])
+    try:
+        dmin = _closest_pair(lattice, frac_coords)[2]
+        return _site_table(
+            lattice,
+            frac_coords,
+            numbers,
+            dmin,
+            symprec=symprec,
+            angle_tolerance=angle_tolerance,
+        )
+    except AfpxError:
+        raise
+    except Exception as exc:
+        raise AfpxError(f"symmetry analysis failed: {_describe(exc)}") from exc
+
+
+# -- analysis of one parsed record -------------------------------------------------
+
+
+@dataclass
+class _Record:
+    """A parsed record before filtering (internal).
+
+    Either ``structure`` (CIF, JSON: may be disordered, carry charges) or
+    ``arrays`` (lattice, frac_coords, numbers of an ASE row) is set.
+    """
+
+    id: str
+    source: str
+    block: str | None
+    metadata: dict[str, Any]
+    structure: Structure | None = None
+    arrays: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+    # symbols as written in the source, for the species check
+    raw_symbols: list[str] | None = None
+    # exact-duplicate key (None: never a duplicate)
+    digest: str | None = None
+
+
+_Outcome = tuple[AnalysedStructure | Rejection, str | None]
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    message = text[0] if text else ""
+    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+
+
+_ELEMENTS: list[str] = []
+
+
+def _elements() -> list[str]:
+    """Symbols of Z = 0..118 (index 0 is the ASE dummy ``X``)."""
+    if not _ELEMENTS:
+        from pymatgen.core.periodic_table import Element
+
+        _ELEMENTS.extend(["X"] + [Element.from_Z(z).symbol for z in range(1, N_ELEMENTS + 1)])
+    return _ELEMENTS
+
+
+def _symbol_problem(symbol: str, *, strict: bool) -> str | None:
+    """Why a symbol as written in a source is not an element (None: it is one)."""
+    text = symbol.strip()
+    match = _TYPE_SYMBOL.match(text)
+    if match is None:
+        return f"symbol {text!r} is not an element with an optional charge"
+    element = match.group(1).capitalize()
+    if element != "X" and element in _elements():
+        return None
+    if element in {"D", "T"} and not strict:
+        return None
+    return f"symbol {text!r} is not an element"
+
+
+def _cell_problem(matrix: np.ndarray) -> str | None:
+    """Why a lattice cannot hold a crystal (None: it can)."""
+    if matrix.shape != (3, 3) or not np.all(np.isfinite(matrix)):
+        return "lattice is not a finite 3x3 matrix"
+    lengths = np.linalg.norm(matrix, axis=1)
+    volume = float(np.linalg.det(matrix))
+    # a cell whose volume is a tiny fraction of a*b*c is degenerate (flat)
+    if np.any(lengths <= 0) or volume <= 1e-6 * float(np.prod(lengths)):
+        return f"cell volume is {volume:.4g} Å³ (lengths {np.round(lengths, 4).tolist()} Å)"
+    return None
+
+
+def _ordered_arrays(
+    record: _Record, structure: Structure, params: FilterParams
+) -> tuple[np.ndarray, np.ndarray, np.ndarray] | Rejection:
+    """Species and occupancy checks of a pymatgen structure; its arrays if it passes."""
+    from pymatgen.core import DummySpecies, Element, Species
+
+    def reject(reason: str, message: str) -> Rejection:
+        return Rejection(record.id, record.source, record.block, reason, message)
+
+    if len(structure) == 0:
+        return reject("no_atoms", "the record holds no atoms")
+    lattice = np.array(structure.lattice.matrix, dtype=np.float64)
+    problem = _cell_problem(lattice)
+    if problem:
+        return reject("bad_cell", problem)
+    # species: the symbols as written (pymatgen reads D as H and Va as V), then
+    # pymatgen's species (dummy species)
+    for symbol in record.raw_symbols or ():
+        problem = _symbol_problem(symbol, strict=params.check_species)
+        if problem:
+            return reject("unknown_species", problem)
+    for site in structure:
+        for species in site.species:
+            if isinstance(species, DummySpecies) or not isinstance(species, Element | Species):
+                return reject(
+                    "unknown_species", f"site {site.label} holds {species!s}, not an element"
+                )
+    r_factor = record.metadata.get("r_factor")
+    if params.r_factor_max is not None and r_factor is not None and r_factor >= params.r_factor_max:
+        key = record.metadata.get("r_factor_key", "R-factor")
+        return reject("r_factor", f"{key} = {r_factor:g} ≥ {params.r_factor_max:g}")
+
+    numbers = np.empty(len(structure), dtype=np.int16)
+    for i, site in enumerate(structure):
+        items = sorted(site.species.items(), key=lambda item: -item[1])
+        if len(items) > 1 or items[0][1] < 1.0 - 1e-9:
+            record.metadata["disordered"] = True
+        if params.min_occupancy is not None:
+            if len(items) > 1:
+                text = " ".join(f"{sp}:{occ:g}" for sp, occ in items)
+                return reject("occupancy", f"site {site.label} holds {len(items)} species ({text})")
+            if items[0][1] <= params.min_occupancy:
+                return reject(
+                    "occupancy",
+                    f"site {site.label} ({items[0][0]}) has occupancy {items[0][1]:g}"
+                    f" ≤ {params.min_occupancy:g}",
+                )
+        # majority species (the only one when the occupancy filter is on)
+        numbers[i] = items[0][0].Z
+    return lattice, np.array(structure.frac_coords, dtype=np.float64), numbers
+
+
+def _analyse(record: _Record, params: FilterParams) -> AnalysedStructure | Rejection:
+    """Apply the filters to one parsed record and find its unique sites."""
+
+    def reject(reason: str, message: str) -> Rejection:
+        return Rejection(record.id, record.source, record.block, reason, message)
+
+    if record.structure is not None:
+        arrays = _ordered_arrays(record, record.structure, params)
+        if isinstance(arrays, Rejection):
+            return arrays
+    else:
+        assert record.arrays is not None
+        arrays = record.arrays
+        if arrays[2].size == 0:
+            return reject("no_atoms", "the record holds no atoms")
+        problem = _cell_problem(arrays[0])
+        if problem:
+            return reject("bad_cell", problem)
+        unknown = arrays[2][(arrays[2] < 1) | (arrays[2] > N_ELEMENTS)]
+        if unknown.size:
+            z = int(unknown[0])
+            name = "X, a dummy atom" if z == 0 else "no element"
+            return reject("unknown_species", f"atomic number {z} ({name}) is not an element")
+    lattice, frac_coords, numbers = arrays
+    symbols = _elements()
+
+    i, j, dmin = _closest_pair(lattice, frac_coords)
+    if params.min_distance is not None and dmin < params.min_distance:
+        return reject(
+            "short_distance",
+            f"atoms {i} ({symbols[numbers[i]]}) and {j} ({symbols[numbers[j]]}) are"
+            f" {dmin:.3f} Å apart < {params.min_distance:g} Å",
+        )
+    try:
+        sites = _site_table(
+            lattice,
+            frac_coords,
+            numbers,
+            dmin,
+            symprec=params.symprec,
+            angle_tolerance=params.angle_tolerance,
+        )
+    except Exception as exc:
+        return reject("symmetry", f"symmetry analysis failed: {_describe(exc)}")
+    return AnalysedStructure(
+        structure_id=record.id,
+        source=record.source,
+        formula=_reduced_formula(numbers),
+        lattice=lattice,
+        frac_coords=frac_coords,
+        numbers=numbers.astype(np.int16),
+        sites=sites,
+        metadata=record.metadata,
+    )
+
+
+def _reduced_formula(numbers: np.ndarray) -> str:
+    from pymatgen.core import Composition
+
+    z, counts = np.unique(numbers, return_counts=True)
+    symbols = _elements()
+    return Composition(
+        {symbols[int(k)]: int(n) for k, n in zip(z, counts, strict=True)}
+    ).reduced_formula
+
+
+def _digest(id_: str, species: str, cell: np.ndarray, positions: np.ndarray) -> str:
+    """Key of exact duplicates: id, species, cell and positions, bit for bit."""
+    h = hashlib.sha1(f"{id_}\0{species}\0".encode())
+    for array in (cell.astype(np.float64), positions.astype(np.float64)):
+        h.update(np.ascontiguousarray(array).tobytes())
+    return h.hexdigest()
+
+
+# -- CIF ------------------------------------------------------------------------
+
+
+def _read_text(path: Path) -> str:
+    raw = path.read_bytes()
+    if path.suffix == ".gz":
+        raw = gzip.decompress(raw)
+    if b"\x00" in raw:
+        raise ValueError("binary data (NUL bytes), not a text file")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        # CIF 1.1 is ASCII; older files are often Latin-1
+        return raw.decode("latin-1")
+
+
+def split_cif_blocks(text: str) -> list[tuple[str, str]]:
+    """Split CIF text into its data blocks.
+
+    Parameters
+    ----------
+    text : str
+        The text of a CIF file.
+
+    Returns
+    -------
+    list of (str, str)
+        Block name (without ``data_``) and the text of the block, in file
+        order. Lines before the first block are dropped; ``data_`` inside
+        semicolon-delimited text fields does not start a block.
+    """
+    blocks: list[tuple[str, list[str]]] = []
+    in_text_field = False
+    for line in text.splitlines():
+        if line.startswith(";"):
+            in_text_field = not in_text_field
+        elif not in_text_field and line[:5].lower() == "data_":
+            blocks.append((line[5:].strip(), []))
+        if blocks:
+            blocks[-1][1].append(line)
+    return [(name, "\n".join(lines) + "\n") for name, lines in blocks]
+
+
+def _cif_number(value: Any) -> float | None:
+    """A CIF number such as ``0.0345(3)``; None for ``?``, ``.`` or absent."""
+    if value is None:
+        return None
+    if isinstance(value, list):
+        value = value[0] if value else None
+        if value is None:
+            return None
+    text = str(value).strip().strip("'\"")
+    if text in ("", "?", "."):
+        return None
+    text = re.sub(r"\(\d*\)$", "", text)
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def _symops_from_setting(data: dict[str, Any]) -> list[str] | None:
+    """Symmetry operations for a block that names a setting but lists no operations.
+
+    pymatgen reads ``F d -3 m:2`` without operations in the default setting
+    (origin choice 1) when the space-group number is also given; spglib's
+    table of the 530 Hall settings gives the right operations.
+    """
+    import spglib
+
+    hall = next((str(data[k]) for k in _HALL_KEYS if data.get(k)), None)
+    hm = next((str(data[k]) for k in _HM_KEYS if data.get(k)), None)
+    if hall is None and (hm is None or ":" not in hm):
+        return None
+    if hall is not None:
+        wanted_hall = re.sub(r"\s+", "", hall.strip("'\"")).lower()
+    else:
+        assert hm is not None
+        symbol, choice = hm.strip("'\"").rsplit(":", 1)
+        wanted_symbol = re.sub(r"[\s_]", "", symbol).lower()
+        wanted_choice = choice.strip().lower()
+    for hall_number in range(1, 531):
+        sg_type = spglib.get_spacegroup_type(hall_number)
+        if sg_type is None:
+            continue
+        if hall is not None:
+            found = re.sub(r"\s+", "", sg_type.hall_symbol).lower() == wanted_hall
+        else:
+            names = {
+                re.sub(r"[\s_]", "", sg_type.international_short).lower(),
+                re.sub(r"[\s_]", "", sg_type.international_full).lower(),
+            }
+            found = wanted_symbol in names and sg_type.choice.lower() == wanted_choice
+        if found:
+            ops = spglib.get_symmetry_from_database(hall_number)
+            assert ops is not None
+            return [
+                _xyz_string(rotation, translation)
+                for rotation, translation in zip(ops["rotations"], ops["translations"], strict=True)
+            ]
+    return None
+
+
+def _xyz_string(rotation: np.ndarray, translation: np.ndarray) -> str:
+    from fractions import Fraction
+
+    parts = []
+    for row, shift in zip(rotation, translation, strict=True):
+        terms = []
+        for coefficient, axis in zip(row, "xyz", strict=True):
+            if coefficient:
+                terms.append(("+" if coefficient > 0 else "-") + axis)
+        fraction = Fraction(float(shift)).limit_denominator(12)
+        if fraction:
+            terms.append(("+" if fraction > 0 else "-") + str(abs(fraction)))
+        parts.append("".join(terms).lstrip("+"))
+    return ",".join(parts)
+
+
+def _read_cif_block(name: str, text: str, *, path: Path, structure_id: str) -> _Record | Rejection:
+    from pymatgen.io.cif import CifParser
+
+    source = str(path)
+
+    def reject(reason: str, message: str) -> Rejection:
+        return Rejection(structure_id, source, name, reason, message)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            parser = CifParser.from_str(text)
+            data: dict[str, Any] = next(iter(parser.as_dict().values()), {})
+        except Exception as exc:
+            return reject("parse_error", _describe(exc))
+        if "_atom_site_fract_x" not in data and "_atom_site_Cartn_x" not in data:
+            return reject("no_atoms", "the block has no _atom_site coordinates")
+        cell = [
+            _cif_number(data.get(k))
+            for k in (
+                "_cell_length_a",
+                "_cell_length_b",
+                "_cell_length_c",
+                "_cell_angle_alpha",
+                "_cell_angle_beta",
+                "_cell_angle_gamma",
+            )
+        ]
+        if any(v is None for v in cell):
+            return reject("parse_error", "the block lacks some _cell_length/_cell_angle values")
+        problem = _cif_cell_problem(*[float(v) for v in cell if v is not None])
+        if problem:
+            return reject("bad_cell", problem)
+        injected = False
+        if not any(data.get(k) for k in _SYMOP_KEYS):
+            symops = _symops_from_setting(data)
+            if symops:
+                loop = "\nloop_\n_symmetry_equiv_pos_as_xyz\n"
+                loop += "".join(f"'{op}'\n" for op in symops)
+                try:
+                    parser = CifParser.from_str(text + loop)
+                except Exception as exc:
+                    return reject("parse_error", _describe(exc))
+                injected = True
+        try:
+            structures = parser.parse_structures(primitive=False, on_error="raise")
+        except Exception as exc:
+            return reject("parse_error", _describe(exc))
+        if not structures:
+            return reject("parse_error", "pymatgen found no structure in the block")
+    messages = [str(w.message) for w in caught]
+    if any("Defaulting to P1" in m for m in messages):
+        stated = [str(data[k]) for k in (*_HM_KEYS, *_HALL_KEYS, *_SG_NUMBER_KEYS) if data.get(k)]
+        if stated and stated[0].strip("'\" ").upper() not in ("P1", "P 1", "1"):
+            return reject(
+                "parse_error",
+                f"no symmetry operations and space group {stated[0]!r} not understood",
+            )
+
+    metadata: dict[str, Any] = {"block": name, "r_factor": None, "r_factor_stated": False}
+    for key in _R_FACTOR_KEYS:
+        value = _cif_number(data.get(key))
+        if value is not None:
+            metadata.update(r_factor=value, r_factor_stated=True, r_factor_key=key)
+            break
+    cod_id = _cif_number(data.get("_cod_database_code"))
+    if cod_id is not None:
+        metadata["cod_id"] = str(int(cod_id))
+    if injected:
+        metadata["symops_from_setting"] = True
+    symbols = data.get("_atom_site_type_symbol") or data.get("_atom_site_label") or []
+    if isinstance(symbols, str):
+        symbols = [symbols]
+    raw_symbols = [str(s) for s in symbols]
+    if "_atom_site_type_symbol" not in data:
+        raw_symbols = [_label_symbol(s) for s in raw_symbols]
+    return _Record(
+        structure_id, source, name, metadata, structure=structures[0], raw_symbols=raw_symbols
+    )
+
+
+def _label_symbol(label: str) -> str:
+    """The element part of an atom-site label (``Na1`` -> ``Na``, ``O2a`` -> ``O``)."""
+    letters = re.match(r"[A-Za-z]*", label.strip())
+    token = letters.group(0) if letters else ""
+    if token in _NOT_ELEMENTS or token.capitalize() in _NOT_ELEMENTS:
+        return token
+    for n in (2, 1):
+        if token[:n].capitalize() in _elements():
+            return token[:n].capitalize()
+    return label
+
+
+def _cif_cell_problem(
+    a: float, b: float, c: float, alpha: float, beta: float, gamma: float
+) -> str | None:
+    ca, cb, cg = (math.cos(math.radians(x)) for x in (alpha, beta, gamma))
+    root = 1 - ca * ca - cb * cb - cg * cg + 2 * ca * cb * cg
+    volume = a * b * c * math.sqrt(root) if root > 0 else 0.0
+    if min(a, b, c) <= 0 or volume <= 1e-6 * abs(a * b * c):
+        return (
+            f"cell a={a:g} b={b:g} c={c:g} Å, α={alpha:g} β={beta:g} γ={gamma:g}°"
+            f" has volume {volume:.4g} Å³"
+        )
+    return None
+
+
+def _read_cif(path: Path) -> Iterator[_Record | Rejection]:
+    try:
+        text = _read_text(path)
+    except Exception as exc:
+        yield Rejection(str(path), str(path), None, "parse_error", _describe(exc))
+        return
+    if not text.strip():
+        yield Rejection(str(path), str(path), None, "parse_error", "empty file")
+        return
+    blocks = split_cif_blocks(text)
+    if not blocks:
+        yield Rejection(str(path), str(path), None, "parse_error", "no data_ block in the file")
+        return
+    for name, block_text in blocks:
+        structure_id = path.stem if len(blocks) == 1 else f"{path.stem}#{name}"
+        yield _read_cif_block(name, block_text, path=path, structure_id=structure_id)
+
+
+# -- JSON (pymatgen dicts) ------------------------------------------------------------
+
+_JSON_ID_KEYS: Final = ("structure_id", "id", "material_id", "name")
+
+
+def _json_documents(path: Path) -> Iterator[tuple[str, Any]]:
+    """(line label, decoded object) for JSON lines, or the items of a JSON file."""
+    text = _read_text(path)
+    stripped = text.lstrip()
+    if stripped.startswith("[") or (stripped.startswith("{") and "\n{" not in stripped.rstrip()):
+        try:
+            doc = json.loads(text)
+        except json.JSONDecodeError:
+            doc = None
+        if doc is not None:
+            items = doc if isinstance(doc, list) else [doc]
+            for i, item in enumerate(items):
+                yield str(i + 1), item
+            return
+    for number, line in enumerate(io.StringIO(text), start=1):
+        if not line.strip():
+            continue
+        try:
+            yield str(number), json.loads(line)
+        except json.JSONDecodeError as exc:
+            yield str(number), exc
+
+
+def _json_stem(path: Path) -> str:
+    name = path.name
+    for suffix in sorted(JSON_SUFFIXES, key=len, reverse=True):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return path.stem
+
+
+def _read_json(path: Path) -> Iterator[_Record | Rejection]:
+    from pymatgen.core import Structure
+
+    source = str(path)
+    try:
+        documents = list(_json_documents(path))
+    except Exception as exc:
+        yield Rejection(source, source, None, "parse_error", _describe(exc))
+        return
+    if not documents:
+        yield Rejection(source, source, None, "parse_error", "no JSON records in the file")
+        return
+    stem = _json_stem(path)
+    for line, doc in documents:
+        default_id = f"{stem}:{line}"
+        if isinstance(doc, Exception):
+            yield Rejection(default_id, source, line, "parse_error", _describe(doc))
+            continue
+        if not isinstance(doc, dict):
+            message = f"a JSON {type(doc).__name__}, not a structure dict"
+            yield Rejection(default_id, source, line, "parse_error", message)
+            continue
+        struct_dict = doc.get("structure", doc)
+        structure_id = next(
+            (str(doc[k]) for k in _JSON_ID_KEYS if isinstance(doc.get(k), str | int)), default_id
+        )
+        metadata: dict[str, Any] = {"block": line, "r_factor": None, "r_factor_stated": False}
+        metadata.update(
+            {
+                k: v
+                for k, v in doc.items()
+                if k != "structure"
+                and not k.startswith("@")
+                and isinstance(v, str | int | float | bool)
+                and k not in ("lattice", "sites")
+            }
+        )
+        try:
+            raw_symbols = [
+                str(sp.get("element")) for site in struct_dict["sites"] for sp in site["species"]
+            ]
+        except Exception as exc:
+            yield Rejection(
+                structure_id, source, line, "parse_error", f"not a structure dict: {_describe(exc)}"
+            )
+            continue
+        bad = next(
+            (p for s in raw_symbols if (p := _symbol_problem(s, strict=True)) is not None), None
+        )
+        if bad is not None:
+            yield Rejection(structure_id, source, line, "unknown_species", bad)
+            continue
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                structure = Structure.from_dict(struct_dict)
+        except Exception as exc:
+            yield Rejection(structure_id, source, line, "parse_error", _describe(exc))
+            continue
+        digest = _digest(
+            structure_id,
+            " ".join(str(site.species) for site in structure),
+            np.asarray(structure.lattice.matrix),
+            np.asarray(structure.frac_coords),
+        )
+        yield _Record(
+            structure_id,
+            source,
+            line,
+            metadata,
+            structure=structure,
+            raw_symbols=raw_symbols,
+            digest=digest,
+        )
+
+
+# -- ASE databases -----------------------------------------------------------------------
+
+_ASE_ID_KEYS: Final = ("name", "structure_id", "material_id")
+
+
+def _ase_rows(
+    path: Path, source: str, offset: int, limit: int | None
+) -> Iterator[_Record | _Tagged]:
+    """Records of an ASE database, rows ``offset .. offset + limit`` in id order."""
+    import ase.db
+
+    stem = path.stem
+    db = ase.db.connect(str(path), type="db")
+    for row in db.select(sort="id", offset=offset, limit=limit, include_data=False):
+        block = str(row.id)
+        kvp = dict(row.key_value_pairs)
+        structure_id = next(
+            (str(kvp[k]) for k in _ASE_ID_KEYS if isinstance(kvp.get(k), str)), f"{stem}:{row.id}"
+        )
+        numbers = np.asarray(row.numbers, dtype=np.int64)
+        cell = np.asarray(row.cell, dtype=np.float64)
+        positions = np.asarray(row.positions, dtype=np.float64).reshape(-1, 3)
+        digest = _digest(structure_id, " ".join(map(str, numbers.tolist())), cell, positions)
+        metadata: dict[str, Any] = {
+            "block": block,
+            "row": int(row.id),
+            "r_factor": None,
+            "r_factor_stated": False,
+        }
+        metadata.update({k: (v.item() if isinstance(v, np.generic) else v) for k, v in kvp.items()})
+        if not np.all(row.pbc):
+            message = f"not periodic in all directions (pbc={np.asarray(row.pbc).tolist()})"
+            yield _Tagged(Rejection(structure_id, source, block, "bad_cell", message), digest)
+            continue
+        if _cell_problem(cell) is None and numbers.size:
+            # wrap into [0, 1) as pymatgen's readers do; keeps fingerprints origin-free
+            frac_coords = np.linalg.solve(cell.T, positions.T).T
+            frac_coords -= np.floor(frac_coords)
+            frac_coords[frac_coords >= 1.0] = 0.0
+        else:
+            frac_coords = np.zeros((numbers.size, 3))
+        yield _Record(
+            structure_id,
+            source,
+            block,
+            metadata,
+            arrays=(cell, frac_coords, numbers),
+            digest=digest,
+        )
+
+
+@dataclass
+class _Tagged:
+    """A rejection that still takes part in duplicate detection (internal)."""
+
+    rejection: Rejection
+    digest: str | None
+
+
+# -- tasks ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Task:
+    """One unit of reading: a file, or a slice of an ASE database (internal)."""
+
+    kind: str  # "cif", "json" or "ase"
+    path: str
+    source: str
+    offset: int = 0
+    limit: int | None = None
+
+    @property
+    def weight(self) -> int:
+        return self.limit if self.kind == "ase" and self.limit else 1
+
+
+def _kind_of(path: Path) -> str:
+    name = path.name.lower()
+    if name.endswith(JSON_SUFFIXES):
+        return "json"
+    if name.endswith(ASE_SUFFIXES):
+        return "ase"
+    return "cif"
+
+
+def _is_input_file(path: Path) -> bool:
+    name = path.name.lower()
+    return not name.startswith(".") and name.endswith(CIF_SUFFIXES + JSON_SUFFIXES + ASE_SUFFIXES)
+
+
+def _ase_count(path: Path) -> int:
+    import ase.db
+
+    try:
+        return int(ase.db.connect(str(path), type="db").count())
+    except Exception:
+        return 0
+
+
+def _tasks_for(item: str | os.PathLike[str]) -> list[_Task]:
+    path = Path(item)
+    if not path.exists():
+        from afpx import datasets
+
+        name = str(item)
+        if name in datasets.DATASETS:
+            db_path = datasets.dataset_path(name)
+            return _ase_tasks(db_path, source=name)
+        known = ", ".join(sorted(datasets.DATASETS))
+        raise AfpxError(f"{name!r} is neither a file, a folder nor a dataset name ({known})")
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and _is_input_file(p))
+        tasks: list[_Task] = []
+        for file in files:
+            tasks += _file_tasks(file)
+        return tasks
+    return _file_tasks(path)
+
+
+def _file_tasks(path: Path) -> list[_Task]:
+    kind = _kind_of(path)
+    if kind == "ase":
+        return _ase_tasks(path, source=str(path))
+    return [_Task(kind, str(path), str(path))]
+
+
+def _ase_tasks(path: Path, *, source: str) -> list[_Task]:
+    n_rows = _ase_count(path)
+    if n_rows == 0:
+        # let the reader report the empty / unreadable database
+        return [_Task("ase", str(path), source, 0, None)]
+    return [
+        _Task("ase", str(path), source, offset, min(_ROWS_PER_TASK, n_rows - offset))
+        for offset in range(0, n_rows, _ROWS_PER_TASK)
+    ]
+
+
+def _run_task(task: _Task, params: FilterParams) -> list[_Outcome]:
+    """Read and analyse one task; every record becomes one outcome."""
+    path = Path(task.path)
+    if task.kind == "ase":
+        reader: Iterator[Any] = _ase_rows_safe(path, task)
+    elif task.kind == "json":
+        reader = _read_json(path)
+    else:
+        reader = _read_cif(path)
+    outcomes: list[_Outcome] = []
+    for item in reader:
+        if isinstance(item, Rejection):
+            outcomes.append((item, None))
+        elif isinstance(item, _Tagged):
+            outcomes.append((item.rejection, item.digest))
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                try:
+                    result = _analyse(item, params)
+                except Exception as exc:  # a bug, but one record must not stop the run
+                    logger.exception("analysis of %s failed", item.id)
+                    result = Rejection(item.id, item.source, item.block, "symmetry", _describe(exc))
+            outcomes.append((result, item.digest))
+    return outcomes
+
+
+def _ase_rows_safe(path: Path, task: _Task) -> Iterator[_Record | Rejection | _Tagged]:
+    try:
+        yield from _ase_rows(path, task.source, task.offset, task.limit)
+    except Exception as exc:
+        yield Rejection(str(path), task.source, None, "parse_error", _describe(exc))
+
+
+def _run_chunk(tasks: list[_Task], params: FilterParams) -> list[_Outcome]:
+    outcomes: list[_Outcome] = []
+    for task in tasks:
+        outcomes += _run_task(task, params)
+    return outcomes
+
+
+def _chunks(tasks: list[_Task]) -> list[list[_Task]]:
+    chunks: list[list[_Task]] = []
+    current: list[_Task] = []
+    for task in tasks:
+        if task.kind == "ase":
+            if current:
+                chunks.append(current)
+                current = []
+            chunks.append([task])
+            continue
+        current.append(task)
+        if len(current) >= _FILES_PER_TASK:
+            chunks.append(current)
+            current = []
+    if current:
+        chunks.append(current)
+    return chunks
+
+
+def _progress_bar(total: int, enabled: bool) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, disable=not enabled, unit="rec", desc="reading", leave=False)
+
+
+def read_structures(
+    inputs: Sequence[str | os.PathLike[str]] | str | os.PathLike[str],
+    *,
+    params: FilterParams = FilterParams(),
+    progress: bool | None = None,
+    workers: int = 1,
+) -> ReadResult:
+    """Read, filter and analyse crystal structures.
+
+    Parameters
+    ----------
+    inputs : sequence of str or path
+        CIF files (every data block is a structure), folders (searched
+        recursively for ``*.cif``, ``*.json``, ``*.jsonl``, ``*.json.gz``,
+        ``*.jsonl.gz`` and ``*.db``), JSON / JSON-lines files of pymatgen
+        structure dicts (optionally wrapped as ``{"id": ..., "structure":
+        {...}}``), ASE databases, or names of datasets known to
+        :mod:`afpx.datasets` (``"oqmd-icsd"``, fetched on first use).
+    params : FilterParams
+        Quality filters and symmetry tolerances.
+    progress : bool or None
+        Show a progress bar; None shows one when stderr is a terminal.
+    workers : int
+        Processes to read with. The result is the same, in the same order,
+        whatever the number.
+
+    Returns
+    -------
+    ReadResult
+        Accepted structures and rejections, in input order.
+
+    Raises
+    ------
+    AfpxError
+        If an input is neither an existing path nor a dataset name, or
+        ``workers`` is below 1.
+    """
+    import sys
+
+    if isinstance(inputs, str | os.PathLike):
+        inputs = [inputs]
+    if workers < 1:
+        raise AfpxError(f"workers must be at least 1, not {workers}")
+    tasks: list[_Task] = []
+    for item in inputs:
+        tasks += _tasks_for(item)
+    if progress is None:
+        progress = sys.stderr.isatty()
+    chunks = _chunks(tasks)
+
+    structures: list[AnalysedStructure] = []
+    rejections: list[Rejection] = []
+    seen: dict[tuple[str, str], str] = {}  # (source, digest) -> id of the first record
+    ids: dict[tuple[str, str], str] = {}  # (source, id) -> digest of its first record
+    n_read = 0
+    bar = _progress_bar(sum(t.weight for t in tasks), bool(progress))
+    try:
+        for chunk, outcomes in zip(chunks, _map_chunks(chunks, params, workers), strict=True):
+            for result, digest in outcomes:
+                n_read += 1
+                if digest is not None:
+                    result = _deduplicate(result, digest, seen, ids)
+                if isinstance(result, Rejection):
+                    rejections.append(result)
+                else:
+                    structures.append(result)
+            bar.update(sum(t.weight for t in chunk))
+    finally:
+        bar.close()
+    return ReadResult(structures, rejections, n_read, params)
+
+
+def _deduplicate(
+    result: AnalysedStructure | Rejection,
+    digest: str,
+    seen: dict[tuple[str, str], str],
+    ids: dict[tuple[str, str], str],
+) -> AnalysedStructure | Rejection:
+    """Turn an exact repeat of an earlier record of the same source into a rejection."""
+    if isinstance(result, Rejection):
+        source, structure_id, block = result.source, result.id, result.block
+    else:
+        source, structure_id = result.source, result.structure_id
+        block = result.metadata.get("block")
+    key = (source, digest)
+    if key in seen:
+        return Rejection(
+            structure_id,
+            source,
+            block,
+            "duplicate",
+            f"same id and identical structure as {seen[key]} (block {block} repeats it)",
+        )
+    seen[key] = f"the record first read as {structure_id!r}"
+    first = ids.setdefault((source, structure_id), digest)
+    if first != digest:
+        # same id, different structure: keep it, under an id that says which row
+        new_id = f"{structure_id}@{block}"
+        if isinstance(result, Rejection):
+            return dataclasses.replace(result, id=new_id)
+        return dataclasses.replace(result, structure_id=new_id)
+    return result
+
+
+def _map_chunks(
+    chunks: list[list[_Task]], params: FilterParams, workers: int
+) -> Iterator[list[_Outcome]]:
+    if workers == 1 or len(chunks) <= 1:
+        for chunk in chunks:
+            yield _run_chunk(chunk, params)
+        return
+    import multiprocessing
+
+    # spawn: forking a process that already runs threads (Dask, BLAS) can deadlock
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        yield from pool.map(_run_chunk, chunks, [params] * len(chunks))
