@@ -66,6 +66,7 @@ STRUCTURE_INDEX: Final = "structure"  # a variable along ``site`` named like the
 DRAW: Final = "draw"
 LIKELIHOOD: Final = "likelihood"
 LIKELIHOOD_MEAN: Final = "likelihood_mean"  # mean over draws, along ``site`` of draw 0
+SOFTMAX_PRED: Final = "softmax_pred"  # predicted Z of the auxiliary softmax classifier
 
 # -- per-structure variables --------------------------------------------------
 STRUCTURE_ID: Final = "structure_id"
@@ -114,6 +115,7 @@ DTYPES: Final[dict[str, np.dtype[np.generic]]] = {
     DRAW: np.dtype("int16"),
     LIKELIHOOD: np.dtype("float32"),
     LIKELIHOOD_MEAN: np.dtype("float32"),
+    SOFTMAX_PRED: np.dtype("int16"),
     SPACEGROUP: np.dtype("int16"),
     N_UNIQUE_SITES: np.dtype("int32"),
     DMIN: np.dtype("float32"),
