@@ -21,9 +21,13 @@ Conventions (see docs/evaluation.md for the full definitions):
 
 from __future__ import annotations
 
+import itertools
 import math
-from collections.abc import Iterable
+import os
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 import numpy as np
@@ -31,6 +35,11 @@ import numpy as np
 from afpx import AfpxError, schema
 
 if TYPE_CHECKING:
+    import xarray as xr
+
+    from afpx.baselines import BaselineParams
+    from afpx.templates import TemplateLibrary
+
     pass
 
 # -- names of the report's dimensions and variables (report store, not the cube) --
@@ -332,6 +341,7 @@ def count_assignments(
     *,
     tolerance: float = 1e-9,
     cap: int | None = None,
+    strict: bool = False,
 ) -> AssignmentCount:
     """Count the assignments of a template's sites to k elements that beat a score.
 
@@ -354,6 +364,9 @@ def count_assignments(
         Scores within this of the threshold are tied.
     cap : int, optional
         Stop once ``better + tied`` reaches this (``truncated`` is then True).
+    strict : bool
+        Count only the assignments that are better (``tied`` is then 0); with
+        a cap, this gives the exact optimistic rank when ties are many.
 
     Returns
     -------
@@ -407,18 +420,18 @@ def count_assignments(
     root = tuple(int(t) for t in target[:-1])
     total = float(ways[(0, *root)])
     best_score = float(best[(0, *root)])
-    if total == 0 or best_score < threshold - tolerance:
+    floor = threshold + tolerance if strict else threshold - tolerance
+    if total == 0 or best_score < floor or (strict and best_score == floor):
         return AssignmentCount(0, 0, total, best_score, False)
 
     better = tied = 0
     truncated = False
     suffix = np.concatenate([np.cumsum(mult[::-1])[::-1], [0]])
     stack: list[tuple[int, tuple[int, ...], float]] = [(0, root, 0.0)]
-    floor = threshold - tolerance
     while stack:
         j, r, acc = stack.pop()
         if j == n:
-            if acc > threshold + tolerance:
+            if strict or acc > threshold + tolerance:
                 better += 1
             else:
                 tied += 1
@@ -438,7 +451,8 @@ def count_assignments(
                     continue
                 r2 = r
             gain = acc + logl[j, e]
-            if gain + nxt[r2] >= floor:
+            bound = gain + nxt[r2]
+            if bound > floor or (bound == floor and not strict):
                 stack.append((j + 1, r2, gain))
     return AssignmentCount(better, tied, total, best_score, truncated)
 
@@ -513,3 +527,1193 @@ def likelihood_histogram(
     true_idx = idx[np.arange(zi.size), zi]
     true = np.bincount(true_idx, minlength=bins)
     return true, all_counts - true
+
+
+# =============================================================================
+# compositions of templates and candidates
+# =============================================================================
+
+
+def reduce_counts(counts: np.ndarray) -> np.ndarray:
+    """Divide every row of element counts by its greatest common divisor.
+
+    Parameters
+    ----------
+    counts : ndarray of shape (n, k), int
+        Multiplicity sums per element.
+
+    Returns
+    -------
+    ndarray of shape (n, k), int64
+        The reduced composition of each row (rows of zeros stay zero).
+    """
+    c = np.asarray(counts).astype(np.int64)
+    if c.ndim != 2:
+        raise AfpxError(f"counts must be two-dimensional, got shape {c.shape}")
+    if c.shape[1] == 0:
+        return c
+    g = np.gcd.reduce(c, axis=1)
+    g[g == 0] = 1
+    return c // g[:, None]
+
+
+@dataclass(frozen=True)
+class TemplateCompositions:
+    """Element set and reduced composition of every template of a library.
+
+    Attributes
+    ----------
+    element_set : list of tuple of int
+        Sorted atomic numbers of each template's true elements.
+    counts : list of tuple of int
+        Its reduced composition, aligned with ``element_set``.
+    site_start : ndarray of shape (n_templates + 1,), int64
+        Template t owns library sites ``site_start[t]:site_start[t + 1]``.
+    """
+
+    element_set: list[tuple[int, ...]]
+    counts: list[tuple[int, ...]]
+    site_start: np.ndarray
+
+    def known(self) -> dict[tuple[int, ...], set[tuple[int, ...]]]:
+        """The reduced compositions present among the templates, by element set."""
+        out: dict[tuple[int, ...], set[tuple[int, ...]]] = {}
+        for es, c in zip(self.element_set, self.counts, strict=True):
+            out.setdefault(es, set()).add(c)
+        return out
+
+
+def template_compositions(
+    site_template: np.ndarray, z: np.ndarray, multiplicity: np.ndarray
+) -> TemplateCompositions:
+    """Element sets and reduced compositions of templates from their sites.
+
+    Parameters
+    ----------
+    site_template : ndarray of shape (n_sites,), int
+        Template of each site, non-decreasing, covering 0..n_templates-1.
+    z : ndarray of shape (n_sites,), int
+        True atomic number of each site.
+    multiplicity : ndarray of shape (n_sites,), int
+        Multiplicity of each site.
+
+    Returns
+    -------
+    TemplateCompositions
+    """
+    t = np.asarray(site_template).astype(np.int64)
+    if t.size and (np.diff(t) < 0).any():
+        raise AfpxError("site_template must be non-decreasing (sites grouped by template)")
+    n_templates = int(t[-1]) + 1 if t.size else 0
+    site_start = np.searchsorted(t, np.arange(n_templates + 1))
+    key = t * (schema.N_ELEMENTS + 1) + np.asarray(z).astype(np.int64)
+    uk, inv = np.unique(key, return_inverse=True)
+    sums = np.bincount(inv, weights=np.asarray(multiplicity, dtype=np.float64)).astype(np.int64)
+    tt, zz = np.divmod(uk, schema.N_ELEMENTS + 1)
+    bounds = np.searchsorted(tt, np.arange(n_templates + 1))
+    sets: list[tuple[int, ...]] = []
+    counts: list[tuple[int, ...]] = []
+    for i in range(n_templates):
+        a, b = bounds[i], bounds[i + 1]
+        c = sums[a:b]
+        g = int(np.gcd.reduce(c)) if c.size else 1
+        sets.append(tuple(int(v) for v in zz[a:b]))
+        counts.append(tuple(int(v) // g for v in c))
+    return TemplateCompositions(sets, counts, site_start)
+
+
+def _row_keys(rows: np.ndarray, base: int) -> np.ndarray:
+    # one int64 per row of small non-negative ints (callers check base**k < 2**62)
+    key = np.zeros(rows.shape[0], dtype=np.int64)
+    for col in range(rows.shape[1]):
+        key = key * base + rows[:, col]
+    return key
+
+
+def _match_rows(rows: np.ndarray, queries: np.ndarray) -> np.ndarray:
+    """Index of each query row among ``rows`` (-1 where absent); rows are unique."""
+    if rows.shape[0] == 0 or queries.shape[0] == 0:
+        return np.full(queries.shape[0], -1, dtype=np.int64)
+    k = rows.shape[1]
+    base = int(max(rows.max(), queries.max())) + 1
+    if k * math.log2(max(base, 2)) < 62:
+        rk, qk = _row_keys(rows, base), _row_keys(queries, base)
+        order = np.argsort(rk)
+        pos = np.searchsorted(rk, qk, sorter=order)
+        pos = np.clip(pos, 0, rk.size - 1)
+        hit = rk[order[pos]] == qk
+        return np.where(hit, order[pos], -1)
+    lookup = {tuple(r): i for i, r in enumerate(rows.tolist())}
+    return np.asarray([lookup.get(tuple(q), -1) for q in queries.tolist()], dtype=np.int64)
+
+
+@dataclass(frozen=True)
+class CompositionRanking:
+    """Unique reduced compositions of an element set with their best candidate.
+
+    Attributes
+    ----------
+    counts : ndarray of shape (N, k), int64
+        Reduced composition (aligned with the element set).
+    log_score : ndarray of shape (N,), float64
+        Best log-score of any candidate yielding it.
+    template : ndarray of shape (N,), int64
+        Template of that best candidate (the lowest index among exact ties).
+    row : ndarray of shape (N,), int64
+        Its row in the candidate table.
+    """
+
+    counts: np.ndarray
+    log_score: np.ndarray
+    template: np.ndarray
+    row: np.ndarray
+
+
+def rank_candidates(
+    template: np.ndarray,
+    reduced: np.ndarray,
+    log_score: np.ndarray,
+    *,
+    keep: np.ndarray | None = None,
+) -> CompositionRanking:
+    """Best candidate per unique reduced composition.
+
+    Parameters
+    ----------
+    template : ndarray of shape (n_candidates,), int
+        Template of each candidate.
+    reduced : ndarray of shape (n_candidates, k), int
+        Reduced composition of each candidate.
+    log_score : ndarray of shape (n_candidates,), float
+        Log-score of each candidate.
+    keep : ndarray of shape (n_candidates,), bool, optional
+        Candidates to consider (all by default).
+
+    Returns
+    -------
+    CompositionRanking
+        Compositions in the order of their first appearance in ``np.unique``
+        (sorted rows), not ranked: rank them with :func:`tie_ranks`.
+    """
+    rows = np.arange(template.size) if keep is None else np.flatnonzero(keep)
+    k = reduced.shape[1]
+    if rows.size == 0:
+        return CompositionRanking(
+            np.zeros((0, k), np.int64), np.zeros(0), np.zeros(0, np.int64), np.zeros(0, np.int64)
+        )
+    comps, inv = np.unique(reduced[rows], axis=0, return_inverse=True)
+    inv = inv.ravel()
+    s = np.asarray(log_score, dtype=np.float64)[rows]
+    # sort by (composition, -score, template): the first row of each group is its best
+    order = np.lexsort((template[rows], -s, inv))
+    first = np.flatnonzero(np.r_[True, inv[order][1:] != inv[order][:-1]])
+    best_rows = rows[order[first]]
+    return CompositionRanking(
+        comps.astype(np.int64), s[order[first]], template[best_rows], best_rows
+    )
+
+
+def set_scores(
+    ranking: CompositionRanking,
+    known: np.ndarray,
+    *,
+    hit_k: Sequence[int] = (1, 10),
+    tolerance: float = 1e-9,
+) -> dict[str, float]:
+    """Test 2 numbers of one element set: optimality score, first known rank, hit@k.
+
+    Parameters
+    ----------
+    ranking : CompositionRanking
+        The N unique compositions generated for the set.
+    known : ndarray of shape (Q, k), int
+        Reduced compositions known for the set.
+    hit_k : sequence of int
+        The k of hit@k.
+    tolerance : float
+        Log-scores closer than this are tied.
+
+    Returns
+    -------
+    dict
+        ``n_compositions`` (N, including known compositions no template
+        generated), ``n_known`` (Q), ``n_known_missing`` (known but not
+        generated: placed at the bottom, tied), ``os`` / ``os_optimistic`` /
+        ``os_pessimistic`` (NaN when Q = 0 or Q = N), ``first_rank``,
+        ``first_rank_optimistic``, ``first_rank_pessimistic``,
+        ``reciprocal_rank`` and ``hit@k``.
+    """
+    known = np.asarray(known, dtype=np.int64).reshape(-1, ranking.counts.shape[1])
+    idx = _match_rows(ranking.counts, known)
+    n_missing = int((idx < 0).sum())
+    n_gen = ranking.log_score.size
+    scores = np.concatenate([ranking.log_score, np.full(n_missing, -np.inf)])
+    is_known = np.zeros(scores.size, dtype=bool)
+    is_known[idx[idx >= 0]] = True
+    is_known[n_gen:] = True
+    n_total = scores.size
+    out: dict[str, float] = {
+        "n_compositions": float(n_total),
+        "n_generated": float(n_gen),
+        "n_known": float(known.shape[0]),
+        "n_known_missing": float(n_missing),
+    }
+    if n_total == 0:
+        q_mid = q_opt = q_pes = np.zeros(0)
+    else:
+        q_mid, q_opt, q_pes = known_positions(scores, is_known, tolerance=tolerance)
+    out["os"] = optimality_score(q_mid, n_total)
+    out["os_optimistic"] = optimality_score(q_opt, n_total)
+    out["os_pessimistic"] = optimality_score(q_pes, n_total)
+    out.update(first_known_metrics(q_mid, hit_k))
+    out["first_rank_optimistic"] = float(q_opt.min()) if q_opt.size else math.nan
+    out["first_rank_pessimistic"] = float(q_pes.min()) if q_pes.size else math.nan
+    return out
+
+
+# =============================================================================
+# Test 1 for one structure
+# =============================================================================
+
+
+@dataclass(frozen=True)
+class TrueRank:
+    """Rank of a structure's true candidate among all candidates of its composition.
+
+    Attributes
+    ----------
+    rank, rank_optimistic, rank_pessimistic : float
+        Mid, optimistic and pessimistic rank among every assignment of every
+        template that yields the composition; NaN where censored.
+    censored : bool
+        More than the cap of candidates beat or tie the true one.
+    template_rank, template_rank_optimistic, template_rank_pessimistic : float
+        Rank when every other template is represented by its best assignment
+        only (structure-type level).
+    n_templates : int
+        Templates that can yield the composition (its own included).
+    n_inexact : int
+        Templates counted by their best candidate only (DP grid too large).
+    """
+
+    rank: float
+    rank_optimistic: float
+    rank_pessimistic: float
+    censored: bool
+    template_rank: float
+    template_rank_optimistic: float
+    template_rank_pessimistic: float
+    n_templates: int
+    n_inexact: int
+
+
+def true_candidate_rank(
+    own: int,
+    true_score: float,
+    templates: np.ndarray,
+    best: np.ndarray,
+    template_sites: Callable[[int], tuple[np.ndarray, np.ndarray, np.ndarray]],
+    *,
+    cap: int = 1000,
+    tolerance: float = 1e-9,
+    max_states: int = 5_000_000,
+) -> TrueRank:
+    """Test 1 for one structure, given the best candidate of every template.
+
+    Parameters
+    ----------
+    own : int
+        The structure's own template.
+    true_score : float
+        Log-score of its true assignment on its own template.
+    templates : ndarray of shape (n,), int
+        Every template that can yield the composition (``own`` among them).
+    best : ndarray of shape (n,), float
+        The best log-score of each of them for the composition.
+    template_sites : callable
+        ``template_sites(t) -> (log_likelihood (n_sites, k), multiplicity
+        (n_sites,), target (k,))`` of template t for the composition.
+    cap, tolerance, max_states
+        See :class:`EvaluateParams`.
+
+    Returns
+    -------
+    TrueRank
+    """
+    templates = np.asarray(templates, dtype=np.int64)
+    best = np.asarray(best, dtype=np.float64)
+    is_own = templates == own
+    if not is_own.any():
+        raise AfpxError(
+            f"template {own} cannot yield its own composition; the candidates are wrong"
+        )
+    hi, lo = true_score + tolerance, true_score - tolerance
+    others = best[~is_own]
+    better_t = int((others > hi).sum())
+    tied_t = int(((others >= lo) & (others <= hi)).sum())
+    tpl = (1.0 + better_t + tied_t / 2, float(1 + better_t), float(1 + better_t + tied_t))
+
+    # count every assignment at least as good as the true one, best templates first
+    qual = np.flatnonzero(best >= lo)
+    qual = qual[np.argsort(-best[qual], kind="stable")]
+    own_best = float(best[is_own][0])
+    lower_bound = qual.size - (0 if own_best > hi else 1)
+    better = tied = n_inexact = 0
+    truncated = lower_bound >= cap
+    if not truncated:
+        for i in qual:
+            t = int(templates[i])
+            logl, mult, target = template_sites(t)
+            room = cap - better - tied + (1 if t == own else 0)
+            if count_states(mult, target) > max_states:
+                n_inexact += 1
+                better += int(best[i] > hi)
+                tied += int(best[i] <= hi and t != own)
+                continue
+            c = count_assignments(logl, mult, target, true_score, tolerance=tolerance, cap=room)
+            better += c.better
+            tied += c.tied - (1 if t == own else 0)  # the true assignment itself
+            if c.truncated or better + tied >= cap:
+                truncated = True
+                break
+    if not truncated:
+        return TrueRank(
+            1.0 + better + tied / 2,
+            float(1 + better),
+            float(1 + better + tied),
+            False,
+            *tpl,
+            int(templates.size),
+            n_inexact,
+        )
+    # censored: count only the strictly better ones, for the optimistic rank
+    strict = qual[best[qual] > hi]
+    better = n_inexact = 0
+    opt = math.nan
+    if strict.size < cap:
+        for i in strict:
+            t = int(templates[i])
+            logl, mult, target = template_sites(t)
+            if count_states(mult, target) > max_states:
+                n_inexact += 1
+                better += 1
+                continue
+            c = count_assignments(
+                logl, mult, target, true_score, tolerance=tolerance, cap=cap - better, strict=True
+            )
+            better += c.better
+            if c.truncated or better >= cap:
+                break
+        else:
+            opt = float(1 + better)
+    return TrueRank(math.nan, opt, math.nan, True, *tpl, int(templates.size), n_inexact)
+
+
+# =============================================================================
+# the evaluation run
+# =============================================================================
+
+#: Edges of the Test 1 rank distribution (the last bin holds censored ranks).
+RANK_EDGES: Final = (1, 2, 3, 6, 11, 31, 101, 301)
+OS_BINS: Final = 20
+
+
+@dataclass
+class EvaluationReport:
+    """Everything an evaluation run measured.
+
+    Attributes
+    ----------
+    metrics : dict
+        Every number (JSON-able), written as ``metrics.json``.
+    arrays : xarray.Dataset
+        Confusion matrices, likelihood histograms, per-structure Test 1 ranks
+        and per-set Test 2 scores, written as ``arrays.zarr``.
+    """
+
+    metrics: dict[str, Any]
+    arrays: xr.Dataset
+
+    def table(self) -> str:
+        """A short plain-text summary (the model next to every baseline)."""
+        return summary_table(self.metrics)
+
+
+def _symbols() -> list[str]:
+    return schema.element_symbols()
+
+
+def _formula(elements: Sequence[int], counts: Sequence[int]) -> str:
+    from pymatgen.core import Composition
+
+    symbols = _symbols()
+    comp = {symbols[z - 1]: int(c) for z, c in zip(elements, counts, strict=True) if c}
+    return str(Composition(comp).reduced_formula) if comp else ""
+
+
+def _set_label(elements: Sequence[int]) -> str:
+    symbols = _symbols()
+    return "-".join(symbols[z - 1] for z in elements)
+
+
+def _as_str_array(values: Any) -> np.ndarray:
+    return np.asarray([str(v) for v in np.asarray(values).tolist()], dtype=object)
+
+
+def check_evaluable(ds: xr.Dataset) -> None:
+    """Raise :class:`AfpxError` unless the cube has likelihoods and splits."""
+    schema.require_variables(
+        ds,
+        [schema.Z, schema.MULTIPLICITY, schema.STRUCTURE_INDEX, schema.DRAW],
+        what="evaluation",
+        fix="build it with `afpx build-cube`",
+    )
+    if schema.LIKELIHOOD not in ds.variables and schema.LIKELIHOOD_MEAN not in ds.variables:
+        raise AfpxError(
+            "evaluation needs site likelihoods, which the cube lacks; "
+            "run `afpx likelihood CUBE --model MODEL` first"
+        )
+    if schema.SPLIT not in ds.variables:
+        raise AfpxError(
+            "evaluation needs the train/holdout/test split, which the cube lacks; "
+            "rebuild it with `afpx build-cube` (splits are assigned there)"
+        )
+
+
+def _site_arrays(ds: xr.Dataset) -> dict[str, np.ndarray]:
+    # small per-site and per-structure arrays, loaded eagerly (see STACK-NOTES)
+    out = {
+        "z": np.asarray(ds[schema.Z].values).astype(np.int64),
+        "draw": np.asarray(ds[schema.DRAW].values).astype(np.int64),
+        "structure": np.asarray(ds[schema.STRUCTURE_INDEX].values).astype(np.int64),
+        "split": _as_str_array(ds[schema.SPLIT].values),
+    }
+    if schema.COORDINATION in ds.variables:
+        out["coordination"] = np.asarray(ds[schema.COORDINATION].values).astype(np.int64)
+    return out
+
+
+def per_site_metrics(ds: xr.Dataset, *, bins: int = 50) -> tuple[dict[str, Any], xr.Dataset]:
+    """Softmax error rate, confusion matrix and likelihood histograms per split.
+
+    Every site of the cube (all draws) is one example, as in training.
+
+    Parameters
+    ----------
+    ds : xarray.Dataset
+        The cube, with ``likelihood`` and (for the error rate) ``softmax_pred``.
+    bins : int
+        Bins of the likelihood histograms over [0, 1].
+
+    Returns
+    -------
+    metrics : dict
+        Per split: ``n_sites``, ``error_rate`` (NaN without ``softmax_pred``).
+    arrays : xarray.Dataset
+        ``confusion`` (split, true_element, predicted_element) counts,
+        ``confusion_normalised`` (rows sum to 1; NaN rows for absent elements),
+        ``likelihood_histogram`` (split, kind, likelihood_bin).
+    """
+    import xarray as xr
+
+    sites = _site_arrays(ds)
+    split_of_site = sites["split"][sites["structure"]]
+    has_pred = schema.SOFTMAX_PRED in ds.variables
+    pred = np.asarray(ds[schema.SOFTMAX_PRED].values).astype(np.int64) if has_pred else None
+    lk_name = schema.LIKELIHOOD if schema.LIKELIHOOD in ds.variables else schema.LIKELIHOOD_MEAN
+    n_el = schema.N_ELEMENTS
+    conf = np.zeros((len(schema.SPLITS), n_el, n_el), dtype=np.int64)
+    hist = np.zeros((len(schema.SPLITS), 2, bins), dtype=np.int64)
+    metrics: dict[str, Any] = {}
+    chunk = 65536
+    for i, split in enumerate(schema.SPLITS):
+        idx = np.flatnonzero(split_of_site == split)
+        for a in range(0, idx.size, chunk):
+            part = idx[a : a + chunk]
+            lk = np.asarray(ds[lk_name][part].values)
+            t, o = likelihood_histogram(lk, sites["z"][part], bins=bins)
+            hist[i, 0] += t
+            hist[i, 1] += o
+        if pred is not None:
+            conf[i] = confusion_counts(sites["z"][idx], pred[idx])
+        metrics[split] = {
+            "n_sites": int(idx.size),
+            "error_rate": error_rate(conf[i]) if pred is not None else math.nan,
+        }
+    metrics["softmax_available"] = bool(has_pred)
+    coords = schema.element_coords()
+    row = conf.sum(axis=2, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        normalised = np.where(row > 0, conf / np.where(row > 0, row, 1), np.nan)
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    arrays = xr.Dataset(
+        {
+            "confusion": (("split", TRUE_ELEMENT, PREDICTED_ELEMENT), conf),
+            "confusion_normalised": (("split", TRUE_ELEMENT, PREDICTED_ELEMENT), normalised),
+            "likelihood_histogram": (("split", KIND, LIKELIHOOD_BIN), hist),
+        },
+        coords={
+            "split": list(schema.SPLITS),
+            TRUE_ELEMENT: coords[schema.ELEMENT][1],
+            PREDICTED_ELEMENT: coords[schema.ELEMENT][1],
+            f"{TRUE_ELEMENT}_symbol": (TRUE_ELEMENT, coords[schema.SYMBOL][1].astype(str)),
+            f"{PREDICTED_ELEMENT}_symbol": (
+                PREDICTED_ELEMENT,
+                coords[schema.SYMBOL][1].astype(str),
+            ),
+            KIND: ["true", "other"],
+            "bin_lower": (LIKELIHOOD_BIN, edges[:-1]),
+            "bin_upper": (LIKELIHOOD_BIN, edges[1:]),
+        },
+    )
+    return metrics, arrays
+
+
+def _count_total_cached(
+    cache: dict[tuple[tuple[int, ...], tuple[int, ...]], float],
+    mult: np.ndarray,
+    target: np.ndarray,
+) -> float:
+    # the number of assignments depends on the multiset of multiplicities only
+    key = (tuple(sorted(int(m) for m in mult)), tuple(int(t) for t in target))
+    if key not in cache:
+        order = np.argsort(mult, kind="stable")
+        m = np.asarray(mult)[order]
+        cache[key] = count_assignments(np.zeros((m.size, len(target))), m, target, math.inf).total
+    return cache[key]
+
+
+def _rank_bins(ranks: np.ndarray, censored: np.ndarray, cap: int) -> dict[str, int]:
+    edges = [e for e in RANK_EDGES if e <= cap] + [cap + 1]
+    out: dict[str, int] = {}
+    for a, b in itertools.pairwise(edges):
+        label = f"{a}" if b == a + 1 else f"{a}-{b - 1}"
+        out[label] = int(((ranks >= a) & (ranks < b) & ~censored).sum())
+    out[f">{cap}"] = int(censored.sum())
+    return out
+
+
+def _summarise_test1(
+    rows: list[TrueRank], n_candidates: np.ndarray, cap: int, hit_k: Sequence[int]
+) -> dict[str, Any]:
+    if not rows:
+        return {"n_structures": 0}
+    get = {
+        f: np.asarray([getattr(r, f) for r in rows], dtype=np.float64)
+        for f in TrueRank.__dataclass_fields__
+    }
+    censored = get["censored"].astype(bool)
+    out: dict[str, Any] = {"n_structures": len(rows), "n_censored": int(censored.sum())}
+    for k in hit_k:
+        for suffix, name in (
+            ("", "rank"),
+            ("_optimistic", "rank_optimistic"),
+            ("_pessimistic", "rank_pessimistic"),
+        ):
+            out[f"top{k}{suffix}"] = float(np.mean(np.nan_to_num(get[name], nan=np.inf) <= k))
+        for suffix, name in (
+            ("", "template_rank"),
+            ("_optimistic", "template_rank_optimistic"),
+            ("_pessimistic", "template_rank_pessimistic"),
+        ):
+            out[f"template_top{k}{suffix}"] = float(np.mean(get[name] <= k))
+    ranks = np.nan_to_num(get["rank"], nan=np.inf)
+    out["median_rank"] = float(np.median(ranks))
+    out["mean_reciprocal_rank"] = float(np.mean(1.0 / ranks))
+    out["template_median_rank"] = float(np.median(get["template_rank"]))
+    out["rank_distribution"] = _rank_bins(get["rank"], censored, cap)
+    out["n_inexact_templates"] = int(get["n_inexact"].sum())
+    out["templates_per_structure"] = {
+        "mean": float(get["n_templates"].mean()),
+        "median": float(np.median(get["n_templates"])),
+        "total": int(get["n_templates"].sum()),
+    }
+    out["candidates_per_structure"] = {
+        "mean": float(n_candidates.mean()),
+        "median": float(np.median(n_candidates)),
+        "max": float(n_candidates.max()),
+        "total": float(n_candidates.sum()),
+    }
+    return out
+
+
+def _summarise_test2(sets: list[dict[str, float]], hit_k: Sequence[int]) -> dict[str, Any]:
+    if not sets:
+        return {"n_sets": 0}
+    col = {key: np.asarray([s[key] for s in sets], dtype=np.float64) for key in sets[0]}
+    os_ = col["os"]
+    defined = ~np.isnan(os_)
+    out: dict[str, Any] = {
+        "n_sets": len(sets),
+        "n_os_defined": int(defined.sum()),
+        "n_os_undefined": int((~defined).sum()),
+        "os_mean": float(os_[defined].mean()) if defined.any() else math.nan,
+        "os_median": float(np.median(os_[defined])) if defined.any() else math.nan,
+        "os_fraction_above_0.9": float((os_[defined] > 0.9).mean()) if defined.any() else math.nan,
+        "os_optimistic_mean": float(np.nanmean(col["os_optimistic"]))
+        if defined.any()
+        else math.nan,
+        "os_pessimistic_mean": float(np.nanmean(col["os_pessimistic"]))
+        if defined.any()
+        else math.nan,
+        "os_histogram": np.histogram(os_[defined], bins=OS_BINS, range=(-1.0, 1.0))[0].tolist(),
+        "mean_reciprocal_rank": float(col["reciprocal_rank"].mean()),
+        "median_first_rank": float(np.nanmedian(col["first_rank"])),
+        "n_compositions": int(col["n_compositions"].sum()),
+        "n_known": int(col["n_known"].sum()),
+        "n_known_missing": int(col["n_known_missing"].sum()),
+        "n_candidates": int(col["n_candidates"].sum()),
+    }
+    for k in hit_k:
+        out[f"hit@{k}"] = float(col[f"hit@{k}"].mean())
+    if "delta_os" in col:
+        d = col["delta_os"]
+        ok = ~np.isnan(d)
+        out["delta_os_mean"] = float(d[ok].mean()) if ok.any() else math.nan
+        out["delta_os_median"] = float(np.median(d[ok])) if ok.any() else math.nan
+        out["delta_os_fraction_positive"] = float((d[ok] > 0).mean()) if ok.any() else math.nan
+    return out
+
+
+@dataclass(frozen=True)
+class _TemplateSites:
+    """Sites of a template restricted to an element set, and its target counts."""
+
+    library: TemplateLibrary
+    start: np.ndarray
+    columns: np.ndarray
+    composition: np.ndarray
+
+    def __call__(self, t: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        lo, hi = self.start[t], self.start[t + 1]
+        mult = np.asarray(self.library.multiplicity[lo:hi], dtype=np.int64)
+        logl = np.asarray(self.library.log_likelihood[lo:hi], dtype=np.float64)[:, self.columns]
+        scale = int(mult.sum()) // int(self.composition.sum())
+        return logl, mult, self.composition * scale
+
+
+def evaluate(
+    ds: xr.Dataset,
+    *,
+    params: EvaluateParams = EvaluateParams(),
+    baseline_params: BaselineParams | None = None,
+    progress: bool = False,
+) -> EvaluationReport:
+    """Run Test 1, Test 2, the softmax metrics and the case study, model and baselines.
+
+    Parameters
+    ----------
+    ds : xarray.Dataset
+        The cube (:func:`afpx.cube.open_cube`) with ``likelihood`` (and, for the
+        error rate, ``softmax_pred``) and ``split``.
+    params : EvaluateParams
+        What to evaluate.
+    baseline_params : BaselineParams, optional
+        Parameters of the baselines (paper-free defaults).
+    progress : bool
+        Show a progress bar over element sets.
+
+    Returns
+    -------
+    EvaluationReport
+    """
+    import xarray as xr
+
+    from afpx.baselines import BaselineParams, baseline_likelihoods
+    from afpx.templates import TemplateLibrary, best_candidates
+
+    baseline_params = baseline_params or BaselineParams()
+    check_evaluable(ds)
+    t_start = time.perf_counter()
+    site_metrics, site_arrays = per_site_metrics(ds, bins=params.histogram_bins)
+
+    library = TemplateLibrary.from_cube(ds)
+    sites = _site_arrays(ds)
+    draw0 = np.flatnonzero(sites["draw"] == 0)
+    if draw0.size != library.z.size or not np.array_equal(sites["z"][draw0], library.z):
+        raise AfpxError("the template library's sites are not the cube's draw-0 sites in order")
+    if "coordination" not in sites and any(b == "coordination" for b in params.baselines):
+        raise AfpxError("the coordination baseline needs `coordination`, which the cube lacks")
+    coordination = sites.get("coordination", np.zeros_like(sites["z"]))[draw0]
+    is_train = sites["split"][sites["structure"][draw0]] == "train"
+    base = baseline_likelihoods(
+        library.z, coordination, is_train, names=params.baselines, params=baseline_params
+    )
+    libraries: dict[str, TemplateLibrary] = {"model": library}
+    libraries.update({name: library.with_likelihood(lk) for name, lk in base.items()})
+    models = list(libraries)
+
+    tc = template_compositions(library.site_template, library.z, library.multiplicity)
+    known = tc.known()
+    t_split = _as_str_array(library.split) if library.split is not None else None
+    if t_split is None:
+        raise AfpxError("the template library carries no split; rebuild the cube with splits")
+    test_templates = np.flatnonzero(t_split == params.split)
+    if test_templates.size == 0:
+        raise AfpxError(f"no structure of the cube is in the {params.split!r} split")
+    test1_by_set: dict[tuple[int, ...], list[int]] = {}
+    for t in test_templates.tolist():
+        test1_by_set.setdefault(tc.element_set[t], []).append(t)
+    test2_sets = sorted(
+        (s for s in test1_by_set if len(s) in params.set_sizes), key=lambda s: (len(s), s)
+    )
+    symbols = _symbols()
+    case_sets: list[tuple[int, ...]] = []
+    for names in params.case_study:
+        unknown = [n for n in names if n not in symbols]
+        if unknown:
+            raise AfpxError(f"unknown element symbol(s) in the case study: {', '.join(unknown)}")
+        case_sets.append(tuple(sorted(symbols.index(n) + 1 for n in names)))
+    all_sets = sorted(
+        set(test1_by_set) | set(test2_sets) | set(case_sets), key=lambda s: (len(s), s)
+    )
+
+    start = tc.site_start
+    total_cache: dict[tuple[tuple[int, ...], tuple[int, ...]], float] = {}
+    test1_rows: dict[str, dict[int, TrueRank]] = {m: {} for m in models}
+    test1_candidates: dict[int, float] = {}
+    test2_rows: dict[str, dict[str, list[dict[str, float]]]] = {
+        v: {m: [] for m in models} for v in VARIANTS
+    }
+    case: dict[str, Any] = {}
+    timing = {"candidates_s": 0.0, "test1_s": 0.0, "test2_s": 0.0, "test2_candidates_s": 0.0}
+    counts_test2 = {"n_candidates": 0}
+
+    iterator: Iterable[tuple[int, ...]] = all_sets
+    if progress:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(all_sets, desc="element sets", unit="set")
+    for S in iterator:
+        k = len(S)
+        cols = np.asarray(S, dtype=np.int64) - 1
+        known_S = np.asarray(sorted(known.get(S, set())), dtype=np.int64).reshape(-1, k)
+        own_counts = np.full((len(tc.counts), k), -1, dtype=np.int64)
+        for t, es in enumerate(tc.element_set):
+            if es == S:
+                own_counts[t] = tc.counts[t]
+        for name in models:
+            lib = libraries[name]
+            t0 = time.perf_counter()
+            cands = best_candidates(lib, list(S))
+            tmpl = np.asarray(cands["template"].values, dtype=np.int64)
+            red = reduce_counts(np.asarray(cands["counts"].values).reshape(tmpl.size, k))
+            score = np.asarray(cands["log_score"].values, dtype=np.float64)
+            dt = time.perf_counter() - t0
+            timing["candidates_s"] += dt
+            if S in test2_sets:
+                timing["test2_candidates_s"] += dt
+                t0 = time.perf_counter()
+                own_mask = (own_counts[tmpl] == red).all(axis=1)
+                for variant, keep in zip(VARIANTS, (None, ~own_mask), strict=True):
+                    ranking = rank_candidates(tmpl, red, score, keep=keep)
+                    row = set_scores(
+                        ranking, known_S, hit_k=params.hit_k, tolerance=params.tie_tolerance
+                    )
+                    row["n_candidates"] = float(tmpl.size if keep is None else keep.sum())
+                    test2_rows[variant][name].append(row)
+                counts_test2["n_candidates"] += int(tmpl.size)
+                timing["test2_s"] += time.perf_counter() - t0
+            if S in test1_by_set:
+                t0 = time.perf_counter()
+                logl_all = lib.log_likelihood
+                for own in test1_by_set[S]:
+                    C = np.asarray(tc.counts[own], dtype=np.int64)
+                    sel = np.flatnonzero((red == C).all(axis=1))
+                    a, b = start[own], start[own + 1]
+                    true_cols = library.z[a:b].astype(np.int64) - 1
+                    true_score = float(
+                        np.asarray(logl_all[a:b], dtype=np.float64)[
+                            np.arange(b - a), true_cols
+                        ].sum()
+                    )
+                    template_sites = _TemplateSites(lib, start, cols, C)
+                    res = true_candidate_rank(
+                        own,
+                        true_score,
+                        tmpl[sel],
+                        score[sel],
+                        template_sites,
+                        cap=params.test1_cap,
+                        tolerance=params.tie_tolerance,
+                        max_states=params.test1_max_states,
+                    )
+                    test1_rows[name][own] = res
+                    if own not in test1_candidates:
+                        total = 0.0
+                        for t in tmpl[sel].tolist():
+                            _, mult, target = template_sites(t)
+                            total += _count_total_cached(total_cache, mult, target)
+                        test1_candidates[own] = total
+                timing["test1_s"] += time.perf_counter() - t0
+            if S in case_sets:
+                case.setdefault(_set_label(S), {})[name] = _case_study(
+                    S, lib, tmpl, red, score, known_S, params
+                )
+
+    # -- aggregate -----------------------------------------------------------------
+    for variant in VARIANTS:
+        ref = test2_rows[variant].get("constant")
+        for name in models:
+            for i, row in enumerate(test2_rows[variant][name]):
+                row["delta_os"] = row["os"] - ref[i]["os"] if ref is not None else math.nan
+    test1_order = [t for S in all_sets for t in test1_by_set.get(S, [])]
+    n_cand = np.asarray([test1_candidates[t] for t in test1_order], dtype=np.float64)
+    test1_metrics = {
+        name: _summarise_test1(
+            [test1_rows[name][t] for t in test1_order], n_cand, params.test1_cap, params.hit_k
+        )
+        for name in models
+    }
+    sizes = sorted({len(S) for S in test2_sets})
+    test2_metrics: dict[str, Any] = {}
+    for variant in VARIANTS:
+        test2_metrics[variant] = {}
+        for name in models:
+            rows = test2_rows[variant][name]
+            by_size = {
+                _size_label(n): _summarise_test2(
+                    [r for S, r in zip(test2_sets, rows, strict=True) if len(S) == n], params.hit_k
+                )
+                for n in sizes
+            }
+            by_size["all"] = _summarise_test2(rows, params.hit_k)
+            test2_metrics[variant][name] = by_size
+    wall = time.perf_counter() - t_start
+    metrics: dict[str, Any] = {
+        "afpx_version": _version(),
+        "params": params.to_attrs(),
+        "baseline_params": baseline_params.to_attrs(),
+        "cube": _cube_summary(ds, library),
+        "likelihood": _json_attrs(
+            ds[
+                schema.LIKELIHOOD_MEAN
+                if schema.LIKELIHOOD_MEAN in ds.variables
+                else schema.LIKELIHOOD
+            ].attrs
+        ),
+        "models": models,
+        "softmax": site_metrics,
+        "test1": test1_metrics,
+        "test2": test2_metrics,
+        "case_study": case,
+        "runtime": {
+            **{k: round(v, 3) for k, v in timing.items()},
+            "test2_wall_s": round(timing["test2_candidates_s"] + timing["test2_s"], 3),
+            "total_s": round(wall, 3),
+            "n_element_sets": len(all_sets),
+            "n_test1_structures": len(test1_order),
+            "n_test2_sets": len(test2_sets),
+            "n_test2_candidates": counts_test2["n_candidates"],
+        },
+    }
+    metrics["verdict"] = verdict(metrics)
+    arrays = xr.merge(
+        [
+            site_arrays,
+            _test1_arrays(test1_order, test1_rows, n_cand, library, models),
+            _test2_arrays(test2_sets, test2_rows, models),
+        ],
+        compat="no_conflicts",
+        join="outer",
+    )
+    arrays.attrs.update(
+        {"params": params.to_attrs(), "baseline_params": baseline_params.to_attrs()}
+    )
+    return EvaluationReport(metrics=metrics, arrays=arrays)
+
+
+def _size_label(n: int) -> str:
+    return {1: "unary", 2: "binary", 3: "ternary", 4: "quaternary"}.get(n, f"{n}-ary")
+
+
+def _version() -> str:
+    from afpx import __version__
+
+    return __version__
+
+
+def _json_attrs(attrs: Mapping[str, Any]) -> dict[str, Any]:
+    import json
+
+    out: dict[str, Any] = {}
+    for key, value in attrs.items():
+        try:
+            json.dumps(value)
+            out[str(key)] = value
+        except TypeError:
+            out[str(key)] = str(value)
+    return out
+
+
+def _cube_summary(ds: xr.Dataset, library: TemplateLibrary) -> dict[str, Any]:
+    keep = ("fingerprint", "draws", "seed", "deterministic", "afpx_version", "sources", "split")
+    split = _as_str_array(library.split) if library.split is not None else np.zeros(0, object)
+    return {
+        "n_sites": int(ds.sizes[schema.SITE]),
+        "n_structures": int(ds.sizes[schema.STRUCTURE]),
+        "n_templates": int(library.structure_id.size),
+        "n_template_sites": int(library.z.size),
+        "templates_per_split": {s: int((split == s).sum()) for s in schema.SPLITS},
+        "attrs": _json_attrs({k: ds.attrs[k] for k in keep if k in ds.attrs}),
+    }
+
+
+def _case_study(
+    elements: tuple[int, ...],
+    lib: TemplateLibrary,
+    template: np.ndarray,
+    reduced: np.ndarray,
+    log_score: np.ndarray,
+    known: np.ndarray,
+    params: EvaluateParams,
+) -> dict[str, Any]:
+    ranking = rank_candidates(template, reduced, log_score)
+    mid, opt, pes = tie_ranks(ranking.log_score, tolerance=params.tie_tolerance)
+    is_known = np.zeros(mid.size, dtype=bool)
+    kidx = _match_rows(ranking.counts, known)
+    is_known[kidx[kidx >= 0]] = True
+    # by mid-rank; exact ties in the order of their compositions, never of the input
+    keys = [ranking.counts[:, c] for c in reversed(range(ranking.counts.shape[1]))]
+    order = np.lexsort((*keys, mid))
+
+    def row(i: int) -> dict[str, Any]:
+        t = int(ranking.template[i])
+        return {
+            "formula": _formula(elements, ranking.counts[i].tolist()),
+            "rank": float(mid[i]),
+            "rank_optimistic": int(opt[i]),
+            "rank_pessimistic": int(pes[i]),
+            "log_score": float(ranking.log_score[i]),
+            "known": bool(is_known[i]),
+            "template": str(lib.structure_id[t]),
+            "template_formula": str(lib.formula[t]),
+            "template_spacegroup": int(lib.spacegroup[t]),
+        }
+
+    known_rows = []
+    for j, comp in enumerate(known.tolist()):
+        i = int(kidx[j])
+        known_rows.append(row(i) if i >= 0 else {"formula": _formula(elements, comp), "rank": None})
+    known_rows.sort(key=lambda r: (r["rank"] is None, r["rank"] or 0.0))
+    return {
+        "n_compositions": int(mid.size),
+        "top": [row(int(i)) for i in order[: params.case_top]],
+        "known": known_rows,
+    }
+
+
+# -- which model wins ------------------------------------------------------------------
+
+#: (section, path, label) of the numbers the verdict compares; higher is better.
+VERDICT_METRICS: Final = (
+    ("test1", ("top1",), "Test 1 top-1"),
+    ("test1", ("top10",), "Test 1 top-10"),
+    ("test1", ("mean_reciprocal_rank",), "Test 1 MRR"),
+    ("test2", ("all_templates", "binary", "hit@1"), "Test 2 binary hit@1"),
+    ("test2", ("all_templates", "binary", "hit@10"), "Test 2 binary hit@10"),
+    ("test2", ("all_templates", "binary", "mean_reciprocal_rank"), "Test 2 binary MRR"),
+    ("test2", ("all_templates", "binary", "os_mean"), "Test 2 binary mean OS"),
+    ("test2", ("all_templates", "ternary", "hit@1"), "Test 2 ternary hit@1"),
+    ("test2", ("all_templates", "ternary", "hit@10"), "Test 2 ternary hit@10"),
+    ("test2", ("all_templates", "ternary", "mean_reciprocal_rank"), "Test 2 ternary MRR"),
+    ("test2", ("all_templates", "ternary", "os_mean"), "Test 2 ternary mean OS"),
+)
+
+
+def _lookup(metrics: Mapping[str, Any], section: str, path: Sequence[str], model: str) -> float:
+    node: Any = metrics.get(section, {})
+    if section == "test2":
+        node = node.get(path[0], {}).get(model, {})
+        path = path[1:]
+    else:
+        node = node.get(model, {})
+    for key in path:
+        if not isinstance(node, Mapping) or key not in node:
+            return math.nan
+        node = node[key]
+    return float(node) if isinstance(node, int | float) else math.nan
+
+
+def verdict(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """Does the model beat every baseline, metric by metric?
+
+    Parameters
+    ----------
+    metrics : mapping
+        The ``metrics`` of an :class:`EvaluationReport` (``models`` lists
+        ``"model"`` first, then the baselines).
+
+    Returns
+    -------
+    dict
+        ``per_metric``: label to {model value, best baseline, its value,
+        beats (bool, None when undefined)}; ``beats_every_baseline``: True only
+        when the model beats the best baseline on every defined metric;
+        ``not_beaten``: labels where it does not.
+    """
+    models = [m for m in metrics.get("models", []) if m != "model"]
+    per: dict[str, Any] = {}
+    losses: list[str] = []
+    for section, path, label in VERDICT_METRICS:
+        value = _lookup(metrics, section, path, "model")
+        base = {m: _lookup(metrics, section, path, m) for m in models}
+        base = {m: v for m, v in base.items() if not math.isnan(v)}
+        if math.isnan(value) or not base:
+            per[label] = {"model": value, "beats": None}
+            continue
+        best = max(base, key=lambda m: base[m])
+        beats = value > base[best]
+        per[label] = {"model": value, "best_baseline": best, "baseline": base[best], "beats": beats}
+        if not beats:
+            losses.append(label)
+    defined = [v for v in per.values() if v["beats"] is not None]
+    return {
+        "per_metric": per,
+        "beats_every_baseline": bool(defined) and not losses,
+        "not_beaten": losses,
+    }
+
+
+def summary_table(metrics: Mapping[str, Any]) -> str:
+    """The model next to every baseline on the main numbers, as plain text."""
+    models = list(metrics.get("models", []))
+    rows: list[tuple[str, list[float]]] = []
+    for section, path, label in VERDICT_METRICS:
+        rows.append((label, [_lookup(metrics, section, path, m) for m in models]))
+    for size in ("binary", "ternary"):
+        rows.append(
+            (
+                f"Test 2 {size} mean ΔOS vs constant",
+                [
+                    _lookup(metrics, "test2", ("all_templates", size, "delta_os_mean"), m)
+                    for m in models
+                ],
+            )
+        )
+    width = max(len(r[0]) for r in rows)
+    head = " " * width + "".join(f"{m:>14}" for m in models)
+    lines = [head]
+    for label, values in rows:
+        lines.append(f"{label:<{width}}" + "".join(f"{v:>14.3f}" for v in values))
+    soft = metrics.get("softmax", {})
+    if soft.get("softmax_available"):
+        rates = ", ".join(f"{s} {soft[s]['error_rate']:.3f}" for s in schema.SPLITS if s in soft)
+        lines.append(f"softmax error rate: {rates}")
+    v = metrics.get("verdict", {})
+    if v:
+        if v.get("beats_every_baseline"):
+            lines.append("the model beats every baseline on every metric above")
+        else:
+            lines.append(
+                "the model does NOT beat every baseline: " + ", ".join(v.get("not_beaten", []))
+            )
+    rt = metrics.get("runtime", {})
+    if rt:
+        lines.append(
+            f"Test 2: {rt.get('n_test2_sets', 0)} sets, {rt.get('test2_wall_s', 0):.1f} s; "
+            f"total {rt.get('total_s', 0):.1f} s"
+        )
+    return "\n".join(lines)
+
+
+# -- arrays of the report ------------------------------------------------------------
+
+
+def _test1_arrays(
+    order: Sequence[int],
+    rows: Mapping[str, Mapping[int, TrueRank]],
+    n_candidates: np.ndarray,
+    library: TemplateLibrary,
+    models: Sequence[str],
+) -> xr.Dataset:
+    import xarray as xr
+
+    fields = list(TrueRank.__dataclass_fields__)
+    data = {
+        f: np.asarray([[getattr(rows[m][t], f) for t in order] for m in models]).reshape(
+            len(models), len(order)
+        )
+        for f in fields
+    }
+    idx = np.asarray(order, dtype=np.int64)
+    dims = (MODEL, TEST1_STRUCTURE)
+    return xr.Dataset(
+        {f"test1_{f}": (dims, data[f]) for f in fields}
+        | {"test1_n_candidates": ((TEST1_STRUCTURE,), n_candidates)},
+        coords={
+            MODEL: list(models),
+            TEST1_STRUCTURE: idx,
+            "test1_structure_id": (
+                TEST1_STRUCTURE,
+                _as_str_array(library.structure_id[idx]).astype(str),
+            ),
+            "test1_formula": (TEST1_STRUCTURE, _as_str_array(library.formula[idx]).astype(str)),
+        },
+    )
+
+
+def _test2_arrays(
+    sets: Sequence[tuple[int, ...]],
+    rows: Mapping[str, Mapping[str, Sequence[Mapping[str, float]]]],
+    models: Sequence[str],
+) -> xr.Dataset:
+    import xarray as xr
+
+    if not sets:
+        return xr.Dataset()
+    keys = list(rows[VARIANTS[0]][models[0]][0])
+    dims = (VARIANT, MODEL, TEST2_SET)
+    data = {
+        key: np.asarray(
+            [[[r[key] for r in rows[v][m]] for m in models] for v in VARIANTS], dtype=np.float64
+        )
+        for key in keys
+    }
+    return xr.Dataset(
+        {f"test2_{key.replace('@', '_at_')}": (dims, val) for key, val in data.items()},
+        coords={
+            VARIANT: list(VARIANTS),
+            MODEL: list(models),
+            TEST2_SET: np.asarray([_set_label(S) for S in sets]),
+            "test2_n_elements": (TEST2_SET, np.asarray([len(S) for S in sets])),
+        },
+    )
+
+
+def write_report(report: EvaluationReport, out_dir: str | os.PathLike[str]) -> dict[str, Path]:
+    """Write ``metrics.json`` and ``arrays.zarr`` into a folder (created).
+
+    Parameters
+    ----------
+    report : EvaluationReport
+        From :func:`evaluate`.
+    out_dir : path
+        The report folder.
+
+    Returns
+    -------
+    dict
+        ``metrics`` and ``arrays``: the paths written.
+    """
+    import json
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    metrics_path = out / "metrics.json"
+    arrays_path = out / "arrays.zarr"
+    metrics_path.write_text(json.dumps(_jsonable(report.metrics), indent=2, allow_nan=True) + "\n")
+    report.arrays.to_zarr(arrays_path, mode="w", zarr_format=3, consolidated=False)
+    return {"metrics": metrics_path, "arrays": arrays_path}
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return value

@@ -17,6 +17,7 @@ from afpx.evaluate import (
     likelihood_histogram,
     optimality_score,
     tie_ranks,
+    true_candidate_rank,
 )
 
 # -- the optimality score ------------------------------------------------------
@@ -201,6 +202,8 @@ def test_count_assignments_equals_brute_force() -> None:
         assert (got.better, got.tied, got.total) == (better, tied, total)
         assert got.best == pytest.approx(best)
         assert not got.truncated
+        only_better = count_assignments(logl, mult, target, thr, strict=True)
+        assert (only_better.better, only_better.tied) == (better, 0)
 
 
 def test_count_assignments_cap_and_unreachable_target() -> None:
@@ -250,3 +253,128 @@ def test_likelihood_histogram_true_and_other() -> None:
     assert true[9] == 2 and true[5] == 1 and other[0] == 3 * 117
     with pytest.raises(AfpxError, match="does not match"):
         likelihood_histogram(lk, np.array([1]))
+
+
+# -- Test 1 for one structure ----------------------------------------------------------
+
+
+class _Templates:
+    """Hand-made templates: per template (log-likelihood (n, k), multiplicities)."""
+
+    def __init__(self, templates: list[tuple[np.ndarray, np.ndarray]], composition: np.ndarray):
+        self.templates = templates
+        self.composition = np.asarray(composition)
+
+    def target(self, t: int) -> np.ndarray:
+        m = self.templates[t][1]
+        return self.composition * (int(m.sum()) // int(self.composition.sum()))
+
+    def __call__(self, t: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        logl, mult = self.templates[t]
+        return logl, mult, self.target(t)
+
+    def all_scores(self) -> list[tuple[int, tuple[int, ...], float]]:
+        out = []
+        for t, (logl, mult) in enumerate(self.templates):
+            if int(mult.sum()) % int(self.composition.sum()):
+                continue
+            target = self.target(t)
+            n, k = logl.shape
+            for a in itertools.product(range(k), repeat=n):
+                counts = np.bincount(np.asarray(a), weights=mult, minlength=k)
+                if (counts == target).all():
+                    out.append((t, a, float(logl[np.arange(n), list(a)].sum())))
+        return out
+
+    def best(self) -> tuple[np.ndarray, np.ndarray]:
+        best: dict[int, float] = {}
+        for t, _, s in self.all_scores():
+            best[t] = max(best.get(t, -math.inf), s)
+        ts = np.asarray(sorted(best))
+        return ts, np.asarray([best[t] for t in ts])
+
+
+def _test1(tpl: _Templates, true_assignment: tuple[int, ...], **kw: int):
+    logl0 = tpl.templates[0][0]
+    true_score = float(logl0[np.arange(len(true_assignment)), list(true_assignment)].sum())
+    ts, best = tpl.best()
+    return true_candidate_rank(0, true_score, ts, best, tpl, **kw)
+
+
+def _lg(*rows: tuple[float, ...]) -> np.ndarray:
+    return np.log(np.asarray(rows, dtype=float))
+
+
+# two elements A (0) and B (1), composition AB; template 0 is the structure's own
+ONE = np.array([1, 1])
+
+
+def test_test1_true_assignment_best() -> None:
+    tpl = _Templates(
+        [(_lg((0.9, 0.1), (0.2, 0.8)), ONE), (_lg((0.5, 0.5), (0.5, 0.4)), ONE)], np.array([1, 1])
+    )
+    r = _test1(tpl, (0, 1))
+    assert (r.rank, r.rank_optimistic, r.rank_pessimistic) == (1.0, 1.0, 1.0)
+    assert r.template_rank == 1.0 and not r.censored and r.n_templates == 2
+
+
+def test_test1_true_assignment_worst() -> None:
+    # site 0 wants B and site 1 wants A: the true AB is the worst of the 4 candidates
+    tpl = _Templates(
+        [(_lg((0.1, 0.9), (0.8, 0.2)), ONE), (_lg((0.5, 0.5), (0.5, 0.4)), ONE)], np.array([1, 1])
+    )
+    r = _test1(tpl, (0, 1))
+    assert (r.rank, r.rank_optimistic, r.rank_pessimistic) == (4.0, 4.0, 4.0)
+    # at template level only template 1's best competes (own alternatives are ignored)
+    assert r.template_rank == 2.0
+
+
+def test_test1_true_assignment_tied() -> None:
+    # own template is symmetric (rock-salt like): AB and BA tie; a third template ties too
+    tpl = _Templates(
+        [(_lg((0.7, 0.7), (0.7, 0.7)), ONE), (_lg((0.7, 0.7), (0.7, 0.7)), ONE)], np.array([1, 1])
+    )
+    r = _test1(tpl, (0, 1))
+    # 3 other candidates tie: mid-rank 1 + 3/2
+    assert (r.rank, r.rank_optimistic, r.rank_pessimistic) == (2.5, 1.0, 4.0)
+    assert (r.template_rank, r.template_rank_optimistic, r.template_rank_pessimistic) == (1.5, 1, 2)
+
+
+def test_test1_censored_at_the_cap() -> None:
+    # 40 identical templates beat the true assignment
+    good = (_lg((0.9, 0.1), (0.1, 0.9)), ONE)
+    tpl = _Templates([(_lg((0.5, 0.5), (0.5, 0.5)), ONE)] + [good] * 40, np.array([1, 1]))
+    r = _test1(tpl, (0, 1), cap=20)
+    assert r.censored and math.isnan(r.rank) and math.isnan(r.rank_optimistic)
+    # ties only: the optimistic rank stays exact
+    tpl = _Templates([(_lg((0.5, 0.5), (0.5, 0.5)), ONE)] * 30, np.array([1, 1]))
+    r = _test1(tpl, (0, 1), cap=20)
+    assert r.censored and r.rank_optimistic == 1.0 and math.isnan(r.rank_pessimistic)
+
+
+def test_test1_equals_brute_force_on_random_templates() -> None:
+    rng = np.random.default_rng(11)
+    for _ in range(40):
+        k = int(rng.integers(2, 4))
+        templates = []
+        for _t in range(int(rng.integers(1, 6))):
+            n = int(rng.integers(k, 6))
+            logl = np.log(np.round(rng.random((n, k)), 1) + 0.05)  # rounded: ties happen
+            templates.append((logl, rng.choice([1, 2, 4], size=n)))
+        a = np.arange(len(templates[0][1])) % k  # every element used
+        counts = np.bincount(a, weights=templates[0][1], minlength=k).astype(int)
+        tpl = _Templates(templates, counts // np.gcd.reduce(counts))
+        r = _test1(tpl, tuple(a.tolist()))
+        true_score = float(templates[0][0][np.arange(a.size), a].sum())
+        scores = np.asarray(
+            [s for t, ass, s in tpl.all_scores() if not (t == 0 and ass == tuple(a))]
+        )
+        better = int((scores > true_score + 1e-9).sum())
+        tied = int((np.abs(scores - true_score) <= 1e-9).sum())
+        assert r.rank_optimistic == 1 + better and r.rank_pessimistic == 1 + better + tied
+        assert r.rank == 1 + better + tied / 2
+
+
+def test_test1_rejects_candidates_without_own_template() -> None:
+    with pytest.raises(AfpxError, match="cannot yield its own composition"):
+        true_candidate_rank(0, 0.0, np.array([1]), np.array([0.0]), lambda t: (None, None, None))
