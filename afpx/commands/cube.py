@@ -1,0 +1,129 @@
+"""``afpx build-cube`` and ``afpx info``: write the AFP cube, summarise one."""
+
+from __future__ import annotations
+
+import click
+
+from afpx.cli import library_errors
+
+
+@click.command("build-cube")
+@click.argument("inputs", nargs=-1, required=True)
+@click.option(
+    "-o",
+    "--output",
+    required=True,
+    type=click.Path(dir_okay=True, file_okay=True),
+    help="The zarr store to write (must not exist unless --overwrite).",
+)
+@click.option("--draws", type=int, default=1, show_default=True, help="Augmented draws per site.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Augmentation seed.")
+@click.option(
+    "--deterministic", is_flag=True, help="No random rotation and no jitter (analysis mode)."
+)
+@click.option(
+    "--chunk-sites",
+    type=int,
+    default=256,
+    show_default=True,
+    help="Sites per zarr chunk and per Dask task.",
+)
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option(
+    "--workers",
+    type=int,
+    default=None,
+    help="Start a local Dask cluster of N processes (and read with N processes).",
+)
+@click.option("--scheduler", default=None, metavar="ADDRESS", help="Use a running Dask scheduler.")
+@click.option("--split-seed", type=int, default=0, show_default=True, help="Seed of the split.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing cube at --output.")
+@click.option(
+    "--r-factor-max",
+    type=float,
+    default=0.10,
+    show_default=True,
+    help="Reject stated R-factors at or above this (fraction).",
+)
+@click.option("--min-occupancy", type=float, default=0.98, show_default=True)
+@click.option("--min-distance", type=float, default=0.65, show_default=True, help="Å.")
+@click.option("--symprec", type=float, default=0.01, show_default=True, help="spglib, Å.")
+@click.option("--angle-tolerance", type=float, default=5.0, show_default=True, help="Degrees.")
+@click.option(
+    "--no-filter",
+    "disabled",
+    multiple=True,
+    type=click.Choice(["r-factor", "occupancy", "distance", "species"]),
+    help="Switch a filter off (repeatable).",
+)
+@click.option(
+    "--progress/--no-progress", default=None, help="Progress bars (default: on a terminal)."
+)
+@library_errors
+def build_cube_command(
+    inputs: tuple[str, ...],
+    output: str,
+    draws: int,
+    seed: int,
+    deterministic: bool,
+    chunk_sites: int,
+    device: str,
+    workers: int | None,
+    scheduler: str | None,
+    split_seed: int,
+    overwrite: bool,
+    r_factor_max: float,
+    min_occupancy: float,
+    min_distance: float,
+    symprec: float,
+    angle_tolerance: float,
+    disabled: tuple[str, ...],
+    progress: bool | None,
+) -> None:
+    """Fingerprint every unique site of INPUTS into a zarr cube.
+
+    INPUTS are CIF files, folders, JSON(-lines) files of pymatgen structures,
+    ASE databases, or dataset names such as oqmd-icsd (see `afpx datasets
+    list`). The cube appears at --output only once it is complete.
+    """
+    from afpx.cube import build_cube, cube_summary, open_cube
+    from afpx.splits import SplitParams
+    from afpx.structures import FilterParams
+
+    filters = FilterParams(
+        r_factor_max=None if "r-factor" in disabled else r_factor_max,
+        min_occupancy=None if "occupancy" in disabled else min_occupancy,
+        min_distance=None if "distance" in disabled else min_distance,
+        check_species="species" not in disabled,
+        symprec=symprec,
+        angle_tolerance=angle_tolerance,
+    )
+    path = build_cube(
+        list(inputs),
+        output,
+        draws=draws,
+        seed=seed,
+        deterministic=deterministic,
+        chunk_sites=chunk_sites,
+        device=device,
+        scheduler=scheduler,
+        workers=workers,
+        filters=filters,
+        split=SplitParams(seed=split_seed),
+        overwrite=overwrite,
+        progress=progress,
+    )
+    click.echo(cube_summary(open_cube(path), path=str(path)))
+
+
+@click.command("info")
+@click.argument("cube")
+@library_errors
+def info_command(cube: str) -> None:
+    """Summarise a cube: sizes, counts per element and split, parameters, rejections."""
+    from afpx.cube import cube_summary, open_cube
+
+    click.echo(cube_summary(open_cube(cube), path=cube))
+
+
+COMMANDS = [build_cube_command, info_command]

@@ -1,0 +1,969 @@
+"""The AFP cube: fingerprints of every unique site as one lazy, chunked zarr store.
+
+:func:`fingerprint_dataset` turns accepted structures into a lazy
+:class:`xarray.Dataset` whose fingerprint variables are Dask arrays: every
+block of ``chunk_sites`` rows (site draws) is one task that runs the neighbour
+query and the kernels for its rows. :func:`build_cube` reads the inputs, builds
+that graph, and computes it once while writing it to zarr (v3), into a hidden
+sibling of the target that is renamed into place only when complete.
+:func:`open_cube` opens a cube lazily with its small per-site and
+per-structure variables in memory, so that selections (:func:`select_sites`)
+never read the fingerprints.
+
+Layout (names from :mod:`afpx.schema`): dim ``site`` runs over (structure,
+unique site, draw) in that order; dim ``structure`` over accepted structures;
+dim ``reject`` over rejected inputs. See docs/cube-schema.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import logging
+import os
+import shutil
+import sys
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from afpx import AfpxError, __version__, schema
+from afpx._array import namespace_for_device, to_numpy
+from afpx.kernels import (
+    FingerprintParams,
+    afp_kernel,
+    conventions,
+    draw_augmentation,
+    row_generator,
+)
+from afpx.neighbours import count_within, nearest_neighbour_distances, neighbour_shells
+from afpx.splits import SplitParams, assign_splits
+
+if TYPE_CHECKING:
+    import xarray as xr
+
+    from afpx.structures import AnalysedStructure, FilterParams, ReadResult
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "FingerprintParams",
+    "SplitParams",
+    "build_cube",
+    "compute_fingerprints",
+    "cube_summary",
+    "dask_scheduler",
+    "fingerprint_structures",
+    "fingerprint_dataset",
+    "open_cube",
+    "select_sites",
+    "site_mask",
+    "write_cube",
+]
+
+#: The paper's fingerprint parameters and split (defaults of every function here).
+DEFAULT_FINGERPRINT = FingerprintParams()
+DEFAULT_SPLIT = SplitParams()
+
+#: Attribute set (last) on a store once every chunk is written.
+COMPLETE_ATTR = "afpx_complete"
+
+#: Variables computed by the fingerprint tasks (the rest is known up front).
+_COMPUTED = {
+    schema.AFP: ("perspective_bin", schema.DTYPES[schema.AFP]),
+    schema.R0: ((), schema.DTYPES[schema.R0]),
+    schema.DMIN_RATIO: ((), schema.DTYPES[schema.DMIN_RATIO]),
+    schema.COORDINATION: ((), schema.DTYPES[schema.COORDINATION]),
+}
+
+_STRING = np.dtypes.StringDType()
+
+
+# -- the work of one block ---------------------------------------------------------------
+@dataclass(frozen=True)
+class _StructureRows:
+    """The rows of one structure that fall in one block (pickled to workers)."""
+
+    index: int  # structure index in the cube
+    lattice: np.ndarray  # (3, 3)
+    frac_coords: np.ndarray  # (n_atoms, 3)
+    atoms: np.ndarray  # (n_unique,) representative atom of every unique site
+    dmin: float
+    row_unique: np.ndarray  # (n_rows,) unique-site number of each row
+    row_draw: np.ndarray  # (n_rows,) draw of each row
+
+
+@dataclass(frozen=True)
+class _Block:
+    """Rows of one Dask block: an opaque payload, never traversed by Dask."""
+
+    items: tuple[_StructureRows, ...]
+    n_rows: int
+
+
+@dataclass(frozen=True)
+class _Options:
+    params: FingerprintParams
+    seed: int
+    deterministic: bool
+    device: str
+
+
+def _compute_block(block: _Block, options: _Options) -> dict[str, np.ndarray]:
+    """Fingerprints and descriptors of the rows of one block (numpy out)."""
+    params = options.params
+    vec_parts: list[np.ndarray] = []
+    counts: list[int] = []
+    r0_rows: list[np.ndarray] = []
+    ratio_rows: list[np.ndarray] = []
+    coord_rows: list[np.ndarray] = []
+    rotations: list[np.ndarray] = []
+    jitter: list[np.ndarray] = []
+    for item in block.items:
+        unique, position = np.unique(item.row_unique, return_inverse=True)
+        atoms = item.atoms[unique]
+        r0 = nearest_neighbour_distances(item.lattice, item.frac_coords, atoms)
+        radii = [params.query_radius(float(r), deterministic=options.deterministic) for r in r0]
+        vectors, n_neighbours = neighbour_shells(item.lattice, item.frac_coords, atoms, radii)
+        coordination = count_within(vectors, n_neighbours, params.coordination_factor * r0)
+        offsets = np.concatenate([[0], np.cumsum(n_neighbours)])
+        for pos, draw in zip(position, item.row_draw, strict=True):
+            v = vectors[offsets[pos] : offsets[pos + 1]]
+            vec_parts.append(v)
+            counts.append(len(v))
+            if not options.deterministic:
+                rng = row_generator(options.seed, item.index, int(unique[pos]), int(draw))
+                rotation, e = draw_augmentation(rng, len(v), sigma=params.jitter)
+                rotations.append(rotation)
+                jitter.append(e)
+        r0_rows.append(r0[position])
+        ratio_rows.append(item.dmin / r0[position])
+        coord_rows.append(coordination[position])
+    xp = namespace_for_device(options.device)
+    r0_all = np.concatenate(r0_rows) if r0_rows else np.zeros(0)
+    afp = afp_kernel(
+        xp.asarray(np.concatenate(vec_parts) if vec_parts else np.zeros((0, 3))),
+        np.asarray(counts, dtype=np.int64),
+        xp.asarray(r0_all),
+        params=params,
+        rotations=None if options.deterministic else xp.asarray(np.stack(rotations)),
+        jitter=None if options.deterministic else xp.asarray(np.concatenate(jitter)),
+    )
+    return {
+        schema.AFP: to_numpy(afp),
+        schema.R0: r0_all.astype(schema.DTYPES[schema.R0]),
+        schema.DMIN_RATIO: (np.concatenate(ratio_rows) if ratio_rows else np.zeros(0)).astype(
+            schema.DTYPES[schema.DMIN_RATIO]
+        ),
+        schema.COORDINATION: (np.concatenate(coord_rows) if coord_rows else np.zeros(0)).astype(
+            schema.DTYPES[schema.COORDINATION]
+        ),
+    }
+
+
+# -- row layout -------------------------------------------------------------------------------
+def _row_table(structures: Sequence[AnalysedStructure], draws: int) -> dict[str, np.ndarray]:
+    """Per-row identity: structure, unique site, draw, and the site's labels."""
+    n_unique = np.array([len(s.sites) for s in structures], dtype=np.int64)
+    structure = np.repeat(np.arange(len(structures), dtype=np.int64), n_unique * draws)
+    unique = np.concatenate(
+        [np.repeat(np.arange(n, dtype=np.int64), draws) for n in n_unique] or [np.zeros(0, int)]
+    )
+    draw = np.tile(np.arange(draws, dtype=np.int64), int(n_unique.sum()))
+
+    def per_site(get: Any, dtype: Any) -> np.ndarray:
+        parts = [np.repeat(np.asarray(get(s.sites)), draws) for s in structures]
+        return np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype=dtype)
+
+    return {
+        "unique": unique,
+        schema.STRUCTURE_INDEX: structure,
+        schema.DRAW: draw.astype(schema.DTYPES[schema.DRAW]),
+        schema.SITE_INDEX: per_site(lambda t: t.index, schema.DTYPES[schema.SITE_INDEX]),
+        schema.Z: per_site(lambda t: t.z, schema.DTYPES[schema.Z]),
+        schema.MULTIPLICITY: per_site(lambda t: t.multiplicity, schema.DTYPES[schema.MULTIPLICITY]),
+        schema.WYCKOFF: per_site(lambda t: np.asarray(t.wyckoff, dtype=str), _STRING),
+    }
+
+
+def _blocks(
+    structures: Sequence[AnalysedStructure], rows: dict[str, np.ndarray], chunk_sites: int
+) -> list[_Block]:
+    structure, unique, draw = rows[schema.STRUCTURE_INDEX], rows["unique"], rows[schema.DRAW]
+    blocks = []
+    for start in range(0, len(structure), chunk_sites):
+        stop = min(start + chunk_sites, len(structure))
+        items = []
+        s_block = structure[start:stop]
+        bounds = np.flatnonzero(np.diff(s_block)) + 1
+        for lo, hi in zip(np.r_[0, bounds], np.r_[bounds, len(s_block)], strict=True):
+            s = structures[int(s_block[lo])]
+            items.append(
+                _StructureRows(
+                    index=int(s_block[lo]),
+                    lattice=np.asarray(s.lattice, dtype=np.float64),
+                    frac_coords=np.asarray(s.frac_coords, dtype=np.float64),
+                    atoms=np.asarray(s.sites.index, dtype=np.int64),
+                    dmin=float(s.sites.dmin),
+                    row_unique=unique[start + lo : start + hi],
+                    row_draw=draw[start + lo : start + hi].astype(np.int64),
+                )
+            )
+        blocks.append(_Block(tuple(items), stop - start))
+    return blocks
+
+
+def _check_options(
+    *, draws: int, seed: int, deterministic: bool, chunk_sites: int, device: str
+) -> None:
+    if not isinstance(draws, int | np.integer) or draws < 1:
+        raise AfpxError(f"draws must be a positive integer, got {draws!r}")
+    if deterministic and draws != 1:
+        raise AfpxError(
+            f"deterministic fingerprints are identical in every draw; use draws=1, not {draws}"
+        )
+    if not isinstance(seed, int | np.integer) or seed < 0:
+        raise AfpxError(f"seed must be a non-negative integer, got {seed!r}")
+    if not isinstance(chunk_sites, int | np.integer) or chunk_sites < 1:
+        raise AfpxError(f"chunk_sites must be a positive integer, got {chunk_sites!r}")
+    namespace_for_device(device)  # a clear error now rather than inside a task
+
+
+# -- eager and lazy computation ----------------------------------------------------------
+def compute_fingerprints(
+    structures: Sequence[AnalysedStructure],
+    *,
+    params: FingerprintParams = DEFAULT_FINGERPRINT,
+    draws: int = 1,
+    seed: int = 0,
+    deterministic: bool = False,
+    device: str = "cpu",
+) -> dict[str, np.ndarray]:
+    """Fingerprints of every row, computed eagerly in one batch (the reference).
+
+    Parameters
+    ----------
+    structures : sequence of AnalysedStructure
+    params : FingerprintParams
+    draws : int
+        Augmented draws per unique site.
+    seed : int
+        Seed of the augmentation (keyed by structure, unique site and draw).
+    deterministic : bool
+        No rotation and no jitter.
+    device : {"cpu", "cuda"}
+
+    Returns
+    -------
+    dict of str to ndarray
+        ``afp`` (n_rows, n_perspectives, n_bins) float32, ``r0``,
+        ``dmin_ratio``, ``coordination`` and the row identity (``structure``,
+        ``draw``, ``site_index``, ``z``, ``multiplicity``, ``wyckoff``), with
+        rows ordered (structure, unique site, draw).
+    """
+    _check_options(
+        draws=draws, seed=seed, deterministic=deterministic, chunk_sites=1, device=device
+    )
+    rows = _row_table(structures, draws)
+    n_rows = len(rows[schema.STRUCTURE_INDEX])
+    (block,) = _blocks(structures, rows, max(n_rows, 1)) or [_Block((), 0)]
+    out = _compute_block(block, _Options(params, int(seed), deterministic, device))
+    out.update({k: v for k, v in rows.items() if k != "unique"})
+    return out
+
+
+def fingerprint_structures(
+    structures: Sequence[Any],
+    *,
+    params: FingerprintParams = DEFAULT_FINGERPRINT,
+    draws: int = 1,
+    seed: int = 0,
+    deterministic: bool = False,
+    device: str = "cpu",
+    symprec: float = 0.01,
+    angle_tolerance: float = 5.0,
+) -> dict[str, np.ndarray]:
+    """Fingerprints of the unique sites of pymatgen structures (no filters, no cube).
+
+    Parameters
+    ----------
+    structures : sequence of pymatgen.core.Structure or AnalysedStructure
+        Ordered structures; pymatgen ones are analysed for unique sites here.
+    params, draws, seed, deterministic, device
+        As for :func:`compute_fingerprints`.
+    symprec, angle_tolerance : float
+        Symmetry tolerances (spglib) for pymatgen structures.
+
+    Returns
+    -------
+    dict of str to ndarray
+        As :func:`compute_fingerprints`; ``structure`` indexes the input list.
+    """
+    from afpx.structures import AnalysedStructure, unique_sites
+
+    analysed = []
+    for i, s in enumerate(structures):
+        if isinstance(s, AnalysedStructure):
+            analysed.append(s)
+            continue
+        table = unique_sites(s, symprec=symprec, angle_tolerance=angle_tolerance)
+        analysed.append(
+            AnalysedStructure(
+                structure_id=str(i),
+                source="<memory>",
+                formula=s.composition.reduced_formula,
+                lattice=np.asarray(s.lattice.matrix, dtype=np.float64),
+                frac_coords=np.asarray(s.frac_coords, dtype=np.float64),
+                numbers=np.asarray([site.specie.Z for site in s], dtype=np.int16),
+                sites=table,
+            )
+        )
+    return compute_fingerprints(
+        analysed,
+        params=params,
+        draws=draws,
+        seed=seed,
+        deterministic=deterministic,
+        device=device,
+    )
+
+
+def _lazy_computed(blocks: list[_Block], options: _Options) -> dict[str, Any]:
+    """One Dask array per computed variable, all sharing one task per block."""
+    import dask.array as da
+    from dask.highlevelgraph import HighLevelGraph
+
+    params = options.params
+    # a fresh name per graph: a distributed client must never reuse another build's results
+    token = uuid.uuid4().hex
+    name = f"afpx-fingerprint-{token}"
+    compute = functools.partial(_compute_block, options=options)
+    layer: dict[Any, Any] = {(name, b): (compute, block) for b, block in enumerate(blocks)}
+    base = HighLevelGraph.from_collections(name, layer, dependencies=())
+    site_chunks = (tuple(b.n_rows for b in blocks),)
+    arrays: dict[str, Any] = {}
+    for var, (tail, dtype) in _COMPUTED.items():
+        var_name = f"afpx-{var}-{token}"
+        keys: dict[Any, Any]
+        chunks: tuple[tuple[int, ...], ...]
+        if tail == "perspective_bin":
+            chunks = (*site_chunks, (params.n_perspectives,), (params.n_bins,))
+            keys = {(var_name, b, 0, 0): (_pick, (name, b), var) for b in range(len(blocks))}
+        else:
+            chunks = site_chunks
+            keys = {(var_name, b): (_pick, (name, b), var) for b in range(len(blocks))}
+        graph = HighLevelGraph(
+            {**base.layers, var_name: keys},
+            {**base.dependencies, var_name: {name}},
+        )
+        arrays[var] = da.Array(graph, var_name, chunks, dtype=dtype)
+    return arrays
+
+
+def _pick(result: dict[str, np.ndarray], key: str) -> np.ndarray:
+    return result[key]
+
+
+def fingerprint_dataset(
+    read: ReadResult,
+    *,
+    params: FingerprintParams = DEFAULT_FINGERPRINT,
+    draws: int = 1,
+    seed: int = 0,
+    deterministic: bool = False,
+    chunk_sites: int = schema.DEFAULT_CHUNK_SITES,
+    device: str = "cpu",
+    split: SplitParams = DEFAULT_SPLIT,
+    sources: Sequence[str] | None = None,
+) -> xr.Dataset:
+    """The cube of accepted structures as a lazy Dataset (nothing computed yet).
+
+    Parameters
+    ----------
+    read : ReadResult
+        Accepted structures and rejections from :func:`afpx.structures.read_structures`.
+    params : FingerprintParams
+    draws : int
+        Augmented draws per unique site (consecutive along ``site``).
+    seed : int
+        Augmentation seed; row (s, u, d) uses ``default_rng([seed, s, u, d])``.
+    deterministic : bool
+        No rotation and no jitter (needs ``draws=1``).
+    chunk_sites : int
+        Rows per Dask block and per zarr chunk.
+    device : {"cpu", "cuda"}
+        Where the kernels run.
+    split : SplitParams
+        Train/holdout/test assignment by reduced formula.
+    sources : sequence of str, optional
+        Inputs as given (recorded in ``attrs["sources"]``); defaults to the
+        distinct sources of the structures.
+
+    Returns
+    -------
+    xarray.Dataset
+        ``afp``, ``r0``, ``dmin_ratio`` and ``coordination`` are Dask arrays
+        chunked by ``chunk_sites``; everything else is in memory.
+
+    Raises
+    ------
+    AfpxError
+        For invalid options, or when no structure was accepted.
+    """
+    import xarray as xr
+
+    _check_options(
+        draws=draws, seed=seed, deterministic=deterministic, chunk_sites=chunk_sites, device=device
+    )
+    structures = read.structures
+    if not structures:
+        raise AfpxError(
+            f"no structure was accepted ({read.n_read} read, {len(read.rejections)} rejected"
+            + "".join(f"; {reason}: {n}" for reason, n in read.counts().items())
+            + "): nothing to fingerprint"
+        )
+    rows = _row_table(structures, draws)
+    blocks = _blocks(structures, rows, chunk_sites)
+    computed = _lazy_computed(blocks, _Options(params, int(seed), deterministic, device))
+    S, T, R = schema.SITE, schema.STRUCTURE, schema.REJECT
+
+    data: dict[str, Any] = {
+        schema.AFP: ((S, schema.PERSPECTIVE, schema.BIN), computed[schema.AFP]),
+        schema.R0: (S, computed[schema.R0]),
+        schema.DMIN_RATIO: (S, computed[schema.DMIN_RATIO]),
+        schema.COORDINATION: (S, computed[schema.COORDINATION]),
+    }
+    for name in (
+        schema.Z,
+        schema.MULTIPLICITY,
+        schema.WYCKOFF,
+        schema.SITE_INDEX,
+        schema.STRUCTURE_INDEX,
+        schema.DRAW,
+    ):
+        data[name] = (S, rows[name])
+    formula_list = [s.formula for s in structures]
+    formulas = np.array(formula_list, dtype=_STRING)
+    data.update(
+        {
+            schema.STRUCTURE_ID: (T, np.array([s.structure_id for s in structures], dtype=_STRING)),
+            schema.FORMULA: (T, formulas),
+            schema.SOURCE: (T, np.array([s.source for s in structures], dtype=_STRING)),
+            schema.SPACEGROUP: (
+                T,
+                np.array(
+                    [s.sites.spacegroup for s in structures], dtype=schema.DTYPES[schema.SPACEGROUP]
+                ),
+            ),
+            schema.N_UNIQUE_SITES: (
+                T,
+                np.array(
+                    [len(s.sites) for s in structures], dtype=schema.DTYPES[schema.N_UNIQUE_SITES]
+                ),
+            ),
+            schema.DMIN: (
+                T,
+                np.array([s.sites.dmin for s in structures], dtype=schema.DTYPES[schema.DMIN]),
+            ),
+            schema.SPLIT: (T, assign_splits(formula_list, params=split).astype(_STRING)),
+            schema.REJECT_ID: (R, np.array([r.id for r in read.rejections], dtype=_STRING)),
+            schema.REJECT_REASON: (R, np.array([r.reason for r in read.rejections], dtype=_STRING)),
+            schema.REJECT_MESSAGE: (
+                R,
+                np.array(
+                    [_reject_message(r.message, r.source, r.block) for r in read.rejections],
+                    dtype=_STRING,
+                ),
+            ),
+        }
+    )
+    if sources is None:
+        sources = sorted({s.source for s in structures})
+    attrs = {
+        "fingerprint": params.to_attrs(),
+        "fingerprint_conventions": conventions(params),
+        "filters": read.params.to_attrs(),
+        "draws": int(draws),
+        "seed": int(seed),
+        "deterministic": bool(deterministic),
+        "afpx_version": __version__,
+        "sources": [str(s) for s in sources],
+        "split": split.to_attrs(),
+        "n_read": int(read.n_read),
+        "chunk_sites": int(chunk_sites),
+    }
+    return xr.Dataset(data, attrs=json.loads(json.dumps(attrs)))
+
+
+def _reject_message(message: str, source: str, block: str | None) -> str:
+    where = source if block is None else f"{source} [{block}]"
+    return f"{message} ({where})"
+
+
+# -- writing -------------------------------------------------------------------------------------
+def _encoding(ds: xr.Dataset, chunk_sites: int) -> dict[str, dict[str, Any]]:
+    from zarr.codecs import BloscCodec
+
+    encoding: dict[str, dict[str, Any]] = {}
+    for name, var in ds.variables.items():
+        enc: dict[str, Any] = {}
+        if schema.SITE in var.dims:
+            enc["chunks"] = tuple(
+                chunk_sites if d == schema.SITE else var.sizes[d] for d in var.dims
+            )
+        if var.dtype.kind in "fiu":
+            # lz4 + byte shuffle: ~1.5x on smooth float32 fingerprints, and fast
+            enc["compressors"] = (
+                BloscCodec(cname="lz4", clevel=5, shuffle="shuffle", typesize=var.dtype.itemsize),
+            )
+        encoding[str(name)] = enc
+    return encoding
+
+
+@contextlib.contextmanager
+def dask_scheduler(*, scheduler: str | None = None, workers: int | None = None) -> Iterator[Any]:
+    """Run Dask computations inside the block on the chosen scheduler.
+
+    Parameters
+    ----------
+    scheduler : str, optional
+        Address of a running ``dask.distributed`` scheduler to connect to.
+    workers : int, optional
+        Start a local cluster of this many single-threaded worker processes.
+
+    Yields
+    ------
+    distributed.Client or None
+        None for the default threaded scheduler.
+    """
+    if scheduler is not None and workers is not None:
+        raise AfpxError("give either a scheduler address or a number of workers, not both")
+    if workers is not None and workers < 1:
+        raise AfpxError(f"workers must be at least 1, got {workers}")
+    if scheduler is None and workers is None:
+        import dask
+
+        with dask.config.set(scheduler="threads"):
+            yield None
+        return
+    try:
+        from distributed import Client, LocalCluster
+    except ImportError as exc:
+        raise AfpxError(
+            "--workers/--scheduler need dask.distributed: pip install 'afpx[distributed]'"
+        ) from exc
+    if scheduler is not None:
+        try:
+            client = Client(scheduler, timeout="10s")
+        except OSError as exc:
+            raise AfpxError(f"cannot reach the Dask scheduler at {scheduler}: {exc}") from exc
+        with client:
+            yield client
+        return
+    with (
+        LocalCluster(
+            n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        yield client
+
+
+def _is_cube(path: Path) -> bool:
+    try:
+        meta = json.loads((path / "zarr.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and "afpx_version" in meta.get("attributes", {})
+
+
+def write_cube(
+    ds: xr.Dataset,
+    path: str | os.PathLike[str],
+    *,
+    overwrite: bool = False,
+    progress: bool | None = None,
+) -> Path:
+    """Compute a lazy cube once and write it to ``path`` (zarr v3), atomically.
+
+    The store is written into a hidden sibling (``.NAME.partial-XXXX``) and
+    renamed to ``path`` only when every chunk is written and the
+    completion attribute is set; a failure removes the sibling and leaves
+    ``path`` as it was.
+
+    Parameters
+    ----------
+    ds : xarray.Dataset
+        From :func:`fingerprint_dataset`.
+    path : str or path
+        Target directory; must not exist unless ``overwrite`` and it is an
+        afpx cube.
+    overwrite : bool
+        Replace an existing cube (only after the new one is complete).
+    progress : bool, optional
+        Show a progress bar; None shows one when stderr is a terminal.
+
+    Returns
+    -------
+    pathlib.Path
+    """
+    import zarr
+
+    target = Path(path).expanduser().absolute()
+    if target.exists() or target.is_symlink():
+        if not _is_cube(target):
+            raise AfpxError(f"{target} exists and is not an afpx cube; refusing to replace it")
+        if not overwrite:
+            raise AfpxError(f"{target} exists; choose another path or pass --overwrite")
+    if not target.parent.is_dir():
+        raise AfpxError(f"the folder {target.parent} of the output does not exist")
+    partial = target.with_name(f".{target.name}.partial-{uuid.uuid4().hex[:8]}")
+    chunk_sites = int(ds.attrs.get("chunk_sites", schema.DEFAULT_CHUNK_SITES))
+    if progress is None:
+        progress = sys.stderr.isatty()
+    try:
+        with _progress(bool(progress)):
+            ds.to_zarr(
+                partial,
+                mode="w-",
+                zarr_format=3,
+                consolidated=False,
+                encoding=_encoding(ds, chunk_sites),
+            )
+        group = zarr.open_group(partial, mode="r+")
+        group.attrs[COMPLETE_ATTR] = True
+        if target.exists():
+            old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
+            target.rename(old)
+            partial.rename(target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            partial.rename(target)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return target
+
+
+@contextlib.contextmanager
+def _progress(enabled: bool) -> Iterator[None]:
+    if not enabled:
+        yield
+        return
+    from dask.diagnostics import ProgressBar
+
+    # ProgressBar follows local schedulers; a distributed client has its dashboard
+    with ProgressBar(minimum=1.0, dt=0.5):
+        yield
+
+
+def build_cube(
+    inputs: ReadResult | Sequence[str | os.PathLike[str]] | str | os.PathLike[str],
+    path: str | os.PathLike[str],
+    *,
+    params: FingerprintParams = DEFAULT_FINGERPRINT,
+    draws: int = 1,
+    seed: int = 0,
+    deterministic: bool = False,
+    chunk_sites: int = schema.DEFAULT_CHUNK_SITES,
+    device: str = "cpu",
+    scheduler: str | None = None,
+    workers: int | None = None,
+    filters: FilterParams | None = None,
+    split: SplitParams = DEFAULT_SPLIT,
+    overwrite: bool = False,
+    progress: bool | None = None,
+) -> Path:
+    """Read structures, fingerprint every unique site, and write the cube.
+
+    Parameters
+    ----------
+    inputs : ReadResult, or str / path / sequence of them
+        Anything :func:`afpx.structures.read_structures` takes (CIF files,
+        folders, JSON lines, ASE databases, dataset names such as
+        ``"oqmd-icsd"``), or an existing :class:`ReadResult`.
+    path : str or path
+        Output zarr store.
+    params : FingerprintParams
+    draws, seed, deterministic, chunk_sites, device
+        See :func:`fingerprint_dataset`.
+    scheduler : str, optional
+        Address of a Dask distributed scheduler.
+    workers : int, optional
+        Start a local Dask cluster of this many processes (and read the
+        inputs with as many processes).
+    filters : FilterParams, optional
+        Quality filters for reading (defaults: the paper's).
+    split : SplitParams
+    overwrite : bool
+        Replace an existing cube at ``path``.
+    progress : bool, optional
+        Progress bars; None shows them on a terminal only.
+
+    Returns
+    -------
+    pathlib.Path
+        The written store.
+
+    Raises
+    ------
+    AfpxError
+        For invalid options, an existing output, unreadable inputs, or when no
+        structure is accepted. The output path is then untouched.
+    """
+    from afpx.structures import FilterParams, ReadResult, read_structures
+
+    _check_options(
+        draws=draws, seed=seed, deterministic=deterministic, chunk_sites=chunk_sites, device=device
+    )
+    target = Path(path).expanduser().absolute()
+    # fail before the (long) read rather than after it
+    if target.exists() or target.is_symlink():
+        if not _is_cube(target):
+            raise AfpxError(f"{target} exists and is not an afpx cube; refusing to replace it")
+        if not overwrite:
+            raise AfpxError(f"{target} exists; choose another path or pass --overwrite")
+    if isinstance(inputs, ReadResult):
+        read, sources = inputs, None
+    else:
+        items = [inputs] if isinstance(inputs, str | os.PathLike) else list(inputs)
+        for item in items:
+            if Path(item).expanduser().absolute() == target:
+                raise AfpxError(f"the output {target} is also an input")
+        read = read_structures(
+            items,
+            params=filters if filters is not None else FilterParams(),
+            progress=progress,
+            workers=workers or 1,
+        )
+        sources = [str(i) for i in items]
+    logger.info("read: %s", read.summary().replace("\n", ", "))
+    ds = fingerprint_dataset(
+        read,
+        params=params,
+        draws=draws,
+        seed=seed,
+        deterministic=deterministic,
+        chunk_sites=chunk_sites,
+        device=device,
+        split=split,
+        sources=sources,
+    )
+    with dask_scheduler(scheduler=scheduler, workers=workers):
+        return write_cube(ds, target, overwrite=overwrite, progress=progress)
+
+
+# -- reading --------------------------------------------------------------------------------------
+def open_cube(path: str | os.PathLike[str]) -> xr.Dataset:
+    """Open a cube lazily; its small variables are loaded, the fingerprints are not.
+
+    Every one-dimensional variable (per site, per structure, per rejection)
+    is read into memory, so boolean selections on them work at once; ``afp``
+    and any (site, element) arrays stay lazy Dask arrays.
+
+    Parameters
+    ----------
+    path : str or path
+        A store written by :func:`build_cube` (local path or fsspec URL).
+
+    Returns
+    -------
+    xarray.Dataset
+
+    Raises
+    ------
+    AfpxError
+        If nothing is there, it is not a zarr store, or the build that wrote it
+        did not finish.
+    """
+    import xarray as xr
+
+    where = os.fspath(path)
+    if "://" not in where and not Path(where).exists():
+        raise AfpxError(f"no cube at {where}: build one with `afpx build-cube`")
+    try:
+        ds = xr.open_zarr(where, consolidated=False, zarr_format=3)
+    except Exception as exc:  # zarr raises several kinds for a non-store
+        raise AfpxError(f"{where} is not a readable zarr (v3) store: {exc}") from exc
+    if not ds.attrs.get(COMPLETE_ATTR, False):
+        raise AfpxError(
+            f"{where} is not a complete afpx cube (its build did not finish); build it again"
+        )
+    schema.check_cube(ds)
+    small = [name for name, var in ds.variables.items() if var.ndim == 1]
+    return ds.assign({name: ds[name].load() for name in small})
+
+
+def site_mask(
+    ds: xr.Dataset,
+    *,
+    element: int | str | Sequence[int | str] | None = None,
+    structure: int | str | Sequence[int | str] | None = None,
+    split: str | Sequence[str] | None = None,
+    draw: int | None = None,
+) -> np.ndarray:
+    """Boolean mask along ``site`` for the given criteria (all must hold).
+
+    Parameters
+    ----------
+    ds : xarray.Dataset
+        A cube (from :func:`open_cube` or :func:`fingerprint_dataset`).
+    element : int or str or sequence, optional
+        Atomic number(s) or symbol(s) on the site.
+    structure : int or str or sequence, optional
+        Structure index (int) or ``structure_id`` (str).
+    split : str or sequence of str, optional
+        ``"train"``, ``"holdout"`` and/or ``"test"``.
+    draw : int, optional
+        Only this augmentation draw.
+
+    Returns
+    -------
+    ndarray of shape (n_sites,), bool
+    """
+    z = np.asarray(ds[schema.Z].values)
+    mask = np.ones(z.shape, dtype=bool)
+    site_structure = np.asarray(ds[schema.STRUCTURE_INDEX].values)
+    if element is not None:
+        mask &= np.isin(z, [_atomic_number(e) for e in _as_list(element)])
+    if structure is not None:
+        ids = np.asarray(ds[schema.STRUCTURE_ID].values.tolist(), dtype=object)
+        wanted = []
+        for s in _as_list(structure):
+            if isinstance(s, str):
+                hits = np.flatnonzero(ids == s)
+                if not len(hits):
+                    raise AfpxError(f"no structure with id {s!r} in the cube")
+                wanted.extend(hits.tolist())
+            else:
+                if not 0 <= int(s) < len(ids):
+                    raise AfpxError(f"structure index {s} outside 0..{len(ids) - 1}")
+                wanted.append(int(s))
+        mask &= np.isin(site_structure, wanted)
+    if split is not None:
+        splits = _as_list(split)
+        unknown = sorted(set(map(str, splits)) - set(schema.SPLITS))
+        if unknown:
+            raise AfpxError(f"unknown split {unknown}; choose from {', '.join(schema.SPLITS)}")
+        per_structure = np.isin(np.asarray(ds[schema.SPLIT].values.tolist(), dtype=object), splits)
+        mask &= per_structure[site_structure]
+    if draw is not None:
+        mask &= np.asarray(ds[schema.DRAW].values) == draw
+    return mask
+
+
+def select_sites(ds: xr.Dataset, **criteria: Any) -> xr.Dataset:
+    """The cube restricted to the sites of :func:`site_mask` (``structure`` dim kept).
+
+    Examples
+    --------
+    ``select_sites(cube, element="Mn", split="test")`` — all Mn sites of test
+    structures; the fingerprints stay lazy.
+    """
+    return ds.isel({schema.SITE: np.flatnonzero(site_mask(ds, **criteria))})
+
+
+def _as_list(x: Any) -> list[Any]:
+    if isinstance(x, str | int | np.integer):
+        return [x]
+    return list(x)
+
+
+def _atomic_number(e: int | str) -> int:
+    if isinstance(e, int | np.integer):
+        return int(e)
+    symbols = schema.element_symbols()
+    if e not in symbols:
+        raise AfpxError(f"unknown element symbol {e!r}")
+    return symbols.index(e) + 1
+
+
+def cube_summary(ds: xr.Dataset, *, path: str | None = None) -> str:
+    """A human summary of a cube: sizes, counts per element and split, parameters, rejections."""
+    symbols = schema.element_symbols()
+    n_sites = ds.sizes[schema.SITE]
+    lines = []
+    if path is not None:
+        lines.append(f"cube: {path}")
+        local = Path(path)
+        if local.is_dir():
+            size = sum(f.stat().st_size for f in local.rglob("*") if f.is_file())
+            lines.append(f"size on disk: {size / 2**20:.1f} MiB")
+    afp = ds[schema.AFP]
+    lines += [
+        f"afpx version: {ds.attrs.get('afpx_version')}",
+        f"structures: {ds.sizes[schema.STRUCTURE]}",
+        f"sites: {n_sites} ({ds.attrs.get('draws')} draw(s) per unique site, "
+        f"deterministic={ds.attrs.get('deterministic')}, seed={ds.attrs.get('seed')})",
+        f"afp: {' x '.join(map(str, afp.shape))} {afp.dtype}, "
+        f"{afp.size * afp.dtype.itemsize / 2**30:.2f} GiB in memory, "
+        f"chunks of {afp.chunks[0][0] if afp.chunks else n_sites} sites",
+    ]
+    splits = np.asarray(ds[schema.SPLIT].values.tolist(), dtype=object)
+    site_split = splits[np.asarray(ds[schema.STRUCTURE_INDEX].values)]
+    lines.append("split: structures / sites")
+    for name in schema.SPLITS:
+        lines.append(f"  {name}: {int((splits == name).sum())} / {int((site_split == name).sum())}")
+    z = np.asarray(ds[schema.Z].values)
+    zs, counts = np.unique(z, return_counts=True)
+    order = np.argsort(-counts, kind="stable")
+    per_element = ", ".join(f"{symbols[zs[i] - 1]} {counts[i]}" for i in order)
+    lines.append(f"sites per element ({len(zs)} elements): {per_element}")
+    fp = ds.attrs.get("fingerprint", {})
+    shown = [
+        "perspective_distances",
+        "jitter",
+        "r_max",
+        "n_fine_bins",
+        "kaiser_width",
+        "kaiser_beta",
+        "n_bins",
+        "coordination_factor",
+    ]
+    lines.append("fingerprint: " + ", ".join(f"{k}={fp[k]}" for k in shown if k in fp))
+    lines.append(
+        "filters: " + ", ".join(f"{k}={v}" for k, v in ds.attrs.get("filters", {}).items())
+    )
+    lines.append(f"sources: {', '.join(ds.attrs.get('sources', []))}")
+    n_rej = ds.sizes.get(schema.REJECT, 0)
+    lines.append(f"rejected: {n_rej} of {ds.attrs.get('n_read', '?')} read")
+    if n_rej:
+        reasons, counts = np.unique(
+            np.asarray(ds[schema.REJECT_REASON].values.tolist(), dtype=object), return_counts=True
+        )
+        lines += [f"  {r}: {c}" for r, c in zip(reasons, counts, strict=True)]
+    extra = sorted(
+        str(name)
+        for name in ds.data_vars
+        if str(name)
+        not in {
+            schema.AFP,
+            schema.R0,
+            schema.DMIN_RATIO,
+            schema.COORDINATION,
+            schema.Z,
+            schema.MULTIPLICITY,
+            schema.WYCKOFF,
+            schema.SITE_INDEX,
+            schema.STRUCTURE_INDEX,
+            schema.DRAW,
+            schema.STRUCTURE_ID,
+            schema.FORMULA,
+            schema.SOURCE,
+            schema.SPACEGROUP,
+            schema.N_UNIQUE_SITES,
+            schema.DMIN,
+            schema.SPLIT,
+            schema.REJECT_ID,
+            schema.REJECT_REASON,
+            schema.REJECT_MESSAGE,
+        }
+    )
+    if extra:
+        lines.append(f"other variables: {', '.join(extra)}")
+    return "\n".join(lines)
