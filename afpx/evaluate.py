@@ -973,11 +973,92 @@ def check_evaluable(ds: xr.Dataset) -> None:
             "evaluation needs site likelihoods, which the cube lacks; "
             "run `afpx likelihood CUBE --model MODEL` first"
         )
+    for name in (schema.LIKELIHOOD, schema.LIKELIHOOD_MEAN):
+        if name in ds.variables and ds[name].attrs.get("complete", True) in (False, 0, "false"):
+            raise AfpxError(
+                f"`{name}` in the cube was not completely written; "
+                "run `afpx likelihood CUBE --model MODEL` again"
+            )
     if schema.SPLIT not in ds.variables:
         raise AfpxError(
             "evaluation needs the train/holdout/test split, which the cube lacks; "
             "rebuild it with `afpx build-cube` (splits are assigned there)"
         )
+
+
+def with_model_likelihoods(
+    ds: xr.Dataset,
+    model: str | os.PathLike[str],
+    *,
+    device: str = "cpu",
+    block_sites: int = 8192,
+    batch_size: int = 2048,
+) -> xr.Dataset:
+    """The cube with ``likelihood`` (and ``likelihood_mean``, ``softmax_pred``) of a model.
+
+    The sites are scored in memory, block by block; the cube's store is not
+    written (``afpx likelihood`` writes them into the store instead).
+
+    Parameters
+    ----------
+    ds : xarray.Dataset
+        The cube, with ``afp``, ``r0``, ``dmin_ratio`` and ``draw``.
+    model : path
+        A model folder written by ``afpx train``.
+    device : {"cpu", "cuda"}
+    block_sites : int
+        Sites read at a time (never splitting the draws of a unique site).
+    batch_size : int
+        Sites per forward pass.
+
+    Returns
+    -------
+    xarray.Dataset
+        ``ds`` with the three variables replaced, attributes identifying the model.
+    """
+    from afpx.likelihood import draw_means, score_afp
+    from afpx.train import check_fingerprint, load_model
+
+    schema.require_variables(
+        ds,
+        [schema.AFP, schema.R0, schema.DMIN_RATIO, schema.DRAW],
+        what="scoring a cube with a model",
+        fix="build it with `afpx build-cube`",
+    )
+    m = load_model(model, device=device)
+    check_fingerprint(m.fingerprint, dict(ds.attrs.get("fingerprint", {})), cube="the cube")
+    draw = np.asarray(ds[schema.DRAW].values).astype(np.int64)
+    n = draw.size
+    starts = np.append(np.flatnonzero(draw == 0), n)
+    lik = np.empty((n, schema.N_ELEMENTS), dtype=np.float32)
+    pred = np.empty(n, dtype=np.int16)
+    a = 0
+    while a < n:
+        i = min(int(np.searchsorted(starts, a + block_sites)), starts.size - 1)
+        b = int(starts[i])
+        b = n if b <= a else b
+        lik[a:b], pred[a:b] = score_afp(
+            m,
+            np.asarray(ds[schema.AFP][a:b].values),
+            np.asarray(ds[schema.R0][a:b].values),
+            np.asarray(ds[schema.DMIN_RATIO][a:b].values),
+            batch_size=batch_size,
+            device=device,
+        )
+        a = b
+    attrs = {**m.identity(), "complete": True, "scored_in_memory": True}
+    dims = (schema.SITE, schema.ELEMENT)
+    out = ds.drop_vars(
+        [v for v in (schema.LIKELIHOOD, schema.LIKELIHOOD_MEAN, schema.SOFTMAX_PRED) if v in ds]
+    ).assign(
+        {
+            schema.LIKELIHOOD: (dims, lik, attrs),
+            schema.SOFTMAX_PRED: ((schema.SITE,), pred, attrs),
+        }
+    )
+    if n and int(draw.max()) > 0:
+        out[schema.LIKELIHOOD_MEAN] = (dims, draw_means(lik, draw), attrs)
+    return out
 
 
 def _site_arrays(ds: xr.Dataset) -> dict[str, np.ndarray]:
@@ -1220,7 +1301,7 @@ def evaluate(
     import xarray as xr
 
     from afpx.baselines import BaselineParams, baseline_likelihoods
-    from afpx.templates import TemplateLibrary, best_candidates
+    from afpx.templates import COUNTS, LOG_SCORE, TEMPLATE, TemplateLibrary, best_candidates
 
     baseline_params = baseline_params or BaselineParams()
     check_evaluable(ds)
@@ -1229,7 +1310,9 @@ def evaluate(
 
     library = TemplateLibrary.from_cube(ds)
     sites = _site_arrays(ds)
+    # the library's sites: draw 0, grouped by structure (as TemplateLibrary.from_cube orders them)
     draw0 = np.flatnonzero(sites["draw"] == 0)
+    draw0 = draw0[np.argsort(sites["structure"][draw0], kind="stable")]
     if draw0.size != library.z.size or not np.array_equal(sites["z"][draw0], library.z):
         raise AfpxError("the template library's sites are not the cube's draw-0 sites in order")
     if "coordination" not in sites and any(b == "coordination" for b in params.baselines):
@@ -1295,10 +1378,10 @@ def evaluate(
         for name in models:
             lib = libraries[name]
             t0 = time.perf_counter()
-            cands = best_candidates(lib, list(S))
-            tmpl = np.asarray(cands["template"].values, dtype=np.int64)
-            red = reduce_counts(np.asarray(cands["counts"].values).reshape(tmpl.size, k))
-            score = np.asarray(cands["log_score"].values, dtype=np.float64)
+            cands = best_candidates(lib, list(S), assignments=False)
+            tmpl = np.asarray(cands[TEMPLATE].values, dtype=np.int64)
+            red = reduce_counts(np.asarray(cands[COUNTS].values).reshape(tmpl.size, k))
+            score = np.asarray(cands[LOG_SCORE].values, dtype=np.float64)
             dt = time.perf_counter() - t0
             timing["candidates_s"] += dt
             if S in test2_sets:
@@ -1555,6 +1638,7 @@ def verdict(metrics: Mapping[str, Any]) -> dict[str, Any]:
     models = [m for m in metrics.get("models", []) if m != "model"]
     per: dict[str, Any] = {}
     losses: list[str] = []
+    ties: list[str] = []
     for section, path, label in VERDICT_METRICS:
         value = _lookup(metrics, section, path, "model")
         base = {m: _lookup(metrics, section, path, m) for m in models}
@@ -1567,11 +1651,14 @@ def verdict(metrics: Mapping[str, Any]) -> dict[str, Any]:
         per[label] = {"model": value, "best_baseline": best, "baseline": base[best], "beats": beats}
         if not beats:
             losses.append(label)
+            if value == base[best]:
+                ties.append(label)
     defined = [v for v in per.values() if v["beats"] is not None]
     return {
         "per_metric": per,
         "beats_every_baseline": bool(defined) and not losses,
         "not_beaten": losses,
+        "tied_with_a_baseline": ties,
     }
 
 
@@ -1703,7 +1790,12 @@ def write_report(report: EvaluationReport, out_dir: str | os.PathLike[str]) -> d
     metrics_path = out / "metrics.json"
     arrays_path = out / "arrays.zarr"
     metrics_path.write_text(json.dumps(_jsonable(report.metrics), indent=2, allow_nan=True) + "\n")
-    report.arrays.to_zarr(arrays_path, mode="w", zarr_format=3, consolidated=False)
+    arrays = report.arrays.copy()
+    # variable-length strings: fixed-width unicode has no stable zarr v3 spec
+    for name in list(arrays.variables):
+        if arrays[name].dtype.kind == "U":
+            arrays[name] = arrays[name].astype(object)
+    arrays.to_zarr(arrays_path, mode="w", zarr_format=3, consolidated=False)
     return {"metrics": metrics_path, "arrays": arrays_path}
 
 

@@ -378,3 +378,209 @@ def test_test1_equals_brute_force_on_random_templates() -> None:
 def test_test1_rejects_candidates_without_own_template() -> None:
     with pytest.raises(AfpxError, match="cannot yield its own composition"):
         true_candidate_rank(0, 0.0, np.array([1]), np.array([0.0]), lambda t: (None, None, None))
+
+
+# -- the whole run on hand-made cubes --------------------------------------------------
+
+NA, CL, MG, OX = 11, 17, 12, 8
+
+
+def _handmade_cube(true_site_likelihood: tuple[tuple[float, float], tuple[float, float]]):
+    """NaCl (test) and MgO (train), two sites of multiplicity 4 each.
+
+    ``true_site_likelihood[i] = (L(Na), L(Cl))`` on site i of NaCl, whose
+    true assignment is Na on site 0 and Cl on site 1. MgO's sites give 0.5 to
+    Na and Cl, so its NaCl candidates score 0.25 either way.
+    """
+    import xarray as xr
+
+    z = np.array([NA, CL, MG, OX], dtype=np.int16)
+    lk = np.full((4, schema.N_ELEMENTS), 0.01, dtype=np.float32)
+    for i in range(2):
+        lk[i, NA - 1], lk[i, CL - 1] = true_site_likelihood[i]
+    lk[2:, NA - 1] = lk[2:, CL - 1] = 0.5
+    lk[2, MG - 1] = lk[3, OX - 1] = 0.9
+    site = schema.SITE
+    st = schema.STRUCTURE
+    return xr.Dataset(
+        {
+            schema.Z: ((site,), z),
+            schema.MULTIPLICITY: ((site,), np.array([4, 4, 4, 4], dtype=np.int32)),
+            schema.STRUCTURE_INDEX: ((site,), np.array([0, 0, 1, 1], dtype=np.int64)),
+            schema.DRAW: ((site,), np.zeros(4, dtype=np.int16)),
+            schema.COORDINATION: ((site,), np.full(4, 6, dtype=np.int16)),
+            schema.LIKELIHOOD: ((site, schema.ELEMENT), lk),
+            schema.SOFTMAX_PRED: ((site,), np.array([NA, NA, MG, OX], dtype=np.int16)),
+            schema.STRUCTURE_ID: ((st,), np.array(["nacl", "mgo"], dtype=object)),
+            schema.FORMULA: ((st,), np.array(["NaCl", "MgO"], dtype=object)),
+            schema.SOURCE: ((st,), np.array(["hand", "hand"], dtype=object)),
+            schema.SPACEGROUP: ((st,), np.array([225, 225], dtype=np.int16)),
+            schema.SPLIT: ((st,), np.array(["test", "train"], dtype=object)),
+        }
+    )
+
+
+FAST = EvaluateParams(baselines=("constant", "frequency"), case_study=(("Na", "Cl"),))
+
+
+@pytest.mark.parametrize(
+    ("site_likelihood", "ranks"),
+    [
+        (((0.9, 0.1), (0.1, 0.9)), (1.0, 1.0, 1.0)),  # true assignment best
+        (((0.1, 0.9), (0.9, 0.1)), (4.0, 4.0, 4.0)),  # worst of NaCl/ClNa x 2 templates
+        (((0.5, 0.5), (0.5, 0.5)), (2.5, 1.0, 4.0)),  # all four candidates tie
+    ],
+)
+def test_evaluate_test1_best_worst_tied(site_likelihood, ranks) -> None:
+    from afpx.evaluate import evaluate
+
+    report = evaluate(_handmade_cube(site_likelihood), params=FAST)
+    a = report.arrays.sel(model="model")
+    got = tuple(
+        float(a[f"test1_{v}"].item()) for v in ("rank", "rank_optimistic", "rank_pessimistic")
+    )
+    assert got == ranks
+    assert float(report.arrays["test1_n_candidates"].item()) == 4.0  # 2 templates x 2 assignments
+    m = report.metrics
+    assert m["test1"]["model"]["n_structures"] == 1
+    assert m["test1"]["model"]["top1"] == float(ranks[0] <= 1)
+    assert m["test1"]["model"]["candidates_per_structure"]["total"] == 4.0
+    # the constant baseline ties everything: mid-rank 2.5
+    assert float(report.arrays.sel(model="constant")["test1_rank"].item()) == 2.5
+
+
+def test_evaluate_test2_and_case_study_on_handmade_cube() -> None:
+    from afpx.evaluate import evaluate
+
+    report = evaluate(_handmade_cube(((0.9, 0.1), (0.1, 0.9))), params=FAST)
+    m = report.metrics
+    binary = m["test2"]["all_templates"]["model"]["binary"]
+    # Na-Cl generates only NaCl: Q = N = 1, so the OS is undefined, the first rank is 1
+    assert binary["n_sets"] == 1 and binary["n_os_undefined"] == 1 and binary["hit@1"] == 1.0
+    # without the own formula, only MgO's template yields NaCl
+    leak = m["test2"]["no_own_formula"]["model"]["binary"]
+    assert leak["n_known_missing"] == 0 and leak["n_candidates"] == 1
+    top = m["case_study"]["Na-Cl"]["model"]["top"]
+    assert top[0]["formula"] == "NaCl" and top[0]["known"] and top[0]["template"] == "nacl"
+    assert m["softmax"]["test"]["n_sites"] == 2
+    assert m["softmax"]["test"]["error_rate"] == pytest.approx(0.5)  # Cl predicted as Na
+    assert m["softmax"]["train"]["error_rate"] == 0.0
+    assert int(report.arrays["confusion"].sel(split="test").sum()) == 2
+    assert "verdict" in m and "model" in report.table()
+
+
+def test_evaluate_refuses_cubes_without_likelihoods_or_splits() -> None:
+    from afpx.evaluate import evaluate
+
+    ds = _handmade_cube(((0.9, 0.1), (0.1, 0.9)))
+    with pytest.raises(AfpxError, match="afpx likelihood"):
+        evaluate(ds.drop_vars(schema.LIKELIHOOD), params=FAST)
+    with pytest.raises(AfpxError, match="split"):
+        evaluate(ds.drop_vars(schema.SPLIT), params=FAST)
+    ds[schema.LIKELIHOOD].attrs["complete"] = False
+    with pytest.raises(AfpxError, match="not completely written"):
+        evaluate(ds, params=FAST)
+    ds[schema.LIKELIHOOD].attrs["complete"] = True
+    with pytest.raises(AfpxError, match="no structure of the cube is in the 'holdout'"):
+        evaluate(ds, params=EvaluateParams(split="holdout", baselines=()))
+    with pytest.raises(AfpxError, match="unknown element symbol"):
+        evaluate(ds, params=EvaluateParams(case_study=(("Xx",),), baselines=()))
+    with pytest.raises(AfpxError, match="coordination baseline needs"):
+        evaluate(
+            ds.drop_vars(schema.COORDINATION), params=EvaluateParams(baselines=("coordination",))
+        )
+
+
+def test_verdict_reports_a_model_that_does_not_beat_every_baseline() -> None:
+    from afpx.evaluate import verdict
+
+    metrics = {
+        "models": ["model", "constant", "random"],
+        "test1": {
+            "model": {"top1": 0.3, "top10": 0.5},
+            "constant": {"top1": 0.1, "top10": 0.5},
+            "random": {"top1": 0.4, "top10": 0.2},
+        },
+        "test2": {},
+    }
+    v = verdict(metrics)
+    assert not v["beats_every_baseline"]
+    assert v["not_beaten"] == ["Test 1 top-1", "Test 1 top-10"]
+    assert v["tied_with_a_baseline"] == ["Test 1 top-10"]
+    assert v["per_metric"]["Test 1 top-1"]["best_baseline"] == "random"
+    metrics["test1"]["model"] = {"top1": 0.9, "top10": 0.9}
+    assert verdict(metrics)["beats_every_baseline"]
+
+
+# -- the command line ------------------------------------------------------------------
+
+
+def _synthetic_with_likelihood(tmp_path):
+    import xarray as xr
+    from _cube_helpers import make_synthetic_cube
+
+    path = make_synthetic_cube(tmp_path / "cube.zarr", n_structures=24, seed=3)
+    ds = xr.open_zarr(path, consolidated=False)
+    z = np.asarray(ds[schema.Z].values).astype(int)
+    rng = np.random.default_rng(0)
+    lk = (0.3 * rng.random((z.size, schema.N_ELEMENTS))).astype(np.float32)
+    lk[np.arange(z.size), z - 1] = 0.9
+    extra = xr.Dataset(
+        {
+            schema.LIKELIHOOD: ((schema.SITE, schema.ELEMENT), lk),
+            schema.SOFTMAX_PRED: ((schema.SITE,), z.astype(np.int16)),
+        }
+    )
+    extra.to_zarr(path, mode="a", zarr_format=3, consolidated=False)
+    _mark_complete(path)
+    return path
+
+
+def _mark_complete(path):
+    import zarr
+
+    from afpx.cube import COMPLETE_ATTR
+
+    zarr.open_group(path, mode="r+").attrs.update({COMPLETE_ATTR: True})
+
+
+def test_cli_evaluate_writes_report(tmp_path) -> None:
+    import json
+
+    import xarray as xr
+    from click.testing import CliRunner
+
+    from afpx.cli import main
+
+    cube = _synthetic_with_likelihood(tmp_path)
+    out = tmp_path / "report"
+    res = CliRunner().invoke(
+        main,
+        ["evaluate", str(cube), "-o", str(out), "--baselines", "constant,random", "--no-progress"],
+    )
+    assert res.exit_code == 0, res.output
+    assert "Test 1 top-1" in res.output and "constant" in res.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["models"] == ["model", "constant", "random"]
+    assert metrics["softmax"]["test"]["error_rate"] == 0.0
+    arrays = xr.open_zarr(out / "arrays.zarr", consolidated=False)
+    assert int(arrays["confusion"].sum()) == sum(
+        metrics["softmax"][s]["n_sites"] for s in schema.SPLITS
+    )
+
+
+def test_cli_evaluate_fails_clearly_without_likelihoods(tmp_path) -> None:
+    from _cube_helpers import make_synthetic_cube
+    from click.testing import CliRunner
+
+    from afpx.cli import main
+
+    cube = make_synthetic_cube(tmp_path / "bare.zarr", n_structures=6)
+    _mark_complete(cube)
+    res = CliRunner().invoke(main, ["evaluate", str(cube), "-o", str(tmp_path / "r")])
+    assert res.exit_code == 2
+    assert "afpx likelihood" in res.output
+    res = CliRunner().invoke(
+        main, ["evaluate", str(cube), "--case", ",", "-o", str(tmp_path / "r")]
+    )
+    assert res.exit_code == 2 and "--case expects" in res.output
