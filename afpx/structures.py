@@ -30,6 +30,7 @@ are ``duplicate`` rejections.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gzip
 import hashlib
@@ -366,14 +367,20 @@ def _site_table(
     import spglib
 
     cell = (np.asarray(lattice), np.asarray(frac_coords), np.asarray(numbers, dtype=np.intc))
-    dataset = spglib.get_symmetry_dataset(
-        cell,  # type: ignore[arg-type]  # spglib accepts arrays
-        symprec=symprec,
-        angle_tolerance=angle_tolerance,
-    )
+    with warnings.catch_warnings():
+        # spglib 2.x warns about its error-handling mode on every failure
+        warnings.simplefilter("ignore", DeprecationWarning)
+        dataset = spglib.get_symmetry_dataset(
+            cell,  # type: ignore[arg-type]  # spglib accepts arrays
+            symprec=symprec,
+            angle_tolerance=angle_tolerance,
+        )
     if dataset is None:
         raise AfpxError(f"spglib found no space group (symprec={symprec}, angle={angle_tolerance})")
-    equivalent = np.asarray(dataset.equivalent_atoms)
+    # crystallographic_orbits, not equivalent_atoms: the latter uses only the
+    # operations that map the given cell onto itself, so a 2x1x1 supercell of a
+    # cubic crystal would split one orbit into two
+    equivalent = np.asarray(dataset.crystallographic_orbits)
     index, multiplicity = np.unique(equivalent, return_counts=True)
     wyckoffs = np.asarray(dataset.wyckoffs)
     return SiteTable(
@@ -409,10 +416,13 @@ def unique_sites(
 
     Notes
     -----
-    spglib's ``equivalent_atoms`` maps every atom to the first atom of its
-    orbit; the representatives are the distinct values, the multiplicities
-    their counts. Multiplicities are counts in the given cell, so a 2x1x1
-    supercell doubles them while elements and Wyckoff letters stay the same.
+    spglib's ``crystallographic_orbits`` maps every atom to the first atom of
+    its orbit under the space group of the primitive cell; the representatives
+    are the distinct values, the multiplicities their counts. (Its
+    ``equivalent_atoms`` would use only the operations that map the given cell
+    onto itself, and split orbits of supercells.) Multiplicities are counts in
+    the given cell, so a 2x1x1 supercell doubles them while elements and
+    Wyckoff letters stay the same.
 
     Examples
     --------
@@ -1003,15 +1013,15 @@ def _read_json(path: Path) -> Iterator[_Record | Rejection]:
 _ASE_ID_KEYS: Final = ("name", "structure_id", "material_id")
 
 
-def _ase_rows(
-    path: Path, source: str, offset: int, limit: int | None
-) -> Iterator[_Record | _Tagged]:
-    """Records of an ASE database, rows ``offset .. offset + limit`` in id order."""
+def _ase_rows(path: Path, source: str, first: int, last: int) -> Iterator[_Record | _Tagged]:
+    """Records of the rows ``first <= id <= last`` of an ASE SQLite database, in id order."""
     import ase.db
 
     stem = path.stem
     db = ase.db.connect(str(path), type="db")
-    for row in db.select(sort="id", offset=offset, limit=limit, include_data=False):
+    # a range of the integer primary key: no sort, no temporary copy of the table
+    rows = db.select(f"id>={first},id<={last}", include_data=False)
+    for row in sorted(rows, key=lambda row: int(row.id)):
         block = str(row.id)
         kvp = dict(row.key_value_pairs)
         structure_id = next(
@@ -1062,17 +1072,15 @@ class _Tagged:
 
 @dataclass(frozen=True)
 class _Task:
-    """One unit of reading: a file, or a slice of an ASE database (internal)."""
+    """One unit of reading: a file, or a range of rows of an ASE database (internal)."""
 
-    kind: str  # "cif", "json" or "ase"
+    kind: str  # "cif", "json", "ase", "ase-empty" or "ase-error"
     path: str
     source: str
-    offset: int = 0
-    limit: int | None = None
-
-    @property
-    def weight(self) -> int:
-        return self.limit if self.kind == "ase" and self.limit else 1
+    first: int = 0  # ASE row ids first..last
+    last: int = 0
+    n: int = 1  # records expected, for the progress bar
+    message: str = ""  # why an "ase-error" task's database cannot be read
 
 
 def _kind_of(path: Path) -> str:
@@ -1089,13 +1097,17 @@ def _is_input_file(path: Path) -> bool:
     return not name.startswith(".") and name.endswith(CIF_SUFFIXES + JSON_SUFFIXES + ASE_SUFFIXES)
 
 
-def _ase_count(path: Path) -> int:
-    import ase.db
+def _ase_ids(path: Path) -> np.ndarray:
+    """Row ids of an ASE SQLite database, sorted; raises if it is not one."""
+    import sqlite3
 
-    try:
-        return int(ase.db.connect(str(path), type="db").count())
-    except Exception:
-        return 0
+    # read-only: never create or migrate a file the user handed in
+    with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as connection:
+        try:
+            ids = connection.execute("SELECT id FROM systems ORDER BY id").fetchall()
+        except sqlite3.DatabaseError as exc:
+            raise ValueError(f"not an ASE SQLite database ({exc})") from exc
+    return np.asarray([i for (i,) in ids], dtype=np.int64)
 
 
 def _tasks_for(item: str | os.PathLike[str]) -> list[_Task]:
@@ -1126,13 +1138,15 @@ def _file_tasks(path: Path) -> list[_Task]:
 
 
 def _ase_tasks(path: Path, *, source: str) -> list[_Task]:
-    n_rows = _ase_count(path)
-    if n_rows == 0:
-        # let the reader report the empty / unreadable database
-        return [_Task("ase", str(path), source, 0, None)]
+    try:
+        ids = _ase_ids(path)
+    except Exception as exc:
+        return [_Task("ase-error", str(path), source, message=_describe(exc))]
+    if ids.size == 0:
+        return [_Task("ase-empty", str(path), source)]
     return [
-        _Task("ase", str(path), source, offset, min(_ROWS_PER_TASK, n_rows - offset))
-        for offset in range(0, n_rows, _ROWS_PER_TASK)
+        _Task("ase", str(path), source, int(chunk[0]), int(chunk[-1]), int(chunk.size))
+        for chunk in np.array_split(ids, -(-ids.size // _ROWS_PER_TASK))
     ]
 
 
@@ -1141,6 +1155,12 @@ def _run_task(task: _Task, params: FilterParams) -> list[_Outcome]:
     path = Path(task.path)
     if task.kind == "ase":
         reader: Iterator[Any] = _ase_rows_safe(path, task)
+    elif task.kind == "ase-error":
+        reader = iter([Rejection(task.path, task.source, None, "parse_error", task.message)])
+    elif task.kind == "ase-empty":
+        reader = iter(
+            [Rejection(task.path, task.source, None, "no_atoms", "the database has no rows")]
+        )
     elif task.kind == "json":
         reader = _read_json(path)
     else:
@@ -1158,14 +1178,15 @@ def _run_task(task: _Task, params: FilterParams) -> list[_Outcome]:
                     result = _analyse(item, params)
                 except Exception as exc:  # a bug, but one record must not stop the run
                     logger.exception("analysis of %s failed", item.id)
-                    result = Rejection(item.id, item.source, item.block, "symmetry", _describe(exc))
+                    message = f"could not be analysed: {_describe(exc)}"
+                    result = Rejection(item.id, item.source, item.block, "parse_error", message)
             outcomes.append((result, item.digest))
     return outcomes
 
 
 def _ase_rows_safe(path: Path, task: _Task) -> Iterator[_Record | Rejection | _Tagged]:
     try:
-        yield from _ase_rows(path, task.source, task.offset, task.limit)
+        yield from _ase_rows(path, task.source, task.first, task.last)
     except Exception as exc:
         yield Rejection(str(path), task.source, None, "parse_error", _describe(exc))
 
@@ -1181,7 +1202,7 @@ def _chunks(tasks: list[_Task]) -> list[list[_Task]]:
     chunks: list[list[_Task]] = []
     current: list[_Task] = []
     for task in tasks:
-        if task.kind == "ase":
+        if task.kind.startswith("ase"):
             if current:
                 chunks.append(current)
                 current = []
@@ -1257,7 +1278,7 @@ def read_structures(
     seen: dict[tuple[str, str], str] = {}  # (source, digest) -> id of the first record
     ids: dict[tuple[str, str], str] = {}  # (source, id) -> digest of its first record
     n_read = 0
-    bar = _progress_bar(sum(t.weight for t in tasks), bool(progress))
+    bar = _progress_bar(sum(t.n for t in tasks), bool(progress))
     try:
         for chunk, outcomes in zip(chunks, _map_chunks(chunks, params, workers), strict=True):
             for result, digest in outcomes:
@@ -1268,7 +1289,7 @@ def read_structures(
                     rejections.append(result)
                 else:
                     structures.append(result)
-            bar.update(sum(t.weight for t in chunk))
+            bar.update(sum(t.n for t in chunk))
     finally:
         bar.close()
     return ReadResult(structures, rejections, n_read, params)
