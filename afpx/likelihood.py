@@ -1,0 +1,375 @@
+"""Site likelihoods: the trained network over every site of a cube, written back.
+
+:func:`predict` runs the sigmoid classifier over every site of a cube, one
+block of sites at a time (memory bounded by ``block_sites``), and writes into
+the cube's store, next to ``afp`` (which it never touches):
+
+``likelihood`` (site, element) float32
+    sigmoid output of the network for Z = 1..118 on each site, in [0, 1].
+``likelihood_mean`` (site, element) float32, only when the cube has draws > 1
+    for each site, the mean of ``likelihood`` over all draws of its unique
+    site (identical for every draw of one unique site). Ranking uses it when
+    present, else ``likelihood``, on the sites with ``draw == 0``
+    (:func:`site_likelihood`).
+``softmax_pred`` (site) int16
+    atomic number predicted by the auxiliary softmax classifier (evaluation).
+
+Each variable's attributes identify the model (path, SHA-256 of its weights,
+preset, configuration) and say whether the write completed.
+
+:func:`score_afp` scores fingerprints held in memory, and
+:func:`score_structures` scores the unique sites of pymatgen structures.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from afpx import AfpxError, schema
+
+if TYPE_CHECKING:
+    import xarray as xr
+
+    from afpx.train import TrainedModel
+
+log = logging.getLogger(__name__)
+
+#: The command that creates the likelihoods, for error messages.
+FIX = "run `afpx likelihood CUBE --model MODEL` first"
+
+
+def _load(model: str | os.PathLike[str] | TrainedModel, device: str) -> TrainedModel:
+    from afpx.train import TrainedModel, load_model
+
+    if isinstance(model, TrainedModel):
+        return model
+    return load_model(model, device=device)
+
+
+def score_afp(
+    model: str | os.PathLike[str] | TrainedModel,
+    afp: np.ndarray,
+    r0: np.ndarray,
+    dmin_ratio: np.ndarray,
+    *,
+    batch_size: int = 2048,
+    device: str = "cpu",
+) -> tuple[np.ndarray, np.ndarray]:
+    """Site likelihoods and softmax predictions of fingerprints in memory.
+
+    Parameters
+    ----------
+    model : path or TrainedModel
+        A model folder written by :func:`afpx.train.train`, or a loaded model.
+    afp : ndarray of shape (n, 12, 256)
+    r0, dmin_ratio : ndarray of shape (n,)
+    batch_size : int
+        Sites per forward pass.
+    device : {"cpu", "cuda"}
+
+    Returns
+    -------
+    likelihood : ndarray of shape (n, 118) float32
+        Sigmoid output for Z = 1..118, in [0, 1].
+    softmax_pred : ndarray of shape (n,) int16
+        Atomic number predicted by the auxiliary softmax classifier.
+    """
+    import torch
+
+    m = _load(model, device)
+    afp = np.asarray(afp, dtype=np.float32)
+    if afp.ndim != 3 or afp.shape[1:] != (m.config.n_perspectives, m.config.n_bins):
+        raise AfpxError(
+            f"afp has shape {afp.shape}, expected (n, {m.config.n_perspectives}, {m.config.n_bins})"
+        )
+    r0 = np.asarray(r0, dtype=np.float32).reshape(-1)
+    dmin_ratio = np.asarray(dmin_ratio, dtype=np.float32).reshape(-1)
+    if not len(r0) == len(dmin_ratio) == len(afp):
+        raise AfpxError(
+            f"afp, r0 and dmin_ratio have {len(afp)}, {len(r0)}, {len(dmin_ratio)} sites"
+        )
+    dev = next(m.net.parameters()).device
+    m.net.eval()
+    lik = np.empty((len(afp), m.config.n_elements), np.float32)
+    pred = np.empty(len(afp), np.int16)
+    with torch.no_grad():
+        for a in range(0, len(afp), batch_size):
+            b = a + batch_size
+            out = m.net(
+                torch.from_numpy(afp[a:b]).to(dev),
+                torch.from_numpy(r0[a:b]).to(dev),
+                torch.from_numpy(dmin_ratio[a:b]).to(dev),
+            )
+            lik[a:b] = torch.sigmoid(out.sigmoid_logits).cpu().numpy()
+            pred[a:b] = (out.softmax_logits.argmax(1) + 1).cpu().numpy().astype(np.int16)
+    return lik, pred
+
+
+def _block_ends(draw: np.ndarray, block_sites: int) -> list[tuple[int, int]]:
+    """Blocks of about ``block_sites`` sites that never split the draws of a unique site."""
+    n = len(draw)
+    starts = np.flatnonzero(draw == 0)
+    if len(starts) == 0 or starts[0] != 0:
+        starts = np.concatenate([[0], starts])
+    blocks, a = [], 0
+    while a < n:
+        target = a + block_sites
+        if target >= n:
+            b = n
+        else:
+            i = int(np.searchsorted(starts, target))
+            b = int(starts[i]) if i < len(starts) else n
+        blocks.append((a, b))
+        a = b
+    return blocks
+
+
+def draw_means(values: np.ndarray, draw: np.ndarray) -> np.ndarray:
+    """Mean of ``values`` over the consecutive draws of each unique site.
+
+    Parameters
+    ----------
+    values : ndarray of shape (n, k)
+    draw : ndarray of shape (n,)
+        Draw index of each site; a new unique site starts where ``draw == 0``.
+
+    Returns
+    -------
+    ndarray of shape (n, k)
+        For every site, the mean over its unique site's draws.
+    """
+    group = np.cumsum(draw == 0) - 1
+    if len(group) and group[0] < 0:
+        group = group - group[0]
+    n_groups = int(group.max()) + 1 if len(group) else 0
+    sums = np.zeros((n_groups, values.shape[1]), np.float64)
+    np.add.at(sums, group, values)
+    counts = np.bincount(group, minlength=n_groups)[:, None]
+    return (sums / counts)[group].astype(values.dtype)
+
+
+def _store_is_consolidated(path: str) -> bool:
+    import zarr
+
+    try:
+        g = zarr.open_group(path, mode="r")
+        meta = getattr(g, "metadata", None)
+        return getattr(meta, "consolidated_metadata", None) is not None
+    except Exception:  # pragma: no cover - v2 stores
+        return False
+
+
+def predict(
+    cube: str | os.PathLike[str],
+    model: str | os.PathLike[str] | TrainedModel,
+    *,
+    block_sites: int = 8192,
+    batch_size: int = 2048,
+    device: str = "cpu",
+    progress: bool | None = None,
+) -> xr.Dataset:
+    """Write ``likelihood``, ``softmax_pred`` (and ``likelihood_mean``) into a cube.
+
+    Parameters
+    ----------
+    cube : str or PathLike
+        The cube's zarr store; written in place (``afp`` is not touched).
+    model : path or TrainedModel
+        The trained model. Its fingerprint parameters must equal the cube's.
+    block_sites : int
+        Sites read and scored at a time (bounds the memory).
+    batch_size : int
+        Sites per forward pass.
+    device : {"cpu", "cuda"}
+    progress : bool, optional
+        Progress bar (default: only on a terminal).
+
+    Returns
+    -------
+    xarray.Dataset
+        The cube, reopened lazily, with the new variables.
+    """
+    import dask.array as da
+    import xarray as xr
+    import zarr
+    from tqdm.auto import tqdm
+
+    from afpx.train import check_fingerprint, open_store
+
+    path = str(cube)
+    m = _load(model, device)
+    g = open_store(path)
+    missing = [n for n in (schema.AFP, schema.R0, schema.DMIN_RATIO) if n not in g]
+    if missing:
+        raise AfpxError(
+            f"site likelihoods need {', '.join(missing)}, which the cube {path!r} lacks; "
+            "build it with `afpx build-cube`"
+        )
+    attrs = dict(g.attrs)
+    check_fingerprint(m.fingerprint, dict(attrs.get("fingerprint", {})), cube=repr(path))
+    afp_arr = g[schema.AFP]
+    n = int(afp_arr.shape[0])
+    chunk = int(afp_arr.chunks[0])
+    draw = np.asarray(g[schema.DRAW][:]) if schema.DRAW in g else np.zeros(n, np.int16)
+    with_mean = bool(len(draw) and int(draw.max()) > 0)
+    r0_all = np.asarray(g[schema.R0][:], dtype=np.float32)
+    dmin_all = np.asarray(g[schema.DMIN_RATIO][:], dtype=np.float32)
+
+    # 1. create the variables (metadata only; root attributes kept as they are)
+    identity = m.identity()
+    n_el = m.config.n_elements
+    lik_attrs = {
+        **identity,
+        "complete": False,
+        "long_name": "site likelihood (sigmoid output) of elements Z = 1..118",
+        "used_for_ranking": not with_mean,
+    }
+    data_vars: dict[str, Any] = {
+        schema.LIKELIHOOD: (
+            (schema.SITE, schema.ELEMENT),
+            da.zeros((n, n_el), chunks=(chunk, n_el), dtype=np.float32),
+            lik_attrs,
+        ),
+        schema.SOFTMAX_PRED: (
+            (schema.SITE,),
+            da.zeros(n, chunks=chunk, dtype=np.int16),
+            {**identity, "complete": False, "long_name": "Z predicted by the softmax classifier"},
+        ),
+    }
+    if with_mean:
+        data_vars[schema.LIKELIHOOD_MEAN] = (
+            (schema.SITE, schema.ELEMENT),
+            da.zeros((n, n_el), chunks=(chunk, n_el), dtype=np.float32),
+            {
+                **identity,
+                "complete": False,
+                "long_name": "likelihood averaged over the draws of each unique site",
+                "used_for_ranking": True,
+            },
+        )
+    template = xr.Dataset(data_vars, coords=schema.element_coords(), attrs=attrs)
+    consolidated = _store_is_consolidated(path)
+    template.to_zarr(path, mode="a", compute=False, consolidated=consolidated)
+
+    # 2. fill them block by block (never splitting the draws of a unique site)
+    gw = zarr.open_group(path, mode="r+")
+    lik_arr: Any = gw[schema.LIKELIHOOD]
+    pred_arr: Any = gw[schema.SOFTMAX_PRED]
+    mean_arr: Any = gw[schema.LIKELIHOOD_MEAN] if with_mean else None
+    if progress is None:
+        progress = sys.stderr.isatty()
+    blocks = _block_ends(draw, max(block_sites, 1))
+    for a, b in tqdm(blocks, disable=not progress, desc="likelihood", leave=False):
+        afp = np.asarray(afp_arr[a:b], dtype=np.float32)
+        lik, pred = score_afp(m, afp, r0_all[a:b], dmin_all[a:b], batch_size=batch_size)
+        lik_arr[a:b] = lik
+        pred_arr[a:b] = pred
+        if mean_arr is not None:
+            mean_arr[a:b] = draw_means(lik, draw[a:b])
+    for arr in (lik_arr, pred_arr, mean_arr):
+        if arr is not None:
+            arr.attrs.update({"complete": True})
+    if consolidated:
+        zarr.consolidate_metadata(path)
+    return _open(path)
+
+
+def _open(path: str) -> xr.Dataset:
+    """Open a cube lazily: afpx.cube.open_cube when available, else xarray.open_zarr."""
+    try:
+        from afpx.cube import open_cube
+    except ImportError:  # the cube module is optional here
+        import xarray as xr
+
+        return xr.open_zarr(path, consolidated=None if _store_is_consolidated(path) else False)
+    return open_cube(path)
+
+
+def require_likelihood(ds: xr.Dataset, *, what: str = "ranking") -> None:
+    """Raise :class:`AfpxError` naming ``afpx likelihood`` when a cube lacks likelihoods.
+
+    Also refuses likelihoods whose write did not complete (``complete`` attribute false).
+    """
+    schema.require_variables(ds, [schema.LIKELIHOOD], what=what, fix=FIX)
+    for name in (schema.LIKELIHOOD, schema.LIKELIHOOD_MEAN):
+        if name in ds.variables and ds[name].attrs.get("complete", True) in (False, 0, "false"):
+            raise AfpxError(f"`{name}` in the cube was not completely written; {FIX}")
+
+
+def site_likelihood(ds: xr.Dataset) -> xr.DataArray:
+    """The (site, element) likelihoods that ranking uses, on the sites with draw 0.
+
+    ``likelihood_mean`` when present, else ``likelihood``; the result is lazy.
+    """
+    require_likelihood(ds)
+    name = schema.LIKELIHOOD_MEAN if schema.LIKELIHOOD_MEAN in ds.variables else schema.LIKELIHOOD
+    da = ds[name]
+    if schema.DRAW in ds.variables:
+        first = np.flatnonzero(np.asarray(ds[schema.DRAW].values) == 0)
+        da = da.isel({schema.SITE: first})
+    return da
+
+
+def score_structures(
+    structures: Sequence[Any],
+    model: str | os.PathLike[str] | TrainedModel,
+    *,
+    params: Any = None,
+    seed: int = 0,
+    device: str = "cpu",
+) -> xr.Dataset:
+    """Site likelihoods of the unique sites of pymatgen structures.
+
+    Parameters
+    ----------
+    structures : sequence of pymatgen Structure
+    model : path or TrainedModel
+    params : afpx.cube.FingerprintParams, optional
+        Fingerprint parameters; by default the model's (they must match it).
+    seed : int
+        Seed of the random rotation and jitter of the fingerprints.
+    device : {"cpu", "cuda"}
+
+    Returns
+    -------
+    xarray.Dataset
+        Along ``site`` (unique sites, structure by structure): ``likelihood``
+        (site, element), ``softmax_pred``, ``z``, ``multiplicity``,
+        ``structure``; ``element`` and ``symbol`` coordinates.
+    """
+    import xarray as xr
+
+    from afpx.train import check_fingerprint
+
+    m = _load(model, device)
+    try:
+        from afpx.cube import FingerprintParams, fingerprint_structures
+    except ImportError as exc:
+        raise AfpxError(
+            "scoring structures needs afpx.cube.fingerprint_structures, which this "
+            "installation lacks"
+        ) from exc
+    if params is None:
+        params = FingerprintParams(**m.fingerprint) if m.fingerprint else FingerprintParams()
+    check_fingerprint(m.fingerprint, params.to_attrs(), cube="the requested fingerprints")
+    fp = fingerprint_structures(list(structures), params=params, seed=seed)
+    lik, pred = score_afp(
+        m, np.asarray(fp[schema.AFP]), np.asarray(fp[schema.R0]), np.asarray(fp[schema.DMIN_RATIO])
+    )
+    out = xr.Dataset(
+        {
+            schema.LIKELIHOOD: ((schema.SITE, schema.ELEMENT), lik, m.identity()),
+            schema.SOFTMAX_PRED: ((schema.SITE,), pred),
+        },
+        coords=schema.element_coords(),
+    )
+    for name in (schema.Z, schema.MULTIPLICITY, schema.STRUCTURE_INDEX):
+        if name in fp:
+            out[name] = ((schema.SITE,), np.asarray(fp[name]))
+    return out

@@ -1,0 +1,494 @@
+"""The network of Ryan, Lengyel & Shatruk (2018), as torch modules.
+
+A convolutional variational autoencoder (VAE) turns the 12 × 256 atomic
+fingerprint (AFP; the 12 perspectives are the channels of a 1-D convolution
+along the radial bins) into a 64-d latent. A sigmoid classifier reads the
+latent and ``dmin_ratio`` and gives, for each of the 118 elements, the
+likelihood that the element sits on the site. An auxiliary softmax classifier
+reads the sigmoid outputs and ``r0`` and predicts one element; it helps
+training and gives an error rate, and is not used for prediction.
+
+Everything is built from one frozen :class:`ModelConfig`, saved with the
+weights (see :mod:`afpx.train`). This module holds torch modules and their
+loss terms only: no I/O, no xarray, no zarr.
+
+What counts as a layer
+----------------------
+:func:`count_layers` counts the modules that carry a weight matrix or kernel
+and map their input to a new output: ``Conv1d``, ``ConvTranspose1d`` and
+``Linear``. Activations, dropout, batch normalisation, reshapes and the
+learned input standardisation are not layers in this count. The ``paper``
+preset's VAE has 42 layers: an encoder of 20 convolutions and one linear head
+(giving the mean and log-variance of the latent together), and a decoder of
+one linear layer and 20 (transposed) convolutions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from afpx import AfpxError
+from afpx.schema import N_BINS, N_ELEMENTS, N_PERSPECTIVES
+
+PRESETS = ("paper", "small")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of the network; defaults are the ``paper`` preset.
+
+    Parameters
+    ----------
+    preset : str
+        Name of the preset this configuration came from (informational).
+    n_perspectives, n_bins : int
+        Shape of one AFP (channels, length).
+    latent_dim : int
+        Size of the VAE latent (paper: 64).
+    encoder_channels : tuple of int
+        Output channels of each encoder stage; every stage halves the length
+        (its last convolution has ``stride`` 2), so
+        ``n_bins / 2**len(encoder_channels)`` bins remain before the linear head.
+    convs_per_stage : int
+        Convolutions in each encoder (and decoder) stage.
+    kernel_size : int
+        Kernel of the stride-1 convolutions (odd).
+    first_stride : int
+        Stride of the very first encoder convolution and of the last decoder
+        up-sampling (1 for the paper preset; 2 or 4 makes a cheap first layer).
+    classifier_hidden : int
+        Width of the hidden layers of both classifiers.
+    classifier_layers : int
+        Linear layers in each classifier, output layer included (paper: 5).
+    dropout : float
+        Dropout probability between hidden layers (paper: 0.05).
+    n_elements : int
+        Number of output classes (elements Z = 1..118).
+    """
+
+    preset: str = "paper"
+    n_perspectives: int = N_PERSPECTIVES
+    n_bins: int = N_BINS
+    latent_dim: int = 64
+    encoder_channels: tuple[int, ...] = (32, 64, 128, 128, 256)
+    convs_per_stage: int = 4
+    kernel_size: int = 3
+    first_stride: int = 1
+    classifier_hidden: int = 256
+    classifier_layers: int = 5
+    dropout: float = 0.05
+    n_elements: int = N_ELEMENTS
+
+    def __post_init__(self) -> None:
+        if self.kernel_size % 2 != 1:
+            raise AfpxError(f"kernel_size must be odd, got {self.kernel_size}")
+        if self.convs_per_stage < 1 or self.classifier_layers < 1 or not self.encoder_channels:
+            raise AfpxError("convs_per_stage, classifier_layers and encoder_channels must be >= 1")
+        if self.n_bins % self.reduction() != 0:
+            raise AfpxError(
+                f"n_bins={self.n_bins} is not divisible by the encoder's reduction "
+                f"{self.reduction()} (2**stages x first_stride)"
+            )
+        if self.first_stride < 1 or (self.first_stride > 1 and self.first_stride % 2):
+            raise AfpxError(f"first_stride must be 1 or even, got {self.first_stride}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise AfpxError(f"dropout must be in [0, 1), got {self.dropout}")
+
+    def reduction(self) -> int:
+        """Factor by which the encoder shortens the bin axis."""
+        return int(2 ** len(self.encoder_channels) * self.first_stride)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able dict of every field."""
+        d = asdict(self)
+        d["encoder_channels"] = list(self.encoder_channels)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        """Inverse of :meth:`to_dict`; unknown keys raise :class:`AfpxError`."""
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise AfpxError(f"unknown model configuration keys: {', '.join(unknown)}")
+        d = dict(d)
+        if "encoder_channels" in d:
+            d["encoder_channels"] = tuple(d["encoder_channels"])
+        return cls(**d)
+
+    @classmethod
+    def preset_config(cls, name: str, **overrides: Any) -> ModelConfig:
+        """The configuration of a named preset, with optional overrides.
+
+        ``paper`` is the 42-layer VAE with five-layer classifiers; ``small`` is
+        a CPU-friendly network of the same shape (a 10-layer VAE with strided
+        convolutions, the same five-layer classifiers).
+        """
+        if name == "paper":
+            base = cls()
+        elif name == "small":
+            base = cls(
+                preset="small",
+                encoder_channels=(32, 64, 64),
+                convs_per_stage=1,
+                kernel_size=5,
+                first_stride=4,
+                classifier_hidden=256,
+            )
+        else:
+            raise AfpxError(f"unknown model preset {name!r}; choose one of {', '.join(PRESETS)}")
+        return cls.from_dict({**base.to_dict(), **overrides}) if overrides else base
+
+
+class Standardize(nn.Module):
+    """Learned per-dimension offset β and scale γ: ``(x - β) / γ`` and back.
+
+    β and γ are initialised from the mean and standard deviation of a sample
+    of training examples (:meth:`initialise`), kept as frozen buffers
+    ``ref_offset`` and ``ref_scale``, and learned in relative units::
+
+        β = ref_offset + ref_scale · shift        γ = ref_scale · exp(log_gain)
+
+    with the parameters ``shift`` and ``log_gain`` starting at 0, so that every
+    dimension learns at the same pace whatever its scale. Reconstruction errors
+    are measured in units of the frozen ``ref_scale``, so that learning γ cannot
+    shrink the reconstruction loss by itself.
+
+    Parameters
+    ----------
+    shape : tuple of int
+        Shape of one example (e.g. ``(12, 256)`` or ``(1,)``).
+    """
+
+    ref_offset: torch.Tensor
+    ref_scale: torch.Tensor
+
+    def __init__(self, shape: tuple[int, ...]) -> None:
+        super().__init__()
+        self.shift = nn.Parameter(torch.zeros(shape))
+        self.log_gain = nn.Parameter(torch.zeros(shape))
+        self.register_buffer("ref_offset", torch.zeros(shape))
+        self.register_buffer("ref_scale", torch.ones(shape))
+
+    @property
+    def offset(self) -> torch.Tensor:
+        """β, shape ``shape``."""
+        return self.ref_offset + self.ref_scale * self.shift
+
+    @property
+    def scale(self) -> torch.Tensor:
+        """γ, shape ``shape``."""
+        return self.ref_scale * torch.exp(self.log_gain)
+
+    @torch.no_grad()
+    def initialise(self, x: torch.Tensor, *, floor: float = 0.05) -> None:
+        """Set β, γ from examples ``x`` of shape (n, *shape).
+
+        Standard deviations below ``floor`` × their mean (bins that are empty in
+        almost every example) are raised to it, so no dimension is blown up.
+        """
+        x = x.double()
+        mean = x.mean(0)
+        std = x.std(0) if x.shape[0] > 1 else torch.ones_like(mean)
+        positive = std[std > 0]
+        typical = positive.mean() if positive.numel() else torch.tensor(1.0, dtype=std.dtype)
+        std = torch.clamp(std, min=float(floor * typical))
+        self.ref_offset.copy_(mean.float())
+        self.ref_scale.copy_(std.float())
+        self.shift.zero_()
+        self.log_gain.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.offset) / self.scale
+
+    def inverse(self, x: torch.Tensor) -> torch.Tensor:
+        """De-standardise: ``x γ + β``."""
+        return x * self.scale + self.offset
+
+    def reference_units(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` in units of the frozen initial standard deviation (for losses)."""
+        return x / self.ref_scale
+
+
+def _act(cfg: ModelConfig) -> list[nn.Module]:
+    """Activation (ELU) and dropout that follow every hidden layer."""
+    mods: list[nn.Module] = [nn.ELU()]
+    if cfg.dropout > 0:
+        mods.append(nn.Dropout(cfg.dropout))
+    return mods
+
+
+def _conv(c_in: int, c_out: int, *, kernel: int, stride: int) -> nn.Module:
+    """A length-preserving (stride 1) or length-dividing (stride s) convolution.
+
+    Stride 1 uses the odd ``kernel`` with same padding; stride s > 1 uses
+    kernel 2s and padding s/2, so that the output has exactly L/s bins.
+    """
+    if stride == 1:
+        return nn.Conv1d(c_in, c_out, kernel, padding=kernel // 2)
+    return nn.Conv1d(c_in, c_out, 2 * stride, stride=stride, padding=stride // 2)
+
+
+def _upconv(c_in: int, c_out: int, *, stride: int) -> nn.Module:
+    """Transposed convolution (kernel 2s, stride s) that multiplies the length by s."""
+    return nn.ConvTranspose1d(c_in, c_out, 2 * stride, stride=stride, padding=stride // 2)
+
+
+class Encoder(nn.Module):
+    """Convolutional encoder: AFP (n, 12, 256) → latent mean and log-variance (n, d).
+
+    Stage s has ``convs_per_stage`` convolutions to ``encoder_channels[s]``
+    channels; the last one of each stage has stride 2 (and the very first
+    convolution of the network a further ``first_stride``).
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        c_in = cfg.n_perspectives
+        for stage, c_out in enumerate(cfg.encoder_channels):
+            for i in range(cfg.convs_per_stage):
+                stride = (cfg.first_stride if stage == 0 and i == 0 else 1) * (
+                    2 if i == cfg.convs_per_stage - 1 else 1
+                )
+                layers += [_conv(c_in, c_out, kernel=cfg.kernel_size, stride=stride), *_act(cfg)]
+                c_in = c_out
+        self.convs = nn.Sequential(*layers)
+        self.length = cfg.n_bins // cfg.reduction()
+        self.head = nn.Linear(c_in * self.length, 2 * cfg.latent_dim)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.convs(x).flatten(1)
+        mu, logvar = self.head(h).chunk(2, dim=1)
+        # bounded so that exp(logvar) stays finite in float32
+        return mu, logvar.clamp(-30.0, 20.0)
+
+
+class Decoder(nn.Module):
+    """Mirror of :class:`Encoder`: latent (n, d) → standardised AFP (n, 12, 256).
+
+    A linear layer to the shortest feature map, then per stage one transposed
+    convolution that doubles the length (the last stage's also multiplies by
+    ``first_stride``) followed by ``convs_per_stage - 1`` convolutions. The
+    final layer maps to the 12 perspectives with no activation.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        channels = list(reversed(cfg.encoder_channels))
+        self.length = cfg.n_bins // cfg.reduction()
+        self.c0 = channels[0]
+        self.head = nn.Sequential(nn.Linear(cfg.latent_dim, self.c0 * self.length), *_act(cfg))
+        layers: list[nn.Module] = []
+        targets = [*channels[1:], channels[-1]]
+        c_in = self.c0
+        for stage, c_stage in enumerate(targets):
+            last_stage = stage == len(targets) - 1
+            for i in range(cfg.convs_per_stage):
+                final = last_stage and i == cfg.convs_per_stage - 1
+                c_out = cfg.n_perspectives if final else c_stage
+                if i == 0:
+                    stride = 2 * (cfg.first_stride if last_stage else 1)
+                    layer = _upconv(c_in, c_out, stride=stride)
+                else:
+                    layer = _conv(c_in, c_out, kernel=cfg.kernel_size, stride=1)
+                layers += [layer] if final else [layer, *_act(cfg)]
+                c_in = c_out
+        self.convs = nn.Sequential(*layers)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = self.head(z).view(z.shape[0], self.c0, self.length)
+        return self.convs(h)
+
+
+def _mlp(n_in: int, n_out: int, cfg: ModelConfig) -> nn.Sequential:
+    """``classifier_layers`` linear layers, ELU + dropout between them, none after the last."""
+    layers: list[nn.Module] = []
+    width = n_in
+    for _ in range(cfg.classifier_layers - 1):
+        layers += [nn.Linear(width, cfg.classifier_hidden), *_act(cfg)]
+        width = cfg.classifier_hidden
+    layers.append(nn.Linear(width, n_out))
+    return nn.Sequential(*layers)
+
+
+class ModelOutput(NamedTuple):
+    """Everything one forward pass gives (batch of n sites).
+
+    Attributes
+    ----------
+    reconstruction : Tensor of shape (n, 12, 256)
+        De-standardised reconstruction of the AFP (same units as the input).
+    mu, logvar : Tensor of shape (n, latent_dim)
+        Mean and log-variance of the latent distribution.
+    latent : Tensor of shape (n, latent_dim)
+        The latent fed to the classifier (a sample in training, ``mu`` in eval).
+    sigmoid_logits : Tensor of shape (n, 118)
+        Logits of the sigmoid classifier; ``sigmoid`` of them is the site likelihood.
+    softmax_logits : Tensor of shape (n, 118)
+        Logits of the auxiliary softmax classifier.
+    """
+
+    reconstruction: torch.Tensor
+    mu: torch.Tensor
+    logvar: torch.Tensor
+    latent: torch.Tensor
+    sigmoid_logits: torch.Tensor
+    softmax_logits: torch.Tensor
+
+
+class AFPNet(nn.Module):
+    """VAE + sigmoid classifier + auxiliary softmax classifier.
+
+    Parameters
+    ----------
+    config : ModelConfig
+        The architecture.
+
+    Notes
+    -----
+    Forward pass for a site with fingerprint ``x``, ``r0`` and ``dmin_ratio``::
+
+        x̃ = (x - β) / γ                       learned standardisation
+        μ, log σ² = encoder(x̃)
+        h = μ + σ ε  (training)   or  μ  (evaluation)
+        x̂ = decoder(h) γ + β                  de-standardised reconstruction
+        s = sigmoid_classifier([h, d̃min])     118 logits, likelihood = sigmoid(s)
+        t = softmax_classifier(BN([sigmoid(s), r̃0]))   118 logits
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.afp_norm = Standardize((config.n_perspectives, config.n_bins))
+        self.r0_norm = Standardize((1,))
+        self.dmin_norm = Standardize((1,))
+        self.encoder = Encoder(config)
+        self.decoder = Decoder(config)
+        self.sigmoid_classifier = _mlp(config.latent_dim + 1, config.n_elements, config)
+        self.softmax_norm = nn.BatchNorm1d(config.n_elements + 1)
+        self.softmax_classifier = _mlp(config.n_elements + 1, config.n_elements, config)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Xavier-uniform weights and zero biases for every layer."""
+        for m in self.modules():
+            if isinstance(m, nn.Conv1d | nn.ConvTranspose1d | nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    @torch.no_grad()
+    def initialise_standardisation(
+        self, afp: torch.Tensor, r0: torch.Tensor, dmin_ratio: torch.Tensor
+    ) -> None:
+        """Initialise β and γ from training examples.
+
+        Parameters
+        ----------
+        afp : Tensor of shape (n, 12, 256)
+        r0, dmin_ratio : Tensor of shape (n,)
+        """
+        self.afp_norm.initialise(afp)
+        self.r0_norm.initialise(r0.reshape(-1, 1))
+        self.dmin_norm.initialise(dmin_ratio.reshape(-1, 1))
+
+    def forward(self, afp: torch.Tensor, r0: torch.Tensor, dmin_ratio: torch.Tensor) -> ModelOutput:
+        """Run the network.
+
+        Parameters
+        ----------
+        afp : Tensor of shape (n, 12, 256)
+        r0, dmin_ratio : Tensor of shape (n,)
+
+        Returns
+        -------
+        ModelOutput
+        """
+        x = self.afp_norm(afp)
+        mu, logvar = self.encoder(x)
+        # reparameterised sample in training, the mean in evaluation
+        latent = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu) if self.training else mu
+        reconstruction = self.afp_norm.inverse(self.decoder(latent))
+        d = self.dmin_norm(dmin_ratio.reshape(-1, 1))
+        sigmoid_logits = self.sigmoid_classifier(torch.cat([latent, d], dim=1))
+        r = self.r0_norm(r0.reshape(-1, 1))
+        soft_in = self.softmax_norm(torch.cat([torch.sigmoid(sigmoid_logits), r], dim=1))
+        softmax_logits = self.softmax_classifier(soft_in)
+        return ModelOutput(reconstruction, mu, logvar, latent, sigmoid_logits, softmax_logits)
+
+    def loss_terms(
+        self, out: ModelOutput, afp: torch.Tensor, z: torch.Tensor, *, pos_weight: float = 118.0
+    ) -> dict[str, torch.Tensor]:
+        """The four loss terms, each a mean over the batch of a per-site sum.
+
+        Parameters
+        ----------
+        out : ModelOutput
+            The forward pass on this batch.
+        afp : Tensor of shape (n, 12, 256)
+            The input fingerprints.
+        z : Tensor of shape (n,), int
+            Atomic numbers 1..118 on the sites.
+        pos_weight : float
+            Weight of the positive class in the sigmoid cross-entropy (paper: 118).
+
+        Returns
+        -------
+        dict of str to scalar Tensor
+            ``reconstruction``: ½ Σ over (perspective, bin) of the squared error
+            in units of the initial per-bin standard deviation (a unit-variance
+            Gaussian log-likelihood up to a constant); ``kl``: KL divergence of
+            the latent from N(0, 1), summed over latent dimensions;
+            ``sigmoid_bce``: binary cross-entropy summed over the 118 outputs,
+            positive class weighted by ``pos_weight``; ``softmax_ce``: the
+            cross-entropy of the softmax classifier.
+        """
+        target = (z.long() - 1).clamp(0, self.config.n_elements - 1)
+        err = self.afp_norm.reference_units(out.reconstruction - afp)
+        reconstruction = 0.5 * err.pow(2).flatten(1).sum(1).mean()
+        kl = (-0.5 * (1 + out.logvar - out.mu.pow(2) - out.logvar.exp()).sum(1)).mean()
+        onehot = F.one_hot(target, self.config.n_elements).to(out.sigmoid_logits.dtype)
+        pw = torch.full((self.config.n_elements,), float(pos_weight), device=onehot.device)
+        bce = F.binary_cross_entropy_with_logits(
+            out.sigmoid_logits, onehot, pos_weight=pw, reduction="none"
+        )
+        sigmoid_bce = bce.sum(1).mean()
+        softmax_ce = F.cross_entropy(out.softmax_logits, target)
+        return {
+            "reconstruction": reconstruction,
+            "kl": kl,
+            "sigmoid_bce": sigmoid_bce,
+            "softmax_ce": softmax_ce,
+        }
+
+    def l2_penalty(self) -> torch.Tensor:
+        """Σ w² over the weights of every layer (biases, norms and β/γ excluded)."""
+        total = torch.zeros((), device=self.afp_norm.shift.device)
+        for m in self.modules():
+            if isinstance(m, nn.Conv1d | nn.ConvTranspose1d | nn.Linear):
+                total = total + m.weight.pow(2).sum()
+        return total
+
+
+def count_layers(module: nn.Module) -> int:
+    """Number of layers in ``module``: its ``Conv1d``, ``ConvTranspose1d`` and ``Linear`` modules.
+
+    See the module docstring for why these, and only these, are counted.
+    """
+    return sum(isinstance(m, nn.Conv1d | nn.ConvTranspose1d | nn.Linear) for m in module.modules())
+
+
+def vae_layers(net: AFPNet) -> int:
+    """Layers of the VAE (encoder + decoder) of ``net``."""
+    return count_layers(net.encoder) + count_layers(net.decoder)
+
+
+def n_parameters(module: nn.Module) -> int:
+    """Number of trainable parameters."""
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)

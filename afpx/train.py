@@ -1,0 +1,1054 @@
+"""Training: stream the cube from zarr into torch, schedules, checkpoints.
+
+The training examples are the sites of the ``train`` split of an AFP cube.
+:class:`AFPStream` reads whole zarr chunks of ``afp`` (never single rows,
+which are ~100× slower), in a shuffled chunk order each epoch, mixes a few
+chunks in a shuffle buffer and yields ready-made batches; DataLoader workers
+each take their share of the chunks. Element-balanced oversampling draws, for
+each epoch, how often every training site appears (a multinomial draw of as
+many examples as the training split has, with weights that equalise the
+elements), so the stream stays chunk-aligned.
+
+:func:`train` runs Adam with the paper's warm-up learning-rate and KL-weight
+schedules (every value a :class:`TrainConfig` field), logs every loss term for
+training and validation (the ``holdout`` split) per epoch, and writes a
+checkpoint folder::
+
+    MODEL/
+      model.pt       state_dict of the network (torch.load(weights_only=True))
+      state.pt       optimiser state, step and RNG state for --resume (weights_only too)
+      config.json    model and training configuration, the cube's fingerprint parameters
+      metrics.csv    one row per epoch: every loss term, train_* and val_*
+      metrics.json   the same rows as a JSON list
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import math
+import os
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from afpx import AfpxError, __version__, schema
+
+if TYPE_CHECKING:
+    from afpx.model import AFPNet, ModelConfig
+
+log = logging.getLogger(__name__)
+
+MODEL_FILE = "model.pt"
+STATE_FILE = "state.pt"
+CONFIG_FILE = "config.json"
+METRICS_CSV = "metrics.csv"
+METRICS_JSON = "metrics.json"
+FORMAT = "afpx-model/1"
+TRAIN_PRESETS = ("paper", "small")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Training parameters; defaults are the paper's.
+
+    Schedules advance per *reference batch*: ``reference_batch_size`` examples.
+    A batch of ``batch_size`` examples moves them by ``batch_size /
+    reference_batch_size`` steps, so the learning rate and the KL weight reach
+    the same values after the same number of examples whatever the batch size,
+    and every learning-rate value is multiplied by ``(batch_size /
+    reference_batch_size) ** lr_batch_exponent`` (0.5: the square-root rule
+    usual for Adam; 1: linear; 0: none).
+
+    Parameters
+    ----------
+    preset : str
+        Name of the preset this came from (informational).
+    epochs : int
+        Passes over (an epoch-sized sample of) the training split.
+    batch_size : int
+        Examples per optimiser step (paper: 16).
+    reference_batch_size : int
+        Batch size that the schedule values below are quoted for (paper: 16).
+    lr_batch_exponent : float
+        Learning-rate scaling exponent for ``batch_size != reference_batch_size``.
+    lr_start, lr_increment, lr_peak : float
+        Warm-up: the learning rate starts at ``lr_start`` and rises by
+        ``lr_increment`` per reference batch until ``lr_peak`` (paper: 3e-7,
+        3e-10, 3e-5).
+    lr_hold : int
+        Reference batches at ``lr_peak`` before dropping to ``lr_final``
+        (paper: 5,000, then 2.25e-5).
+    lr_final : float
+        Learning rate after the hold.
+    kl_start, kl_increment, kl_max : float
+        KL weight: from ``kl_start`` up by ``kl_increment`` per reference batch
+        to ``kl_max`` (paper: 0.01, 0.001, 1.0).
+    adam_betas : tuple of float
+        Adam's β1, β2 (0.9, 0.999).
+    adam_eps : float
+        Adam's ε (1e-8).
+    l2 : float
+        Weight of the L2 penalty Σ w² over all layer weights (paper: 5e-4).
+    recon_weight, bce_weight, ce_weight : float
+        Weights of the reconstruction, sigmoid BCE and softmax CE terms (1).
+    pos_weight : float
+        Positive-class weight of the sigmoid BCE (paper: 118).
+    oversample : bool
+        Element-balanced oversampling of the training split.
+    balance_power : float
+        Sampling weight of a site is ``count(element) ** -balance_power``;
+        1 equalises the elements (paper), 0 is uniform.
+    standardisation_examples : int
+        Training examples used to initialise the input offset and scale.
+    val_max_sites : int or None
+        Cap on the holdout sites evaluated after each epoch (None: all).
+    shuffle_chunks : int
+        Zarr chunks mixed in the shuffle buffer of the stream.
+    num_workers : int
+        DataLoader worker processes (0 reads in the main process).
+    seed : int
+        Seed of the initialisation, the sampling and the dropout.
+    """
+
+    preset: str = "paper"
+    epochs: int = 50
+    batch_size: int = 16
+    reference_batch_size: int = 16
+    lr_batch_exponent: float = 0.5
+    lr_start: float = 3e-7
+    lr_increment: float = 3e-10
+    lr_peak: float = 3e-5
+    lr_hold: int = 5000
+    lr_final: float = 2.25e-5
+    kl_start: float = 0.01
+    kl_increment: float = 0.001
+    kl_max: float = 1.0
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = 1e-8
+    l2: float = 5e-4
+    recon_weight: float = 1.0
+    bce_weight: float = 1.0
+    ce_weight: float = 1.0
+    pos_weight: float = 118.0
+    oversample: bool = True
+    balance_power: float = 1.0
+    standardisation_examples: int = 10_000
+    val_max_sites: int | None = None
+    shuffle_chunks: int = 8
+    num_workers: int = 0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "reference_batch_size", "shuffle_chunks"):
+            if getattr(self, name) < 1:
+                raise AfpxError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_workers < 0:
+            raise AfpxError(f"num_workers must be >= 0, got {self.num_workers}")
+        if self.lr_start <= 0 or self.lr_peak <= 0 or self.lr_final <= 0:
+            raise AfpxError("learning rates must be positive")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able dict of every field."""
+        d = asdict(self)
+        d["adam_betas"] = list(self.adam_betas)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        """Inverse of :meth:`to_dict`; unknown keys raise :class:`AfpxError`."""
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise AfpxError(f"unknown training configuration keys: {', '.join(unknown)}")
+        d = dict(d)
+        if "adam_betas" in d:
+            d["adam_betas"] = tuple(d["adam_betas"])
+        return cls(**d)
+
+    @classmethod
+    def preset_config(cls, name: str, **overrides: Any) -> TrainConfig:
+        """The training configuration of a named preset, with optional overrides.
+
+        ``paper``: the paper's values (batch 16). ``small``: for the ``small``
+        model on a CPU: batch 256 and a warm-up/KL schedule compressed so that
+        the run converges within ~10 epochs of ~100k sites.
+        """
+        if name == "paper":
+            base = cls()
+        elif name == "small":
+            base = cls(
+                preset="small",
+                epochs=10,
+                batch_size=256,
+                reference_batch_size=256,
+                lr_start=1e-4,
+                lr_increment=2.5e-6,
+                lr_peak=1e-3,
+                lr_hold=2000,
+                lr_final=5e-4,
+                kl_start=0.01,
+                kl_increment=0.005,
+                kl_max=1.0,
+                val_max_sites=20_000,
+            )
+        else:
+            raise AfpxError(
+                f"unknown training preset {name!r}; choose one of {', '.join(TRAIN_PRESETS)}"
+            )
+        return cls.from_dict({**base.to_dict(), **overrides}) if overrides else base
+
+    # -- schedules ----------------------------------------------------------
+    def reference_steps(self, examples_seen: int) -> float:
+        """Schedule position (in reference batches) after ``examples_seen`` examples."""
+        return examples_seen / self.reference_batch_size
+
+    def learning_rate(self, examples_seen: int) -> float:
+        """Learning rate for the next batch after ``examples_seen`` examples.
+
+        Notes
+        -----
+        With t reference batches done, ``lr = min(lr_start + t lr_increment,
+        lr_peak)`` until ``t`` passes the end of warm-up plus ``lr_hold``, then
+        ``lr_final``; all times ``(batch_size / reference_batch_size) **
+        lr_batch_exponent``.
+        """
+        t = self.reference_steps(examples_seen)
+        warmup = (
+            max(0.0, (self.lr_peak - self.lr_start) / self.lr_increment)
+            if self.lr_increment > 0
+            else 0.0
+        )
+        if t >= warmup + self.lr_hold:
+            lr = self.lr_final
+        else:
+            lr = min(self.lr_start + t * self.lr_increment, self.lr_peak)
+        return lr * (self.batch_size / self.reference_batch_size) ** self.lr_batch_exponent
+
+    def kl_weight(self, examples_seen: int) -> float:
+        """KL weight for the next batch: ``min(kl_start + t kl_increment, kl_max)``."""
+        t = self.reference_steps(examples_seen)
+        return min(self.kl_start + t * self.kl_increment, self.kl_max)
+
+
+# -- the cube as seen by the stream -------------------------------------------
+
+
+def open_store(path: str | os.PathLike[str]) -> Any:
+    """Open a cube's zarr group read-only (plain zarr, no dask: safe in workers)."""
+    import zarr
+
+    p = Path(path)
+    if not p.exists():
+        raise AfpxError(f"cube {str(path)!r} does not exist; build it with `afpx build-cube`")
+    try:
+        return zarr.open_group(str(p), mode="r")
+    except Exception as exc:  # zarr raises several kinds for a non-store
+        raise AfpxError(f"{str(path)!r} is not a zarr store: {exc}") from exc
+
+
+def _as_str(values: np.ndarray) -> np.ndarray:
+    return np.asarray([str(v) for v in values], dtype=object)
+
+
+@dataclass
+class CubeIndex:
+    """The small per-site arrays of a cube, loaded once, and its chunking.
+
+    Attributes
+    ----------
+    path : str
+        The store.
+    n_sites : int
+    chunk_sites : int
+        Sites per zarr chunk (or shard) of ``afp``: the unit of reading.
+    z : ndarray of shape (n_sites,) int16
+    r0, dmin_ratio : ndarray of shape (n_sites,) float32
+    draw : ndarray of shape (n_sites,) int16
+    site_split : ndarray of shape (n_sites,) object
+        Split (``train``/``holdout``/``test``) of each site's structure.
+    fingerprint : dict
+        ``attrs["fingerprint"]`` of the cube.
+    """
+
+    path: str
+    n_sites: int
+    chunk_sites: int
+    z: np.ndarray
+    r0: np.ndarray
+    dmin_ratio: np.ndarray
+    draw: np.ndarray
+    site_split: np.ndarray
+    fingerprint: dict[str, Any] = field(default_factory=dict)
+    attrs: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> CubeIndex:
+        """Read the per-site arrays of the cube at ``path``."""
+        g = open_store(path)
+        missing = [
+            n
+            for n in (schema.AFP, schema.Z, schema.R0, schema.DMIN_RATIO, schema.STRUCTURE_INDEX)
+            if n not in g
+        ]
+        if missing:
+            raise AfpxError(
+                f"training needs {', '.join(missing)}, which the cube {str(path)!r} lacks; "
+                "build it with `afpx build-cube`"
+            )
+        afp = g[schema.AFP]
+        n_sites = int(afp.shape[0])
+        shards = getattr(afp, "shards", None)
+        chunk_sites = int((shards or afp.chunks)[0])
+        structure = np.asarray(g[schema.STRUCTURE_INDEX][:], dtype=np.int64)
+        if schema.SPLIT in g:
+            split = _as_str(g[schema.SPLIT][:])
+            site_split = split[structure]
+        else:
+            site_split = np.full(n_sites, "train", dtype=object)
+        draw = (
+            np.asarray(g[schema.DRAW][:], dtype=np.int16)
+            if schema.DRAW in g
+            else np.zeros(n_sites, np.int16)
+        )
+        attrs = dict(g.attrs)
+        return cls(
+            path=str(path),
+            n_sites=n_sites,
+            chunk_sites=chunk_sites,
+            z=np.asarray(g[schema.Z][:], dtype=np.int16),
+            r0=np.asarray(g[schema.R0][:], dtype=np.float32),
+            dmin_ratio=np.asarray(g[schema.DMIN_RATIO][:], dtype=np.float32),
+            draw=draw,
+            site_split=site_split,
+            fingerprint=dict(attrs.get("fingerprint", {})),
+            attrs=attrs,
+        )
+
+    def sites(self, split: str | None) -> np.ndarray:
+        """Indices of the sites of ``split`` (all sites for None), int64."""
+        if split is None:
+            return np.arange(self.n_sites, dtype=np.int64)
+        return np.flatnonzero(self.site_split == split).astype(np.int64)
+
+
+def balanced_counts(
+    z: np.ndarray, n_draws: int, rng: np.random.Generator, *, power: float = 1.0
+) -> np.ndarray:
+    """How often each example is drawn in an element-balanced epoch.
+
+    Parameters
+    ----------
+    z : ndarray of shape (n,)
+        Element of each example.
+    n_draws : int
+        Epoch size (the number of examples of the split).
+    rng : numpy.random.Generator
+    power : float
+        Weight of an example is ``count(z) ** -power``: 1 gives every element
+        the same expected share, 0 is uniform sampling with replacement.
+
+    Returns
+    -------
+    ndarray of shape (n,) int64
+        Multinomial counts summing to ``n_draws``.
+    """
+    if len(z) == 0:
+        return np.zeros(0, np.int64)
+    _, inverse, counts = np.unique(z, return_inverse=True, return_counts=True)
+    w = counts[inverse].astype(np.float64) ** -power
+    return rng.multinomial(n_draws, w / w.sum()).astype(np.int64)
+
+
+class AFPStream:
+    """Chunk-aligned stream of batches of one split of a cube.
+
+    Use through :meth:`dataset` (a ``torch.utils.data.IterableDataset``) and a
+    ``DataLoader(batch_size=None)``, or iterate directly with :meth:`batches`.
+
+    Parameters
+    ----------
+    path : str or PathLike
+        The cube.
+    split : str or None
+        ``train``, ``holdout``, ``test`` or None (every site).
+    batch_size : int
+    shuffle : bool
+        Shuffle the chunk order per epoch and the sites within the buffer.
+    oversample : bool
+        Element-balanced sampling with replacement, epoch size = split size.
+    balance_power : float
+        See :func:`balanced_counts`.
+    shuffle_chunks : int
+        Chunks mixed in one shuffle buffer.
+    max_sites : int or None
+        Use only the first chunks (in a seeded order fixed for all epochs)
+        holding at least this many sites of the split.
+    seed : int
+    index : CubeIndex or None
+        Pre-loaded index (loaded from ``path`` when None).
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        split: str | None = "train",
+        batch_size: int = 16,
+        shuffle: bool = True,
+        oversample: bool = False,
+        balance_power: float = 1.0,
+        shuffle_chunks: int = 8,
+        max_sites: int | None = None,
+        seed: int = 0,
+        index: CubeIndex | None = None,
+    ) -> None:
+        self.path = str(path)
+        self.split = split
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.oversample = oversample
+        self.balance_power = balance_power
+        self.shuffle_chunks = shuffle_chunks
+        self.seed = seed
+        self.epoch = 0
+        self.index = index if index is not None else CubeIndex.load(path)
+        sites = self.index.sites(split)
+        if max_sites is not None and len(sites) > max_sites:
+            chunk_of = sites // self.index.chunk_sites
+            order = np.random.default_rng([seed, 7919]).permutation(np.unique(chunk_of))
+            per_chunk = np.bincount(chunk_of, minlength=int(chunk_of.max()) + 1)[order]
+            keep = order[: int(np.searchsorted(np.cumsum(per_chunk), max_sites)) + 1]
+            sites = sites[np.isin(chunk_of, keep)]
+        self.sites = sites
+
+    def __len__(self) -> int:
+        """Examples per epoch."""
+        return len(self.sites)
+
+    def n_batches(self) -> int:
+        """Batches per epoch (the last one may be short)."""
+        return math.ceil(len(self.sites) / self.batch_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Choose the epoch (it seeds the chunk order and the oversampling)."""
+        self.epoch = epoch
+
+    def epoch_counts(self) -> np.ndarray:
+        """How often each of ``self.sites`` appears this epoch, shape (n,) int64."""
+        if not self.oversample:
+            return np.ones(len(self.sites), np.int64)
+        rng = np.random.default_rng([self.seed, self.epoch, 1])
+        return balanced_counts(
+            self.index.z[self.sites], len(self.sites), rng, power=self.balance_power
+        )
+
+    def batches(self, *, worker: int = 0, n_workers: int = 1) -> Iterator[dict[str, np.ndarray]]:
+        """Yield batches (dicts of numpy arrays) of this epoch for one worker.
+
+        Keys: ``afp`` (n, 12, 256) float32, ``r0``, ``dmin_ratio`` (n,) float32,
+        ``z`` (n,) int64, ``site`` (n,) int64 global site index.
+        """
+        counts = self.epoch_counts()
+        cs = self.index.chunk_sites
+        chunk_of = self.sites // cs
+        chunks = np.unique(chunk_of[counts > 0])
+        rng = np.random.default_rng([self.seed, self.epoch, 2])
+        if self.shuffle:
+            chunks = rng.permutation(chunks)
+        mine = chunks[worker::n_workers]
+        # per-worker generator for the within-buffer shuffle
+        wrng = np.random.default_rng([self.seed, self.epoch, 3, worker])
+        g = open_store(self.path)
+        afp_arr = g[schema.AFP]
+        bounds = np.searchsorted(chunk_of, np.arange(0, int(chunk_of.max(initial=0)) + 2))
+        pending_rows: list[np.ndarray] = []
+        pending_sites: list[np.ndarray] = []
+        n_pending = 0
+
+        def emit(final: bool) -> Iterator[dict[str, np.ndarray]]:
+            nonlocal pending_rows, pending_sites, n_pending
+            if not pending_rows:
+                return
+            rows = np.concatenate(pending_rows)
+            site = np.concatenate(pending_sites)
+            if self.shuffle:
+                perm = wrng.permutation(len(site))
+                rows, site = rows[perm], site[perm]
+            n_full = len(site) // self.batch_size * self.batch_size
+            stop = len(site) if final else n_full
+            for a in range(0, stop, self.batch_size):
+                b = min(a + self.batch_size, stop)
+                s = site[a:b]
+                yield {
+                    schema.AFP: rows[a:b],
+                    schema.R0: self.index.r0[s],
+                    schema.DMIN_RATIO: self.index.dmin_ratio[s],
+                    schema.Z: self.index.z[s].astype(np.int64),
+                    "site": s,
+                }
+            pending_rows = [rows[stop:]] if stop < len(site) else []
+            pending_sites = [site[stop:]] if stop < len(site) else []
+            n_pending = len(site) - stop
+
+        for k, c in enumerate(mine):
+            lo, hi = bounds[c], bounds[c + 1]
+            sel, cnt = self.sites[lo:hi], counts[lo:hi]
+            sel = np.repeat(sel, cnt)
+            if len(sel) == 0:
+                continue
+            start = int(c) * cs
+            block = np.asarray(afp_arr[start : min(start + cs, self.index.n_sites)])
+            pending_rows.append(block[sel - start])
+            pending_sites.append(sel)
+            n_pending += len(sel)
+            if (k + 1) % self.shuffle_chunks == 0 or not self.shuffle:
+                yield from emit(final=False)
+        yield from emit(final=True)
+
+    def dataset(self) -> StreamDataset:
+        """This stream as a ``torch.utils.data.IterableDataset`` yielding tensor batches."""
+        return StreamDataset(self)
+
+
+class StreamDataset(IterableDataset):
+    """:class:`AFPStream` as a torch ``IterableDataset`` of tensor batches.
+
+    In a DataLoader worker it yields that worker's share of the chunks.
+    """
+
+    def __init__(self, stream: AFPStream) -> None:
+        super().__init__()
+        self.stream = stream
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        info = get_worker_info()
+        worker, n = (info.id, info.num_workers) if info is not None else (0, 1)
+        for b in self.stream.batches(worker=worker, n_workers=n):
+            yield {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in b.items()}
+
+
+def make_loader(stream: AFPStream, *, num_workers: int = 0, pin_memory: bool = False) -> Any:
+    """A ``DataLoader`` over ``stream`` (batches are made by the stream).
+
+    Workers are spawned, not forked, and each opens the zarr store itself.
+    """
+    kwargs: dict[str, Any] = {}
+    if num_workers > 0:
+        kwargs["multiprocessing_context"] = "spawn"
+        kwargs["persistent_workers"] = False
+    return DataLoader(
+        stream.dataset(),
+        batch_size=None,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        **kwargs,
+    )
+
+
+# -- fingerprint compatibility -------------------------------------------------
+
+
+def fingerprint_differences(model_params: dict[str, Any], cube_params: dict[str, Any]) -> list[str]:
+    """Keys whose values differ between two fingerprint parameter dicts (sorted)."""
+    keys = sorted(set(model_params) | set(cube_params))
+    return [k for k in keys if _jsonable(model_params.get(k)) != _jsonable(cube_params.get(k))]
+
+
+def _jsonable(v: Any) -> Any:
+    return json.loads(json.dumps(v, default=str))
+
+
+def check_fingerprint(
+    model_params: dict[str, Any], cube_params: dict[str, Any], *, cube: str = "cube"
+) -> None:
+    """Raise :class:`AfpxError` naming the keys where the model's and the cube's differ."""
+    diff = fingerprint_differences(model_params, cube_params)
+    if diff:
+        detail = "; ".join(
+            f"{k}: model {model_params.get(k, '<absent>')!r}, "
+            f"cube {cube_params.get(k, '<absent>')!r}"
+            for k in diff
+        )
+        raise AfpxError(
+            f"the fingerprint parameters of {cube} differ from the model's in "
+            f"{', '.join(diff)} ({detail}); use a cube built with the model's parameters "
+            "or train a model on this cube"
+        )
+
+
+# -- checkpoints -----------------------------------------------------------------
+
+
+@dataclass
+class TrainedModel:
+    """A loaded model and what was saved with it.
+
+    Attributes
+    ----------
+    net : AFPNet
+        The network, in eval mode.
+    config : ModelConfig
+    train_config : TrainConfig
+    fingerprint : dict
+        Fingerprint parameters of the cube it was trained on.
+    path : Path
+        The model folder.
+    weights_sha256 : str
+        SHA-256 of ``model.pt``: the model's identity.
+    meta : dict
+        The whole ``config.json``.
+    """
+
+    net: AFPNet
+    config: ModelConfig
+    train_config: TrainConfig
+    fingerprint: dict[str, Any]
+    path: Path
+    weights_sha256: str
+    meta: dict[str, Any]
+
+    def identity(self) -> dict[str, Any]:
+        """JSON-able attributes that identify the model (for artefacts it produces)."""
+        return {
+            "model_path": str(self.path),
+            "model_sha256": self.weights_sha256,
+            "model_preset": self.config.preset,
+            "model_config": self.config.to_dict(),
+            "afpx_version": self.meta.get("afpx_version", ""),
+        }
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _atomic_text(text: str, path: Path) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def load_model(path: str | os.PathLike[str], *, device: str = "cpu") -> TrainedModel:
+    """Load a model folder written by :func:`train`.
+
+    Parameters
+    ----------
+    path : str or PathLike
+        The model folder (``model.pt`` + ``config.json``).
+    device : {"cpu", "cuda"}
+
+    Returns
+    -------
+    TrainedModel
+        With the network in eval mode on ``device``.
+    """
+    from afpx.model import AFPNet, ModelConfig
+
+    folder = Path(path)
+    cfg_file, weights = folder / CONFIG_FILE, folder / MODEL_FILE
+    if not cfg_file.is_file() or not weights.is_file():
+        raise AfpxError(
+            f"{str(path)!r} is not an afpx model folder (needs {CONFIG_FILE} and {MODEL_FILE}); "
+            "train one with `afpx train CUBE -o MODEL`"
+        )
+    meta = json.loads(cfg_file.read_text())
+    if meta.get("format") != FORMAT:
+        raise AfpxError(f"{cfg_file} has format {meta.get('format')!r}, expected {FORMAT!r}")
+    config = ModelConfig.from_dict(meta["model"])
+    net = AFPNet(config)
+    state = torch.load(weights, map_location="cpu", weights_only=True)
+    net.load_state_dict(state)
+    dev = _torch_device(device)
+    net.to(dev).eval()
+    return TrainedModel(
+        net=net,
+        config=config,
+        train_config=TrainConfig.from_dict(meta["train"]),
+        fingerprint=dict(meta.get("fingerprint", {})),
+        path=folder,
+        weights_sha256=_sha256(weights),
+        meta=meta,
+    )
+
+
+def _torch_device(device: str) -> torch.device:
+    if device == "cpu":
+        return torch.device("cpu")
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise AfpxError("device 'cuda': torch sees no CUDA device; use --device cpu")
+        return torch.device("cuda")
+    raise AfpxError(f"unknown device {device!r}; choose one of cpu, cuda")
+
+
+# -- training ----------------------------------------------------------------------
+
+LOSS_TERMS = ("reconstruction", "kl", "sigmoid_bce", "softmax_ce", "l2", "total")
+RATE_TERMS = ("softmax_error", "sigmoid_error")
+
+
+@dataclass
+class _Accumulator:
+    sums: dict[str, float] = field(default_factory=dict)
+    n: int = 0
+
+    def add(self, values: dict[str, float], n: int) -> None:
+        for k, v in values.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v * n
+        self.n += n
+
+    def means(self, prefix: str) -> dict[str, float]:
+        return {f"{prefix}{k}": (v / self.n if self.n else math.nan) for k, v in self.sums.items()}
+
+
+def _batch_terms(
+    net: AFPNet,
+    batch: dict[str, torch.Tensor],
+    cfg: TrainConfig,
+    kl_weight: float,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Total loss and the logged values (loss terms and error rates) of one batch."""
+    out = net(batch[schema.AFP], batch[schema.R0], batch[schema.DMIN_RATIO])
+    terms = net.loss_terms(out, batch[schema.AFP], batch[schema.Z], pos_weight=cfg.pos_weight)
+    l2 = net.l2_penalty() * cfg.l2
+    total = (
+        cfg.recon_weight * terms["reconstruction"]
+        + kl_weight * terms["kl"]
+        + cfg.bce_weight * terms["sigmoid_bce"]
+        + cfg.ce_weight * terms["softmax_ce"]
+        + l2
+    )
+    with torch.no_grad():
+        target = batch[schema.Z] - 1
+        soft_err = (out.softmax_logits.argmax(1) != target).float().mean()
+        sig_err = (out.sigmoid_logits.argmax(1) != target).float().mean()
+    logged = {k: float(v.detach()) for k, v in terms.items()}
+    logged.update(
+        l2=float(l2.detach()),
+        total=float(total.detach()),
+        softmax_error=float(soft_err),
+        sigmoid_error=float(sig_err),
+    )
+    return total, logged
+
+
+def _to_device(batch: dict[str, torch.Tensor], dev: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
+
+
+def _standardisation_sample(
+    index: CubeIndex, sites: np.ndarray, n: int, seed: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """~n random training examples, read whole chunks at a time (random chunks)."""
+    rng = np.random.default_rng([seed, 11])
+    g = open_store(index.path)
+    afp_arr = g[schema.AFP]
+    cs = index.chunk_sites
+    chunk_of = sites // cs
+    chunks = rng.permutation(np.unique(chunk_of))
+    rows, picked, total = [], [], 0
+    for c in chunks:
+        sel = sites[chunk_of == c]
+        start = int(c) * cs
+        block = np.asarray(afp_arr[start : min(start + cs, index.n_sites)])
+        rows.append(block[sel - start])
+        picked.append(sel)
+        total += len(sel)
+        if total >= n:
+            break
+    afp = np.concatenate(rows)
+    site = np.concatenate(picked)
+    if len(site) > n:
+        keep = rng.choice(len(site), n, replace=False)
+        afp, site = afp[keep], site[keep]
+    return afp, index.r0[site], index.dmin_ratio[site]
+
+
+def _progress_default() -> bool:
+    return sys.stderr.isatty()
+
+
+def evaluate_stream(
+    net: AFPNet, stream: AFPStream, cfg: TrainConfig, kl_weight: float, dev: torch.device
+) -> dict[str, float]:
+    """Mean loss terms and error rates of ``net`` (eval mode) over one pass of ``stream``."""
+    acc = _Accumulator()
+    was_training = net.training
+    net.eval()
+    with torch.no_grad():
+        for b in stream.batches():
+            tb = _to_device(
+                {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in b.items()}, dev
+            )
+            _, logged = _batch_terms(net, tb, cfg, kl_weight)
+            acc.add(logged, len(b["site"]))
+    net.train(was_training)
+    return acc.means("")
+
+
+def train(
+    cube: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    model_config: ModelConfig | None = None,
+    train_config: TrainConfig | None = None,
+    device: str = "cpu",
+    resume: bool = False,
+    progress: bool | None = None,
+    max_batches: int | None = None,
+) -> Path:
+    """Train the network on the ``train`` split of a cube; write a model folder.
+
+    Parameters
+    ----------
+    cube : str or PathLike
+        The AFP cube (zarr store).
+    out : str or PathLike
+        Model folder to write (created). An existing model there is an error
+        unless ``resume``.
+    model_config : ModelConfig, optional
+        Architecture (default: the ``paper`` preset). Ignored on resume (the
+        saved one is used).
+    train_config : TrainConfig, optional
+        Training parameters (default: the paper's). On resume, the saved one
+        is used except for ``epochs``, which may be raised to train longer.
+    device : {"cpu", "cuda"}
+    resume : bool
+        Continue the run saved in ``out`` from its last completed epoch.
+    progress : bool, optional
+        Show a progress bar per epoch (default: only on a terminal).
+    max_batches : int, optional
+        Stop each epoch after this many batches (smoke tests and benchmarks).
+
+    Returns
+    -------
+    Path
+        The model folder.
+    """
+    from tqdm.auto import tqdm
+
+    from afpx.model import AFPNet, ModelConfig
+
+    out_dir = Path(out)
+    index = CubeIndex.load(cube)
+    if progress is None:
+        progress = _progress_default()
+    dev = _torch_device(device)
+
+    state: dict[str, Any] | None = None
+    if resume:
+        if not (out_dir / STATE_FILE).is_file() or not (out_dir / CONFIG_FILE).is_file():
+            raise AfpxError(
+                f"nothing to resume in {str(out)!r}: it has no {STATE_FILE}/{CONFIG_FILE}; "
+                "start a new run without --resume"
+            )
+        meta = json.loads((out_dir / CONFIG_FILE).read_text())
+        mcfg = ModelConfig.from_dict(meta["model"])
+        saved = TrainConfig.from_dict(meta["train"])
+        tcfg = saved if train_config is None else replace(saved, epochs=train_config.epochs)
+        check_fingerprint(meta.get("fingerprint", {}), index.fingerprint, cube=str(cube))
+        state = torch.load(out_dir / STATE_FILE, map_location="cpu", weights_only=True)
+    else:
+        if (out_dir / MODEL_FILE).exists() or (out_dir / STATE_FILE).exists():
+            raise AfpxError(
+                f"{str(out)!r} already holds a model; use --resume to continue it "
+                "or choose another output folder"
+            )
+        mcfg = model_config or ModelConfig()
+        tcfg = train_config or TrainConfig()
+
+    train_sites = index.sites("train")
+    if len(train_sites) == 0:
+        raise AfpxError(f"the cube {str(cube)!r} has no sites in the train split")
+    stream = AFPStream(
+        cube,
+        split="train",
+        batch_size=tcfg.batch_size,
+        shuffle=True,
+        oversample=tcfg.oversample,
+        balance_power=tcfg.balance_power,
+        shuffle_chunks=tcfg.shuffle_chunks,
+        seed=tcfg.seed,
+        index=index,
+    )
+    val_stream = AFPStream(
+        cube,
+        split="holdout",
+        batch_size=max(tcfg.batch_size, 256),
+        shuffle=False,
+        max_sites=tcfg.val_max_sites,
+        seed=tcfg.seed,
+        index=index,
+    )
+
+    torch.manual_seed(tcfg.seed)
+    net = AFPNet(mcfg)
+    if state is None:
+        afp, r0, dmin = _standardisation_sample(
+            index, train_sites, tcfg.standardisation_examples, tcfg.seed
+        )
+        net.initialise_standardisation(
+            torch.from_numpy(afp), torch.from_numpy(r0), torch.from_numpy(dmin)
+        )
+    else:
+        net.load_state_dict(torch.load(out_dir / MODEL_FILE, map_location="cpu", weights_only=True))
+    net.to(dev)
+    opt = torch.optim.Adam(
+        net.parameters(), lr=tcfg.lr_start, betas=tcfg.adam_betas, eps=tcfg.adam_eps
+    )
+    step, examples_seen, first_epoch = 0, 0, 0
+    rows: list[dict[str, Any]] = []
+    if state is not None:
+        opt.load_state_dict(state["optimizer"])
+        step = int(state["step"])
+        examples_seen = int(state["examples_seen"])
+        first_epoch = int(state["epoch"]) + 1
+        torch.set_rng_state(state["torch_rng"])
+        if (out_dir / METRICS_JSON).is_file():
+            rows = json.loads((out_dir / METRICS_JSON).read_text())
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "format": FORMAT,
+        "afpx_version": __version__,
+        "torch_version": torch.__version__,
+        "model": mcfg.to_dict(),
+        "train": tcfg.to_dict(),
+        "fingerprint": index.fingerprint,
+        "cube": {
+            "path": str(Path(cube).resolve()),
+            "n_sites": index.n_sites,
+            "n_train": len(train_sites),
+            "n_holdout": len(index.sites("holdout")),
+            "draws": index.attrs.get("draws", 1),
+            "elements_seen": sorted({int(v) for v in index.z[train_sites]}),
+        },
+    }
+    loader = make_loader(stream, num_workers=tcfg.num_workers, pin_memory=dev.type == "cuda")
+
+    for epoch in range(first_epoch, tcfg.epochs):
+        stream.set_epoch(epoch)
+        net.train()
+        acc = _Accumulator()
+        t0 = time.perf_counter()
+        n_batches = (
+            stream.n_batches() if max_batches is None else min(max_batches, stream.n_batches())
+        )
+        bar = tqdm(
+            total=n_batches,
+            disable=not progress,
+            desc=f"epoch {epoch + 1}/{tcfg.epochs}",
+            leave=False,
+        )
+        for i, batch in enumerate(loader):
+            if max_batches is not None and i >= max_batches:
+                break
+            tb = _to_device(batch, dev)
+            lr = tcfg.learning_rate(examples_seen)
+            kl_w = tcfg.kl_weight(examples_seen)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            opt.zero_grad(set_to_none=True)
+            loss, logged = _batch_terms(net, tb, tcfg, kl_w)
+            if not math.isfinite(logged["total"]):
+                raise AfpxError(
+                    f"training diverged at step {step} (loss {logged['total']}); "
+                    "lower the learning rate (--lr-peak) or the batch size"
+                )
+            loss.backward()
+            opt.step()
+            n = int(tb[schema.Z].shape[0])
+            step += 1
+            examples_seen += n
+            acc.add(logged, n)
+            bar.update(1)
+            if progress:
+                bar.set_postfix(loss=f"{logged['total']:.3g}", err=f"{logged['softmax_error']:.2f}")
+        bar.close()
+        seconds = time.perf_counter() - t0
+        kl_w = tcfg.kl_weight(examples_seen)
+        val = evaluate_stream(net, val_stream, tcfg, kl_w, dev) if len(val_stream) else {}
+        row: dict[str, Any] = {
+            "epoch": epoch + 1,
+            "step": step,
+            "examples": examples_seen,
+            "lr": tcfg.learning_rate(examples_seen),
+            "kl_weight": kl_w,
+            "seconds": round(seconds, 3),
+            "examples_per_s": round(acc.n / seconds, 1) if seconds > 0 else math.nan,
+            **acc.means("train_"),
+            **{f"val_{k}": v for k, v in val.items()},
+        }
+        rows.append(row)
+        log.info("epoch %d: %s", epoch + 1, row)
+        _save(out_dir, net, opt, meta, rows, step=step, examples_seen=examples_seen, epoch=epoch)
+    if not (out_dir / MODEL_FILE).exists():  # zero epochs to run
+        _save(
+            out_dir,
+            net,
+            opt,
+            meta,
+            rows,
+            step=step,
+            examples_seen=examples_seen,
+            epoch=first_epoch - 1,
+        )
+    return out_dir
+
+
+def _save(
+    out_dir: Path,
+    net: AFPNet,
+    opt: Any,
+    meta: dict[str, Any],
+    rows: list[dict[str, Any]],
+    *,
+    step: int,
+    examples_seen: int,
+    epoch: int,
+) -> None:
+    """Write the checkpoint folder; each file is replaced atomically."""
+    state_dict = {k: v.detach().cpu() for k, v in net.state_dict().items()}
+    _atomic_torch_save(state_dict, out_dir / MODEL_FILE)
+    _atomic_torch_save(
+        {
+            "optimizer": opt.state_dict(),
+            "step": step,
+            "examples_seen": examples_seen,
+            "epoch": epoch,
+            "torch_rng": torch.get_rng_state(),
+        },
+        out_dir / STATE_FILE,
+    )
+    meta = {**meta, "step": step, "examples_seen": examples_seen, "epochs_done": epoch + 1}
+    _atomic_text(json.dumps(meta, indent=2, default=str), out_dir / CONFIG_FILE)
+    _atomic_text(json.dumps(rows, indent=1, default=float), out_dir / METRICS_JSON)
+    columns: list[str] = []
+    for r in rows:
+        columns += [k for k in r if k not in columns]
+    tmp = out_dir / (METRICS_CSV + ".tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=columns)
+        w.writeheader()
+        w.writerows(rows)
+    os.replace(tmp, out_dir / METRICS_CSV)

@@ -1,0 +1,151 @@
+"""Site likelihoods written back into the cube."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import xarray as xr
+import zarr
+from _cube_helpers import make_synthetic_cube
+from _model_helpers import train_tiny_model
+from click.testing import CliRunner
+
+from afpx import AfpxError, schema
+from afpx.cli import main
+from afpx.likelihood import (
+    draw_means,
+    predict,
+    require_likelihood,
+    score_afp,
+    site_likelihood,
+)
+from afpx.train import load_model
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    base = tmp_path_factory.mktemp("lik")
+    cube = make_synthetic_cube(base / "train.zarr", n_structures=60)
+    return train_tiny_model(cube, base / "model", epochs=6)
+
+
+def _open(path: Path) -> xr.Dataset:
+    return xr.open_zarr(path, consolidated=False)
+
+
+def test_write_back(model_dir: Path, tmp_path: Path) -> None:
+    cube = make_synthetic_cube(tmp_path / "c.zarr", n_structures=20, seed=3)
+    before = zarr.open_group(str(cube), mode="r")
+    afp_before = before[schema.AFP][:]
+    attrs_before = dict(before.attrs)
+    ds = predict(cube, model_dir, block_sites=10)
+    n = ds.sizes[schema.SITE]
+    lik = ds[schema.LIKELIHOOD]
+    assert lik.dims == (schema.SITE, schema.ELEMENT) and lik.shape == (n, 118)
+    assert lik.dtype == np.float32
+    values = lik.values
+    assert np.isfinite(values).all() and values.min() >= 0 and values.max() <= 1
+    assert list(ds[schema.ELEMENT].values) == list(range(1, 119))
+    assert ds[schema.SYMBOL].values[24] == "Mn"
+    pred = ds[schema.SOFTMAX_PRED]
+    assert pred.dtype == np.int16 and pred.shape == (n,)
+    assert pred.values.min() >= 1 and pred.values.max() <= 118
+    assert schema.LIKELIHOOD_MEAN not in ds  # one draw
+    # afp and the root attributes untouched
+    after = zarr.open_group(str(cube), mode="r")
+    np.testing.assert_array_equal(after[schema.AFP][:], afp_before)
+    assert dict(after.attrs) == attrs_before
+    # model identity in the attributes
+    m = load_model(model_dir)
+    assert lik.attrs["model_sha256"] == m.weights_sha256
+    assert lik.attrs["complete"] is True and lik.attrs["used_for_ranking"] is True
+    # equals scoring the same fingerprints in memory
+    ref, ref_pred = score_afp(m, afp_before, after[schema.R0][:], after[schema.DMIN_RATIO][:])
+    np.testing.assert_allclose(values, ref, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(pred.values, ref_pred)
+    # the model scores the synthetic elements well on new structures
+    z = ds[schema.Z].values
+    assert (values.argmax(1) + 1 == z).mean() > 0.6
+    # writing again (another model, or the same) replaces the variables
+    ds2 = predict(cube, m, block_sites=1000)
+    np.testing.assert_allclose(ds2[schema.LIKELIHOOD].values, values, rtol=1e-5, atol=1e-6)
+
+
+def test_draws_give_likelihood_mean(model_dir: Path, tmp_path: Path) -> None:
+    cube = make_synthetic_cube(tmp_path / "d.zarr", n_structures=8, draws=3, seed=5)
+    ds = predict(cube, model_dir, block_sites=4)  # blocks never split the draws of a site
+    lik = ds[schema.LIKELIHOOD].values
+    mean = ds[schema.LIKELIHOOD_MEAN].values
+    draw = ds[schema.DRAW].values
+    assert ds[schema.LIKELIHOOD_MEAN].attrs["used_for_ranking"] is True
+    assert ds[schema.LIKELIHOOD].attrs["used_for_ranking"] is False
+    starts = np.flatnonzero(draw == 0)
+    for a in starts:
+        np.testing.assert_allclose(
+            mean[a : a + 3], np.broadcast_to(lik[a : a + 3].mean(0), (3, 118)), rtol=1e-5
+        )
+    # ranking uses the mean on the sites with draw 0
+    chosen = site_likelihood(ds)
+    assert chosen.name == schema.LIKELIHOOD_MEAN and chosen.sizes[schema.SITE] == len(starts)
+
+
+def test_draw_means_of_consecutive_draws() -> None:
+    v = np.arange(10, dtype=np.float32).reshape(5, 2)
+    out = draw_means(v, np.array([0, 1, 0, 1, 2]))
+    np.testing.assert_allclose(out, [[1, 2], [1, 2], [6, 7], [6, 7], [6, 7]])
+
+
+def test_require_likelihood_names_the_command(model_dir: Path, tmp_path: Path) -> None:
+    cube = make_synthetic_cube(tmp_path / "e.zarr", n_structures=4)
+    with pytest.raises(AfpxError, match=r"afpx likelihood CUBE --model MODEL"):
+        require_likelihood(_open(cube))
+    with pytest.raises(AfpxError, match=r"afpx likelihood CUBE --model MODEL"):
+        site_likelihood(_open(cube))
+    ds = predict(cube, model_dir)
+    require_likelihood(ds)
+    zarr.open_group(str(cube), mode="r+")[schema.LIKELIHOOD].attrs["complete"] = False
+    with pytest.raises(AfpxError, match="not completely written"):
+        require_likelihood(_open(cube))
+
+
+def test_refuses_other_fingerprint_parameters(model_dir: Path, tmp_path: Path) -> None:
+    cube = make_synthetic_cube(tmp_path / "f.zarr", n_structures=4)
+    g = zarr.open_group(str(cube), mode="r+")
+    g.attrs["fingerprint"] = {**g.attrs["fingerprint"], "n_fine_bins": 2048}
+    with pytest.raises(AfpxError, match="differ from the model's in n_fine_bins"):
+        predict(cube, model_dir)
+    assert schema.LIKELIHOOD not in zarr.open_group(str(cube), mode="r")
+
+
+def test_cube_without_fingerprints(model_dir: Path, tmp_path: Path) -> None:
+    cube = make_synthetic_cube(tmp_path / "g.zarr", n_structures=4)
+    del zarr.open_group(str(cube), mode="r+")[schema.R0]
+    with pytest.raises(AfpxError, match="site likelihoods need r0"):
+        predict(cube, model_dir)
+
+
+def test_score_afp_errors(model_dir: Path) -> None:
+    with pytest.raises(AfpxError, match=r"afp has shape \(2, 12, 100\)"):
+        score_afp(model_dir, np.zeros((2, 12, 100)), np.ones(2), np.ones(2))
+    with pytest.raises(AfpxError, match="afp, r0 and dmin_ratio have 2, 3, 2 sites"):
+        score_afp(model_dir, np.zeros((2, 12, 256)), np.ones(3), np.ones(2))
+
+
+def test_cli_likelihood(model_dir: Path, tmp_path: Path) -> None:
+    cube = make_synthetic_cube(tmp_path / "h.zarr", n_structures=6)
+    r = CliRunner().invoke(
+        main, ["likelihood", str(cube), "--model", str(model_dir), "--no-progress"]
+    )
+    assert r.exit_code == 0, r.output
+    assert "wrote likelihood, softmax_pred for" in r.output
+    bad = tmp_path / "bad-model"
+    shutil.copytree(model_dir, bad)
+    (bad / "config.json").unlink()
+    r = CliRunner().invoke(main, ["likelihood", str(cube), "--model", str(bad)])
+    assert r.exit_code == 2 and "is not an afpx model folder" in r.output
