@@ -70,6 +70,9 @@ __all__ = [
 DEFAULT_FINGERPRINT = FingerprintParams()
 DEFAULT_SPLIT = SplitParams()
 
+#: How long to wait for a Dask scheduler given by address.
+SCHEDULER_TIMEOUT = "10s"
+
 #: Attribute set (last) on a store once every chunk is written.
 COMPLETE_ATTR = "afpx_complete"
 
@@ -559,7 +562,7 @@ def dask_scheduler(*, scheduler: str | None = None, workers: int | None = None) 
         ) from exc
     if scheduler is not None:
         try:
-            client = Client(scheduler, timeout="10s")
+            client = Client(scheduler, timeout=SCHEDULER_TIMEOUT)
         except OSError as exc:
             raise AfpxError(f"cannot reach the Dask scheduler at {scheduler}: {exc}") from exc
         with client:
