@@ -772,7 +772,7 @@ def open_cube(path: str | os.PathLike[str]) -> xr.Dataset:
     Parameters
     ----------
     path : str or path
-        A store written by :func:`build_cube` (local path or fsspec URL).
+        A store written by :func:`build_cube` (a local path; URLs go to xarray as they are).
 
     Returns
     -------
