@@ -403,6 +403,57 @@ class TemplateLibrary:
             attrs=attrs,
         )
 
+    @classmethod
+    def from_structures(
+        cls,
+        structures: Sequence[Any],
+        *,
+        likelihood: np.ndarray | None = None,
+        attrs: Mapping[str, Any] | None = None,
+    ) -> TemplateLibrary:
+        """Templates (with geometry) straight from analysed structures.
+
+        Parameters
+        ----------
+        structures : sequence of AnalysedStructure
+            E.g. ``read_structures(...).structures``.
+        likelihood : ndarray of shape (n_sites, 118), optional
+            Site likelihoods in the order of the structures' unique sites;
+            without it every likelihood is 1 (the pure template prior).
+        attrs : mapping, optional
+            Provenance to record (e.g. ``{"filters": params.to_attrs()}``).
+        """
+        n = np.asarray([len(s.sites) for s in structures], dtype=np.int64)
+        n_sites = int(n.sum())
+        if likelihood is None:
+            logl = np.zeros((n_sites, schema.N_ELEMENTS), dtype=np.float32)
+        else:
+            lik = np.asarray(likelihood, dtype=np.float32)
+            if lik.shape != (n_sites, schema.N_ELEMENTS):
+                raise AfpxError(
+                    f"likelihood has shape {lik.shape}, expected ({n_sites}, {schema.N_ELEMENTS})"
+                )
+            logl = _log_likelihood(lik)
+
+        def cat(name: str, dtype: Any) -> np.ndarray:
+            parts = [np.asarray(getattr(s.sites, name)) for s in structures]
+            return np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype=dtype)
+
+        lib = cls(
+            site_template=np.repeat(np.arange(n.size, dtype=np.int64), n),
+            multiplicity=cat("multiplicity", np.int32),
+            z=cat("z", np.int16),
+            log_likelihood=logl,
+            structure_id=np.asarray([str(s.structure_id) for s in structures], dtype=object),
+            formula=np.asarray([str(s.formula) for s in structures], dtype=object),
+            spacegroup=np.asarray([int(s.sites.spacegroup) for s in structures], dtype=np.int64),
+            source=np.asarray([str(s.source) for s in structures], dtype=object),
+            wyckoff=cat("wyckoff", object),
+            site_index=cat("index", np.int64),
+            attrs=dict(attrs or {}),
+        )
+        return lib.with_geometry(structures)
+
     def with_likelihood(self, likelihood: np.ndarray) -> TemplateLibrary:
         """The same templates with other site likelihoods (e.g. a baseline).
 
@@ -1241,7 +1292,7 @@ def _reduce_rows(counts: np.ndarray) -> np.ndarray:
     """Divide each row of a (N, k) int array by its gcd (rows of zeros stay zero)."""
     counts = np.asarray(counts, dtype=np.int64)
     if counts.size == 0:
-        return counts.reshape(counts.shape[0], -1)
+        return counts.reshape(counts.shape[0], counts.shape[-1] if counts.ndim == 2 else 0)
     g = np.gcd.reduce(counts, axis=1)
     g[g == 0] = 1
     return counts // g[:, None]

@@ -1,0 +1,170 @@
+"""``afpx rank``: rank the compositions of an element set."""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import click
+
+from afpx.cli import library_errors
+
+FORMATS = ("table", "csv", "json")
+
+
+@click.command("rank")
+@click.option(
+    "--elements",
+    "-e",
+    required=True,
+    help="Element set, comma-separated symbols, e.g. Li,Mn,Ge (at least two).",
+)
+@click.option(
+    "--cube",
+    type=click.Path(),
+    default=None,
+    help="Cube with likelihoods; default: the built-in template library.",
+)
+@click.option("--top", type=int, default=20, show_default=True, help="Rows to show (0: all).")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(FORMATS),
+    default="table",
+    show_default=True,
+    help="Output format.",
+)
+@click.option(
+    "--export-cif",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Write each row's best candidate as a CIF into this folder.",
+)
+@click.option(
+    "--scale",
+    type=click.Choice(["dls", "radii", "none"]),
+    default="dls",
+    show_default=True,
+    help="Lattice scaling of exported CIFs (see docs/ranking.md).",
+)
+@click.option("--known", is_flag=True, help="Mark compositions that exist among the structures.")
+@click.option("--max-sites", type=int, default=None, help="Skip templates with more unique sites.")
+@click.option(
+    "--source", "sources", multiple=True, help="Only templates from this source (repeatable)."
+)
+@click.option(
+    "--exclude-own-formula",
+    is_flag=True,
+    help="Drop candidates whose composition is their template's own.",
+)
+@click.option(
+    "--min-likelihood", type=float, default=None, help="Drop candidates with a lower likelihood."
+)
+@library_errors
+def rank_command(
+    elements: str,
+    cube: str | None,
+    top: int,
+    fmt: str,
+    export_cif: str | None,
+    scale: str,
+    known: bool,
+    max_sites: int | None,
+    sources: tuple[str, ...],
+    exclude_own_formula: bool,
+    min_likelihood: float | None,
+) -> None:
+    """Rank the compositions an element set can take in the known structure templates.
+
+    Every assignment of the elements to the unique sites of every template is
+    scored exactly (product of site likelihoods, every element used); each
+    reduced composition is ranked by its best candidate. Ties get mid-ranks
+    (also optimistic and pessimistic ranks); tied rows are listed by formula.
+
+    \b
+    Examples:
+      afpx rank --elements Mn,Ge
+      afpx rank --elements Li,Mn,Ge --top 10 --known
+      afpx rank --elements Li,Mn,Ge --cube cube.zarr --format csv > ranks.csv
+    """
+    from afpx import AfpxError
+    from afpx.rank import export_cifs, load_library, parse_elements, rank
+
+    if top < 0:
+        raise AfpxError(f"--top must be 0 (all) or positive, got {top}")
+    zs = parse_elements(elements)  # bad symbols fail before any loading
+    library = load_library(cube)
+    options: dict[str, Any] = {"exclude_own_formula": exclude_own_formula}
+    if max_sites is not None:
+        options["max_unique_sites"] = max_sites
+    if sources:
+        options["sources"] = sources
+    if min_likelihood is not None:
+        options["min_likelihood"] = min_likelihood
+    ds = rank(zs, library=library, top=top or None, known=known, **options)
+    if export_cif is not None:
+        paths = export_cifs(ds, library, export_cif, scale=scale)
+        click.echo(f"wrote {len(paths)} CIF files to {export_cif}", err=True)
+    click.echo(_render(ds, fmt), nl=False)
+
+
+def _render(ds: Any, fmt: str) -> str:
+    from afpx.rank import to_frame
+
+    frame = to_frame(ds)
+    if fmt == "csv":
+        return str(frame.to_csv(index=False))
+    if fmt == "json":
+        records = frame.to_dict(orient="records")
+        payload = {"elements": ds.attrs["elements"], "attrs": _jsonable(ds.attrs), "rows": records}
+        return json.dumps(_jsonable(payload), indent=1) + "\n"
+    cols = ["rank", "formula", "score", "structure_id", "template_formula", "spacegroup"]
+    cols += ["known"] if "known" in frame else []
+    cols += ["assignment_text"]
+    lines = []
+    header = ["rank", "formula", "score", "template", "template formula", "sg"]
+    header += ["known"] if "known" in frame else []
+    header += ["assignment"]
+    table = [header]
+    for _, row in frame.iterrows():
+        cells = [
+            f"{row['rank']:g}",
+            str(row["formula"]),
+            f"{row['score']:.4g}",
+            str(row["structure_id"]),
+            str(row["template_formula"]),
+            str(row["spacegroup"]),
+        ]
+        if "known" in frame:
+            cells.append("yes" if row["known"] else "")
+        cells.append(str(row["assignment_text"]))
+        table.append(cells)
+    widths = [max(len(r[i]) for r in table) for i in range(len(header) - 1)]
+    for r in table:
+        padded = [c.ljust(w) for c, w in zip(r[:-1], widths, strict=True)]
+        lines.append("  ".join([*padded, r[-1]]))
+    n = ds.attrs.get("n_compositions", len(frame))
+    lines.append(
+        f"# {len(frame)} of {n} compositions of {'-'.join(ds.attrs['elements'])}; "
+        f"{ds.attrs.get('n_candidates', 0)} candidates from {ds.attrs.get('n_templates', 0)} "
+        f"templates ({ds.attrs.get('library', '')}); ties: mid-rank, listed by formula"
+    )
+    return "\n".join(lines) + "\n"
+
+
+def _jsonable(value: Any) -> Any:
+    import numpy as np
+
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+COMMANDS = [rank_command]

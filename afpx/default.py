@@ -1,0 +1,427 @@
+"""The built-in template library: packing and loading.
+
+The library that ``afpx rank`` uses without ``--cube`` ships inside the
+package as two files in ``afpx/data/``:
+
+* ``default_library.npz`` — plain numeric and fixed-width string arrays,
+  written with :func:`numpy.savez_compressed` and read with
+  ``numpy.load(allow_pickle=False)`` (never unpickles anything);
+* ``default_library.json`` — the manifest: format version, the SHA-256 and
+  size of the npz (verified before every load), how the likelihoods are
+  quantised, counts, the library's provenance (model, cube, parameters) and
+  the rank check made when packing.
+
+Likelihoods are stored as log-likelihoods, either losslessly (``float32``) or
+quantised (``uint16``: 65 536 levels evenly spaced in log between the log of
+``floor`` and 0, i.e. a relative error of at most ~2e-4 per site likelihood
+with the default floor 1e-6; ``uint8``: 256 levels). Likelihoods below
+``floor`` are stored as ``floor``: candidates that contain such a site are
+hopeless either way. Numeric arrays are byte-shuffled before compression
+(bytes of equal significance stored together), which deflate compresses much
+better. :func:`pack_library` re-ranks a sample of element sets with the
+packed library and records whether every rank stayed the same.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import math
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Final
+
+import numpy as np
+
+from afpx import AfpxError, __version__, schema
+from afpx.templates import LIKELIHOOD_FLOOR, TemplateGeometry, TemplateLibrary
+
+__all__ = [
+    "DEFAULT_NAME",
+    "QUANTISATIONS",
+    "compare_rankings",
+    "default_data_dir",
+    "load_default_library",
+    "load_library",
+    "pack_default_library",
+    "pack_library",
+]
+
+DEFAULT_NAME: Final = "default_library"
+FORMAT: Final = "afpx-template-library"
+FORMAT_VERSION: Final = 1
+QUANTISATIONS: Final = ("float32", "uint16", "uint8")
+_REINSTALL: Final = "reinstall afpx (pip install --force-reinstall afpx)"
+
+
+def default_data_dir() -> Path:
+    """Folder of the package data (``afpx/data``)."""
+    return Path(__file__).resolve().parent / "data"
+
+
+# =============================================================================
+# packing
+# =============================================================================
+def _shuffle(a: np.ndarray) -> np.ndarray:
+    """(itemsize, n) uint8 planes: byte j of every element together."""
+    a = np.ascontiguousarray(a)
+    return a.reshape(-1).view(np.uint8).reshape(-1, a.dtype.itemsize).T.copy()
+
+
+def _unshuffle(planes: np.ndarray, dtype: str, shape: Sequence[int]) -> np.ndarray:
+    return np.ascontiguousarray(planes.T).view(np.dtype(dtype)).reshape(tuple(shape))
+
+
+def _strings(values: np.ndarray) -> np.ndarray:
+    # fixed-width unicode: loadable without pickle
+    return np.asarray([str(v) for v in values], dtype=str)
+
+
+def _quantise(logl: np.ndarray, kind: str, floor: float) -> tuple[np.ndarray, dict[str, Any]]:
+    if kind == "float32":
+        return np.asarray(logl, dtype=np.float32), {"kind": kind}
+    levels = {"uint16": 65535, "uint8": 255}[kind]
+    lo = math.log(floor)
+    x = np.clip(np.asarray(logl, dtype=np.float64), lo, 0.0)
+    q = np.rint((x - lo) / (0.0 - lo) * levels).astype(np.uint16 if kind == "uint16" else np.uint8)
+    return q, {"kind": kind, "log_floor": lo, "levels": levels, "floor": floor}
+
+
+def _dequantise(q: np.ndarray, info: dict[str, Any]) -> np.ndarray:
+    if info["kind"] == "float32":
+        return np.asarray(q, dtype=np.float32)
+    lo, levels = float(info["log_floor"]), int(info["levels"])
+    out = q.astype(np.float32)
+    out *= np.float32(-lo / levels)
+    out += np.float32(lo)
+    return out
+
+
+def _library_arrays(
+    library: TemplateLibrary, *, quantise: str, floor: float
+) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Arrays to store and the layout recorded in the manifest."""
+    arrays: dict[str, np.ndarray] = {}
+    layout: dict[str, Any] = {}
+
+    def put(name: str, a: np.ndarray, *, shuffle: bool = False) -> None:
+        a = np.asarray(a)
+        if shuffle and a.dtype.itemsize > 1:
+            arrays[name] = _shuffle(a)
+            layout[name] = {"dtype": a.dtype.str, "shape": list(a.shape), "shuffled": True}
+        else:
+            arrays[name] = a
+            layout[name] = {"dtype": a.dtype.str, "shape": list(a.shape), "shuffled": False}
+
+    n_sites = library.n_unique_sites
+    if n_sites.size and n_sites.max() > np.iinfo(np.uint16).max:
+        raise AfpxError("a template has more than 65535 unique sites; cannot pack it")
+    put("n_unique_sites", n_sites.astype(np.uint16), shuffle=True)
+    put("multiplicity", library.multiplicity.astype(np.int32), shuffle=True)
+    put("z", library.z.astype(np.uint8))
+    q, qinfo = _quantise(library.log_likelihood, quantise, floor)
+    put("log_likelihood", q, shuffle=True)
+    put("structure_id", _strings(library.structure_id))
+    put("formula", _strings(library.formula))
+    put("spacegroup", np.asarray(library.spacegroup).astype(np.int16), shuffle=True)
+    put("source", _strings(library.source))
+    if library.split is not None:
+        put("split", _strings(library.split))
+    if library.wyckoff is not None:
+        put("wyckoff", _strings(library.wyckoff))
+    if library.site_index is not None:
+        put("site_index", library.site_index.astype(np.int32), shuffle=True)
+    geo = library.geometry
+    if geo is not None:
+        put("geometry_lattice", geo.lattice.astype(np.float32), shuffle=True)
+        put("geometry_n_atoms", np.diff(geo.atom_start).astype(np.int32), shuffle=True)
+        put("geometry_frac_coords", geo.frac_coords.astype(np.float32), shuffle=True)
+        put("geometry_numbers", geo.numbers.astype(np.uint8))
+    return arrays, {"arrays": layout, "log_likelihood": qinfo}
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def pack_library(
+    library: TemplateLibrary,
+    directory: str | os.PathLike[str],
+    *,
+    name: str = DEFAULT_NAME,
+    quantise: str = "uint16",
+    floor: float = 1e-6,
+    check_sets: Sequence[Sequence[int]] | int | None = 40,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Write a library as ``<name>.npz`` + ``<name>.json`` and check it.
+
+    Parameters
+    ----------
+    library : TemplateLibrary
+    directory : path
+        Created if missing; existing files of that name are replaced.
+    name : str
+        Base name of the two files.
+    quantise : {"float32", "uint16", "uint8"}
+        Storage of the log-likelihoods (see the module notes).
+    floor : float
+        Likelihoods below this are stored as this (quantised kinds only).
+    check_sets : int, sequence of element sets, or None
+        Element sets (atomic numbers) to rank with the original and the
+        packed library; an int draws that many binary and ternary sets from
+        the library's own structures (seeded). None skips the check.
+    seed : int
+        Seed of the drawn sets.
+
+    Returns
+    -------
+    dict
+        The manifest written (with ``rank_check``: sets compared, sets whose
+        ranking changed, and the largest change of a mid-rank).
+    """
+    if quantise not in QUANTISATIONS:
+        raise AfpxError(f"unknown quantisation {quantise!r}; choose one of {QUANTISATIONS}")
+    if not 0 < floor < 1:
+        raise AfpxError(f"floor must lie in (0, 1), got {floor}")
+    if floor < LIKELIHOOD_FLOOR:
+        floor = LIKELIHOOD_FLOOR
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    arrays, layout = _library_arrays(library, quantise=quantise, floor=floor)
+    npz = out / f"{name}.npz"
+    tmp = out / f".{name}.npz.tmp"
+    with open(tmp, "wb") as f:
+        np.savez_compressed(f, **arrays)  # type: ignore[arg-type]
+    os.replace(tmp, npz)
+    manifest: dict[str, Any] = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "afpx_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "files": {npz.name: {"sha256": _sha256(npz), "bytes": npz.stat().st_size}},
+        "n_templates": library.n_templates,
+        "n_sites": library.n_sites,
+        "has_geometry": library.geometry is not None,
+        "layout": layout,
+        "attrs": library.attrs,
+    }
+    if check_sets is not None:
+        packed = _load(npz, manifest)
+        sets = _draw_sets(library, check_sets, seed) if isinstance(check_sets, int) else check_sets
+        manifest["rank_check"] = compare_rankings(library, packed, sets)
+    (out / f"{name}.json").write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    return manifest
+
+
+def pack_default_library(
+    library: TemplateLibrary, path: str | os.PathLike[str] | None = None, **kwargs: Any
+) -> dict[str, Any]:
+    """Pack ``library`` as the built-in default (into ``afpx/data`` unless ``path`` is given).
+
+    Keyword arguments go to :func:`pack_library`.
+    """
+    return pack_library(library, default_data_dir() if path is None else path, **kwargs)
+
+
+def _draw_sets(library: TemplateLibrary, n: int, seed: int) -> list[tuple[int, ...]]:
+    """Up to ``n`` binary and ternary element sets of the library's own structures."""
+    rng = np.random.default_rng(seed)
+    start = library.site_start
+    sets: set[tuple[int, ...]] = set()
+    for t in range(library.n_templates):
+        zs = tuple(sorted({int(z) for z in library.z[start[t] : start[t + 1]]}))
+        if len(zs) in (2, 3):
+            sets.add(zs)
+    ordered = sorted(sets)
+    if len(ordered) <= n:
+        return ordered
+    pick = rng.choice(len(ordered), size=n, replace=False)
+    return [ordered[i] for i in sorted(pick.tolist())]
+
+
+def compare_rankings(
+    original: TemplateLibrary,
+    other: TemplateLibrary,
+    element_sets: Sequence[Sequence[int]],
+    *,
+    top: int = 20,
+) -> dict[str, Any]:
+    """Compare the full composition rankings of two libraries on element sets.
+
+    Returns a JSON-able dict: ``n_sets``; ``n_sets_changed`` (sets where any
+    composition's mid-rank differs); ``n_sets_top_changed`` (sets whose first
+    ``top`` rows differ in formula or rank); ``max_rank_change`` (largest
+    change of a mid-rank, in positions); ``n_compositions`` (total compared).
+    """
+    from afpx.rank import _rank_rows
+    from afpx.templates import (
+        CandidateOptions,
+        _candidates,
+        _check_elements,
+        _symbol,
+        reduce_compositions,
+    )
+
+    def ranking(lib: TemplateLibrary, zs: np.ndarray) -> dict[str, float]:
+        res, _ = _candidates(lib, zs, CandidateOptions(), assignments=False)
+        if res.template.size == 0:
+            return {}
+        inv, uniq = reduce_compositions(res.counts)
+        rows = _rank_rows(
+            res.template,
+            inv,
+            uniq,
+            res.log_score,
+            [_symbol(int(z)) for z in zs],
+            top=None,
+            tie_tolerance=1e-9,
+        )
+        return {str(f): float(r) for f, r in zip(rows["formula"], rows["rank"], strict=True)}
+
+    changed = top_changed = n_comp = 0
+    max_change = 0.0
+    for s in element_sets:
+        zs = _check_elements(list(s))
+        a, b = ranking(original, zs), ranking(other, zs)
+        n_comp += len(a)
+        if a != b:
+            changed += 1
+            common = set(a) & set(b)
+            diffs = [abs(a[f] - b[f]) for f in common] or [math.inf]
+            max_change = max(max_change, max(diffs) if set(a) == set(b) else math.inf)
+        top_a = sorted(a.items(), key=lambda kv: (kv[1], kv[0]))[:top]
+        top_b = sorted(b.items(), key=lambda kv: (kv[1], kv[0]))[:top]
+        top_changed += top_a != top_b
+    return {
+        "n_sets": len(element_sets),
+        "n_sets_changed": changed,
+        "n_sets_top_changed": top_changed,
+        "top": top,
+        "max_rank_change": max_change if math.isfinite(max_change) else "compositions differ",
+        "n_compositions": n_comp,
+    }
+
+
+# =============================================================================
+# loading
+# =============================================================================
+def load_library(manifest: str | os.PathLike[str]) -> TemplateLibrary:
+    """Load a packed library from its manifest (``<name>.json``), verifying checksums.
+
+    Raises :class:`AfpxError` when a file is missing or its SHA-256 differs
+    from the manifest's.
+    """
+    path = Path(manifest)
+    if not path.is_file():
+        raise AfpxError(f"packed library manifest {os.fspath(path)!r} does not exist")
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise AfpxError(f"cannot read manifest {os.fspath(path)!r}: {exc}; {_REINSTALL}") from exc
+    if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
+        raise AfpxError(
+            f"{os.fspath(path)!r} is not an afpx template library of format version "
+            f"{FORMAT_VERSION}; {_REINSTALL}"
+        )
+    files = meta.get("files", {})
+    if len(files) != 1:
+        raise AfpxError(f"manifest {os.fspath(path)!r} must list exactly one data file")
+    ((fname, info),) = files.items()
+    npz = path.parent / fname
+    if not npz.is_file():
+        raise AfpxError(f"packed library file {os.fspath(npz)!r} is missing; {_REINSTALL}")
+    digest = _sha256(npz)
+    if digest != info.get("sha256"):
+        raise AfpxError(
+            f"checksum mismatch for {os.fspath(npz)!r} (sha256 {digest[:12]}…, manifest "
+            f"{str(info.get('sha256'))[:12]}…): the file is corrupted or was changed; "
+            f"{_REINSTALL}"
+        )
+    return _load(npz, meta)
+
+
+def _load(npz: Path, meta: dict[str, Any]) -> TemplateLibrary:
+    layout = meta["layout"]["arrays"]
+    try:
+        with np.load(npz, allow_pickle=False) as data:
+            raw = {k: data[k] for k in data.files}
+    except Exception as exc:  # zipfile / numpy raise several types
+        raise AfpxError(f"cannot read {os.fspath(npz)!r}: {exc}; {_REINSTALL}") from exc
+    missing = set(layout) - set(raw)
+    if missing:
+        raise AfpxError(f"{os.fspath(npz)!r} lacks {sorted(missing)}; {_REINSTALL}")
+
+    def get(name: str) -> np.ndarray:
+        lay = layout[name]
+        a = raw[name]
+        if lay["shuffled"]:
+            return _unshuffle(a, lay["dtype"], lay["shape"])
+        return a
+
+    def opt(name: str) -> np.ndarray | None:
+        return get(name) if name in layout else None
+
+    n = get("n_unique_sites").astype(np.int64)
+    logl = _dequantise(get("log_likelihood"), meta["layout"]["log_likelihood"])
+    if logl.shape[1:] != (schema.N_ELEMENTS,):
+        raise AfpxError(f"{os.fspath(npz)!r}: log_likelihood has shape {logl.shape}; {_REINSTALL}")
+    geometry = None
+    if "geometry_lattice" in layout:
+        counts = get("geometry_n_atoms").astype(np.int64)
+        geometry = TemplateGeometry(
+            lattice=get("geometry_lattice").astype(np.float64),
+            atom_start=np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
+            frac_coords=get("geometry_frac_coords").astype(np.float64),
+            numbers=get("geometry_numbers").astype(np.int16),
+        )
+    wyckoff = opt("wyckoff")
+    split = opt("split")
+    site_index = opt("site_index")
+    attrs = dict(meta.get("attrs", {}))
+    return TemplateLibrary(
+        site_template=np.repeat(np.arange(n.size, dtype=np.int64), n),
+        multiplicity=get("multiplicity").astype(np.int32),
+        z=get("z").astype(np.int16),
+        log_likelihood=logl,
+        structure_id=get("structure_id").astype(object),
+        formula=get("formula").astype(object),
+        spacegroup=get("spacegroup").astype(np.int64),
+        source=get("source").astype(object),
+        split=None if split is None else split.astype(object),
+        wyckoff=None if wyckoff is None else wyckoff.astype(object),
+        site_index=None if site_index is None else site_index.astype(np.int64),
+        geometry=geometry,
+        attrs=attrs,
+    )
+
+
+@functools.lru_cache(maxsize=1)
+def _load_default_cached(manifest: str, mtime: float) -> TemplateLibrary:
+    lib = load_library(manifest)
+    lib.attrs["default"] = Path(manifest).name
+    return lib
+
+
+def load_default_library() -> TemplateLibrary:
+    """The built-in template library and likelihoods (package data).
+
+    Loaded once per process (checksum verified). Raises :class:`AfpxError`
+    with what to do when the package data is not there yet or is corrupted.
+    """
+    manifest = default_data_dir() / f"{DEFAULT_NAME}.json"
+    if not manifest.is_file():
+        raise AfpxError(
+            "the built-in default template library is not installed (no "
+            f"{manifest.name} in {os.fspath(manifest.parent)}); rank with a cube that has "
+            "likelihoods instead: `afpx rank --elements ... --cube CUBE.zarr`, or build and "
+            "pack the default (see docs/ranking.md)"
+        )
+    return _load_default_cached(os.fspath(manifest), manifest.stat().st_mtime)
