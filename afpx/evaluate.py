@@ -21,6 +21,7 @@ Conventions (see docs/evaluation.md for the full definitions):
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import os
@@ -75,8 +76,13 @@ class EvaluateParams:
         ``test1_cap + 1``). Top-1 and top-10 rates are exact for any cap >= 10.
     test1_max_states : int
         Largest count grid (sites × remaining-count states) of the exact
-        per-template counting DP; a template beyond it is counted by its best
-        candidate only and flagged (see ``n_inexact`` in the report).
+        per-template counting DP; a template beyond it is skipped and flagged
+        (``n_inexact_templates`` in the report).
+    table_max_elements : int
+        Element-set sizes up to this (and every Test 2 size) get a
+        :class:`CompositionTable`: exact template and candidate counts for
+        Test 1. Larger sets (Test 1 only) are ranked exactly too, but their
+        numbers of candidates are not counted (NaN).
     tie_tolerance : float
         Two log-scores closer than this are tied.
     histogram_bins : int
@@ -92,8 +98,9 @@ class EvaluateParams:
     split: str = "test"
     set_sizes: tuple[int, ...] = (2, 3)
     hit_k: tuple[int, ...] = (1, 10)
-    test1_cap: int = 1000
+    test1_cap: int = 100
     test1_max_states: int = 5_000_000
+    table_max_elements: int = 4
     tie_tolerance: float = 1e-9
     histogram_bins: int = 50
     baselines: tuple[str, ...] = ("constant", "random", "frequency", "coordination")
@@ -630,6 +637,15 @@ def _row_keys(rows: np.ndarray, base: int) -> np.ndarray:
     return key
 
 
+def _decode(keys: np.ndarray, base: int, k: int) -> np.ndarray:
+    # inverse of _row_keys
+    out = np.empty((keys.size, k), dtype=np.int64)
+    rest = np.asarray(keys, dtype=np.int64).copy()
+    for col in range(k - 1, -1, -1):
+        rest, out[:, col] = np.divmod(rest, base)
+    return out
+
+
 def _match_rows(rows: np.ndarray, queries: np.ndarray) -> np.ndarray:
     """Index of each query row among ``rows`` (-1 where absent); rows are unique."""
     if rows.shape[0] == 0 or queries.shape[0] == 0:
@@ -713,21 +729,27 @@ def rank_candidates(
     )
 
 
-def set_scores(
-    ranking: CompositionRanking,
-    known: np.ndarray,
+def set_positions(
+    scores: np.ndarray,
+    known_index: np.ndarray,
+    n_total: int,
     *,
     hit_k: Sequence[int] = (1, 10),
     tolerance: float = 1e-9,
 ) -> dict[str, float]:
-    """Test 2 numbers of one element set: optimality score, first known rank, hit@k.
+    """Test 2 numbers of one element set from the top of its ranked list.
 
     Parameters
     ----------
-    ranking : CompositionRanking
-        The N unique compositions generated for the set.
-    known : ndarray of shape (Q, k), int
-        Reduced compositions known for the set.
+    scores : ndarray of shape (n_found,)
+        Best log-scores of the compositions found; every composition not
+        among them scores less than all of them.
+    known_index : ndarray of shape (Q,), int
+        Row of each known composition in ``scores``; -1 for a known
+        composition that is not generated at all (placed at the bottom of the
+        list, tied with the other missing ones).
+    n_total : int
+        N, every composition generated for the set (including the missing known ones).
     hit_k : sequence of int
         The k of hit@k.
     tolerance : float
@@ -736,39 +758,386 @@ def set_scores(
     Returns
     -------
     dict
-        ``n_compositions`` (N, including known compositions no template
-        generated), ``n_known`` (Q), ``n_known_missing`` (known but not
-        generated: placed at the bottom, tied), ``os`` / ``os_optimistic`` /
-        ``os_pessimistic`` (NaN when Q = 0 or Q = N), ``first_rank``,
-        ``first_rank_optimistic``, ``first_rank_pessimistic``,
-        ``reciprocal_rank`` and ``hit@k``.
+        ``n_compositions`` (N), ``n_known`` (Q), ``n_known_missing``, ``os``,
+        ``os_optimistic``, ``os_pessimistic`` (NaN when Q = 0 or Q = N),
+        ``first_rank`` (mid-rank), ``first_rank_optimistic``,
+        ``first_rank_pessimistic``, ``reciprocal_rank``, ``hit@k``.
     """
-    known = np.asarray(known, dtype=np.int64).reshape(-1, ranking.counts.shape[1])
-    idx = _match_rows(ranking.counts, known)
-    n_missing = int((idx < 0).sum())
-    n_gen = ranking.log_score.size
-    scores = np.concatenate([ranking.log_score, np.full(n_missing, -np.inf)])
+    scores = np.asarray(scores, dtype=np.float64)
+    known_index = np.asarray(known_index, dtype=np.int64)
+    found = known_index[known_index >= 0]
+    n_missing = int((known_index < 0).sum())
+    if found.size + n_missing and scores.size + n_missing > n_total:
+        raise AfpxError(f"{scores.size} compositions found, {n_missing} missing, but N = {n_total}")
     is_known = np.zeros(scores.size, dtype=bool)
-    is_known[idx[idx >= 0]] = True
-    is_known[n_gen:] = True
-    n_total = scores.size
+    is_known[found] = True
+    if scores.size:
+        q_mid, q_opt, q_pes = known_positions(scores, is_known, tolerance=tolerance)
+    else:
+        q_mid = q_opt = q_pes = np.zeros(0)
+    bottom = np.arange(n_total - n_missing + 1, n_total + 1, dtype=np.float64)
+    q_mid = np.concatenate([q_mid, np.full(n_missing, bottom.mean() if n_missing else 0.0)])
+    q_opt = np.concatenate([q_opt, bottom])
+    q_pes = np.concatenate([q_pes, bottom])
     out: dict[str, float] = {
         "n_compositions": float(n_total),
-        "n_generated": float(n_gen),
-        "n_known": float(known.shape[0]),
+        "n_known": float(known_index.size),
         "n_known_missing": float(n_missing),
+        "os": optimality_score(q_mid, n_total),
+        "os_optimistic": optimality_score(q_opt, n_total),
+        "os_pessimistic": optimality_score(q_pes, n_total),
     }
-    if n_total == 0:
-        q_mid = q_opt = q_pes = np.zeros(0)
-    else:
-        q_mid, q_opt, q_pes = known_positions(scores, is_known, tolerance=tolerance)
-    out["os"] = optimality_score(q_mid, n_total)
-    out["os_optimistic"] = optimality_score(q_opt, n_total)
-    out["os_pessimistic"] = optimality_score(q_pes, n_total)
     out.update(first_known_metrics(q_mid, hit_k))
     out["first_rank_optimistic"] = float(q_opt.min()) if q_opt.size else math.nan
     out["first_rank_pessimistic"] = float(q_pes.min()) if q_pes.size else math.nan
     return out
+
+
+# =============================================================================
+# the evaluation engine: every candidate above a score, shared by models and sets
+# =============================================================================
+
+#: Templates with at most this many assignments are enumerated outright.
+BF_MAX_ASSIGNMENTS: Final = 8192
+#: Scored (template, assignment) pairs held in memory at once by the enumeration.
+_BF_CHUNK: Final = 2_000_000
+
+
+@functools.lru_cache(maxsize=64)
+def surjections(k: int, n: int) -> np.ndarray:
+    """Every assignment of k elements to n sites that uses each element.
+
+    Returns
+    -------
+    ndarray of shape (n_assignments, n), int8
+        Element index (0..k-1) per site, in lexicographic order.
+    """
+    if k == 1:
+        grid = np.zeros((1, n), dtype=np.int8)
+    else:
+        grid = np.indices((k,) * n, dtype=np.int8).reshape(n, -1).T
+    used = np.zeros((grid.shape[0], k), dtype=bool)
+    for j in range(n):
+        used[np.arange(grid.shape[0]), grid[:, j]] = True
+    out = np.ascontiguousarray(grid[used.all(axis=1)])
+    out.flags.writeable = False
+    return out
+
+
+def bruteforce_limit(k: int) -> int:
+    """Largest number of unique sites whose k**n assignments are enumerated outright."""
+    if k <= 1:
+        return 1 << 30
+    return math.floor(math.log(BF_MAX_ASSIGNMENTS) / math.log(k) + 1e-9)
+
+
+@dataclass(frozen=True, eq=False)
+class TemplateIndex:
+    """What evaluation needs of a template library, independent of likelihoods.
+
+    Attributes
+    ----------
+    site_start : ndarray of shape (n_templates + 1,), int64
+        Sites of template t are ``site_start[t]:site_start[t + 1]``.
+    n_sites : ndarray of shape (n_templates,), int64
+        Unique sites per template.
+    multiplicity : ndarray of shape (n_sites_total,), int64
+    reduced : ndarray of shape (n_sites_total,), int64
+        Multiplicities divided by their template's gcd (compositions unchanged).
+    total : ndarray of shape (n_templates,), int64
+        Sum of the reduced multiplicities of each template.
+    compositions : TemplateCompositions
+        The templates' own element sets and reduced compositions.
+    z : ndarray of shape (n_sites_total,), int64
+        True element of every site.
+    """
+
+    site_start: np.ndarray
+    n_sites: np.ndarray
+    multiplicity: np.ndarray
+    reduced: np.ndarray
+    total: np.ndarray
+    compositions: TemplateCompositions
+    z: np.ndarray
+
+    @classmethod
+    def from_arrays(
+        cls, site_template: np.ndarray, z: np.ndarray, multiplicity: np.ndarray
+    ) -> TemplateIndex:
+        """Index of templates given by their sites (see :func:`template_compositions`)."""
+        tc = template_compositions(site_template, z, multiplicity)
+        start = tc.site_start
+        n = np.diff(start)
+        m = np.asarray(multiplicity).astype(np.int64)
+        g = np.ones(n.size, dtype=np.int64)
+        has = n > 0
+        if m.size:
+            g[has] = np.gcd.reduceat(m, start[:-1][has])
+        reduced = m // np.repeat(g, n)
+        total = np.zeros(n.size, dtype=np.int64)
+        if m.size:
+            total[has] = np.add.reduceat(reduced, start[:-1][has])
+        return cls(start, n, m, reduced, total, tc, np.asarray(z).astype(np.int64))
+
+    @property
+    def n_templates(self) -> int:
+        return int(self.n_sites.size)
+
+    def upper_bound(self, log_likelihood: np.ndarray) -> np.ndarray:
+        """Best conceivable score of every template: each site's best element, no constraint.
+
+        Parameters
+        ----------
+        log_likelihood : ndarray of shape (n_sites_total, k)
+
+        Returns
+        -------
+        ndarray of shape (n_templates,), float64 (-inf for templates without sites)
+        """
+        best = np.asarray(log_likelihood, dtype=np.float64).max(axis=1)
+        out = np.full(self.n_templates, -np.inf)
+        has = self.n_sites > 0
+        if best.size:
+            out[has] = np.add.reduceat(best, self.site_start[:-1][has])
+        return out
+
+    def true_scores(self, log_likelihood_all: np.ndarray, templates: np.ndarray) -> np.ndarray:
+        """Score of each given template's own (true) assignment.
+
+        Parameters
+        ----------
+        log_likelihood_all : ndarray of shape (n_sites_total, 118)
+        templates : ndarray of shape (n,), int
+
+        Returns
+        -------
+        ndarray of shape (n,), float64; sites summed in order, as in the counting.
+        """
+        out = np.empty(len(templates))
+        for i, t in enumerate(np.asarray(templates).tolist()):
+            a, b = self.site_start[t], self.site_start[t + 1]
+            vals = np.asarray(log_likelihood_all[a:b], dtype=np.float64)[
+                np.arange(b - a), self.z[a:b] - 1
+            ]
+            acc = 0.0
+            for v in vals.tolist():
+                acc += v
+            out[i] = acc
+        return out
+
+
+def _forward_grid(m: np.ndarray, k: int, log_likelihood: np.ndarray | None) -> np.ndarray:
+    """Forward DP over the counts of elements 0..k-2 (the last count is implied).
+
+    With log-likelihoods: the best score of every count vector (max-plus);
+    without: the number of assignments reaching it (float64, exact < 2**53).
+    """
+    M = int(m.sum())
+    shape = (M + 1,) * (k - 1)
+    origin = (0,) * (k - 1)
+    if log_likelihood is None:
+        V = np.zeros(shape)
+        V[origin] = 1.0
+    else:
+        V = np.full(shape, -np.inf)
+        V[origin] = 0.0
+    for j, u in enumerate(np.asarray(m).tolist()):
+        new = V.copy() if log_likelihood is None else V + log_likelihood[j, k - 1]
+        for e in range(k - 1):
+            src: list[Any] = [slice(None)] * (k - 1)
+            dst: list[Any] = [slice(None)] * (k - 1)
+            src[e] = slice(0, M + 1 - u)
+            dst[e] = slice(u, M + 1)
+            d, sl = tuple(dst), tuple(src)
+            if log_likelihood is None:
+                new[d] += V[sl]
+            else:
+                np.maximum(new[d], V[sl] + log_likelihood[j, e], out=new[d])
+        V = new
+    return V
+
+
+def _grid_rows(V: np.ndarray, M: int, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Count vectors (every element used) where ``keep`` holds, with their values (k >= 2)."""
+    idx = np.nonzero(keep)
+    first = np.stack(idx, axis=1).astype(np.int64)
+    last = M - first.sum(axis=1)
+    ok = (first >= 1).all(axis=1) & (last >= 1)
+    counts = np.concatenate([first, last[:, None]], axis=1)[ok]
+    return counts, V[idx][ok]
+
+
+def candidates_above(
+    index: TemplateIndex,
+    log_likelihood: np.ndarray,
+    threshold: float,
+    *,
+    upper_bound: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every (template, assignment) scoring at least ``threshold``, exactly.
+
+    Parameters
+    ----------
+    index : TemplateIndex
+    log_likelihood : ndarray of shape (n_sites_total, k)
+        Log-likelihood of the k elements of the set on every site.
+    threshold : float
+        Candidates below it are not returned.
+    upper_bound : ndarray of shape (n_templates,), optional
+        :meth:`TemplateIndex.upper_bound` of ``log_likelihood`` (computed if absent).
+
+    Returns
+    -------
+    template : ndarray of shape (R,), int64
+    reduced : ndarray of shape (R, k), int64
+        Reduced composition of each candidate.
+    log_score : ndarray of shape (R,), float64
+
+    Notes
+    -----
+    Only templates whose upper bound reaches the threshold are looked at.
+    Templates with at most :func:`bruteforce_limit` sites are enumerated
+    (vectorised over all templates with the same number of sites) and several
+    assignments of one template may share a composition; larger templates go
+    through a max-plus DP over count vectors and give one row per
+    composition. Ranking only needs the best row of every composition.
+    """
+    logl = np.asarray(log_likelihood, dtype=np.float64)
+    k = logl.shape[1]
+    ub = index.upper_bound(logl) if upper_bound is None else upper_bound
+    sel = np.flatnonzero((ub >= threshold) & (index.n_sites >= k))
+    n_sel = index.n_sites[sel]
+    limit = bruteforce_limit(k)
+    out_t: list[np.ndarray] = []
+    out_c: list[np.ndarray] = []
+    out_s: list[np.ndarray] = []
+    for n in np.unique(n_sel[n_sel <= limit]).tolist():
+        ts = sel[n_sel == n]
+        A = surjections(k, n)
+        A64 = A.astype(np.int64)
+        step = max(1, _BF_CHUNK // max(1, A.shape[0]))
+        for c0 in range(0, ts.size, step):
+            t = ts[c0 : c0 + step]
+            rows = index.site_start[t][:, None] + np.arange(n)[None, :]
+            L = logl[rows]  # (T, n, k)
+            score = np.zeros((t.size, A.shape[0]))
+            for j in range(n):  # sequential, as the counting sums
+                score += L[:, j, :][:, A64[:, j]]
+            ti, ai = np.nonzero(score >= threshold)
+            if ti.size == 0:
+                continue
+            mr = index.reduced[rows[ti]]  # (R, n)
+            counts = np.stack([(mr * (A64[ai] == e)).sum(axis=1) for e in range(k)], axis=1)
+            out_t.append(t[ti])
+            out_c.append(counts)
+            out_s.append(score[ti, ai])
+    for t in sel[n_sel > limit].tolist():
+        a, b = index.site_start[t], index.site_start[t + 1]
+        m = index.reduced[a:b]
+        grid = _forward_grid(m, k, logl[a:b])
+        counts, values = _grid_rows(grid, int(m.sum()), (grid >= threshold) & (grid > -np.inf))
+        out_t.append(np.full(values.size, t, dtype=np.int64))
+        out_c.append(counts)
+        out_s.append(values)
+    if not out_t:
+        return np.zeros(0, np.int64), np.zeros((0, k), np.int64), np.zeros(0)
+    return (
+        np.concatenate(out_t).astype(np.int64),
+        reduce_counts(np.concatenate(out_c)),
+        np.concatenate(out_s),
+    )
+
+
+@dataclass(frozen=True, eq=False)
+class CompositionTable:
+    """Every composition k elements can take on the templates, independent of likelihoods.
+
+    Compositions are reduced count vectors in "slot" order: the same for every
+    element set of size k, so one table serves them all.
+
+    Attributes
+    ----------
+    k : int
+    compositions : ndarray of shape (N, k), int64
+        Unique reduced compositions (rows sorted).
+    row_template : ndarray of shape (R,), int64
+        Template of each reachable (template, composition) pair, grouped by
+        composition: pairs of composition i are ``row_start[i]:row_start[i+1]``.
+    row_assignments : ndarray of shape (R,), float64
+        Number of assignments of the template yielding the composition.
+    row_start : ndarray of shape (N + 1,), int64
+    """
+
+    k: int
+    compositions: np.ndarray
+    row_template: np.ndarray
+    row_assignments: np.ndarray
+    row_start: np.ndarray
+
+    @property
+    def n_compositions(self) -> int:
+        return int(self.compositions.shape[0])
+
+    def find(self, reduced: np.ndarray) -> np.ndarray:
+        """Index of each reduced composition (rows) in the table, -1 where absent."""
+        queries = np.asarray(reduced, dtype=np.int64).reshape(-1, self.k)
+        return _match_rows(self.compositions, queries)
+
+    def templates_of(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """Templates reaching composition i and their numbers of assignments."""
+        a, b = self.row_start[i], self.row_start[i + 1]
+        return self.row_template[a:b], self.row_assignments[a:b]
+
+    @classmethod
+    def build(cls, index: TemplateIndex, k: int) -> CompositionTable:
+        """Enumerate (small templates) or count by DP (large ones) every composition."""
+        limit = bruteforce_limit(k)
+        sel = np.flatnonzero(index.n_sites >= k)
+        n_sel = index.n_sites[sel]
+        tt: list[np.ndarray] = []
+        cc: list[np.ndarray] = []
+        ww: list[np.ndarray] = []
+        base = int(index.total.max(initial=0)) + 1
+        span = base ** (k - 1)
+        for n in np.unique(n_sel[n_sel <= limit]).tolist():
+            ts = sel[n_sel == n]
+            assign = surjections(k, n).astype(np.int64)
+            onehot = [(assign == e).T.astype(np.int64) for e in range(k - 1)]
+            step = max(1, _BF_CHUNK // max(1, assign.shape[0]))
+            for c0 in range(0, ts.size, step):
+                t = ts[c0 : c0 + step]
+                mr = index.reduced[index.site_start[t][:, None] + np.arange(n)[None, :]]
+                # (template, counts of elements 0..k-2) as one int64; the last count is implied
+                key = np.repeat(t[:, None] * span, assign.shape[0], axis=1)
+                for e, h in enumerate(onehot):
+                    key += (mr @ h) * base ** (k - 2 - e)
+                uniq, n_ways = np.unique(key.ravel(), return_counts=True)
+                owner, code = np.divmod(uniq, span)
+                first = _decode(code, base, k - 1)
+                last = index.total[owner] - first.sum(axis=1)
+                tt.append(owner)
+                cc.append(np.concatenate([first, last[:, None]], axis=1))
+                ww.append(n_ways.astype(np.float64))
+        for t in sel[n_sel > limit].tolist():
+            a, b = index.site_start[t], index.site_start[t + 1]
+            m = index.reduced[a:b]
+            grid = _forward_grid(m, k, None)
+            counts, values = _grid_rows(grid, int(m.sum()), np.greater(grid, 0))
+            tt.append(np.full(values.size, t, dtype=np.int64))
+            cc.append(counts)
+            ww.append(values)
+        if tt:
+            template = np.concatenate(tt)
+            reduced = reduce_counts(np.concatenate(cc))
+            ways = np.concatenate(ww)
+        else:
+            template, reduced, ways = np.zeros(0, np.int64), np.zeros((0, k), np.int64), np.zeros(0)
+        ukey, inv = np.unique(_row_keys(reduced, base), return_inverse=True)
+        comps = _decode(ukey, base, k)
+        inv = np.asarray(inv).ravel()
+        order = np.lexsort((template, inv))
+        row_start = np.searchsorted(inv[order], np.arange(comps.shape[0] + 1))
+        return cls(k, comps, template[order], ways[order], row_start.astype(np.int64))
 
 
 # =============================================================================
@@ -790,8 +1159,9 @@ class TrueRank:
     template_rank, template_rank_optimistic, template_rank_pessimistic : float
         Rank when every other template is represented by its best assignment
         only (structure-type level).
-    n_templates : int
-        Templates that can yield the composition (its own included).
+    n_templates : float
+        Templates that can yield the composition (its own included); NaN when
+        not counted (element sets without a composition table).
     n_inexact : int
         Templates counted by their best candidate only (DP grid too large).
     """
@@ -803,7 +1173,7 @@ class TrueRank:
     template_rank: float
     template_rank_optimistic: float
     template_rank_pessimistic: float
-    n_templates: int
+    n_templates: float
     n_inexact: int
 
 
@@ -811,14 +1181,15 @@ def true_candidate_rank(
     own: int,
     true_score: float,
     templates: np.ndarray,
-    best: np.ndarray,
+    upper_bound: np.ndarray,
     template_sites: Callable[[int], tuple[np.ndarray, np.ndarray, np.ndarray]],
     *,
-    cap: int = 1000,
+    n_templates: float = math.nan,
+    cap: int = 100,
     tolerance: float = 1e-9,
     max_states: int = 5_000_000,
 ) -> TrueRank:
-    """Test 1 for one structure, given the best candidate of every template.
+    """Test 1 for one structure: rank of its true candidate among all of its composition.
 
     Parameters
     ----------
@@ -827,12 +1198,17 @@ def true_candidate_rank(
     true_score : float
         Log-score of its true assignment on its own template.
     templates : ndarray of shape (n,), int
-        Every template that can yield the composition (``own`` among them).
-    best : ndarray of shape (n,), float
-        The best log-score of each of them for the composition.
+        Every template that might yield the composition with a candidate
+        scoring at least ``true_score - tolerance`` (``own`` among them); no
+        other template may. Templates that turn out not to yield the
+        composition at all are skipped.
+    upper_bound : ndarray of shape (n,), float
+        An upper bound of each template's best score (orders the work).
     template_sites : callable
         ``template_sites(t) -> (log_likelihood (n_sites, k), multiplicity
         (n_sites,), target (k,))`` of template t for the composition.
+    n_templates : float
+        Templates that yield the composition at all (reported as is).
     cap, tolerance, max_states
         See :class:`EvaluateParams`.
 
@@ -841,72 +1217,65 @@ def true_candidate_rank(
     TrueRank
     """
     templates = np.asarray(templates, dtype=np.int64)
-    best = np.asarray(best, dtype=np.float64)
-    is_own = templates == own
-    if not is_own.any():
-        raise AfpxError(
-            f"template {own} cannot yield its own composition; the candidates are wrong"
-        )
+    if not (templates == own).any():
+        raise AfpxError(f"template {own} is missing from the candidates of its own composition")
+    order = np.argsort(-np.asarray(upper_bound, dtype=np.float64), kind="stable")
     hi, lo = true_score + tolerance, true_score - tolerance
-    others = best[~is_own]
-    better_t = int((others > hi).sum())
-    tied_t = int(((others >= lo) & (others <= hi)).sum())
-    tpl = (1.0 + better_t + tied_t / 2, float(1 + better_t), float(1 + better_t + tied_t))
-
-    # count every assignment at least as good as the true one, best templates first
-    qual = np.flatnonzero(best >= lo)
-    qual = qual[np.argsort(-best[qual], kind="stable")]
-    own_best = float(best[is_own][0])
-    lower_bound = qual.size - (0 if own_best > hi else 1)
-    better = tied = n_inexact = 0
-    truncated = lower_bound >= cap
-    if not truncated:
-        for i in qual:
-            t = int(templates[i])
-            logl, mult, target = template_sites(t)
-            room = cap - better - tied + (1 if t == own else 0)
-            if count_states(mult, target) > max_states:
-                n_inexact += 1
-                better += int(best[i] > hi)
-                tied += int(best[i] <= hi and t != own)
-                continue
-            c = count_assignments(logl, mult, target, true_score, tolerance=tolerance, cap=room)
+    better = tied = t_better = t_tied = n_inexact = 0
+    cut_all = cut_tpl = False
+    for t in templates[order].tolist():
+        if cut_all and cut_tpl:
+            break
+        logl, mult, target = template_sites(t)
+        if count_states(mult, target) > max_states:
+            n_inexact += 1
+            continue
+        room = max(1, cap - better - tied + (1 if t == own else 0)) if not cut_all else 1
+        c = count_assignments(logl, mult, target, true_score, tolerance=tolerance, cap=room)
+        if c.total == 0:
+            continue
+        if t != own and not cut_tpl:
+            t_better += int(c.best > hi)
+            t_tied += int(lo <= c.best <= hi)
+            cut_tpl = t_better + t_tied >= cap
+        if not cut_all:
             better += c.better
-            tied += c.tied - (1 if t == own else 0)  # the true assignment itself
-            if c.truncated or better + tied >= cap:
-                truncated = True
-                break
-    if not truncated:
+            tied += c.tied - (1 if t == own else 0)  # not the true assignment itself
+            cut_all = c.truncated or better + tied >= cap
+    if cut_tpl:
+        tpl = (math.nan, math.nan, math.nan)
+    else:
+        tpl = (1.0 + t_better + t_tied / 2, float(1 + t_better), float(1 + t_better + t_tied))
+    if not cut_all:
         return TrueRank(
             1.0 + better + tied / 2,
             float(1 + better),
             float(1 + better + tied),
             False,
             *tpl,
-            int(templates.size),
+            n_templates,
             n_inexact,
         )
-    # censored: count only the strictly better ones, for the optimistic rank
-    strict = qual[best[qual] > hi]
-    better = n_inexact = 0
-    opt = math.nan
-    if strict.size < cap:
-        for i in strict:
-            t = int(templates[i])
-            logl, mult, target = template_sites(t)
-            if count_states(mult, target) > max_states:
-                n_inexact += 1
-                better += 1
-                continue
-            c = count_assignments(
-                logl, mult, target, true_score, tolerance=tolerance, cap=cap - better, strict=True
-            )
-            better += c.better
-            if c.truncated or better >= cap:
-                break
-        else:
-            opt = float(1 + better)
-    return TrueRank(math.nan, opt, math.nan, True, *tpl, int(templates.size), n_inexact)
+    # censored: count only the strictly better assignments, for the optimistic rank
+    n_better = 0
+    opt = float("nan")
+    bounds = np.asarray(upper_bound, dtype=np.float64)[order]
+    for t, bound in zip(templates[order].tolist(), bounds.tolist(), strict=True):
+        if bound <= hi:
+            opt = float(1 + n_better)
+            break
+        logl, mult, target = template_sites(t)
+        if count_states(mult, target) > max_states:
+            continue
+        c = count_assignments(
+            logl, mult, target, true_score, tolerance=tolerance, cap=cap - n_better, strict=True
+        )
+        n_better += c.better
+        if c.truncated or n_better >= cap:
+            break
+    else:
+        opt = float(1 + n_better)
+    return TrueRank(math.nan, opt, math.nan, True, *tpl, n_templates, n_inexact)
 
 
 # =============================================================================
@@ -1150,20 +1519,6 @@ def per_site_metrics(ds: xr.Dataset, *, bins: int = 50) -> tuple[dict[str, Any],
     return metrics, arrays
 
 
-def _count_total_cached(
-    cache: dict[tuple[tuple[int, ...], tuple[int, ...]], float],
-    mult: np.ndarray,
-    target: np.ndarray,
-) -> float:
-    # the number of assignments depends on the multiset of multiplicities only
-    key = (tuple(sorted(int(m) for m in mult)), tuple(int(t) for t in target))
-    if key not in cache:
-        order = np.argsort(mult, kind="stable")
-        m = np.asarray(mult)[order]
-        cache[key] = count_assignments(np.zeros((m.size, len(target))), m, target, math.inf).total
-    return cache[key]
-
-
 def _rank_bins(ranks: np.ndarray, censored: np.ndarray, cap: int) -> dict[str, int]:
     edges = [e for e in RANK_EDGES if e <= cap] + [cap + 1]
     out: dict[str, int] = {}
@@ -1243,7 +1598,7 @@ def _summarise_test2(sets: list[dict[str, float]], hit_k: Sequence[int]) -> dict
         "n_compositions": int(col["n_compositions"].sum()),
         "n_known": int(col["n_known"].sum()),
         "n_known_missing": int(col["n_known_missing"].sum()),
-        "n_candidates": int(col["n_candidates"].sum()),
+        "n_candidates_scored": int(col["n_candidates_scored"].sum()),
     }
     for k in hit_k:
         out[f"hit@{k}"] = float(col[f"hit@{k}"].mean())
@@ -1256,21 +1611,122 @@ def _summarise_test2(sets: list[dict[str, float]], hit_k: Sequence[int]) -> dict
     return out
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class _TemplateSites:
     """Sites of a template restricted to an element set, and its target counts."""
 
-    library: TemplateLibrary
-    start: np.ndarray
-    columns: np.ndarray
-    composition: np.ndarray
+    index: TemplateIndex
+    log_likelihood: np.ndarray  # (n_sites_total, k) float64
+    composition: np.ndarray  # (k,) reduced
 
     def __call__(self, t: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        lo, hi = self.start[t], self.start[t + 1]
-        mult = np.asarray(self.library.multiplicity[lo:hi], dtype=np.int64)
-        logl = np.asarray(self.library.log_likelihood[lo:hi], dtype=np.float64)[:, self.columns]
-        scale = int(mult.sum()) // int(self.composition.sum())
-        return logl, mult, self.composition * scale
+        a, b = self.index.site_start[t], self.index.site_start[t + 1]
+        mult = self.index.reduced[a:b]
+        scale = int(self.index.total[t]) // int(self.composition.sum())
+        return self.log_likelihood[a:b], mult, self.composition * scale
+
+
+@dataclass(frozen=True, eq=False)
+class SetContext:
+    """What Test 1 and Test 2 need to know about one element set, for every model.
+
+    Attributes
+    ----------
+    known : ndarray of shape (Q, k), int64
+        The set's known reduced compositions (templates made of exactly the set).
+    own_templates : ndarray of shape (n_own,), int64
+        Templates made of exactly the set.
+    own_known : ndarray of shape (n_own,), int64
+        Row of ``known`` that each of them has.
+    own_counts : ndarray of shape (n_templates, k), int64
+        Every template's own reduced composition in the set's order; -1 rows
+        for templates made of other elements.
+    reachable_without_own : ndarray of shape (Q,), bool
+        Whether a template of another composition generates each known one
+        (True when unknown, i.e. without a composition table).
+    """
+
+    known: np.ndarray
+    own_templates: np.ndarray
+    own_known: np.ndarray
+    own_counts: np.ndarray
+    reachable_without_own: np.ndarray
+
+
+def set_context(
+    index: TemplateIndex,
+    elements: Sequence[int],
+    table: CompositionTable | None,
+    *,
+    own_templates: Sequence[int] | None = None,
+) -> SetContext:
+    """The :class:`SetContext` of a sorted element set.
+
+    ``own_templates`` (the templates made of exactly the set) is found by a
+    scan of every template when not given.
+    """
+    S = tuple(int(e) for e in elements)
+    k = len(S)
+    tc = index.compositions
+    if own_templates is None:
+        own_templates = [t for t, es in enumerate(tc.element_set) if es == S]
+    own_t = np.asarray(own_templates, dtype=np.int64)
+    own_rows = np.asarray([tc.counts[t] for t in own_t.tolist()], dtype=np.int64).reshape(-1, k)
+    known = np.unique(own_rows, axis=0) if own_rows.size else own_rows
+    own_known = _match_rows(known, own_rows)
+    own_counts = np.full((index.n_templates, k), -1, dtype=np.int64)
+    own_counts[own_t] = known[own_known]
+    reach = np.ones(known.shape[0], dtype=bool)
+    if table is not None:
+        for i, j in enumerate(table.find(known).tolist()):
+            ts, _ = table.templates_of(j) if j >= 0 else (np.zeros(0, np.int64), None)
+            reach[i] = bool((own_counts[ts] != known[i]).any(axis=1).any())
+    return SetContext(known, own_t, own_known, own_counts, reach)
+
+
+def _test2_set(
+    index: TemplateIndex,
+    n_total: int,
+    log_likelihood: np.ndarray,
+    upper_bound: np.ndarray,
+    known: np.ndarray,
+    lower_bound: np.ndarray,
+    own_counts: np.ndarray,
+    reachable_without_own: np.ndarray,
+    *,
+    hit_k: Sequence[int],
+    tolerance: float,
+) -> dict[str, dict[str, float]]:
+    """Test 2 of one element set and one model, both variants, exactly.
+
+    Only candidates scoring at least the lowest known composition's score can
+    move a known composition, so only those are generated; the threshold
+    starts at the lowest true-structure score of the known compositions and
+    is lowered until every known composition that the variant can generate
+    has been found.
+    """
+    thr = float(lower_bound.min()) - 2 * tolerance
+    while True:
+        tm, red, sc = candidates_above(index, log_likelihood, thr, upper_bound=upper_bound)
+        own_row = (own_counts[tm] == red).all(axis=1) if tm.size else np.zeros(0, bool)
+        out: dict[str, dict[str, float]] = {}
+        deeper = False
+        for variant, keep in zip(VARIANTS, (None, ~own_row), strict=True):
+            ranking = rank_candidates(tm, red, sc, keep=keep)
+            idx = _match_rows(ranking.counts, known)
+            if variant == VARIANTS[0] and (idx < 0).any():
+                raise AfpxError("a known composition was not generated by its own template")
+            if variant == VARIANTS[1] and ((idx < 0) & reachable_without_own).any():
+                deeper = True
+            row = set_positions(ranking.log_score, idx, n_total, hit_k=hit_k, tolerance=tolerance)
+            row["n_candidates_scored"] = float(tm.size if keep is None else keep.sum())
+            row["threshold"] = thr
+            out[variant] = row
+        if not deeper or thr == -np.inf:
+            return out
+        thr = thr - max(1.0, abs(thr))
+        if thr < -1e6:
+            thr = -np.inf
 
 
 def evaluate(
@@ -1326,8 +1782,8 @@ def evaluate(
     libraries.update({name: library.with_likelihood(lk) for name, lk in base.items()})
     models = list(libraries)
 
-    tc = template_compositions(library.site_template, library.z, library.multiplicity)
-    known = tc.known()
+    index = TemplateIndex.from_arrays(library.site_template, library.z, library.multiplicity)
+    tc = index.compositions
     t_split = _as_str_array(library.split) if library.split is not None else None
     if t_split is None:
         raise AfpxError("the template library carries no split; rebuild the cube with splits")
@@ -1350,17 +1806,19 @@ def evaluate(
     all_sets = sorted(
         set(test1_by_set) | set(test2_sets) | set(case_sets), key=lambda s: (len(s), s)
     )
+    by_set: dict[tuple[int, ...], list[int]] = {}
+    for t, es in enumerate(tc.element_set):
+        by_set.setdefault(es, []).append(t)
 
-    start = tc.site_start
-    total_cache: dict[tuple[tuple[int, ...], tuple[int, ...]], float] = {}
+    tables: dict[int, CompositionTable] = {}
     test1_rows: dict[str, dict[int, TrueRank]] = {m: {} for m in models}
     test1_candidates: dict[int, float] = {}
     test2_rows: dict[str, dict[str, list[dict[str, float]]]] = {
         v: {m: [] for m in models} for v in VARIANTS
     }
     case: dict[str, Any] = {}
-    timing = {"candidates_s": 0.0, "test1_s": 0.0, "test2_s": 0.0, "test2_candidates_s": 0.0}
-    counts_test2 = {"n_candidates": 0}
+    timing = {"tables_s": 0.0, "test1_s": 0.0, "test2_s": 0.0, "case_study_s": 0.0}
+    table_sizes = set(params.set_sizes) | set(range(1, params.table_max_elements + 1))
 
     iterator: Iterable[tuple[int, ...]] = all_sets
     if progress:
@@ -1370,69 +1828,77 @@ def evaluate(
     for S in iterator:
         k = len(S)
         cols = np.asarray(S, dtype=np.int64) - 1
-        known_S = np.asarray(sorted(known.get(S, set())), dtype=np.int64).reshape(-1, k)
-        own_counts = np.full((len(tc.counts), k), -1, dtype=np.int64)
-        for t, es in enumerate(tc.element_set):
-            if es == S:
-                own_counts[t] = tc.counts[t]
+        table = None
+        if k in table_sizes and (S in test2_sets or S in test1_by_set):
+            if k not in tables:
+                t0 = time.perf_counter()
+                tables[k] = CompositionTable.build(index, k)
+                timing["tables_s"] += time.perf_counter() - t0
+            table = tables[k]
+        ctx = set_context(index, S, table, own_templates=by_set.get(S, []))
+        known_S, own_t, own_known = ctx.known, ctx.own_templates, ctx.own_known
         for name in models:
             lib = libraries[name]
-            t0 = time.perf_counter()
-            cands = best_candidates(lib, list(S), assignments=False)
-            tmpl = np.asarray(cands[TEMPLATE].values, dtype=np.int64)
-            red = reduce_counts(np.asarray(cands[COUNTS].values).reshape(tmpl.size, k))
-            score = np.asarray(cands[LOG_SCORE].values, dtype=np.float64)
-            dt = time.perf_counter() - t0
-            timing["candidates_s"] += dt
-            if S in test2_sets:
-                timing["test2_candidates_s"] += dt
+            logl = np.asarray(lib.log_likelihood[:, cols], dtype=np.float64)
+            ub = index.upper_bound(logl)
+            own_true = index.true_scores(lib.log_likelihood, own_t)
+            if S in test2_sets and table is not None:
                 t0 = time.perf_counter()
-                own_mask = (own_counts[tmpl] == red).all(axis=1)
-                for variant, keep in zip(VARIANTS, (None, ~own_mask), strict=True):
-                    ranking = rank_candidates(tmpl, red, score, keep=keep)
-                    row = set_scores(
-                        ranking, known_S, hit_k=params.hit_k, tolerance=params.tie_tolerance
-                    )
-                    row["n_candidates"] = float(tmpl.size if keep is None else keep.sum())
-                    test2_rows[variant][name].append(row)
-                counts_test2["n_candidates"] += int(tmpl.size)
+                lower = np.full(known_S.shape[0], -np.inf)
+                np.maximum.at(lower, own_known, own_true)
+                rows = _test2_set(
+                    index,
+                    table.n_compositions,
+                    logl,
+                    ub,
+                    known_S,
+                    lower,
+                    ctx.own_counts,
+                    ctx.reachable_without_own,
+                    hit_k=params.hit_k,
+                    tolerance=params.tie_tolerance,
+                )
+                for variant in VARIANTS:
+                    test2_rows[variant][name].append(rows[variant])
                 timing["test2_s"] += time.perf_counter() - t0
             if S in test1_by_set:
                 t0 = time.perf_counter()
-                logl_all = lib.log_likelihood
+                true_of = dict(zip(own_t.tolist(), own_true.tolist(), strict=True))
                 for own in test1_by_set[S]:
                     C = np.asarray(tc.counts[own], dtype=np.int64)
-                    sel = np.flatnonzero((red == C).all(axis=1))
-                    a, b = start[own], start[own + 1]
-                    true_cols = library.z[a:b].astype(np.int64) - 1
-                    true_score = float(
-                        np.asarray(logl_all[a:b], dtype=np.float64)[
-                            np.arange(b - a), true_cols
-                        ].sum()
-                    )
-                    template_sites = _TemplateSites(lib, start, cols, C)
-                    res = true_candidate_rank(
+                    if table is not None:
+                        reach, ways = table.templates_of(int(table.find(C)[0]))
+                        n_templates, n_candidates = float(reach.size), float(ways.sum())
+                    else:
+                        reach = np.flatnonzero(
+                            (index.n_sites >= k) & (index.total % int(C.sum()) == 0)
+                        )
+                        n_templates = n_candidates = math.nan
+                    s_true = true_of[own]
+                    cand = reach[ub[reach] >= s_true - params.tie_tolerance]
+                    test1_rows[name][own] = true_candidate_rank(
                         own,
-                        true_score,
-                        tmpl[sel],
-                        score[sel],
-                        template_sites,
+                        s_true,
+                        cand,
+                        ub[cand],
+                        _TemplateSites(index, logl, C),
+                        n_templates=n_templates,
                         cap=params.test1_cap,
                         tolerance=params.tie_tolerance,
                         max_states=params.test1_max_states,
                     )
-                    test1_rows[name][own] = res
-                    if own not in test1_candidates:
-                        total = 0.0
-                        for t in tmpl[sel].tolist():
-                            _, mult, target = template_sites(t)
-                            total += _count_total_cached(total_cache, mult, target)
-                        test1_candidates[own] = total
+                    test1_candidates[own] = n_candidates
                 timing["test1_s"] += time.perf_counter() - t0
             if S in case_sets:
+                t0 = time.perf_counter()
+                cands = best_candidates(lib, list(S), assignments=False)
+                tmpl = np.asarray(cands[TEMPLATE].values, dtype=np.int64)
+                red = reduce_counts(np.asarray(cands[COUNTS].values).reshape(tmpl.size, k))
+                score = np.asarray(cands[LOG_SCORE].values, dtype=np.float64)
                 case.setdefault(_set_label(S), {})[name] = _case_study(
                     S, lib, tmpl, red, score, known_S, params
                 )
+                timing["case_study_s"] += time.perf_counter() - t0
 
     # -- aggregate -----------------------------------------------------------------
     for variant in VARIANTS:
@@ -1453,14 +1919,15 @@ def evaluate(
     for variant in VARIANTS:
         test2_metrics[variant] = {}
         for name in models:
-            rows = test2_rows[variant][name]
+            set_rows = test2_rows[variant][name]
             by_size = {
                 _size_label(n): _summarise_test2(
-                    [r for S, r in zip(test2_sets, rows, strict=True) if len(S) == n], params.hit_k
+                    [r for S, r in zip(test2_sets, set_rows, strict=True) if len(S) == n],
+                    params.hit_k,
                 )
                 for n in sizes
             }
-            by_size["all"] = _summarise_test2(rows, params.hit_k)
+            by_size["all"] = _summarise_test2(set_rows, params.hit_k)
             test2_metrics[variant][name] = by_size
     wall = time.perf_counter() - t_start
     metrics: dict[str, Any] = {
@@ -1482,12 +1949,19 @@ def evaluate(
         "case_study": case,
         "runtime": {
             **{k: round(v, 3) for k, v in timing.items()},
-            "test2_wall_s": round(timing["test2_candidates_s"] + timing["test2_s"], 3),
+            "test2_wall_s": round(timing["test2_s"] + timing["tables_s"], 3),
             "total_s": round(wall, 3),
             "n_element_sets": len(all_sets),
             "n_test1_structures": len(test1_order),
             "n_test2_sets": len(test2_sets),
-            "n_test2_candidates": counts_test2["n_candidates"],
+        },
+        "candidate_space": {
+            _size_label(k): {
+                "n_compositions": tab.n_compositions,
+                "n_template_composition_pairs": int(tab.row_template.size),
+                "n_assignments": float(tab.row_assignments.sum()),
+            }
+            for k, tab in sorted(tables.items())
         },
     }
     metrics["verdict"] = verdict(metrics)

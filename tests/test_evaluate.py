@@ -296,9 +296,13 @@ class _Templates:
 
 def _test1(tpl: _Templates, true_assignment: tuple[int, ...], **kw: int):
     logl0 = tpl.templates[0][0]
-    true_score = float(logl0[np.arange(len(true_assignment)), list(true_assignment)].sum())
-    ts, best = tpl.best()
-    return true_candidate_rank(0, true_score, ts, best, tpl, **kw)
+    true_score = 0.0
+    for j, e in enumerate(true_assignment):  # in site order, as the counting sums
+        true_score += float(logl0[j, e])
+    ts, _ = tpl.best()
+    bound = np.asarray([tpl.templates[t][0].max(axis=1).sum() for t in ts.tolist()])
+    kw.setdefault("cap", 1000)
+    return true_candidate_rank(0, true_score, ts, bound, tpl, n_templates=float(ts.size), **kw)
 
 
 def _lg(*rows: tuple[float, ...]) -> np.ndarray:
@@ -365,7 +369,7 @@ def test_test1_equals_brute_force_on_random_templates() -> None:
         counts = np.bincount(a, weights=templates[0][1], minlength=k).astype(int)
         tpl = _Templates(templates, counts // np.gcd.reduce(counts))
         r = _test1(tpl, tuple(a.tolist()))
-        true_score = float(templates[0][0][np.arange(a.size), a].sum())
+        true_score = sum(float(templates[0][0][j, e]) for j, e in enumerate(a.tolist()))
         scores = np.asarray(
             [s for t, ass, s in tpl.all_scores() if not (t == 0 and ass == tuple(a))]
         )
@@ -376,7 +380,7 @@ def test_test1_equals_brute_force_on_random_templates() -> None:
 
 
 def test_test1_rejects_candidates_without_own_template() -> None:
-    with pytest.raises(AfpxError, match="cannot yield its own composition"):
+    with pytest.raises(AfpxError, match="missing from the candidates"):
         true_candidate_rank(0, 0.0, np.array([1]), np.array([0.0]), lambda t: (None, None, None))
 
 
@@ -457,9 +461,10 @@ def test_evaluate_test2_and_case_study_on_handmade_cube() -> None:
     binary = m["test2"]["all_templates"]["model"]["binary"]
     # Na-Cl generates only NaCl: Q = N = 1, so the OS is undefined, the first rank is 1
     assert binary["n_sets"] == 1 and binary["n_os_undefined"] == 1 and binary["hit@1"] == 1.0
-    # without the own formula, only MgO's template yields NaCl
+    # without the own formula, only MgO's template yields NaCl (its two assignments)
     leak = m["test2"]["no_own_formula"]["model"]["binary"]
-    assert leak["n_known_missing"] == 0 and leak["n_candidates"] == 1
+    assert leak["n_known_missing"] == 0 and leak["n_candidates_scored"] == 2
+    assert leak["hit@1"] == 1.0
     top = m["case_study"]["Na-Cl"]["model"]["top"]
     assert top[0]["formula"] == "NaCl" and top[0]["known"] and top[0]["template"] == "nacl"
     assert m["softmax"]["test"]["n_sites"] == 2
@@ -584,3 +589,158 @@ def test_cli_evaluate_fails_clearly_without_likelihoods(tmp_path) -> None:
         main, ["evaluate", str(cube), "--case", ",", "-o", str(tmp_path / "r")]
     )
     assert res.exit_code == 2 and "--case expects" in res.output
+
+
+# -- the engine: candidates above a score, composition tables ---------------------------
+
+
+def _random_library(seed: int = 1, n_templates: int = 60, max_sites: int = 16):
+    from afpx.templates import TemplateLibrary
+
+    rng = np.random.default_rng(seed)
+    n = rng.integers(1, max_sites, size=n_templates)
+    n[:3] = max_sites  # a few templates beyond brute force (2**14 > 8192)
+    st = np.repeat(np.arange(n_templates), n)
+    m = rng.choice([1, 2, 3, 4, 6, 8], size=st.size)
+    z = rng.choice([3, 8, 25, 32], size=st.size)
+    lik = rng.random((st.size, schema.N_ELEMENTS), dtype=np.float32) * 0.98 + 0.01
+    T = n_templates
+    lib = TemplateLibrary(
+        site_template=st,
+        multiplicity=m.astype(np.int32),
+        z=z.astype(np.int16),
+        log_likelihood=np.log(lik).astype(np.float32),
+        structure_id=np.asarray([f"t{i}" for i in range(T)], dtype=object),
+        formula=np.asarray(["X"] * T, dtype=object),
+        spacegroup=np.ones(T, dtype=np.int64),
+        source=np.asarray(["x"] * T, dtype=object),
+    )
+    return lib
+
+
+@pytest.mark.parametrize("elements", [[25], [25, 32], [3, 8, 32]])
+def test_candidates_above_equals_best_candidates(elements) -> None:
+    from afpx.evaluate import (
+        CompositionTable,
+        TemplateIndex,
+        _match_rows,
+        candidates_above,
+        rank_candidates,
+        reduce_counts,
+    )
+    from afpx.templates import best_candidates
+
+    lib = _random_library()
+    index = TemplateIndex.from_arrays(lib.site_template, lib.z, lib.multiplicity)
+    c = best_candidates(lib, elements, assignments=False)
+    full = rank_candidates(
+        c["template"].values, reduce_counts(c["counts"].values), c["log_score"].values
+    )
+    logl = lib.log_likelihood[:, np.asarray(elements) - 1]
+    for thr in (-np.inf, -4.0, -1.5):
+        mine = rank_candidates(*candidates_above(index, logl, thr))
+        keep = full.log_score >= thr
+        assert mine.counts.shape[0] == keep.sum()
+        j = _match_rows(mine.counts, full.counts[keep])
+        np.testing.assert_allclose(mine.log_score[j], full.log_score[keep], rtol=0, atol=1e-9)
+    table = CompositionTable.build(index, len(elements))
+    assert table.n_compositions == full.counts.shape[0]
+    pairs = {
+        (int(t), tuple(r))
+        for t, r in zip(
+            c["template"].values, reduce_counts(c["counts"].values).tolist(), strict=True
+        )
+    }
+    assert table.row_template.size == len(pairs)
+
+
+def test_composition_table_counts_assignments() -> None:
+    from afpx.evaluate import CompositionTable, TemplateIndex
+
+    # one template, sites of multiplicity 1, 1, 2 and two elements:
+    # AAB/ABA -> (2, 2)=(1,1) twice... enumerate: counts (A, B) over 6 surjective assignments
+    index = TemplateIndex.from_arrays(np.zeros(3, int), np.array([8, 8, 26]), np.array([1, 1, 2]))
+    table = CompositionTable.build(index, 2)
+    got = {
+        tuple(c): w
+        for c, w in zip(table.compositions.tolist(), table.row_assignments.tolist(), strict=True)
+    }
+    # A on {0}: (1,3); {1}: (1,3); {2}: (2,2)=(1,1); {0,1}: (2,2)=(1,1); {0,2}: (3,1); {1,2}: (3,1)
+    assert got == {(1, 3): 2.0, (1, 1): 2.0, (3, 1): 2.0}
+    assert table.find(np.array([[3, 1], [5, 1]])).tolist() == [2, -1]
+
+
+def test_set_positions_with_missing_known_compositions() -> None:
+    from afpx.evaluate import set_positions
+
+    # found list: scores of 4 compositions; N = 10; known: rows 0 and 2, plus one missing
+    out = set_positions(np.array([5.0, 4.0, 3.0, 2.0]), np.array([0, 2, -1]), 10)
+    # positions 1, 3 and 10 (the missing one at the bottom)
+    assert out["os"] == pytest.approx(optimality_score(np.array([1, 3, 10]), 10))
+    assert out["first_rank"] == 1.0 and out["n_known_missing"] == 1.0
+    out = set_positions(np.array([5.0]), np.array([-1, -1]), 4)
+    # both missing share the bottom two places: mid-rank 3.5 each -> OS -1
+    assert out["os"] == pytest.approx(-1.0) and out["first_rank"] == 3.5
+    assert out["first_rank_optimistic"] == 3.0
+    with pytest.raises(AfpxError, match="N = 2"):
+        set_positions(np.array([5.0, 4.0]), np.array([0, -1]), 2)
+
+
+def test_test2_pruned_equals_full_ranking() -> None:
+    """The pruned Test 2 gives the numbers of the full ranked list of best_candidates."""
+    from afpx.evaluate import (
+        CompositionTable,
+        TemplateIndex,
+        _match_rows,
+        _test2_set,
+        rank_candidates,
+        reduce_counts,
+        set_context,
+    )
+    from afpx.templates import best_candidates
+
+    lib = _random_library(seed=4, n_templates=80, max_sites=9)
+    index = TemplateIndex.from_arrays(lib.site_template, lib.z, lib.multiplicity)
+    for S in [(8, 25), (3, 8, 32)]:
+        table = CompositionTable.build(index, len(S))
+        ctx = set_context(index, S, table)
+        if ctx.known.shape[0] == 0:
+            continue
+        known = ctx.known
+        logl = np.asarray(lib.log_likelihood[:, np.asarray(S) - 1], dtype=np.float64)
+        own_true = index.true_scores(lib.log_likelihood, ctx.own_templates)
+        lower = np.full(known.shape[0], -np.inf)
+        np.maximum.at(lower, ctx.own_known, own_true)
+        both = _test2_set(
+            index,
+            table.n_compositions,
+            logl,
+            index.upper_bound(logl),
+            known,
+            lower,
+            ctx.own_counts,
+            ctx.reachable_without_own,
+            hit_k=(1, 10),
+            tolerance=1e-9,
+        )
+        got = both["all_templates"]
+        c = best_candidates(lib, list(S), assignments=False)
+        full = rank_candidates(
+            c["template"].values, reduce_counts(c["counts"].values), c["log_score"].values
+        )
+        mid, _, _ = tie_ranks(full.log_score)
+        q = mid[_match_rows(full.counts, known)]
+        assert got["os"] == pytest.approx(optimality_score(q, full.counts.shape[0]), nan_ok=True)
+        assert got["first_rank"] == q.min()
+        # without the own formula: drop those candidates from the full list and rank again
+        c2 = best_candidates(lib, list(S), assignments=False, exclude_own_formula=True)
+        red2 = reduce_counts(c2["counts"].values)
+        full2 = rank_candidates(c2["template"].values, red2, c2["log_score"].values)
+        idx2 = _match_rows(full2.counts, known)
+        mid2, _, _ = tie_ranks(full2.log_score)
+        n_missing = int((idx2 < 0).sum())
+        q2 = np.concatenate([mid2[idx2[idx2 >= 0]], np.full(n_missing, 0.0)])
+        q2[q2.size - n_missing :] = full.counts.shape[0] - (n_missing - 1) / 2
+        got2 = both["no_own_formula"]
+        assert got2["n_known_missing"] == n_missing
+        assert got2["os"] == pytest.approx(optimality_score(q2, full.counts.shape[0]), nan_ok=True)
