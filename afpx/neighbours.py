@@ -25,7 +25,6 @@ SELF_TOLERANCE = 1e-8
 _PBC = np.ones(3, dtype=np.int64)
 #: Centres whose query radii differ by less than this factor share one query.
 RADIUS_GROUP_RATIO = 1.25
-_IMAGE_SPAN = 1 << 12  # periodic images are numbered within ±2048 cells per axis
 
 
 def _find(cart: np.ndarray, centres: np.ndarray, radius: float, lattice: np.ndarray) -> Any:
@@ -138,13 +137,45 @@ def neighbour_shells(
     image = np.concatenate(images) if images else np.zeros((0, 3))
     # a canonical order (centre, then periodic image, then atom) whatever the search's
     # internals, so that the jitter drawn for the k-th neighbour always hits the same atom
-    key = image.astype(np.int64) + _IMAGE_SPAN // 2
-    key = ((key[:, 0] * _IMAGE_SPAN + key[:, 1]) * _IMAGE_SPAN + key[:, 2]) * n_atoms + point
-    order = np.lexsort((key, owner))
-    owner, point, image = owner[order], point[order], image[order]
-    vectors = (cart[point] - cart[idx[owner]]) + image @ lat
+    columns = np.ascontiguousarray(image.T)  # (3, n_pairs): contiguous passes below
+    order = _canonical_order(owner, columns.astype(np.int64), point, len(idx), n_atoms)
+    owner, point, columns = owner[order], point[order], columns[:, order]
+    # elementwise on contiguous columns, not BLAS: a pair's vector must not depend on
+    # the other pairs (BLAS blocking could make it)
+    cart_t = np.ascontiguousarray(cart.T)
+    centre_atom = idx[owner]
+    vectors = np.empty((len(point), 3))
+    for j in range(3):
+        v = cart_t[j][point] - cart_t[j][centre_atom]
+        v += columns[0] * lat[0, j] + columns[1] * lat[1, j] + columns[2] * lat[2, j]
+        vectors[:, j] = v
     counts = np.bincount(owner, minlength=len(idx)).astype(np.int64)
     return vectors, counts
+
+
+def _canonical_order(
+    owner: np.ndarray, image: np.ndarray, point: np.ndarray, n_centres: int, n_atoms: int
+) -> np.ndarray:
+    """Permutation sorting pairs by (centre, image x, image y, image z, atom).
+
+    ``image`` has shape (3, n_pairs).
+    """
+    if len(owner) == 0:
+        return np.zeros(0, dtype=np.int64)
+    lo = image.min(axis=1)
+    span = image.max(axis=1) - lo + 1
+    total = int(span[0]) * int(span[1]) * int(span[2]) * n_atoms
+    if total * n_centres < 2**62:
+        # one int64 key: a plain argsort is several times faster than lexsort
+        key = (image[0] - lo[0]) * span[1]
+        key += image[1] - lo[1]
+        key *= span[2]
+        key += image[2] - lo[2]
+        key *= n_atoms
+        key += point
+        key += owner * total
+        return np.argsort(key)  # keys are unique, so the order is fully determined
+    return np.lexsort((point, image[2], image[1], image[0], owner))
 
 
 def count_within(vectors: Any, counts: Any, radii: Any) -> np.ndarray:
