@@ -358,15 +358,10 @@ def load_library(cube: str | os.PathLike[str] | None = None) -> TemplateLibrary:
         from afpx.default import load_default_library
 
         return load_default_library()
-    path = Path(cube)
-    if not path.exists():
-        raise AfpxError(f"cube {os.fspath(path)!r} does not exist")
-    import xarray as xr
+    from afpx.cube import open_cube
 
-    try:
-        ds = xr.open_zarr(path, consolidated=None)
-    except Exception as exc:  # zarr raises several types for a non-store folder
-        raise AfpxError(f"cannot open {os.fspath(path)!r} as a zarr cube: {exc}") from exc
+    path = Path(cube)
+    ds = open_cube(path)
     if schema.LIKELIHOOD not in ds.variables and schema.LIKELIHOOD_MEAN not in ds.variables:
         raise AfpxError(
             f"cube {os.fspath(path)!r} has no likelihoods; write them with "

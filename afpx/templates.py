@@ -355,14 +355,14 @@ class TemplateLibrary:
         if lik_da.dims != (schema.SITE, schema.ELEMENT):
             lik_da = lik_da.transpose(schema.SITE, schema.ELEMENT)
         lik = np.asarray(lik_da.isel({schema.SITE: rows}).values, dtype=np.float32)
-        if schema.ELEMENT in lik_da.coords:
-            zcoord = np.asarray(lik_da[schema.ELEMENT].values, dtype=np.int64)
-            if not np.array_equal(zcoord, np.arange(1, schema.N_ELEMENTS + 1)):
-                full = np.zeros((lik.shape[0], schema.N_ELEMENTS), dtype=np.float32)
-                full[:, zcoord - 1] = lik
-                lik = full
         if lik.shape[1] != schema.N_ELEMENTS:
             raise AfpxError(f"`{var}` has {lik.shape[1]} elements, expected {schema.N_ELEMENTS}")
+        if schema.ELEMENT in lik_da.coords:
+            zcoord = np.asarray(lik_da[schema.ELEMENT].values, dtype=np.int64)
+            if not np.array_equal(np.sort(zcoord), np.arange(1, schema.N_ELEMENTS + 1)):
+                raise AfpxError(f"`{var}` must cover Z = 1..{schema.N_ELEMENTS} once each")
+            if not np.array_equal(zcoord, np.arange(1, schema.N_ELEMENTS + 1)):
+                lik = lik[:, np.argsort(zcoord)]
         if not np.isfinite(lik).all():
             raise AfpxError(f"`{var}` holds non-finite values; rerun `afpx likelihood`")
 
@@ -960,9 +960,11 @@ def _make_plan(library: TemplateLibrary, k: int, templates: np.ndarray) -> _Plan
     _, mr, total = library._reduced
     n = library.n_unique_sites
     start = library.site_start
+    templates = templates[n[templates] >= k]  # fewer sites than elements: no candidate
     nt = n[templates]
     # cost model per template: brute-force assignments vs. DP state updates
-    small = nt * math.log(k) <= math.log(_BF_MAX_ASSIGNMENTS) + 1e-9
+    small = nt * math.log(k) <= math.log(max(_BF_MAX_ASSIGNMENTS, 1)) + 1e-9
+    small &= _BF_MAX_ASSIGNMENTS > 0
     bf_cost = np.where(small, float(k) ** np.where(small, nt, 0), np.inf)
     use_bf = small & (bf_cost * nt <= _BF_ADVANTAGE * _dp_cost(mr, start, templates, k))
     bf_t = templates[use_bf]

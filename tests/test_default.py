@@ -1,0 +1,190 @@
+"""Packing and loading of the built-in template library (afpx.default)."""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from _rank_helpers import GE, LI, MN, OX, hand_library, random_library
+from click.testing import CliRunner
+
+import afpx.default
+from afpx import AfpxError
+from afpx.cli import main
+from afpx.default import (
+    compare_rankings,
+    load_default_library,
+    load_library,
+    pack_default_library,
+    pack_library,
+)
+from afpx.rank import rank
+from afpx.templates import TemplateLibrary
+
+
+@pytest.fixture(scope="module")
+def library() -> TemplateLibrary:
+    from afpx.structures import read_structures
+
+    data = Path(__file__).parent / "data" / "cod"
+    structures = read_structures([data]).structures
+    rng = np.random.default_rng(0)
+    n = sum(len(s.sites) for s in structures)
+    lik = rng.random((n, 118)).astype(np.float32)
+    lib = TemplateLibrary.from_structures(structures, likelihood=lik, attrs={"model": "test"})
+    return lib
+
+
+def _same(a: TemplateLibrary, b: TemplateLibrary) -> None:
+    for name in ("site_template", "multiplicity", "z", "spacegroup", "site_index"):
+        assert np.array_equal(getattr(a, name), getattr(b, name)), name
+    for name in ("structure_id", "formula", "source", "wyckoff"):
+        assert list(getattr(a, name)) == list(getattr(b, name)), name
+    assert a.geometry is not None and b.geometry is not None
+    assert np.allclose(a.geometry.lattice, b.geometry.lattice, atol=1e-5)
+    assert np.allclose(a.geometry.frac_coords, b.geometry.frac_coords, atol=1e-6)
+    assert np.array_equal(a.geometry.numbers, b.geometry.numbers)
+
+
+def test_roundtrip_lossless(library: TemplateLibrary, tmp_path: Path) -> None:
+    manifest = pack_library(library, tmp_path, quantise="float32", check_sets=5)
+    loaded = load_library(tmp_path / "default_library.json")
+    _same(library, loaded)
+    assert np.array_equal(loaded.log_likelihood, library.log_likelihood)
+    assert loaded.attrs["model"] == "test"
+    check = manifest["rank_check"]
+    assert check["n_sets"] == 5 and check["n_sets_changed"] == 0
+    # never pickled: no object arrays in the archive, loadable without pickle
+    with np.load(tmp_path / "default_library.npz", allow_pickle=False) as data:
+        assert all(data[k].dtype != object for k in data.files)
+    on_disk = json.loads((tmp_path / "default_library.json").read_text())
+    assert (
+        on_disk["files"]["default_library.npz"]["sha256"]
+        == manifest["files"]["default_library.npz"]["sha256"]
+    )
+
+
+def test_uint16_quantisation_error_and_ranks(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    lib = random_library(rng, 200, max_sites=5)
+    manifest = pack_library(lib, tmp_path, quantise="uint16", floor=1e-3, check_sets=None)
+    loaded = load_library(tmp_path / "default_library.json")
+    step = -np.log(1e-3) / 65535
+    clipped = np.maximum(lib.log_likelihood, np.log(1e-3))
+    assert np.abs(loaded.log_likelihood - clipped).max() <= step / 2 + 1e-6
+    assert manifest["layout"]["log_likelihood"]["kind"] == "uint16"
+    sets = [[MN, GE], [LI, OX], [LI, MN, GE]]
+    check = compare_rankings(lib, loaded, sets)
+    assert check["n_sets"] == 3 and check["n_compositions"] > 0
+    # ranks of a coarse uint8 packing do move on random likelihoods: the check sees it
+    pack_library(lib, tmp_path / "u8", quantise="uint8", floor=1e-3, check_sets=None)
+    coarse = load_library(tmp_path / "u8" / "default_library.json")
+    assert compare_rankings(lib, coarse, sets)["n_sets_changed"] > 0
+
+
+def test_quantised_ranks_unchanged_when_gaps_exceed_the_step(tmp_path: Path) -> None:
+    # the hand-made Mn-Ge library: its score gaps (>= 0.04 in log) are far larger
+    # than the uint16 step (2e-4), and its ties are bitwise (identical sites)
+    manifest = pack_library(hand_library(), tmp_path, quantise="uint16", check_sets=[[MN, GE]])
+    assert manifest["rank_check"]["n_sets_changed"] == 0
+    assert manifest["rank_check"]["n_sets_top_changed"] == 0
+
+
+def test_corrupted_file_is_detected(library: TemplateLibrary, tmp_path: Path) -> None:
+    pack_library(library, tmp_path, check_sets=None)
+    npz = tmp_path / "default_library.npz"
+    data = bytearray(npz.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    npz.write_bytes(bytes(data))
+    with pytest.raises(AfpxError, match=r"checksum mismatch.*reinstall afpx"):
+        load_library(tmp_path / "default_library.json")
+    npz.unlink()
+    with pytest.raises(AfpxError, match="is missing; reinstall afpx"):
+        load_library(tmp_path / "default_library.json")
+
+
+def test_manifest_errors(library: TemplateLibrary, tmp_path: Path) -> None:
+    with pytest.raises(AfpxError, match="does not exist"):
+        load_library(tmp_path / "nothing.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(AfpxError, match="cannot read manifest"):
+        load_library(bad)
+    bad.write_text(json.dumps({"format": "something else"}))
+    with pytest.raises(AfpxError, match="not an afpx template library"):
+        load_library(bad)
+    pack_library(library, tmp_path, check_sets=None)
+    meta = json.loads((tmp_path / "default_library.json").read_text())
+    meta["files"]["extra.npz"] = {"sha256": "0"}
+    bad.write_text(json.dumps(meta))
+    with pytest.raises(AfpxError, match="exactly one data file"):
+        load_library(bad)
+
+
+def test_unreadable_or_incomplete_archive(library: TemplateLibrary, tmp_path: Path) -> None:
+    pack_library(library, tmp_path, check_sets=None)
+    manifest = tmp_path / "default_library.json"
+    meta = json.loads(manifest.read_text())
+    npz = tmp_path / "default_library.npz"
+    # an archive without one of the arrays, with a matching checksum
+    with zipfile.ZipFile(npz) as zin:
+        names = [n for n in zin.namelist() if not n.startswith("formula")]
+        blobs = {n: zin.read(n) for n in names}
+    with zipfile.ZipFile(npz, "w") as zout:
+        for n, b in blobs.items():
+            zout.writestr(n, b)
+    meta["files"]["default_library.npz"]["sha256"] = afpx.default._sha256(npz)
+    manifest.write_text(json.dumps(meta))
+    with pytest.raises(AfpxError, match="lacks"):
+        load_library(manifest)
+    npz.write_bytes(b"not a zip")
+    meta["files"]["default_library.npz"]["sha256"] = afpx.default._sha256(npz)
+    manifest.write_text(json.dumps(meta))
+    with pytest.raises(AfpxError, match="cannot read"):
+        load_library(manifest)
+
+
+def test_pack_option_errors(library: TemplateLibrary, tmp_path: Path) -> None:
+    with pytest.raises(AfpxError, match="unknown quantisation"):
+        pack_library(library, tmp_path, quantise="int4")
+    with pytest.raises(AfpxError, match="floor must lie"):
+        pack_library(library, tmp_path, floor=2.0)
+
+
+def test_default_library_absent_then_present(
+    library: TemplateLibrary, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(afpx.default, "default_data_dir", lambda: tmp_path)
+    afpx.default._load_default_cached.cache_clear()
+    with pytest.raises(AfpxError, match="not installed"):
+        load_default_library()
+    pack_default_library(library, check_sets=None)
+    lib = load_default_library()
+    assert lib is load_default_library()  # loaded once
+    assert lib.attrs["default"] == "default_library.json"
+    ds = rank("Ca,Ti,O", top=5)  # no cube: the default
+    assert ds.sizes["composition"] == 5
+    assert ds.attrs["library"].startswith("built-in default")
+    res = CliRunner().invoke(
+        main, ["rank", "--elements", "Ca,Ti,O", "--export-cif", str(tmp_path / "c")]
+    )
+    assert res.exit_code == 0, res.output
+    n = len(list((tmp_path / "c").glob("*.cif")))
+    assert n > 0 and f"wrote {n} CIF files" in res.output
+    afpx.default._load_default_cached.cache_clear()
+
+
+def test_default_does_not_ship_a_stale_or_partial_pair() -> None:
+    # if package data ships, it must load (checksum, format) — a test that can fail
+    manifest = afpx.default.default_data_dir() / "default_library.json"
+    if not manifest.exists():
+        pytest.skip("no default library packed yet")
+    lib = load_library(manifest)
+    assert lib.n_templates > 0
+    ds = rank("Li,Mn,Ge", library=lib, top=10)
+    assert ds.sizes["composition"] >= 10
+    assert ((ds.score > 0) & (ds.score <= 1)).all()
+    assert (ds.counts > 0).all()

@@ -1,0 +1,363 @@
+"""Composition ranking, ``afpx rank`` and CIF export (afpx.rank)."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from _rank_helpers import (
+    GE,
+    LI,
+    MN,
+    OX,
+    SR,
+    ZR,
+    cube_with_likelihood,
+    hand_library,
+    library_from_sites,
+)
+from click.testing import CliRunner
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from afpx import AfpxError
+from afpx.cli import main
+from afpx.rank import (
+    candidate_structure,
+    export_cifs,
+    parse_elements,
+    rank,
+    rank_compositions,
+    tie_ranks,
+    to_frame,
+)
+from afpx.templates import TemplateLibrary, best_candidates
+
+
+@pytest.fixture
+def hand() -> TemplateLibrary:
+    # scores by hand (elements Mn, Ge; unnamed likelihood 1e-3):
+    #   t0 (2, 4): Mn2Ge4 -> MnGe2 0.72, Mn4Ge2 -> Mn2Ge 0.02
+    #   t1 (1, 1): MnGe 0.5 * 0.5 = 0.25 either way
+    #   t2 (2, 4): same shape as t0, MnGe2 0.4 * 0.6 = 0.24, Mn2Ge 0.6 * 0.4 = 0.24
+    #   t3 (1, 3): MnGe3 0.25, Mn3Ge 0.25 (every likelihood 0.5)
+    return hand_library()
+
+
+def test_tie_ranks_by_hand() -> None:
+    r, lo, hi, g = tie_ranks(np.array([-1.0, 0.0, -1.0, -1.0, -5.0]))
+    assert r.tolist() == [3.0, 1.0, 3.0, 3.0, 5.0]
+    assert lo.tolist() == [2, 1, 2, 2, 5]
+    assert hi.tolist() == [4, 1, 4, 4, 5]
+    assert g.tolist() == [1, 0, 1, 1, 2]
+    # within the tolerance: tied; chained in sorted order
+    r, *_ = tie_ranks(np.array([0.0, -5e-10, -1.4e-9, -3e-9]))
+    assert r.tolist() == [2.0, 2.0, 2.0, 4.0]
+    with pytest.raises(AfpxError, match="NaN"):
+        tie_ranks(np.array([0.0, math.nan]))
+    assert tie_ranks(np.zeros(0))[0].size == 0
+
+
+@settings(max_examples=30, deadline=None)
+@given(values=st.lists(st.sampled_from([0.0, -1.0, -2.0, -3.5]), min_size=1, max_size=30))
+def test_ties_never_depend_on_input_order(values: list[float]) -> None:
+    s = np.asarray(values)
+    rng = np.random.default_rng(len(values))
+    perm = rng.permutation(s.size)
+    r, lo, hi, _ = tie_ranks(s)
+    rp, lop, hip, _ = tie_ranks(s[perm])
+    assert np.array_equal(r[perm], rp)
+    assert np.array_equal(lo[perm], lop) and np.array_equal(hi[perm], hip)
+    # mid-rank = 1 + better + (tied others) / 2
+    for i, v in enumerate(s):
+        better, tied = int((s > v).sum()), int((s == v).sum())
+        assert r[i] == 1 + better + (tied - 1) / 2
+    assert r.sum() == pytest.approx(s.size * (s.size + 1) / 2)
+
+
+def test_rank_compositions_by_hand(hand: TemplateLibrary) -> None:
+    ranked = rank_compositions(best_candidates(hand, [MN, GE]))
+    rows = {
+        f: (s, r, lo, hi, t, nt, nb)
+        for f, s, r, lo, hi, t, nt, nb in zip(
+            ranked.formula.values,
+            ranked.score.values,
+            ranked["rank"].values,
+            ranked.rank_optimistic.values,
+            ranked.rank_pessimistic.values,
+            ranked.template.values,
+            ranked.n_templates.values,
+            ranked.n_best_templates.values,
+            strict=True,
+        )
+    }
+    # MnGe2 0.72 (t0 beats t2's 0.24); then MnGe, MnGe3, Mn3Ge tie at 0.25;
+    # Mn2Ge 0.24 (t2 beats t0's 0.02)
+    assert list(ranked.formula.values) == ["MnGe2", "Mn3Ge", "MnGe", "MnGe3", "Mn2Ge"]
+    assert rows["MnGe2"][:5] == pytest.approx((0.72, 1.0, 1, 1, 0))
+    for f in ("MnGe", "MnGe3", "Mn3Ge"):
+        assert rows[f][0] == pytest.approx(0.25)
+        assert rows[f][1:4] == (3.0, 2, 4)
+    assert rows["Mn2Ge"][:5] == pytest.approx((0.24, 5.0, 5, 5, 2))
+    assert rows["MnGe2"][5:] == (2, 1)  # two templates make MnGe2, one is best
+    assert ranked.attrs["n_compositions"] == 5
+    assert ranked.counts.values[0].tolist() == [1, 2]
+    assert ranked.candidate_counts.values[0].tolist() == [2, 4]
+    assert ranked.assignment.values[0, :2].tolist() == [0, 1]
+    top = rank_compositions(best_candidates(hand, [MN, GE]), top=2)
+    assert list(top.formula.values) == ["MnGe2", "Mn3Ge"]
+    assert top.attrs["n_compositions"] == 5
+    assert top["rank"].values[1] == 3.0  # still counts the whole tie group
+
+
+def test_best_template_ties_show_the_lowest_index() -> None:
+    same = [(1, MN, {MN: 0.5, GE: 0.5}), (1, GE, {MN: 0.5, GE: 0.5})]
+    lib = library_from_sites([same, same, same])
+    ranked = rank_compositions(best_candidates(lib, [MN, GE]))
+    assert ranked.template.values.tolist() == [0]
+    assert ranked.n_best_templates.values.tolist() == [3]
+
+
+def test_rank_api(hand: TemplateLibrary) -> None:
+    ds = rank(["Mn", "Ge"], library=hand, top=None, known=True)
+    assert list(ds.formula.values) == ["MnGe2", "Mn3Ge", "MnGe", "MnGe3", "Mn2Ge"]
+    assert ds.known.values.tolist() == [True, False, True, True, False]
+    assert ds.assignment_text.values[0] == "Mn site1×2, Ge site2×4"
+    assert ds.attrs["n_candidates"] == 7 and ds.attrs["library"] == "library in memory"
+    frame = rank("Mn,Ge", library=hand, top=3, as_frame=True)
+    assert list(frame.formula) == ["MnGe2", "Mn3Ge", "MnGe"]
+    assert {"rank", "rank_optimistic", "rank_pessimistic", "score", "structure_id"} <= set(frame)
+    assert to_frame(ds).shape[0] == 5
+    own = rank("Mn,Ge", library=hand, top=None, exclude_own_formula=True)
+    # t0 and t2 are Mn2Ge4, t1 MnGe, t3 MnGe3: each loses its own composition
+    assert list(own.formula.values) == ["Mn3Ge", "Mn2Ge"]
+    assert own.template.values.tolist() == [3, 2]
+
+
+def test_scores_are_likelihoods_and_all_elements_present(hand: TemplateLibrary) -> None:
+    ds = rank("Mn,Ge", library=hand, top=None)
+    assert ((ds.score.values > 0) & (ds.score.values <= 1)).all()
+    assert (ds.counts.values > 0).all()
+
+
+@pytest.mark.parametrize(
+    ("elements", "match"),
+    [
+        ("Mn,Xx", "unknown element symbol 'Xx'"),
+        ("Mn,Mn", "Mn is repeated"),
+        ("Mn", "at least two elements"),
+        (["Mn", 0], "atomic number 0"),
+        ("Li,Mn,Ge", "at least 3 unique sites; the most any template has is 2"),
+    ],
+)
+def test_rank_input_errors(hand: TemplateLibrary, elements: object, match: str) -> None:
+    with pytest.raises(AfpxError, match=match):
+        rank(elements, library=hand)  # type: ignore[arg-type]
+
+
+def test_rank_option_errors(hand: TemplateLibrary) -> None:
+    with pytest.raises(AfpxError, match="unknown ranking option"):
+        rank("Mn,Ge", library=hand, colour="red")
+    with pytest.raises(AfpxError, match="top must be at least 1"):
+        rank("Mn,Ge", library=hand, top=0)
+    with pytest.raises(AfpxError, match="no candidate uses every element"):
+        rank("Mn,Ge", library=hand, sources=["nowhere"])
+
+
+def test_parse_elements() -> None:
+    assert parse_elements("Li, mn,GE") == [3, 25, 32]
+    assert parse_elements([3, "O"]) == [3, 8]
+
+
+# -----------------------------------------------------------------------------
+# the command line
+# -----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def cube(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return cube_with_likelihood(tmp_path_factory.mktemp("rank") / "cube.zarr", n_structures=40)
+
+
+def test_cli_table_csv_json(cube: Path) -> None:
+    runner = CliRunner()
+    res = runner.invoke(main, ["rank", "--elements", "Mn,Ge", "--cube", str(cube), "--known"])
+    assert res.exit_code == 0, res.output
+    assert res.output.splitlines()[0].split()[:3] == ["rank", "formula", "score"]
+    assert "compositions of Mn-Ge" in res.output
+    res = runner.invoke(
+        main, ["rank", "-e", "Mn,Ge", "--cube", str(cube), "--format", "csv", "--top", "0"]
+    )
+    assert res.exit_code == 0, res.output
+    header = res.output.splitlines()[0].split(",")
+    assert header[:4] == ["rank", "rank_optimistic", "rank_pessimistic", "formula"]
+    res = runner.invoke(main, ["rank", "-e", "Li,O,Mn", "--cube", str(cube), "--format", "json"])
+    assert res.exit_code == 0, res.output
+    payload = json.loads(res.output)
+    assert payload["elements"] == ["Li", "O", "Mn"]
+    assert 0 < len(payload["rows"]) <= 20
+    for row in payload["rows"]:
+        assert 0 < row["score"] <= 1
+        assert row["structure_id"].startswith("syn-")
+
+
+@pytest.mark.parametrize(
+    ("args", "match"),
+    [
+        (["-e", "Mn,Qx"], "unknown element symbol 'Qx'"),
+        (["-e", "Mn,Mn"], "repeated"),
+        (["-e", "Mn"], "at least two elements"),
+        (["-e", "H,Li,O,Na,Mn,Fe,Ge"], "unique sites"),
+        (["-e", "Mn,Ge", "--top", "-1"], "--top"),
+    ],
+)
+def test_cli_errors(cube: Path, args: list[str], match: str) -> None:
+    res = CliRunner().invoke(main, ["rank", *args, "--cube", str(cube)])
+    assert res.exit_code == 2
+    lines = [ln for ln in res.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error: ")
+    assert match in lines[0]
+
+
+def test_cli_cube_without_likelihoods(tmp_path: Path) -> None:
+    path = cube_with_likelihood(tmp_path / "bare.zarr", likelihood=False)
+    res = CliRunner().invoke(main, ["rank", "-e", "Mn,Ge", "--cube", str(path)])
+    assert res.exit_code == 2
+    assert f"afpx likelihood {path} --model MODEL" in res.output
+    res = CliRunner().invoke(main, ["rank", "-e", "Mn,Ge", "--cube", str(tmp_path / "none")])
+    assert res.exit_code == 2 and "no cube at" in res.output
+
+
+def test_cli_without_default_says_what_to_do(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import afpx.default
+
+    monkeypatch.setattr(afpx.default, "default_data_dir", lambda: tmp_path)
+    res = CliRunner().invoke(main, ["rank", "--elements", "Li,Mn,Ge"])
+    assert res.exit_code == 2
+    assert "default template library is not installed" in res.output
+    assert "--cube" in res.output
+
+
+def test_cli_export_needs_geometry(cube: Path, tmp_path: Path) -> None:
+    res = CliRunner().invoke(
+        main, ["rank", "-e", "Mn,Ge", "--cube", str(cube), "--export-cif", str(tmp_path / "x")]
+    )
+    assert res.exit_code == 2 and "no template geometry" in res.output
+
+
+def test_rank_path_does_not_import_torch(cube: Path) -> None:
+    code = (
+        "import sys\n"
+        "from click.testing import CliRunner\n"
+        "from afpx.cli import main\n"
+        f"r = CliRunner().invoke(main, ['rank', '-e', 'Mn,Ge', '--cube', {str(cube)!r}])\n"
+        "assert r.exit_code == 0, r.output\n"
+        "print('torch' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "False"
+
+
+# -----------------------------------------------------------------------------
+# CIF export
+# -----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def cod_library(tmp_path_factory: pytest.TempPathFactory) -> TemplateLibrary:
+    from afpx.structures import read_structures
+
+    data = Path(__file__).parent / "data" / "cod"
+    result = read_structures([data / "1011211.cif", data / "1000044.cif", data / "2204979.cif"])
+    return TemplateLibrary.from_structures(result.structures)
+
+
+def _parse(path: Path) -> tuple[str, int]:
+    import warnings
+
+    from pymatgen.io.cif import CifParser
+    from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        s = CifParser(path).parse_structures(primitive=False)[0]
+    return s.composition.reduced_formula, SpacegroupAnalyzer(
+        s, symprec=0.01
+    ).get_space_group_number()
+
+
+def test_exported_cif_parses_back_to_template_symmetry(
+    cod_library: TemplateLibrary, tmp_path: Path
+) -> None:
+    # the perovskite template CaTiO3 (Pm-3m) with Sr on Ca's site and Zr on Ti's
+    t = int(np.flatnonzero(cod_library.formula == "CaTiO3")[0])
+    ranked = rank("Sr,Zr,O", library=cod_library.subset([t]), top=None)
+    row = int(np.flatnonzero(ranked.formula.values == "SrZrO3")[0])
+    paths = export_cifs(ranked.isel(composition=[row]), cod_library.subset([t]), tmp_path)
+    formula, sg = _parse(paths[0])
+    assert formula == "SrZrO3"
+    assert sg == int(cod_library.spacegroup[t]) == 221
+    text = paths[0].read_text()
+    assert "# template: " in text and "CaTiO3" in text and "scaled by rule" in text
+    # every exported row has the composition it claims
+    all_paths = export_cifs(ranked, cod_library.subset([t]), tmp_path / "all", scale="radii")
+    assert len(all_paths) == ranked.sizes["composition"]
+    for p, f in zip(all_paths, ranked.formula.values, strict=True):
+        assert _parse(p)[0] == f
+
+
+def test_export_keeps_a_bijective_relabelling_of_each_template(
+    cod_library: TemplateLibrary,
+) -> None:
+    from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
+
+    for t in range(cod_library.n_templates):
+        a, b = cod_library.site_start[t], cod_library.site_start[t + 1]
+        own = sorted(set(cod_library.z[a:b].tolist()))
+        assign = np.asarray([own.index(int(z)) for z in cod_library.z[a:b]])
+        others = [SR, ZR, OX, LI][: len(own)]
+        s, info = candidate_structure(cod_library, t, others, assign, scale="none")
+        assert info["scale_factor"] == 1.0
+        sg = SpacegroupAnalyzer(s, symprec=0.01).get_space_group_number()
+        assert sg == cod_library.spacegroup[t]
+
+
+def test_scale_rules(cod_library: TemplateLibrary) -> None:
+    t = int(np.flatnonzero(cod_library.formula == "CaO")[0])
+    assign = np.array([0, 1])
+    s, info = candidate_structure(cod_library, t, [MN, GE], assign, scale="radii")
+    assert info["scale_rule"] == "radii"
+    from pymatgen.core.periodic_table import Element
+
+    d = min(n.nn_distance for n in s.get_neighbors(s[0], 4.0))
+    assert d == pytest.approx(float(Element("Mn").atomic_radius + Element("Ge").atomic_radius))
+    s2, info2 = candidate_structure(cod_library, t, [MN, GE], assign, scale="dls")
+    assert info2["scale_rule"] in ("dls", "radii") and s2.volume > 0
+    with pytest.raises(AfpxError, match="unknown scale rule"):
+        candidate_structure(cod_library, t, [MN, GE], assign, scale="big")
+
+
+def test_export_errors(hand: TemplateLibrary, cod_library: TemplateLibrary, tmp_path: Path) -> None:
+    with pytest.raises(AfpxError, match="no template geometry"):
+        candidate_structure(hand, 0, [MN, GE], np.array([0, 1]))
+    ranked = rank_compositions(best_candidates(hand, [MN, GE], assignments=False))
+    with pytest.raises(AfpxError, match="carries no assignment"):
+        export_cifs(ranked, hand, tmp_path)
+    from dataclasses import replace
+
+    geo = cod_library.geometry
+    assert geo is not None
+    broken = replace(cod_library, site_index=np.zeros_like(cod_library.site_index))
+    with pytest.raises(AfpxError, match="do not map onto its unique sites"):
+        candidate_structure(broken, 0, [SR, ZR, OX], np.array([0, 1, 2]))
+    no_atoms = replace(
+        cod_library,
+        geometry=type(geo)(
+            np.full_like(geo.lattice, np.nan), geo.atom_start, geo.frac_coords, geo.numbers
+        ),
+    )
+    with pytest.raises(AfpxError, match="has no geometry"):
+        candidate_structure(no_atoms, 0, [SR, ZR, OX], np.array([0, 1, 2]))
