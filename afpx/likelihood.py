@@ -281,13 +281,9 @@ def predict(
 
 
 def _open(path: str) -> xr.Dataset:
-    """Open a cube lazily: afpx.cube.open_cube when available, else xarray.open_zarr."""
-    try:
-        from afpx.cube import open_cube
-    except ImportError:  # the cube module is optional here
-        import xarray as xr
+    """Open a cube lazily (:func:`afpx.cube.open_cube`)."""
+    from afpx.cube import open_cube
 
-        return xr.open_zarr(path, consolidated=None if _store_is_consolidated(path) else False)
     return open_cube(path)
 
 
@@ -345,16 +341,10 @@ def score_structures(
     """
     import xarray as xr
 
+    from afpx.cube import FingerprintParams, fingerprint_structures
     from afpx.train import check_fingerprint
 
     m = _load(model, device)
-    try:
-        from afpx.cube import FingerprintParams, fingerprint_structures
-    except ImportError as exc:
-        raise AfpxError(
-            "scoring structures needs afpx.cube.fingerprint_structures, which this "
-            "installation lacks"
-        ) from exc
     if params is None:
         params = FingerprintParams(**m.fingerprint) if m.fingerprint else FingerprintParams()
     check_fingerprint(m.fingerprint, params.to_attrs(), cube="the requested fingerprints")

@@ -44,7 +44,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from afpx import AfpxError, __version__, schema
 
 if TYPE_CHECKING:
-    from afpx.model import AFPNet, ModelConfig
+    from afpx.model import AFPNet, ModelConfig, ModelOutput
 
 log = logging.getLogger(__name__)
 
@@ -704,7 +704,7 @@ def _torch_device(device: str) -> torch.device:
 # -- training ----------------------------------------------------------------------
 
 LOSS_TERMS = ("reconstruction", "kl", "sigmoid_bce", "softmax_ce", "l2", "total")
-RATE_TERMS = ("softmax_error", "sigmoid_error")
+RATE_TERMS = ("softmax_error", "sigmoid_error", "sigmoid_top5_error")
 
 
 @dataclass
@@ -726,8 +726,8 @@ def _batch_terms(
     batch: dict[str, torch.Tensor],
     cfg: TrainConfig,
     kl_weight: float,
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """Total loss and the logged values (loss terms and error rates) of one batch."""
+) -> tuple[torch.Tensor, dict[str, float], ModelOutput]:
+    """Total loss, the logged values (loss terms and error rates) and the outputs of a batch."""
     out = net(batch[schema.AFP], batch[schema.R0], batch[schema.DMIN_RATIO])
     terms = net.loss_terms(out, batch[schema.AFP], batch[schema.Z], pos_weight=cfg.pos_weight)
     l2 = net.l2_penalty() * cfg.l2
@@ -742,14 +742,17 @@ def _batch_terms(
         target = batch[schema.Z] - 1
         soft_err = (out.softmax_logits.argmax(1) != target).float().mean()
         sig_err = (out.sigmoid_logits.argmax(1) != target).float().mean()
+        top5 = out.sigmoid_logits.topk(min(5, out.sigmoid_logits.shape[1]), dim=1).indices
+        sig_err5 = (top5 != target[:, None]).all(1).float().mean()
     logged = {k: float(v.detach()) for k, v in terms.items()}
     logged.update(
         l2=float(l2.detach()),
         total=float(total.detach()),
         softmax_error=float(soft_err),
         sigmoid_error=float(sig_err),
+        sigmoid_top5_error=float(sig_err5),
     )
-    return total, logged
+    return total, logged, out
 
 
 def _to_device(batch: dict[str, torch.Tensor], dev: torch.device) -> dict[str, torch.Tensor]:
@@ -791,19 +794,41 @@ def _progress_default() -> bool:
 def evaluate_stream(
     net: AFPNet, stream: AFPStream, cfg: TrainConfig, kl_weight: float, dev: torch.device
 ) -> dict[str, float]:
-    """Mean loss terms and error rates of ``net`` (eval mode) over one pass of ``stream``."""
+    """Mean loss terms and error rates of ``net`` (eval mode) over one pass of ``stream``.
+
+    Besides the batch means, ``sigmoid_balanced_error`` and
+    ``softmax_balanced_error`` average the top-1 error per element (the
+    measure that element-balanced training optimises), and ``sigmoid_rank`` is
+    the mean rank (1 = first) of the true element among the 118 likelihoods.
+    """
     acc = _Accumulator()
     was_training = net.training
     net.eval()
+    targets, sig_hit, soft_hit, ranks = [], [], [], []
     with torch.no_grad():
         for b in stream.batches():
             tb = _to_device(
                 {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in b.items()}, dev
             )
-            _, logged = _batch_terms(net, tb, cfg, kl_weight)
+            _, logged, out = _batch_terms(net, tb, cfg, kl_weight)
             acc.add(logged, len(b["site"]))
+            target = tb[schema.Z] - 1
+            true_logit = out.sigmoid_logits.gather(1, target[:, None])
+            ranks.append((1 + (out.sigmoid_logits > true_logit).sum(1)).cpu().numpy())
+            sig_hit.append((out.sigmoid_logits.argmax(1) == target).cpu().numpy())
+            soft_hit.append((out.softmax_logits.argmax(1) == target).cpu().numpy())
+            targets.append(target.cpu().numpy())
     net.train(was_training)
-    return acc.means("")
+    result = acc.means("")
+    if targets:
+        t = np.concatenate(targets)
+        _, inverse = np.unique(t, return_inverse=True)
+        for name, hits in (("sigmoid", sig_hit), ("softmax", soft_hit)):
+            h = np.concatenate(hits).astype(np.float64)
+            per_element = np.bincount(inverse, weights=h) / np.bincount(inverse)
+            result[f"{name}_balanced_error"] = float(1.0 - per_element.mean())
+        result["sigmoid_rank"] = float(np.concatenate(ranks).mean())
+    return result
 
 
 def train(
@@ -969,7 +994,7 @@ def train(
             for group in opt.param_groups:
                 group["lr"] = lr
             opt.zero_grad(set_to_none=True)
-            loss, logged = _batch_terms(net, tb, tcfg, kl_w)
+            loss, logged, _ = _batch_terms(net, tb, tcfg, kl_w)
             if not math.isfinite(logged["total"]):
                 raise AfpxError(
                     f"training diverged at step {step} (loss {logged['total']}); "

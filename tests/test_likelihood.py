@@ -149,3 +149,25 @@ def test_cli_likelihood(model_dir: Path, tmp_path: Path) -> None:
     (bad / "config.json").unlink()
     r = CliRunner().invoke(main, ["likelihood", str(cube), "--model", str(bad)])
     assert r.exit_code == 2 and "is not an afpx model folder" in r.output
+
+
+def test_score_structures(model_dir: Path) -> None:
+    from pymatgen.core import Lattice, Structure
+
+    from afpx.likelihood import score_structures
+
+    nacl = Structure.from_spacegroup(
+        "Fm-3m", Lattice.cubic(5.64), ["Na", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]]
+    )
+    cscl = Structure(Lattice.cubic(4.12), ["Cs", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]])
+    ds = score_structures([nacl, cscl], model_dir)
+    assert ds[schema.LIKELIHOOD].shape == (4, 118)  # two unique sites each
+    values = ds[schema.LIKELIHOOD].values
+    assert values.min() >= 0 and values.max() <= 1
+    assert list(ds[schema.Z].values) == [11, 17, 55, 17]
+    assert list(ds[schema.STRUCTURE_INDEX].values) == [0, 0, 1, 1]
+    assert ds[schema.LIKELIHOOD].attrs["model_sha256"] == load_model(model_dir).weights_sha256
+    from afpx.cube import FingerprintParams
+
+    with pytest.raises(AfpxError, match="differ from the model's in r_max"):
+        score_structures([nacl], model_dir, params=FingerprintParams(r_max=5.0))

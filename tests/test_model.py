@@ -78,6 +78,13 @@ def test_dropout_only_between_hidden_layers() -> None:
     assert sum(isinstance(m, torch.nn.ELU) for m in net.modules()) > 40
 
 
+def test_vae_dropout_can_differ_from_the_classifiers() -> None:
+    net = AFPNet(ModelConfig.preset_config("paper", vae_dropout=0.0))
+    vae = [*net.encoder.modules(), *net.decoder.modules()]
+    assert not any(isinstance(m, torch.nn.Dropout) for m in vae)
+    assert sum(isinstance(m, torch.nn.Dropout) for m in net.sigmoid_classifier) == 4
+
+
 def test_xavier_initialisation() -> None:
     net = AFPNet(tiny_model_config())
     lin = net.sigmoid_classifier[0]
@@ -153,6 +160,7 @@ def test_config_round_trip() -> None:
             "first_stride must be 1 or even",
         ),
         ({"dropout": 1.0}, "dropout must be in"),
+        ({"vae_dropout": -0.1}, "dropout must be in"),
     ],
 )
 def test_config_errors(kwargs: dict[str, object], match: str) -> None:
