@@ -713,46 +713,118 @@ def _cif_number(value: Any) -> float | None:
         return None
 
 
-def _symops_from_setting(data: dict[str, Any]) -> list[str] | None:
-    """Symmetry operations for a block that names a setting but lists no operations.
+_HALL_TABLE: dict[str, int] = {}
 
-    pymatgen reads ``F d -3 m:2`` without operations in the default setting
-    (origin choice 1) when the space-group number is also given; spglib's
-    table of the 530 Hall settings gives the right operations.
+
+def _hall_table() -> dict[str, int]:
+    """Keys naming a setting -> the first matching Hall number (1..530) of spglib's table.
+
+    Keys: ``hall:<symbol>``, ``full:<symbol>``, ``short:<symbol>`` (each also
+    with ``:<choice>``) and ``number:<n>``; symbols without spaces or
+    underscores, lower case. The first Hall number of a group is its
+    standard setting (origin choice 1, hexagonal axes, unique axis b), the
+    setting pymatgen also assumes for a symbol without a choice.
+    """
+    if not _HALL_TABLE:
+        import spglib
+
+        for hall_number in range(1, 531):
+            t = spglib.get_spacegroup_type(hall_number)
+            if t is None:
+                continue
+            full, short = (
+                _normalise_symbol(t.international_full),
+                _normalise_symbol(t.international_short),
+            )
+            choice = t.choice.lower()
+            keys = [f"hall:{_normalise_hall(t.hall_symbol)}", f"number:{t.number}"]
+            keys += [f"full:{full}", f"short:{short}"]
+            if choice:
+                keys += [f"full:{full}:{choice}", f"short:{short}:{choice}"]
+            for key in keys:
+                _HALL_TABLE.setdefault(key, hall_number)
+    return _HALL_TABLE
+
+
+# Symbols before the "e" glide was named (ITA 2002); spglib knows only the new ones.
+_E_GLIDE: Final = {
+    "abm2": "aem2",
+    "aba2": "aea2",
+    "cmca": "cmce",
+    "cmma": "cmme",
+    "ccca": "ccce",
+    "c2/m2/c21/a": "c2/m2/c21/e",
+    "c2/m2/m2/a": "c2/m2/m2/e",
+    "c2/c2/c2/a": "c2/c2/c2/e",
+}
+
+
+def _normalise_symbol(symbol: str) -> str:
+    """An H-M symbol without spaces, underscores and quotes, lower case."""
+    return re.sub(r"[\s_'\"]", "", symbol).lower()
+
+
+def _normalise_hall(symbol: str) -> str:
+    """A Hall symbol without spaces, lower case (its ' and " are part of it)."""
+    return re.sub(r"\s", "", symbol.strip().strip("'").strip()).lower()
+
+
+def _setting_of(data: dict[str, Any]) -> int | None:
+    """Hall number of the setting a CIF block names (Hall symbol, H-M symbol, number).
+
+    Returns None when the block names no setting spglib's table knows and
+    none was asked for explicitly. Raises ValueError when an explicit setting
+    (``:2``, ``origin choice 2``) cannot be matched: reading such a block in
+    the default setting would put the atoms in the wrong places.
+    """
+    table = _hall_table()
+    hall = next((str(data[k]) for k in _HALL_KEYS if data.get(k)), None)
+    if hall is not None and f"hall:{_normalise_hall(hall)}" in table:
+        return table[f"hall:{_normalise_hall(hall)}"]
+    hm = next((str(data[k]) for k in _HM_KEYS if data.get(k)), None)
+    if hm is not None:
+        text = hm.strip().strip("'\"")
+        match = re.search(r"\(?\s*origin\s+choice\s*(\d)\s*\)?", text, flags=re.IGNORECASE)
+        if match:
+            text = f"{text[: match.start()]}:{match.group(1)}"
+        symbol, _, choice = _normalise_symbol(text).partition(":")
+        symbol = _E_GLIDE.get(symbol, symbol)
+        suffix = f":{choice}" if choice else ""
+        for kind in ("full", "short"):
+            if f"{kind}:{symbol}{suffix}" in table:
+                return table[f"{kind}:{symbol}{suffix}"]
+        if choice:
+            raise ValueError(
+                f"no symmetry operations, and the setting of {hm.strip()!r} is not one afpx knows"
+            )
+        # a symbol afpx does not know: leave it to pymatgen (older symbols, e.g. C c c a)
+        return None
+    number = next((_cif_number(data[k]) for k in _SG_NUMBER_KEYS if data.get(k)), None)
+    if hall is None and number is not None and f"number:{int(number)}" in table:
+        return table[f"number:{int(number)}"]
+    return None
+
+
+def _symops_for(data: dict[str, Any]) -> list[str] | None:
+    """Symmetry operations (``x,y,z`` strings) for a block that lists none.
+
+    pymatgen reads ``F d -3 m:2`` without operations in origin choice 1 when
+    the space-group number is also given, and builds operations from symbols
+    slowly (seconds for a cubic F group); spglib's table of the 530 Hall
+    settings gives the operations of exactly the named setting, at once.
     """
     import spglib
 
-    hall = next((str(data[k]) for k in _HALL_KEYS if data.get(k)), None)
-    hm = next((str(data[k]) for k in _HM_KEYS if data.get(k)), None)
-    if hall is None and (hm is None or ":" not in hm):
+    hall_number = _setting_of(data)
+    if hall_number is None:
         return None
-    if hall is not None:
-        wanted_hall = re.sub(r"\s+", "", hall.strip("'\"")).lower()
-    else:
-        assert hm is not None
-        symbol, choice = hm.strip("'\"").rsplit(":", 1)
-        wanted_symbol = re.sub(r"[\s_]", "", symbol).lower()
-        wanted_choice = choice.strip().lower()
-    for hall_number in range(1, 531):
-        sg_type = spglib.get_spacegroup_type(hall_number)
-        if sg_type is None:
-            continue
-        if hall is not None:
-            found = re.sub(r"\s+", "", sg_type.hall_symbol).lower() == wanted_hall
-        else:
-            names = {
-                re.sub(r"[\s_]", "", sg_type.international_short).lower(),
-                re.sub(r"[\s_]", "", sg_type.international_full).lower(),
-            }
-            found = wanted_symbol in names and sg_type.choice.lower() == wanted_choice
-        if found:
-            ops = spglib.get_symmetry_from_database(hall_number)
-            assert ops is not None
-            return [
-                _xyz_string(rotation, translation)
-                for rotation, translation in zip(ops["rotations"], ops["translations"], strict=True)
-            ]
-    return None
+    ops = spglib.get_symmetry_from_database(hall_number)
+    if ops is None:
+        return None
+    return [
+        _xyz_string(rotation, translation)
+        for rotation, translation in zip(ops["rotations"], ops["translations"], strict=True)
+    ]
 
 
 def _xyz_string(rotation: np.ndarray, translation: np.ndarray) -> str:
@@ -806,7 +878,10 @@ def _read_cif_block(name: str, text: str, *, path: Path, structure_id: str) -> _
             return reject("bad_cell", problem)
         injected = False
         if not any(data.get(k) for k in _SYMOP_KEYS):
-            symops = _symops_from_setting(data)
+            try:
+                symops = _symops_for(data)
+            except ValueError as exc:
+                return reject("parse_error", str(exc))
             if symops:
                 loop = "\nloop_\n_symmetry_equiv_pos_as_xyz\n"
                 loop += "".join(f"'{op}'\n" for op in symops)
@@ -840,7 +915,7 @@ def _read_cif_block(name: str, text: str, *, path: Path, structure_id: str) -> _
     if cod_id is not None:
         metadata["cod_id"] = str(int(cod_id))
     if injected:
-        metadata["symops_from_setting"] = True
+        metadata["symops_generated"] = True
     symbols = data.get("_atom_site_type_symbol") or data.get("_atom_site_label") or []
     if isinstance(symbols, str):
         symbols = [symbols]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -81,10 +82,13 @@ def rocksalt_cif(
     return path
 
 
+FCC = [[0, 0, 0], [0, 0.5, 0.5], [0.5, 0, 0.5], [0.5, 0.5, 0]]
+
+
 def nacl(a: float = 5.64) -> Structure:
-    return Structure.from_spacegroup(
-        "Fm-3m", Lattice.cubic(a), ["Na", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]]
-    )
+    """Rock salt, conventional cell (``Structure.from_spacegroup`` takes seconds)."""
+    anion = [[(x + 0.5) % 1, y, z] for x, y, z in FCC]
+    return Structure(Lattice.cubic(a), ["Na"] * 4 + ["Cl"] * 4, FCC + anion)
 
 
 def site_multiset(table: SiteTable) -> Counter[tuple[int, int, str]]:
@@ -340,7 +344,7 @@ def test_origin_choice_2_without_operations_is_read_in_its_setting() -> None:
     counts = Counter(structure.numbers.tolist())
     assert counts == {12: 8, 13: 16, 8: 32}
     assert structure.sites.spacegroup == 227
-    assert structure.metadata["symops_from_setting"] is True
+    assert structure.metadata["symops_generated"] is True
     assert structure.sites.dmin == pytest.approx(1.924, abs=2e-3)  # Al-O in MgAl2O4
 
 
@@ -352,6 +356,59 @@ def test_hall_symbol_without_operations(tmp_path: Path) -> None:
     (tmp_path / "hall.cif").write_text(text)
     (structure,) = read_structures([tmp_path / "hall.cif"]).structures
     assert Counter(structure.numbers.tolist()) == {12: 8, 13: 16, 8: 32}
+
+
+def strip_symmetry_operations(text: str) -> str:
+    """A CIF without its loop of symmetry operations."""
+    lines, out, i = text.splitlines(), [], 0
+    while i < len(lines):
+        following = lines[i + 1] if i + 1 < len(lines) else ""
+        if lines[i].strip() == "loop_" and re.match(
+            r"\s*_(symmetry_equiv_pos|space_group_symop)", following
+        ):
+            i += 1
+            while i < len(lines) and lines[i].strip().startswith("_"):
+                i += 1
+            while i < len(lines) and lines[i].strip() and lines[i].strip()[0] != "_":
+                if lines[i].strip() == "loop_":
+                    break
+                i += 1
+            continue
+        out.append(lines[i])
+        i += 1
+    return "\n".join(out) + "\n"
+
+
+@pytest.mark.parametrize("cod_id", ["1011211", "1000017", "1100042", "2204979", "1010132"])
+def test_operations_from_the_symbol_equal_the_listed_ones(tmp_path: Path, cod_id: str) -> None:
+    # oracle: the same file without its operations gives the same structure
+    stripped = strip_symmetry_operations((COD / f"{cod_id}.cif").read_text())
+    assert "_symmetry_equiv_pos_as_xyz" not in stripped
+    (tmp_path / f"{cod_id}.cif").write_text(stripped)
+    (listed,) = read_structures([COD / f"{cod_id}.cif"]).structures
+    (generated,) = read_structures([tmp_path / f"{cod_id}.cif"]).structures
+    assert generated.metadata["symops_generated"] is True
+    assert generated.formula == listed.formula
+    assert generated.sites.spacegroup == listed.sites.spacegroup
+    assert site_multiset(generated.sites) == site_multiset(listed.sites)
+    assert generated.sites.dmin == pytest.approx(listed.sites.dmin)
+
+
+@pytest.mark.parametrize(
+    ("symbol", "accepted"),
+    [("F d -3 m (origin choice 2)", True), ("F d -3 m:3", False), ("F 41/d -3 2/m:2", True)],
+)
+def test_explicit_settings(tmp_path: Path, symbol: str, accepted: bool) -> None:
+    text = (BAD / "spinel_origin2.cif").read_text().replace("F d -3 m:2", symbol)
+    (tmp_path / "s.cif").write_text(text)
+    result = read_structures([tmp_path / "s.cif"])
+    if accepted:
+        (structure,) = result.structures
+        assert Counter(structure.numbers.tolist()) == {12: 8, 13: 16, 8: 32}
+    else:
+        (rejection,) = result.rejections
+        assert rejection.reason == "parse_error"
+        assert "F d -3 m:3" in rejection.message
 
 
 def test_structure_round_trip(data_result: ReadResult) -> None:

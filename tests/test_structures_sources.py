@@ -1,0 +1,286 @@
+"""JSON lines, ASE databases, de-duplication, workers and the inspect command."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from pymatgen.core import Lattice, Structure
+
+import afpx.structures as structures_module
+from afpx.cli import main
+from afpx.structures import FilterParams, ReadResult, read_structures
+
+DATA = Path(__file__).parent / "data"
+COD = DATA / "cod"
+
+
+FCC = [[0, 0, 0], [0, 0.5, 0.5], [0.5, 0, 0.5], [0.5, 0.5, 0]]
+
+
+def nacl(a: float = 5.64) -> Structure:
+    """Rock salt, conventional cell (``Structure.from_spacegroup`` takes seconds)."""
+    anion = [[(x + 0.5) % 1, y, z] for x, y, z in FCC]
+    return Structure(Lattice.cubic(a), ["Na"] * 4 + ["Cl"] * 4, FCC + anion)
+
+
+def cscl(a: float = 4.12) -> Structure:
+    return Structure(Lattice.cubic(a), ["Cs", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]])
+
+
+def outcome(result: ReadResult) -> list[tuple[str, str, str]]:
+    """(id, accepted / reason, formula or message) of every record, in order."""
+    rows = [
+        (s.structure_id, "accepted", s.formula, s.metadata.get("block")) for s in result.structures
+    ]
+    rows += [(r.id, r.reason, r.message, r.block) for r in result.rejections]
+    return sorted(rows, key=lambda row: (str(row[3]), row[0]))  # type: ignore[return-value]
+
+
+# -- JSON -------------------------------------------------------------------------------
+
+
+def write_jsonl(path: Path, lines: list[str]) -> Path:
+    text = "\n".join(lines) + "\n"
+    if path.name.endswith(".gz"):
+        path.write_bytes(gzip.compress(text.encode()))
+    else:
+        path.write_text(text)
+    return path
+
+
+@pytest.fixture
+def jsonl_lines() -> list[str]:
+    deuterated = nacl().as_dict()
+    deuterated["sites"][0]["species"][0]["element"] = "D"
+    return [
+        json.dumps(nacl().as_dict()),  # 1: plain pymatgen dict
+        json.dumps({"id": "cscl-1", "structure": cscl().as_dict(), "note": "wrapped"}),  # 2
+        "{not json",  # 3
+        json.dumps([1, 2, 3]),  # 4: not a dict
+        json.dumps({"id": "no-sites", "structure": {"lattice": {}}}),  # 5
+        json.dumps({"id": "deut", "structure": deuterated}),  # 6
+        json.dumps({"id": "cscl-1", "structure": cscl().as_dict(), "note": "wrapped"}),  # 7: dup
+        "",  # blank lines are skipped
+        json.dumps({"id": "cscl-1", "structure": cscl(4.2).as_dict()}),  # 9: same id, other cell
+    ]
+
+
+@pytest.mark.parametrize("name", ["s.jsonl", "s.jsonl.gz", "s.ndjson"])
+def test_json_lines(tmp_path: Path, jsonl_lines: list[str], name: str) -> None:
+    path = write_jsonl(tmp_path / name, jsonl_lines)
+    result = read_structures([path])
+    accepted = {s.structure_id: s for s in result.structures}
+    assert set(accepted) == {"s:1", "cscl-1", "cscl-1@9"}
+    assert accepted["s:1"].formula == "NaCl"
+    assert accepted["cscl-1"].metadata["note"] == "wrapped"
+    assert accepted["cscl-1"].sites.spacegroup == 221
+    reasons = {(r.block, r.reason) for r in result.rejections}
+    assert reasons == {
+        ("3", "parse_error"),
+        ("4", "parse_error"),
+        ("5", "parse_error"),
+        ("6", "unknown_species"),
+        ("7", "duplicate"),
+    }
+    assert result.n_read == 8
+
+
+def test_json_file_with_a_list(tmp_path: Path) -> None:
+    path = tmp_path / "list.json"
+    path.write_text(
+        json.dumps([nacl().as_dict(), {"material_id": "m-2", "structure": cscl().as_dict()}])
+    )
+    result = read_structures([path])
+    assert [s.structure_id for s in result.structures] == ["list:1", "m-2"]
+
+
+def test_json_with_a_disordered_structure(tmp_path: Path) -> None:
+    disordered = Structure(Lattice.cubic(3.0), [{"Mn": 0.5, "Co": 0.5}], [[0, 0, 0]])
+    path = write_jsonl(tmp_path / "d.jsonl", [json.dumps(disordered.as_dict())])
+    (rejection,) = read_structures([path]).rejections
+    assert rejection.reason == "occupancy"
+
+
+def test_empty_json_file(tmp_path: Path) -> None:
+    (tmp_path / "empty.jsonl").write_text("\n")
+    (rejection,) = read_structures([tmp_path / "empty.jsonl"]).rejections
+    assert rejection.reason == "parse_error"
+
+
+# -- ASE databases ----------------------------------------------------------------------
+
+
+def make_ase_db(path: Path) -> Path:
+    """A small ASE database with good rows and every kind of bad row."""
+    import ase.db
+    from ase import Atoms
+    from pymatgen.io.ase import AseAtomsAdaptor
+
+    adaptor = AseAtomsAdaptor()
+    db = ase.db.connect(str(path))
+    db.write(adaptor.get_atoms(nacl()), name="nacl")  # 1
+    db.write(adaptor.get_atoms(nacl()), name="nacl")  # 2: exact duplicate of 1
+    db.write(adaptor.get_atoms(cscl()))  # 3: no name
+    db.write(Atoms("H2O", positions=[[0, 0, 0], [0.96, 0, 0], [-0.24, 0.93, 0]]), name="water")  # 4
+    db.write(
+        Atoms("XCl", cell=np.eye(3) * 4, pbc=True, scaled_positions=[[0, 0, 0], [0.5] * 3])
+    )  # 5
+    db.write(Atoms("Na2", cell=np.eye(3) * 4, pbc=True, positions=[[0, 0, 0], [0.3, 0, 0]]))  # 6
+    flat = np.array([[4.0, 0, 0], [0, 4.0, 0], [4.0, 4.0, 0]])
+    db.write(Atoms("Na", cell=flat, pbc=True), name="flat")  # 7
+    db.write(adaptor.get_atoms(nacl(5.7)), name="nacl")  # 8: same name, other structure
+    db.write(adaptor.get_atoms(cscl()), name="cscl", spacegroup=221)  # 9
+    return path
+
+
+@pytest.fixture(scope="module")
+def small_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_ase_db(tmp_path_factory.mktemp("ase") / "small.db")
+
+
+def ase_db(path: Path, small_db: Path) -> Path:
+    """A copy of the small database at ``path``."""
+    return Path(shutil.copy(small_db, path))
+
+
+def test_ase_database(tmp_path: Path, small_db: Path) -> None:
+    path = ase_db(tmp_path / "small.db", small_db)
+    result = read_structures([path])
+    accepted = {s.structure_id: s for s in result.structures}
+    assert list(accepted) == ["nacl", "small:3", "nacl@8", "cscl"]
+    assert accepted["nacl"].metadata["row"] == 1
+    assert accepted["cscl"].metadata["spacegroup"] == 221
+    assert accepted["nacl"].sites.spacegroup == 225
+    assert accepted["nacl"].sites.multiplicity.tolist() == [4, 4]
+    assert accepted["nacl@8"].sites.dmin == pytest.approx(5.7 / 2)
+    rejected = {r.block: r for r in result.rejections}
+    assert {block: r.reason for block, r in rejected.items()} == {
+        "2": "duplicate",
+        "4": "bad_cell",
+        "5": "unknown_species",
+        "6": "short_distance",
+        "7": "bad_cell",
+    }
+    assert "X" in rejected["5"].message
+    assert "pbc" in rejected["4"].message
+    assert result.n_read == 9
+    # frac coords wrapped into [0, 1)
+    for s in result.structures:
+        assert np.all((s.frac_coords >= 0) & (s.frac_coords < 1))
+
+
+def test_ase_database_is_not_modified(tmp_path: Path, small_db: Path) -> None:
+    path = ase_db(tmp_path / "small.db", small_db)
+    before = path.read_bytes()
+    read_structures([path])
+    assert path.read_bytes() == before
+
+
+def test_not_an_ase_database(tmp_path: Path) -> None:
+    (tmp_path / "junk.db").write_bytes(b"\x00garbage" * 50)
+    (tmp_path / "empty.db").write_bytes(b"")
+    result = read_structures([tmp_path / "junk.db", tmp_path / "empty.db"])
+    assert [r.reason for r in result.rejections] == ["parse_error", "parse_error"]
+    assert "not an ASE SQLite database" in result.rejections[0].message
+    assert not result.structures
+
+
+def test_empty_ase_database(tmp_path: Path) -> None:
+    import ase.db
+    from ase import Atoms
+
+    path = tmp_path / "none.db"
+    db = ase.db.connect(str(path))
+    db.delete([db.write(Atoms("Na", cell=np.eye(3) * 4, pbc=True))])
+    (rejection,) = read_structures([path]).rejections
+    assert rejection.reason == "no_atoms"
+
+
+def test_ase_rows_in_several_tasks_give_the_same_result(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, small_db: Path
+) -> None:
+    path = ase_db(tmp_path / "small.db", small_db)
+    whole = read_structures([path])
+    monkeypatch.setattr(structures_module, "_ROWS_PER_TASK", 2)
+    assert len(structures_module._ase_tasks(path, source=str(path))) == 5
+    split = read_structures([path])
+    assert outcome(split) == outcome(whole)
+    assert [s.structure_id for s in split.structures] == [s.structure_id for s in whole.structures]
+
+
+def test_workers_give_identical_ordered_results(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, small_db: Path
+) -> None:
+    ase_db(tmp_path / "small.db", small_db)
+    for cif in sorted(COD.glob("*.cif"))[:6]:
+        shutil.copy(cif, tmp_path / cif.name)
+    monkeypatch.setattr(structures_module, "_ROWS_PER_TASK", 3)
+    monkeypatch.setattr(structures_module, "_FILES_PER_TASK", 2)
+    one = read_structures([tmp_path])
+    two = read_structures([tmp_path], workers=2)
+    assert [s.structure_id for s in two.structures] == [s.structure_id for s in one.structures]
+    assert two.rejections == one.rejections
+    assert two.n_read == one.n_read
+    for a, b in zip(one.structures, two.structures, strict=True):
+        np.testing.assert_array_equal(a.frac_coords, b.frac_coords)
+        np.testing.assert_array_equal(a.sites.multiplicity, b.sites.multiplicity)
+        np.testing.assert_array_equal(a.sites.wyckoff, b.sites.wyckoff)
+
+
+def test_duplicates_are_per_source(tmp_path: Path, small_db: Path) -> None:
+    # the same structure in two databases is no duplicate
+    first = ase_db(tmp_path / "a.db", small_db)
+    second = shutil.copy(first, tmp_path / "b.db")
+    result = read_structures([first, second])
+    assert sum(r.reason == "duplicate" for r in result.rejections) == 2
+    assert len(result.structures) == 8
+
+
+# -- afpx inspect -----------------------------------------------------------------------
+
+
+def test_inspect_prints_structures_rejections_and_counts() -> None:
+    result = CliRunner().invoke(
+        main, ["inspect", str(COD / "1011211.cif"), str(COD / "1006144.cif")]
+    )
+    assert result.exit_code == 0, result.output
+    out = result.output
+    assert "1011211  CaTiO3  sg 221" in out
+    assert "Ca1a" in out and "O3c" in out
+    assert "1006144  occupancy: site Mn1 holds 2 species" in out
+    assert "read: 2\naccepted: 1\nrejected: 1\n  occupancy: 1" in out
+
+
+def test_inspect_summary_only_and_filter_switches() -> None:
+    args = ["inspect", "--summary", "--no-filter", "occupancy", str(COD / "1006144.cif")]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines() == ["read: 1", "accepted: 1", "rejected: 0"]
+
+
+def test_inspect_unknown_input_is_a_one_line_error() -> None:
+    result = CliRunner().invoke(main, ["inspect", "no-such-dataset-or-file"])
+    assert result.exit_code == 2
+    assert "neither a file, a folder nor a dataset name" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_inspect_params_reach_the_reader(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: dict[str, object] = {}
+
+    def fake(inputs: list[str], **kwargs: object) -> ReadResult:
+        seen.update(kwargs, inputs=inputs)
+        return ReadResult([], [], 0, kwargs["params"])  # type: ignore[arg-type]
+
+    monkeypatch.setattr(structures_module, "read_structures", fake)
+    args = ["inspect", "x", "--workers", "2", "--min-distance", "0.5", "--no-filter", "r-factor"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert seen["workers"] == 2
+    assert seen["params"] == FilterParams(r_factor_max=None, min_distance=0.5)
