@@ -717,16 +717,27 @@ def rank_candidates(
         return CompositionRanking(
             np.zeros((0, k), np.int64), np.zeros(0), np.zeros(0, np.int64), np.zeros(0, np.int64)
         )
-    comps, inv = np.unique(reduced[rows], axis=0, return_inverse=True)
-    inv = inv.ravel()
-    s = np.asarray(log_score, dtype=np.float64)[rows]
-    # sort by (composition, -score, template): the first row of each group is its best
-    order = np.lexsort((template[rows], -s, inv))
-    first = np.flatnonzero(np.r_[True, inv[order][1:] != inv[order][:-1]])
-    best_rows = rows[order[first]]
-    return CompositionRanking(
-        comps.astype(np.int64), s[order[first]], template[best_rows], best_rows
-    )
+    red = np.asarray(reduced, dtype=np.int64)[rows]
+    base = int(red.max(initial=0)) + 1
+    if k * math.log2(max(base, 2)) < 62:
+        key = _row_keys(red, base)
+    else:  # very large counts: let numpy number the rows
+        key = np.unique(red, axis=0, return_inverse=True)[1].ravel()
+    order = np.argsort(key, kind="stable")
+    sk = key[order]
+    starts = np.flatnonzero(np.r_[True, sk[1:] != sk[:-1]])
+    s = np.asarray(log_score, dtype=np.float64)[rows][order]
+    best = np.maximum.reduceat(s, starts)
+    sizes = np.diff(np.r_[starts, sk.size])
+    # the lowest template index among the rows reaching each composition's best score
+    t = np.asarray(template, dtype=np.int64)[rows][order]
+    big = np.iinfo(np.int64).max
+    tie_t = np.where(s == np.repeat(best, sizes), t, big)
+    best_t = np.minimum.reduceat(tie_t, starts)
+    pos = np.where(tie_t == np.repeat(best_t, sizes))[0]
+    group = np.repeat(np.arange(starts.size), sizes)[pos]
+    first = pos[np.r_[True, group[1:] != group[:-1]]]
+    return CompositionRanking(red[order[starts]], best, best_t, rows[order[first]])
 
 
 def set_positions(
@@ -974,7 +985,7 @@ def candidates_above(
     *,
     upper_bound: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Every (template, assignment) scoring at least ``threshold``, exactly.
+    """The best candidate of every (template, composition) scoring at least ``threshold``.
 
     Parameters
     ----------
@@ -997,10 +1008,9 @@ def candidates_above(
     -----
     Only templates whose upper bound reaches the threshold are looked at.
     Templates with at most :func:`bruteforce_limit` sites are enumerated
-    (vectorised over all templates with the same number of sites) and several
-    assignments of one template may share a composition; larger templates go
-    through a max-plus DP over count vectors and give one row per
-    composition. Ranking only needs the best row of every composition.
+    (vectorised over all templates with the same number of sites); larger
+    templates go through a max-plus DP over count vectors. Either way one row
+    per (template, composition) comes back: its best candidate.
     """
     logl = np.asarray(log_likelihood, dtype=np.float64)
     k = logl.shape[1]
@@ -1008,6 +1018,8 @@ def candidates_above(
     sel = np.flatnonzero((ub >= threshold) & (index.n_sites >= k))
     n_sel = index.n_sites[sel]
     limit = bruteforce_limit(k)
+    base = int(index.total.max(initial=0)) + 1
+    span = base ** (k - 1)
     out_t: list[np.ndarray] = []
     out_c: list[np.ndarray] = []
     out_s: list[np.ndarray] = []
@@ -1028,9 +1040,14 @@ def candidates_above(
                 continue
             mr = index.reduced[rows[ti]]  # (R, n)
             counts = np.stack([(mr * (A64[ai] == e)).sum(axis=1) for e in range(k)], axis=1)
-            out_t.append(t[ti])
-            out_c.append(counts)
-            out_s.append(score[ti, ai])
+            # keep the best assignment of every (template, counts): one row per composition
+            key = t[ti] * span + (_row_keys(counts[:, :-1], base) if k > 1 else 0)
+            order = np.argsort(key, kind="stable")
+            sk = key[order]
+            starts = np.flatnonzero(np.r_[True, sk[1:] != sk[:-1]])
+            out_t.append(t[ti][order[starts]])
+            out_c.append(counts[order[starts]])
+            out_s.append(np.maximum.reduceat(score[ti, ai][order], starts))
     for t in sel[n_sel > limit].tolist():
         a, b = index.site_start[t], index.site_start[t + 1]
         m = index.reduced[a:b]
@@ -1684,15 +1701,37 @@ def set_context(
     return SetContext(known, own_t, own_known, own_counts, reach)
 
 
+def best_for_composition(
+    index: TemplateIndex,
+    log_likelihood: np.ndarray,
+    composition: np.ndarray,
+    templates: np.ndarray,
+    upper_bound: np.ndarray,
+) -> float:
+    """Best score of any candidate of the given templates with one reduced composition.
+
+    Templates are visited from the highest upper bound down and the search
+    stops once no remaining template can beat the best found (exact).
+    """
+    comp = np.asarray(composition, dtype=np.int64)
+    sites = _TemplateSites(index, log_likelihood, comp)
+    best = -math.inf
+    ts = np.asarray(templates, dtype=np.int64)
+    for t in ts[np.argsort(-upper_bound[ts], kind="stable")].tolist():
+        if upper_bound[t] <= best:
+            break
+        logl, mult, target = sites(t)
+        best = max(best, count_assignments(logl, mult, target, math.inf).best)
+    return best
+
+
 def _test2_set(
     index: TemplateIndex,
-    n_total: int,
+    table: CompositionTable,
     log_likelihood: np.ndarray,
     upper_bound: np.ndarray,
-    known: np.ndarray,
+    ctx: SetContext,
     lower_bound: np.ndarray,
-    own_counts: np.ndarray,
-    reachable_without_own: np.ndarray,
     *,
     hit_k: Sequence[int],
     tolerance: float,
@@ -1700,33 +1739,46 @@ def _test2_set(
     """Test 2 of one element set and one model, both variants, exactly.
 
     Only candidates scoring at least the lowest known composition's score can
-    move a known composition, so only those are generated; the threshold
-    starts at the lowest true-structure score of the known compositions and
-    is lowered until every known composition that the variant can generate
-    has been found.
+    move a known composition, so only those are generated. The threshold is
+    the lowest true-structure score of the known compositions; without the
+    own formula, a known composition may score lower (or not at all): its
+    exact best score is found first (:func:`best_for_composition`) and the
+    threshold lowered to it.
     """
+    known = ctx.known
     thr = float(lower_bound.min()) - 2 * tolerance
-    while True:
+    for attempt in range(2):
         tm, red, sc = candidates_above(index, log_likelihood, thr, upper_bound=upper_bound)
-        own_row = (own_counts[tm] == red).all(axis=1) if tm.size else np.zeros(0, bool)
+        own_row = (ctx.own_counts[tm] == red).all(axis=1) if tm.size else np.zeros(0, bool)
         out: dict[str, dict[str, float]] = {}
-        deeper = False
+        lost = np.zeros(known.shape[0], dtype=bool)
         for variant, keep in zip(VARIANTS, (None, ~own_row), strict=True):
             ranking = rank_candidates(tm, red, sc, keep=keep)
             idx = _match_rows(ranking.counts, known)
             if variant == VARIANTS[0] and (idx < 0).any():
                 raise AfpxError("a known composition was not generated by its own template")
-            if variant == VARIANTS[1] and ((idx < 0) & reachable_without_own).any():
-                deeper = True
-            row = set_positions(ranking.log_score, idx, n_total, hit_k=hit_k, tolerance=tolerance)
+            if variant == VARIANTS[1]:
+                lost = (idx < 0) & ctx.reachable_without_own
+            row = set_positions(
+                ranking.log_score,
+                idx,
+                n_total=table.n_compositions,
+                hit_k=hit_k,
+                tolerance=tolerance,
+            )
             row["n_candidates_scored"] = float(tm.size if keep is None else keep.sum())
             row["threshold"] = thr
             out[variant] = row
-        if not deeper or thr == -np.inf:
+        if not lost.any() or attempt:
             return out
-        thr = thr - max(1.0, abs(thr))
-        if thr < -1e6:
-            thr = -np.inf
+        lowest = thr
+        for i in np.flatnonzero(lost).tolist():
+            ts, _ = table.templates_of(int(table.find(known[i : i + 1])[0]))
+            ts = ts[(ctx.own_counts[ts] != known[i]).any(axis=1)]
+            b = best_for_composition(index, log_likelihood, known[i], ts, upper_bound)
+            lowest = min(lowest, b)
+        thr = lowest - 2 * tolerance
+    return out
 
 
 def evaluate(
@@ -1848,13 +1900,11 @@ def evaluate(
                 np.maximum.at(lower, own_known, own_true)
                 rows = _test2_set(
                     index,
-                    table.n_compositions,
+                    table,
                     logl,
                     ub,
-                    known_S,
+                    ctx,
                     lower,
-                    ctx.own_counts,
-                    ctx.reachable_without_own,
                     hit_k=params.hit_k,
                     tolerance=params.tie_tolerance,
                 )
