@@ -560,21 +560,33 @@ def dask_scheduler(*, scheduler: str | None = None, workers: int | None = None) 
         raise AfpxError(
             "--workers/--scheduler need dask.distributed: pip install 'afpx[distributed]'"
         ) from exc
-    if scheduler is not None:
-        try:
-            client = Client(scheduler, timeout=SCHEDULER_TIMEOUT)
-        except OSError as exc:
-            raise AfpxError(f"cannot reach the Dask scheduler at {scheduler}: {exc}") from exc
-        with client:
+    # distributed sets its loggers to INFO; follow the application's level instead
+    # (the CLI's -v), so that a build is quiet unless asked, and restore it after
+    dist_logger = logging.getLogger("distributed")
+    saved_level = dist_logger.level
+    dist_logger.setLevel(max(logging.getLogger().level, logging.INFO))
+    try:
+        if scheduler is not None:
+            try:
+                client = Client(scheduler, timeout=SCHEDULER_TIMEOUT)
+            except OSError as exc:
+                raise AfpxError(f"cannot reach the Dask scheduler at {scheduler}: {exc}") from exc
+            with client:
+                yield client
+            return
+        with (
+            LocalCluster(
+                n_workers=workers,
+                threads_per_worker=1,
+                processes=True,
+                dashboard_address=None,
+                silence_logs=logging.ERROR,
+            ) as cluster,
+            Client(cluster) as client,
+        ):
             yield client
-        return
-    with (
-        LocalCluster(
-            n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None
-        ) as cluster,
-        Client(cluster) as client,
-    ):
-        yield client
+    finally:
+        dist_logger.setLevel(saved_level)
 
 
 def _is_cube(path: Path) -> bool:
@@ -591,6 +603,7 @@ def write_cube(
     *,
     overwrite: bool = False,
     progress: bool | None = None,
+    client: Any = None,
 ) -> Path:
     """Compute a lazy cube once and write it to ``path`` (zarr v3), atomically.
 
@@ -610,6 +623,9 @@ def write_cube(
         Replace an existing cube (only after the new one is complete).
     progress : bool, optional
         Show a progress bar; None shows one when stderr is a terminal.
+    client : distributed.Client, optional
+        Compute on this client (as yielded by :func:`dask_scheduler`); None
+        uses the current Dask scheduler.
 
     Returns
     -------
@@ -630,14 +646,16 @@ def write_cube(
     if progress is None:
         progress = sys.stderr.isatty()
     try:
-        with _progress(bool(progress)):
-            ds.to_zarr(
-                partial,
-                mode="w-",
-                zarr_format=3,
-                consolidated=False,
-                encoding=_encoding(ds, chunk_sites),
-            )
+        # metadata and the in-memory variables now; the Dask ones in one compute below
+        delayed = ds.to_zarr(
+            partial,
+            mode="w-",
+            zarr_format=3,
+            consolidated=False,
+            encoding=_encoding(ds, chunk_sites),
+            compute=False,
+        )
+        _compute_with_progress(delayed, bool(progress), client)
         group = zarr.open_group(partial, mode="r+")
         group.attrs[COMPLETE_ATTR] = True
         if target.exists():
@@ -653,16 +671,23 @@ def write_cube(
     return target
 
 
-@contextlib.contextmanager
-def _progress(enabled: bool) -> Iterator[None]:
-    if not enabled:
-        yield
+def _compute_with_progress(delayed: Any, progress: bool, client: Any) -> None:
+    """Compute on ``client`` or the current Dask scheduler, with a progress bar if asked."""
+    if client is not None:
+        future = client.compute(delayed)
+        if progress:
+            from distributed import progress as distributed_progress
+
+            distributed_progress(future)
+        future.result()
+        return
+    if not progress:
+        delayed.compute()
         return
     from dask.diagnostics import ProgressBar
 
-    # ProgressBar follows local schedulers; a distributed client has its dashboard
-    with ProgressBar(minimum=1.0, dt=0.5):
-        yield
+    with ProgressBar(minimum=1.0, dt=0.5, out=sys.stderr):
+        delayed.compute()
 
 
 def build_cube(
@@ -757,8 +782,8 @@ def build_cube(
         split=split,
         sources=sources,
     )
-    with dask_scheduler(scheduler=scheduler, workers=workers):
-        return write_cube(ds, target, overwrite=overwrite, progress=progress)
+    with dask_scheduler(scheduler=scheduler, workers=workers) as client:
+        return write_cube(ds, target, overwrite=overwrite, progress=progress, client=client)
 
 
 # -- reading --------------------------------------------------------------------------------------

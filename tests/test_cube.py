@@ -365,6 +365,31 @@ def test_local_cluster_equals_threads_bit_for_bit(read: ReadResult, tmp_path: Pa
         np.testing.assert_array_equal(a[name].values, b[name].values)
 
 
+def test_progress_bar_only_when_asked(
+    read: ReadResult,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import dask.diagnostics
+
+    monkeypatch.setattr(
+        dask.diagnostics.ProgressBar, "__init__", _eager_bar(dask.diagnostics.ProgressBar.__init__)
+    )
+    build_cube(read, tmp_path / "quiet.zarr")  # stderr is not a terminal here
+    assert "100%" not in capsys.readouterr().err
+    build_cube(read, tmp_path / "bar.zarr", progress=True)
+    assert "100%" in capsys.readouterr().err
+
+
+def _eager_bar(init: Any) -> Any:
+    def patched(self: Any, *args: Any, **kwargs: Any) -> None:
+        kwargs["minimum"] = 0.0  # show the bar even for a build this short
+        init(self, *args, **kwargs)
+
+    return patched
+
+
 def test_scheduler_options_raise() -> None:
     with (
         pytest.raises(AfpxError, match="not both"),
