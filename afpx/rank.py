@@ -454,7 +454,7 @@ def rank(
         top=top,
         tie_tolerance=tie_tolerance,
     )
-    cell = result.cell_counts(lib)[rows["row"]]
+    cell = result.cell_counts(lib, rows["row"])
     assignment, score_again = best_assignments(
         lib, zs, rows["template"], cell, min_site_likelihood=opts.min_site_likelihood
     )

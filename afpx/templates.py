@@ -94,8 +94,8 @@ _BF_ADVANTAGE: Final = 2.0
 _BF_MAX_ASSIGNMENTS: Final = 4096
 #: Templates stacked in one block of the programme differ in sites and in
 #: reduced atoms by at most these ratios (padding against Python overhead).
-_BUCKET_SITES: Final = 1.5
-_BUCKET_TOTAL: Final = 1.3
+_BUCKET_SITES: Final = 2.0
+_BUCKET_TOTAL: Final = 1.5
 
 
 # =============================================================================
@@ -297,8 +297,9 @@ class TemplateLibrary:
         return np.diff(self.site_start)
 
     @functools.cached_property
-    def _plans(self) -> dict[tuple[int, int, int], Any]:
-        # enumeration plans by (k, selected templates); they depend on multiplicities only
+    def _plans(self) -> dict[tuple[Any, ...], Any]:
+        # enumeration plans by (k, selected templates), which depend on multiplicities
+        # only, and the last element set's log-likelihood columns
         return {}
 
     @functools.cached_property
@@ -772,9 +773,11 @@ class _Result:
             self.n_dp_updates,
         )
 
-    def cell_counts(self, library: TemplateLibrary) -> np.ndarray:
-        """(N, k) int64 atoms of each element in the template's cell."""
-        return self.counts * library._reduced[0][self.template, None]
+    def cell_counts(self, library: TemplateLibrary, rows: np.ndarray | None = None) -> np.ndarray:
+        """(N, k) int64 atoms of each element in the template's cell (of ``rows`` if given)."""
+        counts = self.counts if rows is None else self.counts[rows]
+        g = library._reduced[0][self.template if rows is None else self.template[rows]]
+        return _scale_rows(counts, g)
 
 
 def _candidates(
@@ -861,15 +864,7 @@ def _enumerate(
 ) -> _Result:
     k = zs.size
     plan = _plan(library, k, templates)
-    logl = np.empty((library.n_sites + 1, k))
-    logl[:-1] = library.log_likelihood[:, zs - 1]
-    logl[-1] = 0.0  # row of padding sites
-    if opts.min_site_likelihood is not None:
-        if not 0 < opts.min_site_likelihood <= 1:
-            raise AfpxError(
-                f"min_site_likelihood must lie in (0, 1], got {opts.min_site_likelihood}"
-            )
-        logl[:-1][logl[:-1] < math.log(opts.min_site_likelihood)] = -np.inf
+    logl = _site_log_likelihood(library, zs, opts.min_site_likelihood)
     width = int(library.n_unique_sites[templates].max()) if templates.size else 0
 
     parts = [_bruteforce(logl, grp, k, assignments=assignments) for grp in plan.bruteforce]
@@ -933,9 +928,12 @@ class _DPBlock:
     real: np.ndarray  # (T, npad) bool
     m: np.ndarray  # (T, npad) reduced multiplicities, 0 for padding
     bound: np.ndarray  # (npad,) largest count reachable after each step
-    shifts: tuple[tuple[tuple[int, np.ndarray], ...], ...]  # per step: (u, rows with m == u)
+    # per step: (u, additive mask over templates: 0 where m == u, else -inf; None if all)
+    shifts: tuple[tuple[tuple[int, np.ndarray | None], ...], ...]
     total: np.ndarray  # (T,) reduced totals
-    states: dict[tuple[int, ...], tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    states: dict[tuple[int, ...], tuple[np.ndarray, np.ndarray, np.ndarray]] = field(
+        default_factory=dict
+    )
 
 
 @dataclass(frozen=True, eq=False)
@@ -950,8 +948,9 @@ def _plan(library: TemplateLibrary, k: int, templates: np.ndarray) -> _Plan:
     plan = cache.get(key)
     if plan is None:
         plan = _make_plan(library, k, templates)
-        if len(cache) >= 8:
-            cache.pop(next(iter(cache)))
+        plans = [c for c in cache if c[0] != "logl"]
+        if len(plans) >= 8:
+            del cache[plans[0]]
         cache[key] = plan
     return plan
 
@@ -977,6 +976,33 @@ def _make_plan(library: TemplateLibrary, k: int, templates: np.ndarray) -> _Plan
         for blk in _dp_blocks(templates[~use_bf], n, total, k)
     )
     return _Plan(groups, blocks)
+
+
+def _site_log_likelihood(
+    library: TemplateLibrary, zs: np.ndarray, min_site_likelihood: float | None
+) -> np.ndarray:
+    """(n_sites + 1, k) float64 log-likelihoods of the elements, a zero row for padding.
+
+    The last one is cached on the library (ranking re-enumerates the top
+    templates with the same elements to recover their assignments).
+    """
+    if min_site_likelihood is not None and not 0 < min_site_likelihood <= 1:
+        raise AfpxError(f"min_site_likelihood must lie in (0, 1], got {min_site_likelihood}")
+    key = (tuple(zs.tolist()), min_site_likelihood)
+    cache = library._plans
+    hit = cache.get(("logl", key))
+    if hit is not None:
+        return hit
+    logl = np.empty((library.n_sites + 1, zs.size))
+    logl[:-1] = library.log_likelihood[:, zs - 1]
+    logl[-1] = 0.0
+    if min_site_likelihood is not None:
+        body = logl[:-1]
+        body[body < math.log(min_site_likelihood)] = -np.inf
+    for old in [c for c in cache if c[0] == "logl"]:
+        del cache[old]
+    cache[("logl", key)] = logl
+    return logl
 
 
 def _dp_cost(mr: np.ndarray, start: np.ndarray, templates: np.ndarray, k: int) -> np.ndarray:
@@ -1122,74 +1148,58 @@ def _dp_block(
     real = slot < pad
     m = np.where(real, mr[np.minimum(slot, pad - 1)], 0)
     bound = np.cumsum(m, axis=1).max(axis=0)
-    shifts = tuple(
-        tuple((int(u), m[:, s] == u) for u in np.unique(m[:, s]).tolist() if u > 0)
-        for s in range(npad)
-    )
-    return _DPBlock(templates, slot, real, m, bound, shifts, total[templates])
+    shifts = []
+    for s in range(npad):
+        step = []
+        for u in np.unique(m[:, s]).tolist():
+            if u > 0:
+                rows = m[:, s] == u
+                # -inf for templates whose site here has another multiplicity
+                mask = None if rows.all() else np.where(rows, 0.0, -np.inf)
+                step.append((int(u), mask))
+        shifts.append(tuple(step))
+    return _DPBlock(templates, slot, real, m, bound, tuple(shifts), total[templates])
 
 
 def _dp(logl: np.ndarray, blk: _DPBlock, k: int, *, assignments: bool) -> _Result:
     """Max-plus programme over count vectors for a block of templates.
 
-    The shift of a table by a site's multiplicity ``u`` is a slice; templates
-    whose site at this step has another multiplicity take part with a
-    log-likelihood of -inf, so one slice serves every template with that ``u``.
-    Tables live in two reused buffers (or fresh arrays when they are kept for
-    backtracking), each step's table a contiguous view of shape
-    ``(T, p + 1, ..., p + 1)`` with ``p`` the largest reachable count.
+    Tables are state-major, shape ``(p + 1, ..., p + 1, T)`` (``k - 1`` count
+    axes, then templates), ``p`` the largest count reachable so far: the shift
+    of a table by a site's multiplicity ``u`` along a count axis is then a
+    slice whose inner loop runs over all templates. Templates whose site at
+    this step has another multiplicity take part with a log-likelihood of
+    -inf, so one slice serves every template with that ``u``. Tables live in
+    two reused buffers (or fresh arrays when kept for backtracking).
     """
     d = k - 1
     T, npad = blk.slot.shape
     L = logl[blk.slot]  # (T, npad, k)
-    tail = (1,) * d
     p_last = int(blk.bound[-1])
     size = T * (p_last + 1) ** d
     bufs = (np.empty(size), np.empty(size)) if not assignments else ()
     tmp = np.empty(size)
-    V = np.zeros((T, *tail))  # before any site: all counts zero, score 0
+    V = np.zeros((1,) * d + (T,))  # before any site: all counts zero, score 0
     tables: list[np.ndarray] = [V]
     updates = 0
     for s in range(npad):
-        pp = V.shape[1] - 1 if d else 0
+        pp = V.shape[0] - 1 if d else 0
         p = int(blk.bound[s])
-        shape = (T, *((p + 1,) * d))
+        shape = (*((p + 1,) * d), T)
         n_out = T * (p + 1) ** d
         out = (bufs[s % 2][:n_out] if bufs else np.empty(n_out)).reshape(shape)
-        # the last element leaves the counts unchanged; what it cannot reach is -inf
-        old = (slice(None), *((slice(0, pp + 1),) * d))
-        np.add(V, L[:, s, d].reshape(T, *tail), out=out[old])
-        for e in range(d):
-            rest = [slice(None)] + [slice(0, pp + 1)] * e + [slice(pp + 1, None)]
-            rest += [slice(None)] * (d - 1 - e)
-            out[tuple(rest)] = -np.inf
-        for e in range(d):
-            for u, rows in blk.shifts[s]:
-                hi = min(pp, p - u)  # source counts that stay within the new bound
-                if hi < 0:
-                    continue
-                lik = L[:, s, e] if rows.all() else np.where(rows, L[:, s, e], -np.inf)
-                src = [slice(None)] + [slice(0, pp + 1)] * d
-                dst = [slice(None)] + [slice(0, pp + 1)] * d
-                src[1 + e] = slice(0, hi + 1)
-                dst[1 + e] = slice(u, u + hi + 1)
-                source = V[tuple(src)]
-                shifted = tmp[: source.size].reshape(source.shape)
-                np.add(source, lik.reshape(T, *tail), out=shifted)
-                target = out[tuple(dst)]
-                np.maximum(target, shifted, out=target)
-        updates += T * (p + 1) ** d * k
+        _step(V, out, L[:, s], blk.shifts[s], tmp, pp, p, d)
+        updates += n_out * k
         V = out
         if assignments:
             tables.append(V)
 
     # candidates: every count positive, the implied last count positive
-    flat, counts = _dp_states(blk, k, V.shape)
+    flat, tl, counts = _dp_states(blk, k, V.shape)
     score = V.reshape(-1)[flat]
     ok = np.isfinite(score)
     if not ok.all():
-        flat, counts, score = flat[ok], counts[ok], score[ok]
-    tl = flat // (V.size // T) if T else flat
+        tl, counts, score = tl[ok], counts[ok], score[ok]
     assign = None
     if assignments:
         padded = _backtrack(tables, L, blk.m, tl, counts[:, :d], score, k)
@@ -1210,33 +1220,73 @@ def _dp(logl: np.ndarray, blk: _DPBlock, k: int, *, assignments: bool) -> _Resul
     )
 
 
-def _dp_states(blk: _DPBlock, k: int, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
-    """Flat indices into the final table of the states that are candidates, and their counts.
+def _step(
+    V: np.ndarray,
+    out: np.ndarray,
+    Ls: np.ndarray,
+    shifts: tuple[tuple[int, np.ndarray | None], ...],
+    tmp: np.ndarray,
+    pp: int,
+    p: int,
+    d: int,
+) -> None:
+    """Advance the tables ``V`` (counts up to ``pp``) by one site into ``out`` (up to ``p``)."""
+    # the last element leaves the counts unchanged; what it cannot reach is -inf
+    old = (slice(0, pp + 1),) * d
+    np.add(V, Ls[:, d], out=out[old])
+    for e in range(d):
+        rest = (*((slice(0, pp + 1),) * e), slice(pp + 1, None))
+        out[rest] = -np.inf
+    for u, lik_mask in shifts:
+        hi = min(pp, p - u)  # source counts that stay within the new bound
+        if hi < 0:
+            continue
+        for e in range(d):
+            lik = Ls[:, e] if lik_mask is None else Ls[:, e] + lik_mask
+            src = [slice(0, pp + 1)] * d
+            dst = [slice(0, pp + 1)] * d
+            src[e] = slice(0, hi + 1)
+            dst[e] = slice(u, u + hi + 1)
+            source = V[tuple(src)]
+            shifted = tmp[: source.size].reshape(source.shape)
+            np.add(source, lik, out=shifted)
+            target = out[tuple(dst)]
+            np.maximum(target, shifted, out=target)
+
+
+def _dp_states(
+    blk: _DPBlock, k: int, shape: tuple[int, ...]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The final table's entries that are candidates: flat index, template, counts.
 
     A state is a candidate when every tracked count and the implied last count
-    are positive. Cached on the block (it depends on multiplicities only).
+    are positive. Ordered by template, then counts. Cached on the block (it
+    depends on multiplicities only).
     """
     cached = blk.states.get(shape)
     if cached is not None:
         return cached
     d = k - 1
-    T = shape[0]
     M = blk.total
-    ok = np.ones(shape, dtype=bool)
     if d:
-        grids = np.indices(shape[1:], sparse=True)
+        grids = np.indices(shape[:-1], sparse=True)
         csum = sum(grids, np.zeros((1,) * d, dtype=np.int64))
-        ok &= csum[None] <= (M - 1).reshape(T, *((1,) * d))
+        ok = csum[..., None] <= (M - 1)
         for gcoord in grids:
-            ok &= gcoord[None] >= 1
+            ok = ok & (gcoord[..., None] >= 1)
+    else:
+        ok = np.ones(shape, dtype=bool)
     hits = np.nonzero(ok)
     flat = np.ravel_multi_index(hits, shape)
+    tl = hits[-1]
     counts = np.empty((flat.size, k), dtype=np.int64)
     for e in range(d):
-        counts[:, e] = hits[1 + e]
-    counts[:, d] = M[hits[0]] - counts[:, :d].sum(axis=1)
-    blk.states[shape] = (flat, counts)
-    return flat, counts
+        counts[:, e] = hits[e]
+    counts[:, d] = M[tl] - counts[:, :d].sum(axis=1)
+    order = np.argsort(tl, kind="stable")  # by template, then counts (row-major order)
+    out = (flat[order], tl[order], counts[order])
+    blk.states[shape] = out
+    return out
 
 
 def _backtrack(
@@ -1261,7 +1311,7 @@ def _backtrack(
     val = score.copy()
     for s in range(npad - 1, -1, -1):
         prev = tables[s]
-        p_prev = prev.shape[1] - 1 if d else 0
+        p_prev = prev.shape[0] - 1 if d else 0
         chosen = np.full(N, -1, dtype=np.int64)
         best_val = np.full(N, np.nan)
         # the forward pass's order: last element first
@@ -1273,10 +1323,10 @@ def _backtrack(
             todo = np.flatnonzero((chosen < 0) & inside)
             if todo.size == 0:
                 continue
-            before = prev[(tl[todo], *cp[todo].T)]
+            before = prev[(*cp[todo].T, tl[todo])]
             hit = todo[before + L[tl[todo], s, e] == val[todo]]
             chosen[hit] = e
-            best_val[hit] = prev[(tl[hit], *cp[hit].T)]
+            best_val[hit] = prev[(*cp[hit].T, tl[hit])]
         if np.any(chosen < 0):  # pragma: no cover - would be a bug in the forward pass
             raise AssertionError("backtracking found no optimal predecessor")
         move = np.flatnonzero(chosen < d)
@@ -1290,14 +1340,33 @@ def _backtrack(
 # =============================================================================
 # compositions and formulas
 # =============================================================================
+# (N, k) arrays with a small k: numpy pays a per-row overhead when it broadcasts
+# or reduces along the short axis, so the helpers below work column by column.
+def _scale_rows(counts: np.ndarray, factor: np.ndarray) -> np.ndarray:
+    out = np.empty(counts.shape, dtype=np.int64)
+    for e in range(counts.shape[1]):
+        np.multiply(counts[:, e], factor, out=out[:, e])
+    return out
+
+
+def _row_gcd(counts: np.ndarray) -> np.ndarray:
+    g = np.zeros(counts.shape[0], dtype=np.int64)
+    for e in range(counts.shape[1]):
+        g = np.gcd(g, counts[:, e])
+    return g
+
+
 def _reduce_rows(counts: np.ndarray) -> np.ndarray:
     """Divide each row of a (N, k) int array by its gcd (rows of zeros stay zero)."""
     counts = np.asarray(counts, dtype=np.int64)
     if counts.size == 0:
         return counts.reshape(counts.shape[0], counts.shape[-1] if counts.ndim == 2 else 0)
-    g = np.gcd.reduce(counts, axis=1)
+    g = _row_gcd(counts)
     g[g == 0] = 1
-    return counts // g[:, None]
+    out = np.empty(counts.shape, dtype=np.int64)
+    for e in range(counts.shape[1]):
+        np.floor_divide(counts[:, e], g, out=out[:, e])
+    return out
 
 
 def reduce_compositions(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -1340,14 +1409,18 @@ def composition_index(reduced: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     if k and base**k <= 1 << 24:
         # dense table: linear time instead of a sort
         weights = base ** np.arange(k - 1, -1, -1, dtype=np.int64)
-        key = reduced @ weights
+        key = np.zeros(N, dtype=np.int64)
+        for e in range(k):
+            key += reduced[:, e] * weights[e]
         present = np.zeros(base**k, dtype=bool)
         present[key] = True
         ukeys = np.flatnonzero(present)
         lookup = np.zeros(base**k, dtype=np.int64)
         lookup[ukeys] = np.arange(ukeys.size)
-        unique = (ukeys[:, None] // weights[None, :]) % base
-        return lookup[key], unique.astype(np.int64)
+        unique = np.empty((ukeys.size, k), dtype=np.int64)
+        for e in range(k):
+            unique[:, e] = (ukeys // weights[e]) % base
+        return lookup[key], unique
     unique, inverse = np.unique(reduced, axis=0, return_inverse=True)
     return inverse.reshape(-1).astype(np.int64), unique
 
