@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import math
 import os
+import sys
+import types
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
@@ -803,3 +805,18 @@ def export_cifs(
         path.write_text(text)
         paths.append(path)
     return paths
+
+
+class _CallableModule(types.ModuleType):
+    """``afpx.rank`` is both this module and the function :func:`rank`.
+
+    ``import afpx.rank`` binds the module to the attribute ``afpx.rank``,
+    hiding the lazily exported function; calling the module calls the
+    function, so ``afpx.rank("Li,Mn,Ge")`` works whatever was imported first.
+    """
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return rank(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -361,3 +361,11 @@ def test_export_errors(hand: TemplateLibrary, cod_library: TemplateLibrary, tmp_
     )
     with pytest.raises(AfpxError, match="has no geometry"):
         candidate_structure(no_atoms, 0, [SR, ZR, OX], np.array([0, 1, 2]))
+
+
+def test_afpx_rank_is_callable_whatever_was_imported(hand: TemplateLibrary) -> None:
+    import afpx
+    import afpx.rank  # binds the module to the attribute afpx.rank
+
+    ds = afpx.rank("Mn,Ge", library=hand, top=1)  # type: ignore[operator]
+    assert ds.formula.values.tolist() == ["MnGe2"]
