@@ -350,6 +350,12 @@ def test_write_cube_checks_the_target(read: ReadResult, tmp_path: Path) -> None:
         write_cube(ds, tmp_path / "file", overwrite=True)
 
 
+def test_write_cube_refuses_an_existing_cube(read: ReadResult, tmp_path: Path) -> None:
+    cube = build_cube(read, tmp_path / "cube.zarr")
+    with pytest.raises(AfpxError, match="--overwrite"):
+        write_cube(fingerprint_dataset(read), cube)
+
+
 def test_output_may_not_be_an_input(tmp_path: Path) -> None:
     with pytest.raises(AfpxError, match="also an input"):
         build_cube([tmp_path / "c.zarr"], tmp_path / "c.zarr")
@@ -397,6 +403,14 @@ def test_scheduler_options_raise() -> None:
     ):
         pass
     with pytest.raises(AfpxError, match="at least 1"), dask_scheduler(workers=0):
+        pass
+
+
+def test_missing_distributed_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "distributed", None)
+    with pytest.raises(AfpxError, match="afpx\\[distributed\\]"), dask_scheduler(workers=2):
         pass
 
 
