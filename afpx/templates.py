@@ -1114,14 +1114,14 @@ def _dp_blocks(templates: np.ndarray, n: np.ndarray, total: np.ndarray, k: int) 
     for grp in np.split(order, cuts):
         tt = templates[grp]
         nmax, mmax = int(n[tt].max()), int(total[tt].max())
-        # every step's table is kept for backtracking: at most nmax final-size tables
-        per_template = 8.0 * max(1, nmax) * (mmax + 1) ** (k - 1)
+        # three live tables (two buffers and a temporary) of the final size
+        per_template = 3 * 8.0 * (mmax + 1) ** (k - 1)
         if per_template > _MAX_TABLE_BYTES:
             big = tt[np.argmax(total[tt])]
             raise AfpxError(
                 f"a set of {k} elements on template {int(big)} ({nmax} unique sites, "
                 f"{mmax} atoms after reduction) needs more than "
-                f"{_MAX_TABLE_BYTES // 2**30} GiB of states; restrict templates with "
+                f"{_MAX_TABLE_BYTES / 2**30:g} GiB of states; restrict templates with "
                 "max_unique_sites (--max-sites) or use fewer elements"
             )
         # stacked final tables small enough to stay in cache between passes
@@ -1177,6 +1177,14 @@ def _dp(logl: np.ndarray, blk: _DPBlock, k: int, *, assignments: bool) -> _Resul
     L = logl[blk.slot]  # (T, npad, k)
     p_last = int(blk.bound[-1])
     size = T * (p_last + 1) ** d
+    if assignments:
+        kept = 8.0 * T * float(((blk.bound.astype(np.float64) + 1) ** d).sum())
+        if kept > _MAX_TABLE_BYTES:
+            raise AfpxError(
+                f"backtracking the assignments of {T} template(s) with {npad} unique sites "
+                f"and {k} elements needs {kept / 2**30:.1f} GiB of tables; ask for scores "
+                "only (assignments=False) or use fewer elements"
+            )
     bufs = (np.empty(size), np.empty(size)) if not assignments else ()
     tmp = np.empty(size)
     V = np.zeros((1,) * d + (T,))  # before any site: all counts zero, score 0

@@ -339,11 +339,17 @@ def test_too_many_elements_for_127(hand: TemplateLibrary, monkeypatch: pytest.Mo
         tp._check_elements(list(range(1, 129)))
 
 
-def test_state_table_guard(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(tp, "_MAX_TABLE_BYTES", 1000)
+def test_state_table_guards(monkeypatch: pytest.MonkeyPatch) -> None:
     lib = library_from_sites([[(1, MN, {}) for _ in range(14)]])
+    monkeypatch.setattr(tp, "_MAX_TABLE_BYTES", 1000)
     with pytest.raises(AfpxError, match="max_unique_sites"):
         best_candidates(lib, [LI, MN, GE])
+    # scores fit, but keeping every step's table for backtracking does not
+    monkeypatch.setattr(tp, "_MAX_TABLE_BYTES", 8000)  # 3 tables: 5400 B, all 15: 9912 B
+    fresh = library_from_sites([[(1, MN, {}) for _ in range(14)]])
+    assert best_candidates(fresh, [LI, MN, GE], assignments=False).sizes["candidate"] == 78
+    with pytest.raises(AfpxError, match="assignments=False"):
+        best_candidates(fresh, [LI, MN, GE])
 
 
 def test_best_assignments(hand: TemplateLibrary) -> None:
