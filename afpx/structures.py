@@ -64,7 +64,10 @@ __all__ = [
     "ReadResult",
     "Rejection",
     "SiteTable",
+    "element_symbol",
     "read_structures",
+    "shortest_distance",
+    "split_cif_blocks",
     "unique_sites",
 ]
 
@@ -140,9 +143,28 @@ class FilterParams:
     symprec: float = 0.01
     angle_tolerance: float = 5.0
 
+    def __post_init__(self) -> None:
+        _check_tolerances(self.symprec, self.angle_tolerance)
+        if self.r_factor_max is not None and not self.r_factor_max > 0:
+            raise AfpxError(f"r_factor_max must be positive (a fraction), not {self.r_factor_max}")
+        if self.min_occupancy is not None and not 0 <= self.min_occupancy < 1:
+            raise AfpxError(f"min_occupancy must lie in [0, 1), not {self.min_occupancy}")
+        if self.min_distance is not None and not self.min_distance >= 0:
+            raise AfpxError(f"min_distance must be at least 0 Å, not {self.min_distance}")
+
     def to_attrs(self) -> dict[str, Any]:
         """The parameters as a JSON-able dict (for zarr attributes)."""
         return dataclasses.asdict(self)
+
+
+def _check_tolerances(symprec: float, angle_tolerance: float) -> None:
+    # spglib crashes the interpreter (segmentation fault) on a negative symprec
+    if not (math.isfinite(symprec) and symprec > 0):
+        raise AfpxError(f"symprec must be a positive distance in Å, not {symprec}")
+    if not (math.isfinite(angle_tolerance) and angle_tolerance > 0):
+        raise AfpxError(
+            f"angle_tolerance must be a positive angle in degrees, not {angle_tolerance}"
+        )
 
 
 @dataclass(frozen=True)
@@ -433,6 +455,7 @@ def unique_sites(
     >>> table.multiplicity.tolist(), table.wyckoff.tolist(), table.spacegroup
     ([4, 4], ['a', 'b'], 225)
     """
+    _check_tolerances(symprec, angle_tolerance)
     if len(structure) == 0:
         raise AfpxError("a structure without sites has no unique sites")
     if not structure.is_ordered:
@@ -498,6 +521,11 @@ def _elements() -> list[str]:
 
         _ELEMENTS.extend(["X"] + [Element.from_Z(z).symbol for z in range(1, N_ELEMENTS + 1)])
     return _ELEMENTS
+
+
+def element_symbol(z: int) -> str:
+    """Symbol of atomic number ``z`` (1..118; 0 gives ASE's dummy ``X``)."""
+    return _elements()[int(z)]
 
 
 def _symbol_problem(symbol: str, *, strict: bool) -> str | None:
@@ -1053,18 +1081,20 @@ def _read_json(path: Path) -> Iterator[_Record | Rejection]:
                 structure_id, source, line, "parse_error", f"not a structure dict: {_describe(exc)}"
             )
             continue
-        bad = next(
-            (p for s in raw_symbols if (p := _symbol_problem(s, strict=True)) is not None), None
-        )
-        if bad is not None:
-            yield Rejection(structure_id, source, line, "unknown_species", bad)
-            continue
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 structure = Structure.from_dict(struct_dict)
         except Exception as exc:
-            yield Rejection(structure_id, source, line, "parse_error", _describe(exc))
+            # a symbol pymatgen cannot build is the better reason
+            bad = next(
+                (p for s in raw_symbols if (p := _symbol_problem(s, strict=True)) is not None),
+                None,
+            )
+            if bad is not None:
+                yield Rejection(structure_id, source, line, "unknown_species", bad)
+            else:
+                yield Rejection(structure_id, source, line, "parse_error", _describe(exc))
             continue
         digest = _digest(
             structure_id,

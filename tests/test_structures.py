@@ -539,3 +539,44 @@ def test_unique_sites_refuse_disordered_or_empty_structures() -> None:
         unique_sites(empty)
     with pytest.raises(AfpxError, match="no shortest distance"):
         shortest_distance(empty)
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        ({"symprec": -1.0}, "symprec"),
+        ({"symprec": 0.0}, "symprec"),
+        ({"angle_tolerance": float("nan")}, "angle_tolerance"),
+        ({"r_factor_max": 0.0}, "r_factor_max"),
+        ({"min_occupancy": 1.0}, "min_occupancy"),
+        ({"min_distance": -0.1}, "min_distance"),
+    ],
+)
+def test_filter_params_are_checked(options: dict[str, float], match: str) -> None:
+    # spglib crashes the interpreter on a negative symprec: refuse it first
+    with pytest.raises(AfpxError, match=match):
+        FilterParams(**options)  # type: ignore[arg-type]
+
+
+def test_unique_sites_checks_its_tolerances() -> None:
+    with pytest.raises(AfpxError, match="symprec"):
+        unique_sites(nacl(), symprec=-0.5)
+
+
+def test_symmetry_failure_is_a_rejection_and_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    # spglib finds no group when symprec exceeds the cell
+    with pytest.raises(AfpxError, match="no space group"):
+        unique_sites(nacl(), symprec=10.0)
+    (rejection,) = read_structures(
+        [COD / "1000044.cif"], params=FilterParams(symprec=10.0)
+    ).rejections
+    assert rejection.reason == "symmetry"
+    assert "symprec=10.0" in rejection.message
+    import spglib
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("spglib is broken")
+
+    monkeypatch.setattr(spglib, "get_symmetry_dataset", broken)
+    with pytest.raises(AfpxError, match="symmetry analysis failed: RuntimeError: spglib is broken"):
+        unique_sites(nacl())

@@ -91,6 +91,20 @@ def test_json_lines(tmp_path: Path, jsonl_lines: list[str], name: str) -> None:
     assert result.n_read == 8
 
 
+def test_json_species_checks(tmp_path: Path) -> None:
+    deuterated = nacl().as_dict()
+    deuterated["sites"][0]["species"][0]["element"] = "D"
+    dummy = nacl().as_dict()
+    dummy["sites"][0]["species"][0]["element"] = "Qq"
+    path = write_jsonl(tmp_path / "d.jsonl", [json.dumps(deuterated), json.dumps(dummy)])
+    strict = read_structures([path])
+    assert [r.reason for r in strict.rejections] == ["unknown_species"] * 2
+    assert "'D'" in strict.rejections[0].message and "'Qq'" in strict.rejections[1].message
+    lenient = read_structures([path], params=FilterParams(check_species=False))
+    assert [s.formula for s in lenient.structures] == ["Na3HCl4"]  # D read as H
+    assert [r.reason for r in lenient.rejections] == ["unknown_species"]
+
+
 def test_json_file_with_a_list(tmp_path: Path) -> None:
     path = tmp_path / "list.json"
     path.write_text(

@@ -29,16 +29,15 @@ def format_result(result: ReadResult, *, summary_only: bool = False) -> str:
         element, multiplicity and Wyckoff letter), then rejections with their
         reasons, then the counts.
     """
-    from afpx.structures import _elements
+    from afpx.structures import element_symbol
 
-    symbols = _elements()
     lines: list[str] = []
     if not summary_only:
         if result.structures:
             lines.append(f"accepted ({len(result.structures)}):")
         for s in result.structures:
             sites = " ".join(
-                f"{symbols[int(z)]}{m}{w}"
+                f"{element_symbol(z)}{m}{w}"
                 for z, m, w in zip(s.sites.z, s.sites.multiplicity, s.sites.wyckoff, strict=True)
             )
             r_factor = s.metadata.get("r_factor")
