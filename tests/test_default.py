@@ -188,3 +188,12 @@ def test_default_does_not_ship_a_stale_or_partial_pair() -> None:
     assert ds.sizes["composition"] >= 10
     assert ((ds.score > 0) & (ds.score <= 1)).all()
     assert (ds.counts > 0).all()
+
+
+def test_float16_keeps_the_top_exact_on_the_hand_library(tmp_path: Path) -> None:
+    manifest = pack_library(hand_library(), tmp_path, quantise="float16", check_sets=[[MN, GE]])
+    check = manifest["rank_check"]
+    assert check["n_sets_changed"] == 0 and check["same_compositions"]
+    loaded = load_library(tmp_path / "default_library.json")
+    rel = np.abs(loaded.log_likelihood - hand_library().log_likelihood)
+    assert (rel <= np.abs(hand_library().log_likelihood) * 2.0**-11 + 1e-12).all()
