@@ -66,8 +66,20 @@ def format_result(result: ReadResult, *, summary_only: bool = False) -> str:
     show_default=True,
     help="Reject stated R-factors at or above this (fraction).",
 )
-@click.option("--min-occupancy", type=float, default=0.98, show_default=True)
-@click.option("--min-distance", type=float, default=0.65, show_default=True, help="Å.")
+@click.option(
+    "--min-occupancy",
+    type=float,
+    default=0.98,
+    show_default=True,
+    help="Reject a site with occupancy at or below this, or with mixed species.",
+)
+@click.option(
+    "--min-distance",
+    type=float,
+    default=0.65,
+    show_default=True,
+    help="Reject interatomic distances below this (Å, periodic images included).",
+)
 @click.option("--symprec", type=float, default=0.01, show_default=True, help="spglib, Å.")
 @click.option("--angle-tolerance", type=float, default=5.0, show_default=True, help="Degrees.")
 @click.option(
