@@ -942,29 +942,37 @@ def _forward_grid(m: np.ndarray, k: int, log_likelihood: np.ndarray | None) -> n
 
     With log-likelihoods: the best score of every count vector (max-plus);
     without: the number of assignments reaching it (float64, exact < 2**53).
+    Sites are taken in increasing multiplicity and each step only touches the
+    counts reachable so far (a cube of side prefix-sum + 1).
     """
-    M = int(m.sum())
-    shape = (M + 1,) * (k - 1)
-    origin = (0,) * (k - 1)
-    if log_likelihood is None:
-        V = np.zeros(shape)
-        V[origin] = 1.0
-    else:
-        V = np.full(shape, -np.inf)
-        V[origin] = 0.0
-    for j, u in enumerate(np.asarray(m).tolist()):
-        new = V.copy() if log_likelihood is None else V + log_likelihood[j, k - 1]
-        for e in range(k - 1):
-            src: list[Any] = [slice(None)] * (k - 1)
-            dst: list[Any] = [slice(None)] * (k - 1)
-            src[e] = slice(0, M + 1 - u)
-            dst[e] = slice(u, M + 1)
-            d, sl = tuple(dst), tuple(src)
-            if log_likelihood is None:
-                new[d] += V[sl]
+    order = np.argsort(m, kind="stable")
+    mult = np.asarray(m, dtype=np.int64)[order]
+    logl = None if log_likelihood is None else np.asarray(log_likelihood)[order]
+    M = int(mult.sum())
+    d = k - 1
+    shape = (M + 1,) * d
+    origin = (0,) * d
+    fill = 0.0 if logl is None else -np.inf
+    V = np.full(shape, fill)
+    V[origin] = 1.0 if logl is None else 0.0
+    reached = 0
+    for j, u in enumerate(mult.tolist()):
+        old_region = (slice(0, reached + 1),) * d
+        old = V[old_region].copy()
+        V[(slice(0, reached + u + 1),) * d] = fill
+        if logl is None:
+            V[old_region] = old
+        else:
+            V[old_region] = old + logl[j, d]
+        for e in range(d):
+            dst: list[Any] = [slice(0, reached + 1)] * d
+            dst[e] = slice(u, u + reached + 1)
+            region = tuple(dst)
+            if logl is None:
+                V[region] += old
             else:
-                np.maximum(new[d], V[sl] + log_likelihood[j, e], out=new[d])
-        V = new
+                np.maximum(V[region], old + logl[j, e], out=V[region])
+        reached += u
     return V
 
 
@@ -1083,6 +1091,9 @@ class CompositionTable:
     row_assignments : ndarray of shape (R,), float64
         Number of assignments of the template yielding the composition.
     row_start : ndarray of shape (N + 1,), int64
+    keys : ndarray of shape (N,), int64
+        Sorted integer code of each composition (base ``base``), for lookups.
+    base : int
     """
 
     k: int
@@ -1090,6 +1101,8 @@ class CompositionTable:
     row_template: np.ndarray
     row_assignments: np.ndarray
     row_start: np.ndarray
+    keys: np.ndarray
+    base: int
 
     @property
     def n_compositions(self) -> int:
@@ -1098,7 +1111,14 @@ class CompositionTable:
     def find(self, reduced: np.ndarray) -> np.ndarray:
         """Index of each reduced composition (rows) in the table, -1 where absent."""
         queries = np.asarray(reduced, dtype=np.int64).reshape(-1, self.k)
-        return _match_rows(self.compositions, queries)
+        out = np.full(queries.shape[0], -1, dtype=np.int64)
+        inside = ((queries >= 0) & (queries < self.base)).all(axis=1)
+        if not inside.any() or self.keys.size == 0:
+            return out
+        q = _row_keys(queries[inside], self.base)
+        pos = np.clip(np.searchsorted(self.keys, q), 0, self.keys.size - 1)
+        out[inside] = np.where(self.keys[pos] == q, pos, -1)
+        return out
 
     def templates_of(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         """Templates reaching composition i and their numbers of assignments."""
@@ -1115,6 +1135,8 @@ class CompositionTable:
         cc: list[np.ndarray] = []
         ww: list[np.ndarray] = []
         base = int(index.total.max(initial=0)) + 1
+        if (k + 1) * math.log2(base) >= 62:
+            raise AfpxError(f"a composition table of {k} elements does not fit 64-bit codes")
         span = base ** (k - 1)
         for n in np.unique(n_sel[n_sel <= limit]).tolist():
             ts = sel[n_sel == n]
@@ -1154,7 +1176,7 @@ class CompositionTable:
         inv = np.asarray(inv).ravel()
         order = np.lexsort((template, inv))
         row_start = np.searchsorted(inv[order], np.arange(comps.shape[0] + 1))
-        return cls(k, comps, template[order], ways[order], row_start.astype(np.int64))
+        return cls(k, comps, template[order], ways[order], row_start.astype(np.int64), ukey, base)
 
 
 # =============================================================================
@@ -1576,18 +1598,25 @@ def _summarise_test1(
     out["template_median_rank"] = float(np.median(get["template_rank"]))
     out["rank_distribution"] = _rank_bins(get["rank"], censored, cap)
     out["n_inexact_templates"] = int(get["n_inexact"].sum())
-    out["templates_per_structure"] = {
-        "mean": float(get["n_templates"].mean()),
-        "median": float(np.median(get["n_templates"])),
-        "total": int(get["n_templates"].sum()),
-    }
-    out["candidates_per_structure"] = {
-        "mean": float(n_candidates.mean()),
-        "median": float(np.median(n_candidates)),
-        "max": float(n_candidates.max()),
-        "total": float(n_candidates.sum()),
-    }
+    out["templates_per_structure"] = _count_stats(get["n_templates"])
+    out["candidates_per_structure"] = _count_stats(n_candidates)
     return out
+
+
+def _count_stats(values: np.ndarray) -> dict[str, float]:
+    # NaN marks structures whose candidates were not counted (no composition table)
+    v = np.asarray(values, dtype=np.float64)
+    ok = v[~np.isnan(v)]
+    if not ok.size:
+        return {"n_counted": 0, "n_not_counted": int(v.size)}
+    return {
+        "n_counted": int(ok.size),
+        "n_not_counted": int(v.size - ok.size),
+        "mean": float(ok.mean()),
+        "median": float(np.median(ok)),
+        "max": float(ok.max()),
+        "total": float(ok.sum()),
+    }
 
 
 def _summarise_test2(sets: list[dict[str, float]], hit_k: Sequence[int]) -> dict[str, Any]:
@@ -1740,44 +1769,37 @@ def _test2_set(
 
     Only candidates scoring at least the lowest known composition's score can
     move a known composition, so only those are generated. The threshold is
-    the lowest true-structure score of the known compositions; without the
-    own formula, a known composition may score lower (or not at all): its
-    exact best score is found first (:func:`best_for_composition`) and the
-    threshold lowered to it.
+    the lowest true-structure score of the known compositions or, lower
+    still, the exact best score of a known composition over the templates of
+    other compositions (:func:`best_for_composition`), so that one pass
+    serves both variants.
     """
     known = ctx.known
-    thr = float(lower_bound.min()) - 2 * tolerance
-    for attempt in range(2):
-        tm, red, sc = candidates_above(index, log_likelihood, thr, upper_bound=upper_bound)
-        own_row = (ctx.own_counts[tm] == red).all(axis=1) if tm.size else np.zeros(0, bool)
-        out: dict[str, dict[str, float]] = {}
-        lost = np.zeros(known.shape[0], dtype=bool)
-        for variant, keep in zip(VARIANTS, (None, ~own_row), strict=True):
-            ranking = rank_candidates(tm, red, sc, keep=keep)
-            idx = _match_rows(ranking.counts, known)
-            if variant == VARIANTS[0] and (idx < 0).any():
-                raise AfpxError("a known composition was not generated by its own template")
-            if variant == VARIANTS[1]:
-                lost = (idx < 0) & ctx.reachable_without_own
-            row = set_positions(
-                ranking.log_score,
-                idx,
-                n_total=table.n_compositions,
-                hit_k=hit_k,
-                tolerance=tolerance,
-            )
-            row["n_candidates_scored"] = float(tm.size if keep is None else keep.sum())
-            row["threshold"] = thr
-            out[variant] = row
-        if not lost.any() or attempt:
-            return out
-        lowest = thr
-        for i in np.flatnonzero(lost).tolist():
-            ts, _ = table.templates_of(int(table.find(known[i : i + 1])[0]))
-            ts = ts[(ctx.own_counts[ts] != known[i]).any(axis=1)]
-            b = best_for_composition(index, log_likelihood, known[i], ts, upper_bound)
-            lowest = min(lowest, b)
-        thr = lowest - 2 * tolerance
+    # without the own formula a known composition may score lower: its exact best first
+    lowest = float(lower_bound.min())
+    for i in np.flatnonzero(ctx.reachable_without_own).tolist():
+        j = int(table.find(known[i : i + 1])[0])
+        ts, _ = table.templates_of(j) if j >= 0 else (np.zeros(0, np.int64), None)
+        ts = ts[(ctx.own_counts[ts] != known[i]).any(axis=1)]
+        lowest = min(lowest, best_for_composition(index, log_likelihood, known[i], ts, upper_bound))
+    thr = lowest - 2 * tolerance
+    tm, red, sc = candidates_above(index, log_likelihood, thr, upper_bound=upper_bound)
+    own_row = (ctx.own_counts[tm] == red).all(axis=1) if tm.size else np.zeros(0, bool)
+    out: dict[str, dict[str, float]] = {}
+    for variant, keep in zip(VARIANTS, (None, ~own_row), strict=True):
+        ranking = rank_candidates(tm, red, sc, keep=keep)
+        idx = _match_rows(ranking.counts, known)
+        missing = idx < 0
+        if variant == VARIANTS[0] and missing.any():
+            raise AfpxError("a known composition was not generated by its own template")
+        if variant == VARIANTS[1] and (missing & ctx.reachable_without_own).any():
+            raise AfpxError("a known composition was lost below the Test 2 threshold")
+        row = set_positions(
+            ranking.log_score, idx, n_total=table.n_compositions, hit_k=hit_k, tolerance=tolerance
+        )
+        row["n_candidates_scored"] = float(tm.size if keep is None else keep.sum())
+        row["threshold"] = thr
+        out[variant] = row
     return out
 
 
