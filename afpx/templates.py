@@ -948,6 +948,8 @@ def _plan(library: TemplateLibrary, k: int, templates: np.ndarray) -> _Plan:
     plan = cache.get(key)
     if plan is None:
         plan = _make_plan(library, k, templates)
+        if templates.size < 256:  # cheap to rebuild; keep the big plans in the cache
+            return plan
         plans = [c for c in cache if c[0] != "logl"]
         if len(plans) >= 8:
             del cache[plans[0]]
@@ -1174,7 +1176,8 @@ def _dp(logl: np.ndarray, blk: _DPBlock, k: int, *, assignments: bool) -> _Resul
     """
     d = k - 1
     T, npad = blk.slot.shape
-    L = logl[blk.slot]  # (T, npad, k)
+    # (npad, k, T): each step's likelihoods contiguous along templates
+    L = np.ascontiguousarray(logl[blk.slot.T].transpose(0, 2, 1))
     p_last = int(blk.bound[-1])
     size = T * (p_last + 1) ** d
     if assignments:
@@ -1196,7 +1199,7 @@ def _dp(logl: np.ndarray, blk: _DPBlock, k: int, *, assignments: bool) -> _Resul
         shape = (*((p + 1,) * d), T)
         n_out = T * (p + 1) ** d
         out = (bufs[s % 2][:n_out] if bufs else np.empty(n_out)).reshape(shape)
-        _step(V, out, L[:, s], blk.shifts[s], tmp, pp, p, d)
+        _step(V, out, L[s], blk.shifts[s], tmp, pp, p, d)
         updates += n_out * k
         V = out
         if assignments:
@@ -1241,7 +1244,7 @@ def _step(
     """Advance the tables ``V`` (counts up to ``pp``) by one site into ``out`` (up to ``p``)."""
     # the last element leaves the counts unchanged; what it cannot reach is -inf
     old = (slice(0, pp + 1),) * d
-    np.add(V, Ls[:, d], out=out[old])
+    np.add(V, Ls[d], out=out[old])
     for e in range(d):
         rest = (*((slice(0, pp + 1),) * e), slice(pp + 1, None))
         out[rest] = -np.inf
@@ -1250,7 +1253,7 @@ def _step(
         if hi < 0:
             continue
         for e in range(d):
-            lik = Ls[:, e] if lik_mask is None else Ls[:, e] + lik_mask
+            lik = Ls[e] if lik_mask is None else Ls[e] + lik_mask
             src = [slice(0, pp + 1)] * d
             dst = [slice(0, pp + 1)] * d
             src[e] = slice(0, hi + 1)
@@ -1332,7 +1335,7 @@ def _backtrack(
             if todo.size == 0:
                 continue
             before = prev[(*cp[todo].T, tl[todo])]
-            hit = todo[before + L[tl[todo], s, e] == val[todo]]
+            hit = todo[before + L[s, e, tl[todo]] == val[todo]]
             chosen[hit] = e
             best_val[hit] = prev[(*cp[hit].T, tl[hit])]
         if np.any(chosen < 0):  # pragma: no cover - would be a bug in the forward pass
