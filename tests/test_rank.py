@@ -369,3 +369,15 @@ def test_afpx_rank_is_callable_whatever_was_imported(hand: TemplateLibrary) -> N
 
     ds = afpx.rank("Mn,Ge", library=hand, top=1)  # type: ignore[operator]
     assert ds.formula.values.tolist() == ["MnGe2"]
+
+
+def test_export_more_errors(cod_library: TemplateLibrary) -> None:
+    from dataclasses import replace
+
+    t = int(np.flatnonzero(cod_library.formula == "CaO")[0])
+    # oganesson has no atomic radius in pymatgen: the radii rule cannot scale
+    with pytest.raises(AfpxError, match="no atomic radius for Og"):
+        candidate_structure(cod_library, t, [MN, 118], np.array([0, 1]), scale="radii")
+    doubled = replace(cod_library, multiplicity=cod_library.multiplicity * 2)
+    with pytest.raises(AfpxError, match="multiplicities found"):
+        candidate_structure(doubled, t, [MN, GE], np.array([0, 1]), scale="none")

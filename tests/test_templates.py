@@ -510,3 +510,14 @@ def test_from_structures_with_geometry(data_dir: Path) -> None:
     with pytest.raises(AfpxError, match="likelihood has shape"):
         TemplateLibrary.from_structures(result.structures, likelihood=np.ones((1, 118)))
     assert lib.subset([0]).geometry is not None
+
+
+def test_from_cube_element_coordinate_must_cover_every_z(tmp_path: Path) -> None:
+    import xarray as xr
+
+    path = cube_with_likelihood(tmp_path / "c.zarr")
+    ds = xr.open_zarr(path, consolidated=False).load()
+    z = ds.element.values.copy()
+    z[1] = z[0]
+    with pytest.raises(AfpxError, match="once each"):
+        TemplateLibrary.from_cube(ds.assign_coords(element=z))
