@@ -835,6 +835,20 @@ def surjections(k: int, n: int) -> np.ndarray:
     return out
 
 
+@functools.lru_cache(maxsize=64)
+def _assignment_tables(k: int, n: int, base: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Surjections, their one-hot matrix (n k, A) and per-site count weights (A, n)."""
+    A = surjections(k, n).astype(np.int64)
+    onehot = np.zeros((n, k, A.shape[0]))
+    onehot[np.arange(n)[None, :], A, np.arange(A.shape[0])[:, None]] = 1.0
+    # weight of site j in the code of the counts of elements 0..k-2 (element k-1: none)
+    powers = np.asarray([base ** (k - 2 - e) for e in range(k - 1)] + [0], dtype=np.int64)
+    weight = powers[A]
+    for arr in (A, onehot, weight):
+        arr.flags.writeable = False
+    return A, onehot.reshape(n * k, A.shape[0]), weight
+
+
 def bruteforce_limit(k: int) -> int:
     """Largest number of unique sites whose k**n assignments are enumerated outright."""
     if k <= 1:
@@ -1033,28 +1047,28 @@ def candidates_above(
     out_s: list[np.ndarray] = []
     for n in np.unique(n_sel[n_sel <= limit]).tolist():
         ts = sel[n_sel == n]
-        A = surjections(k, n)
-        A64 = A.astype(np.int64)
+        A, onehot, weight = _assignment_tables(k, n, base)
         step = max(1, _BF_CHUNK // max(1, A.shape[0]))
         for c0 in range(0, ts.size, step):
             t = ts[c0 : c0 + step]
             rows = index.site_start[t][:, None] + np.arange(n)[None, :]
-            L = logl[rows]  # (T, n, k)
-            score = np.zeros((t.size, A.shape[0]))
-            for j in range(n):  # sequential, as the counting sums
-                score += L[:, j, :][:, A64[:, j]]
+            # every assignment's score at once: (T, n k) @ (n k, A), one matrix product
+            score = logl[rows].reshape(t.size, n * k) @ onehot
             ti, ai = np.nonzero(score >= threshold)
             if ti.size == 0:
                 continue
             mr = index.reduced[rows[ti]]  # (R, n)
-            counts = np.stack([(mr * (A64[ai] == e)).sum(axis=1) for e in range(k)], axis=1)
-            # keep the best assignment of every (template, counts): one row per composition
-            key = t[ti] * span + (_row_keys(counts[:, :-1], base) if k > 1 else 0)
+            # (template, counts of elements 0..k-2) as one int64; the last count is implied
+            code = (mr * weight[ai]).sum(axis=1)
+            key = t[ti] * span + code
             order = np.argsort(key, kind="stable")
             sk = key[order]
             starts = np.flatnonzero(np.r_[True, sk[1:] != sk[:-1]])
-            out_t.append(t[ti][order[starts]])
-            out_c.append(counts[order[starts]])
+            owner = t[ti][order[starts]]
+            first = _decode(code[order[starts]], base, k - 1)
+            last = index.total[owner] - first.sum(axis=1)
+            out_t.append(owner)
+            out_c.append(np.concatenate([first, last[:, None]], axis=1))
             out_s.append(np.maximum.reduceat(score[ti, ai][order], starts))
     for t in sel[n_sel > limit].tolist():
         a, b = index.site_start[t], index.site_start[t + 1]
