@@ -71,6 +71,10 @@ class ModelConfig:
         Dropout after the VAE's hidden layers, if different from ``dropout``
         (None: the same). Dropout on convolutional feature maps costs ~15 % of
         a CPU training step of the ``small`` preset.
+    classifier_input : {"sample", "mean"}
+        What the sigmoid classifier reads in training: the reparameterised
+        sample of the latent (paper) or its mean μ (no sampling noise). In
+        evaluation it always reads μ.
     n_elements : int
         Number of output classes (elements Z = 1..118).
     """
@@ -87,6 +91,7 @@ class ModelConfig:
     classifier_layers: int = 5
     dropout: float = 0.05
     vae_dropout: float | None = None
+    classifier_input: str = "sample"
     n_elements: int = N_ELEMENTS
 
     def __post_init__(self) -> None:
@@ -101,6 +106,10 @@ class ModelConfig:
             )
         if self.first_stride < 1 or (self.first_stride > 1 and self.first_stride % 2):
             raise AfpxError(f"first_stride must be 1 or even, got {self.first_stride}")
+        if self.classifier_input not in ("sample", "mean"):
+            raise AfpxError(
+                f"classifier_input must be 'sample' or 'mean', got {self.classifier_input!r}"
+            )
         for p in (self.dropout, self.vae_dropout):
             if p is not None and not 0.0 <= p < 1.0:
                 raise AfpxError(f"dropout must be in [0, 1), got {p}")
@@ -145,6 +154,7 @@ class ModelConfig:
                 kernel_size=5,
                 first_stride=4,
                 classifier_hidden=256,
+                vae_dropout=0.0,
             )
         else:
             raise AfpxError(f"unknown model preset {name!r}; choose one of {', '.join(PRESETS)}")
@@ -339,7 +349,8 @@ class ModelOutput(NamedTuple):
     mu, logvar : Tensor of shape (n, latent_dim)
         Mean and log-variance of the latent distribution.
     latent : Tensor of shape (n, latent_dim)
-        The latent fed to the classifier (a sample in training, ``mu`` in eval).
+        The latent fed to the decoder (a sample in training, ``mu`` in evaluation);
+        the classifier reads it too unless ``classifier_input == "mean"``.
     sigmoid_logits : Tensor of shape (n, 118)
         Logits of the sigmoid classifier; ``sigmoid`` of them is the site likelihood.
     softmax_logits : Tensor of shape (n, 118)
@@ -428,7 +439,8 @@ class AFPNet(nn.Module):
         latent = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu) if self.training else mu
         reconstruction = self.afp_norm.inverse(self.decoder(latent))
         d = self.dmin_norm(dmin_ratio.reshape(-1, 1))
-        sigmoid_logits = self.sigmoid_classifier(torch.cat([latent, d], dim=1))
+        features = mu if self.config.classifier_input == "mean" else latent
+        sigmoid_logits = self.sigmoid_classifier(torch.cat([features, d], dim=1))
         r = self.r0_norm(r0.reshape(-1, 1))
         soft_in = self.softmax_norm(torch.cat([torch.sigmoid(sigmoid_logits), r], dim=1))
         softmax_logits = self.softmax_classifier(soft_in)

@@ -161,6 +161,7 @@ def test_config_round_trip() -> None:
         ),
         ({"dropout": 1.0}, "dropout must be in"),
         ({"vae_dropout": -0.1}, "dropout must be in"),
+        ({"classifier_input": "z"}, "classifier_input must be 'sample' or 'mean'"),
     ],
 )
 def test_config_errors(kwargs: dict[str, object], match: str) -> None:

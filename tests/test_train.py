@@ -332,8 +332,16 @@ def test_cli_train_and_resume(cube: Path, tmp_path: Path) -> None:
     assert meta["train"]["batch_size"] == 32 and meta["train"]["preset"] == "small"
     again = CliRunner().invoke(main, args)
     assert again.exit_code == 2 and "--resume" in again.output
-    resumed = CliRunner().invoke(main, [*args[:7], "2", *args[8:], "--resume"])  # --epochs 2
+    base = ["train", str(cube), "-o", str(out), "--no-progress", "--resume"]
+    refused = CliRunner().invoke(main, [*base, "--batch-size", "64", "--set", "l2=0"])
+    assert refused.exit_code == 2 and "not batch_size, set" in refused.output
+    resumed = CliRunner().invoke(main, [*base, "--epochs", "2"])
     assert resumed.exit_code == 0, resumed.output
+    meta = json.loads((out / "config.json").read_text())
+    assert meta["epochs_done"] == 2 and meta["train"]["batch_size"] == 32
+    # without --epochs, the saved number of epochs stands: nothing more to do
+    again = CliRunner().invoke(main, base)
+    assert again.exit_code == 0, again.output
     assert json.loads((out / "config.json").read_text())["epochs_done"] == 2
 
 

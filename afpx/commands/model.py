@@ -98,7 +98,11 @@ def build_configs(
     help="Any model or training configuration field, e.g. --set kl_max=0.5 (repeatable).",
 )
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
-@click.option("--resume", is_flag=True, help="Continue the run saved in the output folder.")
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="Continue the run saved in the output folder (its configuration; --epochs may raise it).",
+)
 @click.option(
     "--progress/--no-progress", default=None, help="Progress bar (default: on a terminal)."
 )
@@ -123,7 +127,9 @@ def train_command(
     Validation uses the holdout split. Metrics per epoch go to OUTPUT/metrics.csv
     and OUTPUT/metrics.json; the weights to OUTPUT/model.pt.
     """
-    from afpx.train import train
+    from dataclasses import replace
+
+    from afpx.train import TrainConfig, train
 
     options: dict[str, Any] = {
         "epochs": epochs,
@@ -133,7 +139,19 @@ def train_command(
         "num_workers": num_workers,
         "oversample": False if no_oversample else None,
     }
-    mcfg, tcfg = build_configs(preset, _parse_overrides(overrides), options)
+    if resume:
+        given = [k for k, v in options.items() if v is not None and k != "epochs"]
+        if overrides:
+            given.append("set")
+        if given:
+            raise AfpxError(
+                "--resume continues with the saved configuration; only --epochs "
+                f"(and --device) may be given, not {', '.join(given)}"
+            )
+        # only a new number of epochs is taken from the command line
+        mcfg, tcfg = None, (replace(TrainConfig(), epochs=epochs) if epochs else None)
+    else:
+        mcfg, tcfg = build_configs(preset, _parse_overrides(overrides), options)
     out = train(
         cube,
         output,
