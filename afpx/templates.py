@@ -82,6 +82,12 @@ TEMPLATE_N_SITES: Final = "template_n_sites"
 #: sigmoid can underflow to exactly 0; the log of the floor is -69.1).
 LIKELIHOOD_FLOOR: Final = 1e-30
 
+#: Tables with at least this many count axes (k - 1) and cells (states x
+#: templates) are updated in bands that skip the unreachable corner; for
+#: three elements the saving did not pay for the extra work (measured).
+_BAND_MIN_DIMS: Final = 3
+_BAND_MIN_CELLS: Final = 1 << 14
+_BANDS: Final = 4
 #: Bytes of one stacked block's final table: small enough to stay in a core's
 #: cache across the passes of a step, large enough to amortise Python overhead.
 _BLOCK_BYTES: Final = 2**20
@@ -1199,7 +1205,10 @@ def _dp(logl: np.ndarray, blk: _DPBlock, k: int, *, assignments: bool) -> _Resul
         shape = (*((p + 1,) * d), T)
         n_out = T * (p + 1) ** d
         out = (bufs[s % 2][:n_out] if bufs else np.empty(n_out)).reshape(shape)
-        _step(V, out, L[s], blk.shifts[s], tmp, pp, p, d)
+        if d >= _BAND_MIN_DIMS and n_out >= _BAND_MIN_CELLS:
+            _step_banded(V, out, L[s], blk.shifts[s], tmp, pp, p, d)
+        else:
+            _step(V, out, L[s], blk.shifts[s], tmp, pp, p, d)
         updates += n_out * k
         V = out
         if assignments:
@@ -1263,6 +1272,57 @@ def _step(
             np.add(source, lik, out=shifted)
             target = out[tuple(dst)]
             np.maximum(target, shifted, out=target)
+
+
+def _step_banded(
+    V: np.ndarray,
+    out: np.ndarray,
+    Ls: np.ndarray,
+    shifts: tuple[tuple[int, np.ndarray | None], ...],
+    tmp: np.ndarray,
+    pp: int,
+    p: int,
+    d: int,
+) -> None:
+    """:func:`_step` restricted to bands of the first count axis.
+
+    Reachable states have ``c_0 + ... + c_{d-1} <= pp``: a band of rows
+    starting at ``c_0 = a`` only needs ``c_e <= pp - a`` on the other axes,
+    which skips most of the unreachable corner of the cube for four or more
+    elements. Everything not written is -inf.
+    """
+    out.fill(-np.inf)
+    edges = np.unique(np.linspace(0, pp + 1, _BANDS + 1).round().astype(int))
+    bands = list(zip(edges[:-1].tolist(), edges[1:].tolist(), strict=True))
+    # every band's own states first: shifts into later rows must not be overwritten
+    for a, b in bands:
+        rest = (slice(0, pp + 1 - a),) * (d - 1)
+        np.add(V[(slice(a, b), *rest)], Ls[d], out=out[(slice(a, b), *rest)])
+    for a, b in bands:
+        w = pp + 1 - a  # extent of the other axes in this band
+        rest = (slice(0, w),) * (d - 1)
+        for u, lik_mask in shifts:
+            for e in range(d):
+                lik = Ls[e] if lik_mask is None else Ls[e] + lik_mask
+                src = [slice(a, b), *rest]
+                dst = [slice(a, b), *rest]
+                if e == 0:
+                    rows = min(b, p - u + 1) - a
+                    if rows <= 0:
+                        continue
+                    src[0] = slice(a, a + rows)
+                    dst[0] = slice(a + u, a + u + rows)
+                else:
+                    cols = min(w, p - u + 1)
+                    if cols <= 0:
+                        continue
+                    src[e] = slice(0, cols)
+                    dst[e] = slice(u, u + cols)
+                source = V[tuple(src)]
+                shifted = tmp[: source.size].reshape(source.shape)
+                np.add(source, lik, out=shifted)
+                target = out[tuple(dst)]
+                np.maximum(target, shifted, out=target)
 
 
 def _dp_states(

@@ -521,3 +521,16 @@ def test_from_cube_element_coordinate_must_cover_every_z(tmp_path: Path) -> None
     z[1] = z[0]
     with pytest.raises(AfpxError, match="once each"):
         TemplateLibrary.from_cube(ds.assign_coords(element=z))
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=_FIXTURE)
+@given(seed=st.integers(0, 2**32 - 1), k=st.integers(3, 4))
+def test_banded_steps_are_exact(monkeypatch: pytest.MonkeyPatch, seed: int, k: int) -> None:
+    with monkeypatch.context() as m:
+        m.setattr(tp, "_BF_MAX_ASSIGNMENTS", 0)
+        m.setattr(tp, "_BAND_MIN_DIMS", 2)
+        m.setattr(tp, "_BAND_MIN_CELLS", 0)
+        rng = np.random.default_rng(seed)
+        lib = random_library(rng, 10, max_sites=6 if k == 3 else 5)
+        zs = rng.choice(np.arange(1, 119), k, replace=False).tolist()
+        _check_against_naive(lib, zs)
