@@ -1230,6 +1230,106 @@ class TrueRank:
     n_inexact: int
 
 
+@dataclass(frozen=True)
+class ExactCounts:
+    """Assignments of several templates to one composition, counted exactly.
+
+    Attributes
+    ----------
+    templates : ndarray of shape (n,), int64
+    better, tied : ndarray of shape (n,), int64
+        Assignments above / within the tolerance of the threshold.
+    best : ndarray of shape (n,), float64
+        Best score of each template for the composition (-inf: none).
+    total : ndarray of shape (n,), int64
+        Assignments yielding the composition.
+    """
+
+    templates: np.ndarray
+    better: np.ndarray
+    tied: np.ndarray
+    best: np.ndarray
+    total: np.ndarray
+
+
+def small_template_counts(
+    index: TemplateIndex,
+    log_likelihood: np.ndarray,
+    templates: np.ndarray,
+    composition: np.ndarray,
+    threshold: float,
+    *,
+    tolerance: float = 1e-9,
+) -> ExactCounts:
+    """Count, by enumeration, the assignments of small templates that beat a score.
+
+    Only the templates with at most :func:`bruteforce_limit` unique sites are
+    counted (the others are left out of the result); every assignment of
+    them is scored at once with one matrix product per number of sites.
+
+    Parameters
+    ----------
+    index : TemplateIndex
+    log_likelihood : ndarray of shape (n_sites_total, k)
+    templates : ndarray of shape (n,), int
+    composition : ndarray of shape (k,), int
+        The reduced composition.
+    threshold : float
+        The score to compare with.
+    tolerance : float
+        Scores within this of the threshold are tied.
+
+    Returns
+    -------
+    ExactCounts
+    """
+    logl = np.asarray(log_likelihood, dtype=np.float64)
+    k = logl.shape[1]
+    comp = np.asarray(composition, dtype=np.int64)
+    size = int(comp.sum())
+    ts_all = np.asarray(templates, dtype=np.int64)
+    ts_all = ts_all[index.n_sites[ts_all] <= bruteforce_limit(k)]
+    base = int(index.total.max(initial=0)) + 1
+    powers = np.asarray([base ** (k - 2 - e) for e in range(k - 1)], dtype=np.int64)
+    hi, lo = threshold + tolerance, threshold - tolerance
+    parts: list[tuple[np.ndarray, ...]] = []
+    n_of = index.n_sites[ts_all]
+    for n in np.unique(n_of).tolist():
+        group = ts_all[n_of == n]
+        A, onehot, weight = _assignment_tables(k, n, base)
+        weight_f = weight.T.astype(np.float64)  # (n, A); small integers, exact in float64
+        step = max(1, _BF_CHUNK // max(1, A.shape[0]))
+        for c0 in range(0, group.size, step):
+            t = group[c0 : c0 + step]
+            rows = index.site_start[t][:, None] + np.arange(n)[None, :]
+            score = logl[rows].reshape(t.size, n * k) @ onehot
+            code = index.reduced[rows].astype(np.float64) @ weight_f
+            scale, rest = np.divmod(index.total[t], size)
+            want = np.where(rest == 0, (comp[:-1] @ powers) * scale if k > 1 else 0, -1)
+            match = code == want[:, None].astype(np.float64)
+            masked = np.where(match, score, -np.inf)
+            parts.append(
+                (
+                    t,
+                    (masked > hi).sum(axis=1),
+                    ((masked >= lo) & (masked <= hi)).sum(axis=1),
+                    masked.max(axis=1, initial=-np.inf),
+                    match.sum(axis=1),
+                )
+            )
+    if not parts:
+        z = np.zeros(0, dtype=np.int64)
+        return ExactCounts(z, z, z, np.zeros(0), z)
+    cols = [np.concatenate(c) for c in zip(*parts, strict=True)]
+    return ExactCounts(
+        cols[0].astype(np.int64),
+        cols[1].astype(np.int64),
+        cols[2].astype(np.int64),
+        cols[3].astype(np.float64),
+        cols[4].astype(np.int64),
+    )
+
+
 def true_candidate_rank(
     own: int,
     true_score: float,
@@ -1241,6 +1341,7 @@ def true_candidate_rank(
     cap: int = 100,
     tolerance: float = 1e-9,
     max_states: int = 5_000_000,
+    exact: ExactCounts | None = None,
 ) -> TrueRank:
     """Test 1 for one structure: rank of its true candidate among all of its composition.
 
@@ -1263,7 +1364,11 @@ def true_candidate_rank(
     n_templates : float
         Templates that yield the composition at all (reported as is).
     cap, tolerance, max_states
-        See :class:`EvaluateParams`.
+        See :class:`EvaluateParams`. The cap bounds the depth-first counting
+        only; templates in ``exact`` are counted in full.
+    exact : ExactCounts, optional
+        Templates already counted exactly against ``true_score`` (e.g. by
+        :func:`small_template_counts`); they are not visited again.
 
     Returns
     -------
@@ -1272,33 +1377,41 @@ def true_candidate_rank(
     templates = np.asarray(templates, dtype=np.int64)
     if not (templates == own).any():
         raise AfpxError(f"template {own} is missing from the candidates of its own composition")
-    order = np.argsort(-np.asarray(upper_bound, dtype=np.float64), kind="stable")
     hi, lo = true_score + tolerance, true_score - tolerance
     better = tied = t_better = t_tied = n_inexact = 0
-    cut_all = cut_tpl = False
+    done = np.zeros(0, dtype=np.int64)
+    if exact is not None:
+        done = exact.templates
+        reach = exact.total > 0
+        better += int(exact.better[reach].sum())
+        tied += int(exact.tied[reach].sum()) - int((done[reach] == own).any())
+        other = reach & (done != own)
+        t_better += int((exact.best[other] > hi).sum())
+        t_tied += int(((exact.best[other] >= lo) & (exact.best[other] <= hi)).sum())
+    rest = ~np.isin(templates, done)
+    templates = templates[rest]
+    upper_bound = np.asarray(upper_bound, dtype=np.float64)[rest]
+    order = np.argsort(-upper_bound, kind="stable")
+    dfs = 0  # assignments counted by the search, bounded by the cap
+    cut_all = False
     for t in templates[order].tolist():
-        if cut_all and cut_tpl:
-            break
         logl, mult, target = template_sites(t)
         if count_states(mult, target) > max_states:
             n_inexact += 1
             continue
-        room = max(1, cap - better - tied + (1 if t == own else 0)) if not cut_all else 1
+        room = max(1, cap - dfs + (1 if t == own else 0)) if not cut_all else 1
         c = count_assignments(logl, mult, target, true_score, tolerance=tolerance, cap=room)
         if c.total == 0:
             continue
-        if t != own and not cut_tpl:
+        if t != own:
             t_better += int(c.best > hi)
             t_tied += int(lo <= c.best <= hi)
-            cut_tpl = t_better + t_tied >= cap
         if not cut_all:
             better += c.better
             tied += c.tied - (1 if t == own else 0)  # not the true assignment itself
-            cut_all = c.truncated or better + tied >= cap
-    if cut_tpl:
-        tpl = (math.nan, math.nan, math.nan)
-    else:
-        tpl = (1.0 + t_better + t_tied / 2, float(1 + t_better), float(1 + t_better + t_tied))
+            dfs += c.better + c.tied
+            cut_all = c.truncated or dfs >= cap
+    tpl = (1.0 + t_better + t_tied / 2, float(1 + t_better), float(1 + t_better + t_tied))
     if not cut_all:
         return TrueRank(
             1.0 + better + tied / 2,
@@ -1311,11 +1424,12 @@ def true_candidate_rank(
         )
     # censored: count only the strictly better assignments, for the optimistic rank
     n_better = 0
+    exact_better = int(exact.better[exact.total > 0].sum()) if exact is not None else 0
     opt = float("nan")
-    bounds = np.asarray(upper_bound, dtype=np.float64)[order]
+    bounds = upper_bound[order]
     for t, bound in zip(templates[order].tolist(), bounds.tolist(), strict=True):
         if bound <= hi:
-            opt = float(1 + n_better)
+            opt = float(1 + exact_better + n_better)
             break
         logl, mult, target = template_sites(t)
         if count_states(mult, target) > max_states:
@@ -1327,7 +1441,7 @@ def true_candidate_rank(
         if c.truncated or n_better >= cap:
             break
     else:
-        opt = float(1 + n_better)
+        opt = float(1 + exact_better + n_better)
     return TrueRank(math.nan, opt, math.nan, True, *tpl, n_templates, n_inexact)
 
 
@@ -1757,10 +1871,12 @@ def best_for_composition(
     stops once no remaining template can beat the best found (exact).
     """
     comp = np.asarray(composition, dtype=np.int64)
-    sites = _TemplateSites(index, log_likelihood, comp)
-    best = -math.inf
     ts = np.asarray(templates, dtype=np.int64)
-    for t in ts[np.argsort(-upper_bound[ts], kind="stable")].tolist():
+    small = small_template_counts(index, log_likelihood, ts, comp, math.inf)
+    best = float(small.best.max(initial=-np.inf))
+    sites = _TemplateSites(index, log_likelihood, comp)
+    big = ts[~np.isin(ts, small.templates)]
+    for t in big[np.argsort(-upper_bound[big], kind="stable")].tolist():
         if upper_bound[t] <= best:
             break
         logl, mult, target = sites(t)
@@ -1962,6 +2078,9 @@ def evaluate(
                         n_templates = n_candidates = math.nan
                     s_true = true_of[own]
                     cand = reach[ub[reach] >= s_true - params.tie_tolerance]
+                    exact = small_template_counts(
+                        index, logl, cand, C, s_true, tolerance=params.tie_tolerance
+                    )
                     test1_rows[name][own] = true_candidate_rank(
                         own,
                         s_true,
@@ -1972,6 +2091,7 @@ def evaluate(
                         cap=params.test1_cap,
                         tolerance=params.tie_tolerance,
                         max_states=params.test1_max_states,
+                        exact=exact,
                     )
                     test1_candidates[own] = n_candidates
                 timing["test1_s"] += time.perf_counter() - t0

@@ -735,3 +735,23 @@ def test_test2_pruned_equals_full_ranking() -> None:
         got2 = both["no_own_formula"]
         assert got2["n_known_missing"] == n_missing
         assert got2["os"] == pytest.approx(optimality_score(q2, full.counts.shape[0]), nan_ok=True)
+
+
+def test_small_template_counts_equal_the_counting_dp() -> None:
+    from afpx.evaluate import TemplateIndex, _TemplateSites, small_template_counts
+
+    lib = _random_library(seed=7, n_templates=40, max_sites=9)
+    index = TemplateIndex.from_arrays(lib.site_template, lib.z, lib.multiplicity)
+    S = np.array([3, 8, 32])
+    logl = np.round(np.asarray(lib.log_likelihood[:, S - 1], dtype=np.float64), 1)  # ties
+    for comp in (np.array([1, 1, 1]), np.array([1, 2, 3]), np.array([2, 1, 1])):
+        ts = np.arange(index.n_templates)
+        for thr in (-3.0, -6.0):
+            got = small_template_counts(index, logl, ts, comp, thr)
+            sites = _TemplateSites(index, logl, comp)
+            assert got.templates.size > 0
+            for i, t in enumerate(got.templates.tolist()):
+                c = count_assignments(*sites(t), thr)
+                assert (got.better[i], got.tied[i], got.total[i]) == (c.better, c.tied, c.total)
+                if c.total:
+                    assert got.best[i] == pytest.approx(c.best)
