@@ -399,6 +399,9 @@ def test_reduce_compositions_groups_equal_ratios() -> None:
     assert uniq.tolist() == [[1, 1], [1, 2]]
     assert inv.tolist() == [1, 1, 0, 1]
     big = np.array([[10**6, 1], [2 * 10**6, 2], [3, 1]])  # past the dense table
+    huge = np.array([[2**40, 1, 1], [2**41, 2, 2], [3, 1, 1]])  # past int64 keys
+    inv, uniq = reduce_compositions(huge)
+    assert inv[0] == inv[1] != inv[2]
     inv, uniq = reduce_compositions(big)
     assert inv[0] == inv[1] != inv[2]
 
