@@ -86,6 +86,9 @@ LIKELIHOOD_FLOOR: Final = 1e-30
 #: templates) are updated in bands that skip the unreachable corner; for
 #: three elements the saving did not pay for the extra work (measured).
 _BAND_MIN_DIMS: Final = 3
+#: Blocks of fewer templates repeat each step's likelihoods along the last count
+#: axis (see :func:`_step`).
+_SPREAD_BELOW: Final = 32
 _BAND_MIN_CELLS: Final = 1 << 14
 _BANDS: Final = 4
 #: Bytes of one stacked block's final table: small enough to stay in a core's
@@ -1251,9 +1254,17 @@ def _step(
     d: int,
 ) -> None:
     """Advance the tables ``V`` (counts up to ``pp``) by one site into ``out`` (up to ``p``)."""
+    T = Ls.shape[1]
+    # with few templates, a (T,) operand broadcast over the count axes keeps numpy's
+    # inner loop T long; repeating it along the last count axis lets it coalesce
+    spread = d >= 2 and T < _SPREAD_BELOW
+
+    def row(lik: np.ndarray, n: int) -> np.ndarray:
+        return np.tile(lik, (n, 1)) if spread else lik
+
     # the last element leaves the counts unchanged; what it cannot reach is -inf
     old = (slice(0, pp + 1),) * d
-    np.add(V, Ls[d], out=out[old])
+    np.add(V, row(Ls[d], pp + 1), out=out[old])
     for e in range(d):
         rest = (*((slice(0, pp + 1),) * e), slice(pp + 1, None))
         out[rest] = -np.inf
@@ -1269,7 +1280,7 @@ def _step(
             dst[e] = slice(u, u + hi + 1)
             source = V[tuple(src)]
             shifted = tmp[: source.size].reshape(source.shape)
-            np.add(source, lik, out=shifted)
+            np.add(source, row(lik, source.shape[d - 1]), out=shifted)
             target = out[tuple(dst)]
             np.maximum(target, shifted, out=target)
 
