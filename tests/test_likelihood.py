@@ -140,7 +140,8 @@ def test_score_afp_errors(model_dir: Path) -> None:
 def test_cli_likelihood(model_dir: Path, tmp_path: Path) -> None:
     cube = make_synthetic_cube(tmp_path / "h.zarr", n_structures=6)
     r = CliRunner().invoke(
-        main, ["likelihood", str(cube), "--model", str(model_dir), "--no-progress"]
+        main,
+        ["likelihood", str(cube), "--model", str(model_dir), "--no-progress", "--threads", "1"],
     )
     assert r.exit_code == 0, r.output
     assert "wrote likelihood, softmax_pred for" in r.output

@@ -335,7 +335,7 @@ def test_cli_train_and_resume(cube: Path, tmp_path: Path) -> None:
     base = ["train", str(cube), "-o", str(out), "--no-progress", "--resume"]
     refused = CliRunner().invoke(main, [*base, "--batch-size", "64", "--set", "l2=0"])
     assert refused.exit_code == 2 and "not batch_size, set" in refused.output
-    resumed = CliRunner().invoke(main, [*base, "--epochs", "2"])
+    resumed = CliRunner().invoke(main, [*base, "--epochs", "2", "--threads", "1"])
     assert resumed.exit_code == 0, resumed.output
     meta = json.loads((out / "config.json").read_text())
     assert meta["epochs_done"] == 2 and meta["train"]["batch_size"] == 32

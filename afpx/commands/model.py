@@ -99,6 +99,13 @@ def build_configs(
 )
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option(
+    "--threads",
+    type=click.IntRange(min=1),
+    default=None,
+    help="CPU threads for torch (default: torch's choice, all cores). Use 1 when the cores "
+    "are shared with other jobs: oversubscribed threads slow training down many times.",
+)
+@click.option(
     "--resume",
     is_flag=True,
     help="Continue the run saved in the output folder (its configuration; --epochs may raise it).",
@@ -119,6 +126,7 @@ def train_command(
     no_oversample: bool,
     overrides: tuple[str, ...],
     device: str,
+    threads: int | None,
     resume: bool,
     progress: bool | None,
 ) -> None:
@@ -129,7 +137,12 @@ def train_command(
     """
     from dataclasses import replace
 
+    import torch
+
     from afpx.train import TrainConfig, train
+
+    if threads is not None:
+        torch.set_num_threads(threads)
 
     options: dict[str, Any] = {
         "epochs": epochs,
@@ -189,20 +202,31 @@ def train_command(
     help="Sites scored at a time (bounds the memory).",
 )
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads for torch.")
 @click.option(
     "--progress/--no-progress", default=None, help="Progress bar (default: on a terminal)."
 )
 @library_errors
 def likelihood_command(
-    cube: str, model: str, block_sites: int, device: str, progress: bool | None
+    cube: str,
+    model: str,
+    block_sites: int,
+    device: str,
+    threads: int | None,
+    progress: bool | None,
 ) -> None:
     """Write the site likelihoods of MODEL for every site into CUBE.
 
     Adds `likelihood` (site x element), `softmax_pred` (site) and, when the cube
     has several draws per site, `likelihood_mean`; `afp` is not touched.
     """
+    import torch
+
     from afpx import schema
     from afpx.likelihood import predict
+
+    if threads is not None:
+        torch.set_num_threads(threads)
 
     ds = predict(cube, model, block_sites=block_sites, device=device, progress=progress)
     names = [n for n in (schema.LIKELIHOOD, schema.LIKELIHOOD_MEAN, schema.SOFTMAX_PRED) if n in ds]
