@@ -59,6 +59,8 @@ __all__ = [
     "TemplateLibrary",
     "best_assignments",
     "best_candidates",
+    "composition_index",
+    "reduce_compositions",
     "reduced_formulas",
 ]
 
