@@ -1394,7 +1394,13 @@ def true_candidate_rank(
     order = np.argsort(-upper_bound, kind="stable")
     dfs = 0  # assignments counted by the search, bounded by the cap
     cut_all = False
-    for t in templates[order].tolist():
+    cut_tpl = t_better + t_tied >= cap
+    tpl_partial = False  # some template's best was not compared (template level censored)
+    sequence = templates[order].tolist()
+    for pos, t in enumerate(sequence):
+        if cut_all and cut_tpl:
+            tpl_partial = tpl_partial or any(u != own for u in sequence[pos:])
+            break
         logl, mult, target = template_sites(t)
         if count_states(mult, target) > max_states:
             n_inexact += 1
@@ -1403,15 +1409,21 @@ def true_candidate_rank(
         c = count_assignments(logl, mult, target, true_score, tolerance=tolerance, cap=room)
         if c.total == 0:
             continue
-        if t != own:
+        if t != own and cut_tpl:
+            tpl_partial = True
+        elif t != own:
             t_better += int(c.best > hi)
             t_tied += int(lo <= c.best <= hi)
+            cut_tpl = t_better + t_tied >= cap
         if not cut_all:
             better += c.better
             tied += c.tied - (1 if t == own else 0)  # not the true assignment itself
             dfs += c.better + c.tied
             cut_all = c.truncated or dfs >= cap
-    tpl = (1.0 + t_better + t_tied / 2, float(1 + t_better), float(1 + t_better + t_tied))
+    if tpl_partial:
+        tpl = (math.nan, math.nan, math.nan)
+    else:
+        tpl = (1.0 + t_better + t_tied / 2, float(1 + t_better), float(1 + t_better + t_tied))
     if not cut_all:
         return TrueRank(
             1.0 + better + tied / 2,
