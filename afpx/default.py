@@ -47,9 +47,11 @@ __all__ = [
     "QUANTISATIONS",
     "compare_rankings",
     "default_data_dir",
+    "default_model_dir",
     "load_default_library",
     "load_library",
     "pack_default_library",
+    "pack_default_model",
     "pack_library",
 ]
 
@@ -58,6 +60,12 @@ FORMAT: Final = "afpx-template-library"
 FORMAT_VERSION: Final = 1
 QUANTISATIONS: Final = ("float32", "float16", "uint16", "uint8")
 _REINSTALL: Final = "reinstall afpx (pip install --force-reinstall afpx)"
+#: Folder (inside the data folder) of the packed default model.
+MODEL_DIR: Final = "default_model"
+#: Files of a model folder that ship: weights (torch ``state_dict``, loadable
+#: with ``weights_only=True``), configuration and the training log.
+MODEL_FILES: Final = ("model.pt", "config.json", "metrics.csv", "metrics.json")
+MODEL_MANIFEST: Final = "manifest.json"
 
 
 def default_data_dir() -> Path:
@@ -445,3 +453,71 @@ def load_default_library() -> TemplateLibrary:
             "pack the default (see docs/ranking.md)"
         )
     return _load_default_cached(os.fspath(manifest), manifest.stat().st_mtime)
+
+
+# =============================================================================
+# the default model
+# =============================================================================
+def pack_default_model(
+    model: str | os.PathLike[str], directory: str | os.PathLike[str] | None = None
+) -> dict[str, Any]:
+    """Copy a trained model folder's shipping files and write their checksums.
+
+    Parameters
+    ----------
+    model : path
+        A model folder written by ``afpx train`` (``model.pt`` + ``config.json``).
+    directory : path, optional
+        Target folder (default ``afpx/data/default_model``); replaced files only.
+
+    Returns
+    -------
+    dict
+        The manifest: every file with its SHA-256 and size.
+    """
+    import shutil
+
+    src = Path(model)
+    out = default_data_dir() / MODEL_DIR if directory is None else Path(directory)
+    missing = [f for f in MODEL_FILES[:2] if not (src / f).is_file()]
+    if missing:
+        raise AfpxError(f"{os.fspath(src)!r} is not a model folder: {', '.join(missing)} missing")
+    out.mkdir(parents=True, exist_ok=True)
+    files: dict[str, Any] = {}
+    for name in MODEL_FILES:
+        if (src / name).is_file():
+            shutil.copyfile(src / name, out / name)
+            files[name] = {"sha256": _sha256(out / name), "bytes": (out / name).stat().st_size}
+    manifest = {"format": "afpx-model-package", "format_version": 1, "files": files}
+    (out / MODEL_MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    return manifest
+
+
+def default_model_dir(directory: str | os.PathLike[str] | None = None) -> Path:
+    """The packed default model folder, after verifying every file's SHA-256.
+
+    Pass the returned folder to ``afpx.train.load_model`` or
+    ``afpx.likelihood.score_structures``. Raises :class:`AfpxError` when the
+    model is not installed or a file differs from its checksum.
+    """
+    folder = default_data_dir() / MODEL_DIR if directory is None else Path(directory)
+    manifest = folder / MODEL_MANIFEST
+    if not manifest.is_file():
+        raise AfpxError(
+            f"the built-in default model is not installed (no {os.fspath(manifest)!r}); "
+            f"train one with `afpx train CUBE -o MODEL`, or {_REINSTALL}"
+        )
+    try:
+        files = json.loads(manifest.read_text())["files"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise AfpxError(f"cannot read {os.fspath(manifest)!r}: {exc}; {_REINSTALL}") from exc
+    for name, info in files.items():
+        path = folder / name
+        if not path.is_file():
+            raise AfpxError(f"default model file {os.fspath(path)!r} is missing; {_REINSTALL}")
+        if _sha256(path) != info.get("sha256"):
+            raise AfpxError(
+                f"default model file {os.fspath(path)!r} does not match its SHA-256 in "
+                f"{manifest.name} (corrupted or modified); {_REINSTALL}"
+            )
+    return folder

@@ -197,3 +197,44 @@ def test_float16_keeps_the_top_exact_on_the_hand_library(tmp_path: Path) -> None
     loaded = load_library(tmp_path / "default_library.json")
     rel = np.abs(loaded.log_likelihood - hand_library().log_likelihood)
     assert (rel <= np.abs(hand_library().log_likelihood) * 2.0**-11 + 1e-12).all()
+
+
+def _fake_model_folder(path: Path) -> Path:
+    path.mkdir()
+    (path / "model.pt").write_bytes(b"weights")
+    (path / "config.json").write_text('{"format": "afpx-model/1"}')
+    return path
+
+
+def test_default_model_pack_verify_and_corruption(tmp_path: Path) -> None:
+    src = _fake_model_folder(tmp_path / "model")
+    out = tmp_path / "packed"
+    manifest = afpx.default.pack_default_model(src, out)
+    assert set(manifest["files"]) == {"model.pt", "config.json"}
+    assert afpx.default.default_model_dir(out) == out
+    (out / "model.pt").write_bytes(b"weightz")
+    with pytest.raises(AfpxError, match=r"model\.pt.*does not match its SHA-256"):
+        afpx.default.default_model_dir(out)
+    (out / "model.pt").unlink()
+    with pytest.raises(AfpxError, match="is missing"):
+        afpx.default.default_model_dir(out)
+    (out / "manifest.json").write_text("{not json")
+    with pytest.raises(AfpxError, match="cannot read"):
+        afpx.default.default_model_dir(out)
+
+
+def test_default_model_errors(tmp_path: Path) -> None:
+    with pytest.raises(AfpxError, match="default model is not installed"):
+        afpx.default.default_model_dir(tmp_path)
+    with pytest.raises(AfpxError, match=r"not a model folder: model\.pt, config\.json missing"):
+        afpx.default.pack_default_model(tmp_path, tmp_path / "out")
+
+
+def test_shipped_default_model_verifies_and_loads() -> None:
+    folder = afpx.default.default_data_dir() / "default_model"
+    if not folder.exists():
+        pytest.skip("no default model packed yet")
+    from afpx.train import load_model
+
+    model = load_model(afpx.default.default_model_dir())
+    assert model.config.n_elements == 118

@@ -1,0 +1,3 @@
+from afpx.cli import main
+
+main()
