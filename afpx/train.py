@@ -621,7 +621,7 @@ class TrainedModel:
     def identity(self) -> dict[str, Any]:
         """JSON-able attributes that identify the model (for artefacts it produces)."""
         return {
-            "model_path": str(self.path),
+            "model_path": str(self.path.resolve()),
             "model_sha256": self.weights_sha256,
             "model_preset": self.config.preset,
             "model_config": self.config.to_dict(),
