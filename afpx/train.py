@@ -950,6 +950,8 @@ def train(
         examples_seen = int(state["examples_seen"])
         first_epoch = int(state["epoch"]) + 1
         torch.set_rng_state(state["torch_rng"])
+        if dev.type == "cuda" and state.get("cuda_rng"):
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
         if (out_dir / METRICS_JSON).is_file():
             rows = json.loads((out_dir / METRICS_JSON).read_text())
 
@@ -1063,6 +1065,7 @@ def _save(
             "examples_seen": examples_seen,
             "epoch": epoch,
             "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         },
         out_dir / STATE_FILE,
     )
