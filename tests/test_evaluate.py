@@ -752,3 +752,28 @@ def test_small_template_counts_equal_the_counting_dp() -> None:
                 assert (got.better[i], got.tied[i], got.total[i]) == (c.better, c.tied, c.total)
                 if c.total:
                     assert got.best[i] == pytest.approx(c.best)
+
+
+def test_cli_evaluate_with_a_model_scores_in_memory(tmp_path) -> None:
+    import json
+
+    import xarray as xr
+    from _cube_helpers import make_synthetic_cube
+    from _model_helpers import train_tiny_model
+    from click.testing import CliRunner
+
+    from afpx.cli import main
+
+    cube = make_synthetic_cube(tmp_path / "cube.zarr", n_structures=30, seed=2)
+    _mark_complete(cube)
+    model = train_tiny_model(cube, tmp_path / "model", epochs=2)
+    out = tmp_path / "report"
+    args = ["evaluate", str(cube), "--model", str(model), "-o", str(out), "--baselines", ""]
+    res = CliRunner().invoke(main, [*args, "--no-progress"])
+    assert res.exit_code == 0, res.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["models"] == ["model"]
+    assert metrics["likelihood"]["scored_in_memory"] is True
+    assert metrics["softmax"]["softmax_available"]
+    # the store itself was not written
+    assert schema.LIKELIHOOD not in xr.open_zarr(cube, consolidated=False).variables
