@@ -91,12 +91,25 @@ def _strings(values: np.ndarray) -> np.ndarray:
     return np.asarray([str(v) for v in values], dtype=str)
 
 
-def _quantise(logl: np.ndarray, kind: str, floor: float) -> tuple[np.ndarray, dict[str, Any]]:
+def _round_mantissa(x: np.ndarray, bits: int) -> np.ndarray:
+    """float16 values rounded (half up in magnitude) to ``bits`` of their 10 mantissa bits."""
+    drop = 10 - bits
+    if drop == 0:
+        return x
+    u = x.view(np.uint16).astype(np.uint32)
+    rounded = ((u + np.uint32(1 << (drop - 1))) >> np.uint32(drop)) << np.uint32(drop)
+    return rounded.astype(np.uint16).view(np.float16)
+
+
+def _quantise(
+    logl: np.ndarray, kind: str, floor: float, mantissa_bits: int = 10
+) -> tuple[np.ndarray, dict[str, Any]]:
     if kind == "float32":
         return np.asarray(logl, dtype=np.float32), {"kind": kind}
     if kind == "float16":
         x = np.maximum(np.asarray(logl, dtype=np.float32), np.float32(math.log(floor)))
-        return x.astype(np.float16), {"kind": kind, "floor": floor}
+        x16 = _round_mantissa(x.astype(np.float16), mantissa_bits)
+        return x16, {"kind": kind, "floor": floor, "mantissa_bits": mantissa_bits}
     levels = {"uint16": 65535, "uint8": 255}[kind]
     lo = math.log(floor)
     x = np.clip(np.asarray(logl, dtype=np.float64), lo, 0.0)
@@ -115,7 +128,7 @@ def _dequantise(q: np.ndarray, info: dict[str, Any]) -> np.ndarray:
 
 
 def _library_arrays(
-    library: TemplateLibrary, *, quantise: str, floor: float
+    library: TemplateLibrary, *, quantise: str, floor: float, mantissa_bits: int = 10
 ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """Arrays to store and the layout recorded in the manifest."""
     arrays: dict[str, np.ndarray] = {}
@@ -136,7 +149,7 @@ def _library_arrays(
     put("n_unique_sites", n_sites.astype(np.uint16), shuffle=True)
     put("multiplicity", library.multiplicity.astype(np.int32), shuffle=True)
     put("z", library.z.astype(np.uint8))
-    q, qinfo = _quantise(library.log_likelihood, quantise, floor)
+    q, qinfo = _quantise(library.log_likelihood, quantise, floor, mantissa_bits)
     put("log_likelihood", q, shuffle=True)
     put("structure_id", _strings(library.structure_id))
     put("formula", _strings(library.formula))
@@ -172,6 +185,7 @@ def pack_library(
     name: str = DEFAULT_NAME,
     quantise: str = "uint16",
     floor: float = 1e-6,
+    mantissa_bits: int = 10,
     check_sets: Sequence[Sequence[int]] | int | None = 40,
     seed: int = 0,
 ) -> dict[str, Any]:
@@ -188,6 +202,10 @@ def pack_library(
         Storage of the log-likelihoods (see the module notes).
     floor : float
         Likelihoods below this are stored as this (quantised kinds only).
+    mantissa_bits : int
+        ``float16`` only: keep this many of the 10 mantissa bits of the
+        log-likelihood (relative precision 2^-(bits+1)); fewer bits compress
+        better. The rank check below shows what it costs.
     check_sets : int, sequence of element sets, or None
         Element sets (atomic numbers) to rank with the original and the
         packed library; an int draws that many binary and ternary sets from
@@ -205,11 +223,15 @@ def pack_library(
         raise AfpxError(f"unknown quantisation {quantise!r}; choose one of {QUANTISATIONS}")
     if not 0 < floor < 1:
         raise AfpxError(f"floor must lie in (0, 1), got {floor}")
+    if not 1 <= mantissa_bits <= 10:
+        raise AfpxError(f"mantissa_bits must lie in 1..10 (float16 has 10), got {mantissa_bits}")
     if floor < LIKELIHOOD_FLOOR:
         floor = LIKELIHOOD_FLOOR
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
-    arrays, layout = _library_arrays(library, quantise=quantise, floor=floor)
+    arrays, layout = _library_arrays(
+        library, quantise=quantise, floor=floor, mantissa_bits=mantissa_bits
+    )
     npz = out / f"{name}.npz"
     tmp = out / f".{name}.npz.tmp"
     with open(tmp, "wb") as f:

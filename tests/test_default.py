@@ -238,3 +238,15 @@ def test_shipped_default_model_verifies_and_loads() -> None:
 
     model = load_model(afpx.default.default_model_dir())
     assert model.config.n_elements == 118
+
+
+def test_float16_mantissa_rounding_bounds_the_error(tmp_path: Path) -> None:
+    lib = hand_library()
+    pack_library(lib, tmp_path, quantise="float16", mantissa_bits=7, check_sets=None)
+    loaded = load_library(tmp_path / "default_library.json")
+    x = np.maximum(lib.log_likelihood, np.log(1e-6))
+    err = np.abs(loaded.log_likelihood - x)
+    # 7 mantissa bits: relative error at most 2^-8 of the value (plus float16 rounding)
+    assert (err <= np.abs(x) * (2.0**-8 + 2.0**-11) + 1e-12).all()
+    with pytest.raises(AfpxError, match="mantissa_bits must lie"):
+        pack_library(lib, tmp_path, quantise="float16", mantissa_bits=11)
