@@ -1962,12 +1962,169 @@ def _test2_set(
     return out
 
 
+@dataclass(frozen=True, eq=False)
+class _RunState:
+    """Everything the evaluation of one element set needs (shared by workers)."""
+
+    index: TemplateIndex
+    tables: dict[int, CompositionTable]
+    libraries: dict[str, TemplateLibrary]
+    params: EvaluateParams
+    by_set: dict[tuple[int, ...], list[int]]
+    test1_by_set: dict[tuple[int, ...], list[int]]
+    test2_sets: frozenset[tuple[int, ...]]
+    case_sets: frozenset[tuple[int, ...]]
+
+
+@dataclass
+class _SetResult:
+    elements: tuple[int, ...]
+    test1: dict[str, dict[int, TrueRank]]
+    test1_candidates: dict[int, float]
+    test2: dict[str, dict[str, dict[str, float]]] | None
+    case: dict[str, Any] | None
+    timing: dict[str, float]
+
+
+def _evaluate_set(state: _RunState, S: tuple[int, ...]) -> _SetResult:
+    """Test 1, Test 2 and the case study of one element set, for every model."""
+    from afpx.templates import COUNTS, LOG_SCORE, TEMPLATE, best_candidates
+
+    params, index = state.params, state.index
+    tc = index.compositions
+    k = len(S)
+    cols = np.asarray(S, dtype=np.int64) - 1
+    table = state.tables.get(k)
+    ctx = set_context(index, S, table, own_templates=state.by_set.get(S, []))
+    known_S, own_t = ctx.known, ctx.own_templates
+    timing: dict[str, float] = {}
+    res = _SetResult(S, {}, {}, None, None, timing)
+    in_test2 = S in state.test2_sets and table is not None
+    if in_test2:
+        res.test2 = {v: {} for v in VARIANTS}
+
+    def add_time(key: str, t0: float) -> None:
+        timing[key] = timing.get(key, 0.0) + time.perf_counter() - t0
+
+    for name, lib in state.libraries.items():
+        logl = np.asarray(lib.log_likelihood[:, cols], dtype=np.float64)
+        ub = index.upper_bound(logl)
+        if in_test2 and res.test2 is not None and table is not None:
+            t0 = time.perf_counter()
+            rows = _test2_set(
+                index,
+                table,
+                logl,
+                ub,
+                ctx,
+                hit_k=params.hit_k,
+                tolerance=params.tie_tolerance,
+                timing=timing,
+            )
+            for variant in VARIANTS:
+                res.test2[variant][name] = rows[variant]
+            add_time("test2_s", t0)
+        if S in state.test1_by_set:
+            t0 = time.perf_counter()
+            own_true = index.true_scores(lib.log_likelihood, own_t)
+            true_of = dict(zip(own_t.tolist(), own_true.tolist(), strict=True))
+            ranks = res.test1.setdefault(name, {})
+            for own in state.test1_by_set[S]:
+                C = np.asarray(tc.counts[own], dtype=np.int64)
+                if table is not None:
+                    reach, ways = table.templates_of(int(table.find(C)[0]))
+                    n_templates, n_candidates = float(reach.size), float(ways.sum())
+                else:
+                    reach = np.flatnonzero((index.n_sites >= k) & (index.total % int(C.sum()) == 0))
+                    n_templates = n_candidates = math.nan
+                s_true = true_of[own]
+                cand = reach[ub[reach] >= s_true - params.tie_tolerance]
+                exact = small_template_counts(
+                    index, logl, cand, C, s_true, tolerance=params.tie_tolerance
+                )
+                ranks[own] = true_candidate_rank(
+                    own,
+                    s_true,
+                    cand,
+                    ub[cand],
+                    _TemplateSites(index, logl, C),
+                    n_templates=n_templates,
+                    cap=params.test1_cap,
+                    tolerance=params.tie_tolerance,
+                    max_states=params.test1_max_states,
+                    exact=exact,
+                )
+                res.test1_candidates[own] = n_candidates
+            add_time("test1_s", t0)
+        if S in state.case_sets:
+            t0 = time.perf_counter()
+            cands = best_candidates(lib, list(S), assignments=False)
+            tmpl = np.asarray(cands[TEMPLATE].values, dtype=np.int64)
+            red = reduce_counts(np.asarray(cands[COUNTS].values).reshape(tmpl.size, k))
+            score = np.asarray(cands[LOG_SCORE].values, dtype=np.float64)
+            if res.case is None:
+                res.case = {}
+            res.case[name] = _case_study(S, lib, tmpl, red, score, known_S, params)
+            add_time("case_study_s", t0)
+    return res
+
+
+_WORKER_STATE: _RunState | None = None
+
+
+def _worker_init(state: _RunState) -> None:
+    global _WORKER_STATE
+    _WORKER_STATE = state
+    try:  # one BLAS thread per worker process
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(1)
+    except ImportError:  # pragma: no cover - threadpoolctl is a dependency
+        pass
+
+
+def _worker_run(S: tuple[int, ...]) -> _SetResult:
+    assert _WORKER_STATE is not None
+    return _evaluate_set(_WORKER_STATE, S)
+
+
+def _map_sets(
+    state: _RunState, sets: Sequence[tuple[int, ...]], *, workers: int, progress: bool
+) -> Iterable[_SetResult]:
+    """Evaluate element sets in order, in this process or in forked worker processes."""
+    import multiprocessing
+
+    bar: Any = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(sets), desc="element sets", unit="set")
+    try:
+        if workers > 1 and "fork" in multiprocessing.get_all_start_methods():
+            ctx = multiprocessing.get_context("fork")
+            with ctx.Pool(workers, initializer=_worker_init, initargs=(state,)) as pool:
+                for res in pool.imap(_worker_run, sets, chunksize=4):
+                    if bar is not None:
+                        bar.update()
+                    yield res
+        else:
+            for S in sets:
+                res = _evaluate_set(state, S)
+                if bar is not None:
+                    bar.update()
+                yield res
+    finally:
+        if bar is not None:
+            bar.close()
+
+
 def evaluate(
     ds: xr.Dataset,
     *,
     params: EvaluateParams = EvaluateParams(),
     baseline_params: BaselineParams | None = None,
     progress: bool = False,
+    workers: int = 1,
 ) -> EvaluationReport:
     """Run Test 1, Test 2, the softmax metrics and the case study, model and baselines.
 
@@ -1982,6 +2139,9 @@ def evaluate(
         Parameters of the baselines (paper-free defaults).
     progress : bool
         Show a progress bar over element sets.
+    workers : int
+        Element sets evaluated in this many forked processes (1: in this
+        process). The results do not depend on it.
 
     Returns
     -------
@@ -1990,8 +2150,10 @@ def evaluate(
     import xarray as xr
 
     from afpx.baselines import BaselineParams, baseline_likelihoods
-    from afpx.templates import COUNTS, LOG_SCORE, TEMPLATE, TemplateLibrary, best_candidates
+    from afpx.templates import TemplateLibrary
 
+    if workers < 1:
+        raise AfpxError(f"workers must be at least 1, got {workers}")
     baseline_params = baseline_params or BaselineParams()
     check_evaluable(ds)
     t_start = time.perf_counter()
@@ -2043,7 +2205,6 @@ def evaluate(
     for t, es in enumerate(tc.element_set):
         by_set.setdefault(es, []).append(t)
 
-    tables: dict[int, CompositionTable] = {}
     test1_rows: dict[str, dict[int, TrueRank]] = {m: {} for m in models}
     test1_candidates: dict[int, float] = {}
     test2_rows: dict[str, dict[str, list[dict[str, float]]]] = {
@@ -2057,87 +2218,34 @@ def evaluate(
         "test2_threshold_s": 0.0,
         "case_study_s": 0.0,
     }
+    # the likelihood-free composition tables, built once and shared by every set
     table_sizes = set(params.set_sizes) | set(range(1, params.table_max_elements + 1))
-
-    iterator: Iterable[tuple[int, ...]] = all_sets
-    if progress:
-        from tqdm.auto import tqdm
-
-        iterator = tqdm(all_sets, desc="element sets", unit="set")
-    for S in iterator:
-        k = len(S)
-        cols = np.asarray(S, dtype=np.int64) - 1
-        table = None
-        if k in table_sizes and (S in test2_sets or S in test1_by_set):
-            if k not in tables:
-                t0 = time.perf_counter()
-                tables[k] = CompositionTable.build(index, k)
-                timing["tables_s"] += time.perf_counter() - t0
-            table = tables[k]
-        ctx = set_context(index, S, table, own_templates=by_set.get(S, []))
-        known_S, own_t = ctx.known, ctx.own_templates
+    tables: dict[int, CompositionTable] = {}
+    for k in sorted({len(S) for S in set(test1_by_set) | set(test2_sets)} & table_sizes):
+        t0 = time.perf_counter()
+        tables[k] = CompositionTable.build(index, k)
+        timing["tables_s"] += time.perf_counter() - t0
+    state = _RunState(
+        index=index,
+        tables=tables,
+        libraries=libraries,
+        params=params,
+        by_set=by_set,
+        test1_by_set=test1_by_set,
+        test2_sets=frozenset(test2_sets),
+        case_sets=frozenset(case_sets),
+    )
+    for res in _map_sets(state, all_sets, workers=workers, progress=progress):
+        for key, value in res.timing.items():
+            timing[key] = timing.get(key, 0.0) + value
         for name in models:
-            lib = libraries[name]
-            logl = np.asarray(lib.log_likelihood[:, cols], dtype=np.float64)
-            ub = index.upper_bound(logl)
-            own_true = index.true_scores(lib.log_likelihood, own_t)
-            if S in test2_sets and table is not None:
-                t0 = time.perf_counter()
-                rows = _test2_set(
-                    index,
-                    table,
-                    logl,
-                    ub,
-                    ctx,
-                    hit_k=params.hit_k,
-                    tolerance=params.tie_tolerance,
-                    timing=timing,
-                )
-                for variant in VARIANTS:
-                    test2_rows[variant][name].append(rows[variant])
-                timing["test2_s"] += time.perf_counter() - t0
-            if S in test1_by_set:
-                t0 = time.perf_counter()
-                true_of = dict(zip(own_t.tolist(), own_true.tolist(), strict=True))
-                for own in test1_by_set[S]:
-                    C = np.asarray(tc.counts[own], dtype=np.int64)
-                    if table is not None:
-                        reach, ways = table.templates_of(int(table.find(C)[0]))
-                        n_templates, n_candidates = float(reach.size), float(ways.sum())
-                    else:
-                        reach = np.flatnonzero(
-                            (index.n_sites >= k) & (index.total % int(C.sum()) == 0)
-                        )
-                        n_templates = n_candidates = math.nan
-                    s_true = true_of[own]
-                    cand = reach[ub[reach] >= s_true - params.tie_tolerance]
-                    exact = small_template_counts(
-                        index, logl, cand, C, s_true, tolerance=params.tie_tolerance
-                    )
-                    test1_rows[name][own] = true_candidate_rank(
-                        own,
-                        s_true,
-                        cand,
-                        ub[cand],
-                        _TemplateSites(index, logl, C),
-                        n_templates=n_templates,
-                        cap=params.test1_cap,
-                        tolerance=params.tie_tolerance,
-                        max_states=params.test1_max_states,
-                        exact=exact,
-                    )
-                    test1_candidates[own] = n_candidates
-                timing["test1_s"] += time.perf_counter() - t0
-            if S in case_sets:
-                t0 = time.perf_counter()
-                cands = best_candidates(lib, list(S), assignments=False)
-                tmpl = np.asarray(cands[TEMPLATE].values, dtype=np.int64)
-                red = reduce_counts(np.asarray(cands[COUNTS].values).reshape(tmpl.size, k))
-                score = np.asarray(cands[LOG_SCORE].values, dtype=np.float64)
-                case.setdefault(_set_label(S), {})[name] = _case_study(
-                    S, lib, tmpl, red, score, known_S, params
-                )
-                timing["case_study_s"] += time.perf_counter() - t0
+            test1_rows[name].update(res.test1.get(name, {}))
+            for variant in VARIANTS:
+                if res.test2 is not None:
+                    test2_rows[variant][name].append(res.test2[variant][name])
+        test1_candidates.update(res.test1_candidates)
+        if res.case is not None:
+            case[_set_label(res.elements)] = res.case
 
     # -- aggregate -----------------------------------------------------------------
     for variant in VARIANTS:

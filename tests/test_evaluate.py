@@ -474,6 +474,23 @@ def test_evaluate_test2_and_case_study_on_handmade_cube() -> None:
     assert "verdict" in m and "model" in report.table()
 
 
+def test_evaluate_workers_give_the_same_report(tmp_path) -> None:
+    import xarray as xr
+
+    from afpx.evaluate import evaluate
+
+    cube = _synthetic_with_likelihood(tmp_path)
+    ds = xr.open_zarr(cube, consolidated=False).load()
+    params = EvaluateParams(baselines=("constant", "random"))
+    one = evaluate(ds, params=params)
+    two = evaluate(ds, params=params, workers=2)
+    for key in ("test1", "test2", "case_study", "softmax"):
+        assert one.metrics[key] == two.metrics[key]
+    xr.testing.assert_identical(one.arrays, two.arrays)
+    with pytest.raises(AfpxError, match="workers must be at least 1"):
+        evaluate(ds, params=params, workers=0)
+
+
 def test_evaluate_refuses_cubes_without_likelihoods_or_splits() -> None:
     from afpx.evaluate import evaluate
 

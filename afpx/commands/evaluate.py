@@ -65,6 +65,13 @@ def _parse_case(items: tuple[str, ...]) -> tuple[tuple[str, ...], ...] | None:
     help="Test 1 counts better or tied candidates exactly up to this many (then censored).",
 )
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random baseline.")
+@click.option(
+    "--workers",
+    type=int,
+    default=1,
+    show_default=True,
+    help="Element sets evaluated in this many processes (results do not depend on it).",
+)
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option(
     "--progress/--no-progress", default=None, help="Progress bar (default: on a terminal)."
@@ -79,6 +86,7 @@ def evaluate_command(
     cases: tuple[str, ...],
     cap: int,
     seed: int,
+    workers: int,
     device: str,
     progress: bool | None,
 ) -> None:
@@ -111,7 +119,13 @@ def evaluate_command(
     if model is not None:
         ds = with_model_likelihoods(ds, model, device=device)
     show = sys.stderr.isatty() if progress is None else progress
-    report = evaluate(ds, params=params, baseline_params=BaselineParams(seed=seed), progress=show)
+    report = evaluate(
+        ds,
+        params=params,
+        baseline_params=BaselineParams(seed=seed),
+        progress=show,
+        workers=workers,
+    )
     paths = write_report(report, output)
     click.echo(report.table())
     click.echo(f"wrote {paths['metrics']} and {paths['arrays']}")
