@@ -250,3 +250,20 @@ def test_float16_mantissa_rounding_bounds_the_error(tmp_path: Path) -> None:
     assert (err <= np.abs(x) * (2.0**-8 + 2.0**-11) + 1e-12).all()
     with pytest.raises(AfpxError, match="mantissa_bits must lie"):
         pack_library(lib, tmp_path, quantise="float16", mantissa_bits=11)
+
+
+def test_shipped_default_ranks_li_mn_ge_from_the_command_line() -> None:
+    manifest = afpx.default.default_data_dir() / "default_library.json"
+    if not manifest.exists():
+        pytest.skip("no default library packed yet")
+    res = CliRunner().invoke(main, ["rank", "--elements", "Li,Mn,Ge", "--format", "json"])
+    assert res.exit_code == 0, res.output
+    rows = json.loads(res.output)["rows"]
+    assert len(rows) >= 10
+    for row in rows:
+        assert 0 < row["score"] <= 1
+        assert all(el in row["formula"] for el in ("Li", "Mn", "Ge"))
+        assert row["structure_id"] and row["template_formula"] and row["spacegroup"] > 0
+    # the packing check recorded how far the quantised ranks moved from the cube's
+    check = json.loads(manifest.read_text())["rank_check"]
+    assert check["same_compositions"] and check["max_rank_change_head"] <= 3
