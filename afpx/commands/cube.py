@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import click
 
 from afpx.cli import library_errors
+from afpx.commands.ingest import filter_options
+
+if TYPE_CHECKING:
+    from afpx.structures import FilterParams
 
 
 @click.command("build-cube")
@@ -38,24 +44,7 @@ from afpx.cli import library_errors
 @click.option("--scheduler", default=None, metavar="ADDRESS", help="Use a running Dask scheduler.")
 @click.option("--split-seed", type=int, default=0, show_default=True, help="Seed of the split.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing cube at --output.")
-@click.option(
-    "--r-factor-max",
-    type=float,
-    default=0.10,
-    show_default=True,
-    help="Reject stated R-factors at or above this (fraction).",
-)
-@click.option("--min-occupancy", type=float, default=0.98, show_default=True)
-@click.option("--min-distance", type=float, default=0.65, show_default=True, help="Å.")
-@click.option("--symprec", type=float, default=0.01, show_default=True, help="spglib, Å.")
-@click.option("--angle-tolerance", type=float, default=5.0, show_default=True, help="Degrees.")
-@click.option(
-    "--no-filter",
-    "disabled",
-    multiple=True,
-    type=click.Choice(["r-factor", "occupancy", "distance", "species"]),
-    help="Switch a filter off (repeatable).",
-)
+@filter_options
 @click.option(
     "--progress/--no-progress", default=None, help="Progress bars (default: on a terminal)."
 )
@@ -72,12 +61,7 @@ def build_cube_command(
     scheduler: str | None,
     split_seed: int,
     overwrite: bool,
-    r_factor_max: float,
-    min_occupancy: float,
-    min_distance: float,
-    symprec: float,
-    angle_tolerance: float,
-    disabled: tuple[str, ...],
+    filters: FilterParams,
     progress: bool | None,
 ) -> None:
     """Fingerprint every unique site of INPUTS into a zarr cube.
@@ -88,16 +72,7 @@ def build_cube_command(
     """
     from afpx.cube import build_cube, cube_summary, open_cube
     from afpx.splits import SplitParams
-    from afpx.structures import FilterParams
 
-    filters = FilterParams(
-        r_factor_max=None if "r-factor" in disabled else r_factor_max,
-        min_occupancy=None if "occupancy" in disabled else min_occupancy,
-        min_distance=None if "distance" in disabled else min_distance,
-        check_species="species" not in disabled,
-        symprec=symprec,
-        angle_tolerance=angle_tolerance,
-    )
     path = build_cube(
         list(inputs),
         output,

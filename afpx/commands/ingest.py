@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import functools
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from afpx.cli import library_errors
+from afpx.cli import F, library_errors
 
 if TYPE_CHECKING:
-    from afpx.structures import ReadResult
+    from afpx.structures import FilterParams, ReadResult
 
 
 def format_result(result: ReadResult, *, summary_only: bool = False) -> str:
@@ -55,40 +56,81 @@ def format_result(result: ReadResult, *, summary_only: bool = False) -> str:
     return "\n".join(lines)
 
 
+_FILTER_OPTIONS = (
+    click.option(
+        "--r-factor-max",
+        type=float,
+        default=0.10,
+        show_default=True,
+        help="Reject stated R-factors at or above this (fraction).",
+    ),
+    click.option(
+        "--min-occupancy",
+        type=float,
+        default=0.98,
+        show_default=True,
+        help="Reject a site with occupancy at or below this, or with mixed species.",
+    ),
+    click.option(
+        "--min-distance",
+        type=float,
+        default=0.65,
+        show_default=True,
+        help="Reject interatomic distances below this (Å, periodic images included).",
+    ),
+    click.option("--symprec", type=float, default=0.01, show_default=True, help="spglib, Å."),
+    click.option("--angle-tolerance", type=float, default=5.0, show_default=True, help="Degrees."),
+    click.option(
+        "--no-filter",
+        "disabled",
+        multiple=True,
+        type=click.Choice(["r-factor", "occupancy", "distance", "species"]),
+        help="Switch a filter off (repeatable).",
+    ),
+)
+
+
+def filter_options(func: F) -> F:
+    """Add the quality-filter options to a command; it receives one ``filters`` argument.
+
+    Shared by every command that reads structures (``afpx inspect``,
+    ``afpx build-cube``), so that their options and defaults cannot drift.
+    """
+
+    @functools.wraps(func)
+    def wrapper(
+        *args: Any,
+        r_factor_max: float,
+        min_occupancy: float,
+        min_distance: float,
+        symprec: float,
+        angle_tolerance: float,
+        disabled: tuple[str, ...],
+        **kwargs: Any,
+    ) -> Any:
+        from afpx.structures import FilterParams
+
+        kwargs["filters"] = FilterParams(
+            r_factor_max=None if "r-factor" in disabled else r_factor_max,
+            min_occupancy=None if "occupancy" in disabled else min_occupancy,
+            min_distance=None if "distance" in disabled else min_distance,
+            check_species="species" not in disabled,
+            symprec=symprec,
+            angle_tolerance=angle_tolerance,
+        )
+        return func(*args, **kwargs)
+
+    decorated: Any = wrapper
+    for option in reversed(_FILTER_OPTIONS):
+        decorated = option(decorated)
+    return decorated
+
+
 @click.command("inspect")
 @click.argument("inputs", nargs=-1, required=True)
 @click.option("--summary", "summary_only", is_flag=True, help="Print only the counts.")
 @click.option("--workers", type=int, default=1, show_default=True, help="Processes to read with.")
-@click.option(
-    "--r-factor-max",
-    type=float,
-    default=0.10,
-    show_default=True,
-    help="Reject stated R-factors at or above this (fraction).",
-)
-@click.option(
-    "--min-occupancy",
-    type=float,
-    default=0.98,
-    show_default=True,
-    help="Reject a site with occupancy at or below this, or with mixed species.",
-)
-@click.option(
-    "--min-distance",
-    type=float,
-    default=0.65,
-    show_default=True,
-    help="Reject interatomic distances below this (Å, periodic images included).",
-)
-@click.option("--symprec", type=float, default=0.01, show_default=True, help="spglib, Å.")
-@click.option("--angle-tolerance", type=float, default=5.0, show_default=True, help="Degrees.")
-@click.option(
-    "--no-filter",
-    "disabled",
-    multiple=True,
-    type=click.Choice(["r-factor", "occupancy", "distance", "species"]),
-    help="Switch a filter off (repeatable).",
-)
+@filter_options
 @click.option(
     "--progress/--no-progress", default=None, help="Progress bar (default: on a terminal)."
 )
@@ -97,12 +139,7 @@ def inspect_command(
     inputs: tuple[str, ...],
     summary_only: bool,
     workers: int,
-    r_factor_max: float,
-    min_occupancy: float,
-    min_distance: float,
-    symprec: float,
-    angle_tolerance: float,
-    disabled: tuple[str, ...],
+    filters: FilterParams,
     progress: bool | None,
 ) -> None:
     """Read structures, apply the quality filters and print their unique sites.
@@ -110,17 +147,9 @@ def inspect_command(
     INPUTS are CIF files, folders, JSON(-lines) files of pymatgen structures,
     ASE databases, or dataset names (see `afpx datasets list`).
     """
-    from afpx.structures import FilterParams, read_structures
+    from afpx.structures import read_structures
 
-    params = FilterParams(
-        r_factor_max=None if "r-factor" in disabled else r_factor_max,
-        min_occupancy=None if "occupancy" in disabled else min_occupancy,
-        min_distance=None if "distance" in disabled else min_distance,
-        check_species="species" not in disabled,
-        symprec=symprec,
-        angle_tolerance=angle_tolerance,
-    )
-    result = read_structures(list(inputs), params=params, progress=progress, workers=workers)
+    result = read_structures(list(inputs), params=filters, progress=progress, workers=workers)
     click.echo(format_result(result, summary_only=summary_only))
 
 
