@@ -93,6 +93,13 @@ class EvaluateParams:
         Element sets of the case study (the paper's Table 1).
     case_top : int
         Rows of each case-study ranking.
+    test2_max_sets : int or None
+        Evaluate Test 2 on at most this many element sets of each size: a
+        seeded random sample (``test2_seed``) of the split's sets, drawn
+        before anything is scored, so every model and baseline sees the same
+        sets. None: every set. Test 1 always covers every structure.
+    test2_seed : int
+        Seed of that sample.
     """
 
     split: str = "test"
@@ -106,6 +113,8 @@ class EvaluateParams:
     baselines: tuple[str, ...] = ("constant", "random", "frequency", "coordination")
     case_study: tuple[tuple[str, ...], ...] = (("Mn", "Ge"), ("Li", "Mn", "Ge"))
     case_top: int = 10
+    test2_max_sets: int | None = None
+    test2_seed: int = 0
 
     def __post_init__(self) -> None:
         if self.split not in schema.SPLITS:
@@ -118,6 +127,8 @@ class EvaluateParams:
             )
         if any(s < 1 for s in self.set_sizes) or any(k < 1 for k in self.hit_k):
             raise AfpxError("set_sizes and hit_k must be positive")
+        if self.test2_max_sets is not None and self.test2_max_sets < 1:
+            raise AfpxError(f"test2_max_sets must be positive or None, got {self.test2_max_sets}")
 
     def to_attrs(self) -> dict[str, Any]:
         """The parameters as a JSON-able dict."""
@@ -2118,6 +2129,25 @@ def _map_sets(
             bar.close()
 
 
+def sample_sets(
+    sets: Sequence[tuple[int, ...]], max_per_size: int, *, seed: int = 0
+) -> list[tuple[int, ...]]:
+    """A seeded sample of at most ``max_per_size`` element sets of each size, sorted.
+
+    The sample depends only on the sets, ``max_per_size`` and ``seed``, never
+    on their input order.
+    """
+    rng = np.random.default_rng(seed)
+    out: list[tuple[int, ...]] = []
+    for size in sorted({len(s) for s in sets}):
+        group = sorted(s for s in set(sets) if len(s) == size)
+        if len(group) > max_per_size:
+            keep = np.sort(rng.choice(len(group), size=max_per_size, replace=False))
+            group = [group[i] for i in keep]
+        out.extend(group)
+    return out
+
+
 def evaluate(
     ds: xr.Dataset,
     *,
@@ -2191,6 +2221,8 @@ def evaluate(
     test2_sets = sorted(
         (s for s in test1_by_set if len(s) in params.set_sizes), key=lambda s: (len(s), s)
     )
+    if params.test2_max_sets is not None:
+        test2_sets = sample_sets(test2_sets, params.test2_max_sets, seed=params.test2_seed)
     symbols = _symbols()
     case_sets: list[tuple[int, ...]] = []
     for names in params.case_study:

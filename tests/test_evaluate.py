@@ -794,3 +794,21 @@ def test_cli_evaluate_with_a_model_scores_in_memory(tmp_path) -> None:
     assert metrics["softmax"]["softmax_available"]
     # the store itself was not written
     assert schema.LIKELIHOOD not in xr.open_zarr(cube, consolidated=False).variables
+
+
+def test_sample_sets_is_seeded_per_size_and_order_free() -> None:
+    from afpx.evaluate import sample_sets
+
+    sets = [(1, 2), (1, 3), (2, 3), (4, 5), (1, 2, 3), (1, 2, 4), (2, 3, 4)]
+    a = sample_sets(sets, 2, seed=0)
+    assert a == sample_sets(list(reversed(sets)), 2, seed=0)
+    assert sum(len(s) == 2 for s in a) == 2 and sum(len(s) == 3 for s in a) == 2
+    assert set(a) <= set(sets)
+    assert sample_sets(sets, 10) == sorted(sets, key=lambda s: (len(s), s))
+
+
+def test_test2_max_sets_must_be_positive() -> None:
+    from afpx.evaluate import EvaluateParams
+
+    with pytest.raises(AfpxError, match="test2_max_sets must be positive"):
+        EvaluateParams(test2_max_sets=0)

@@ -66,6 +66,12 @@ def _parse_case(items: tuple[str, ...]) -> tuple[tuple[str, ...], ...] | None:
 )
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random baseline.")
 @click.option(
+    "--test2-sets",
+    type=int,
+    default=None,
+    help="Test 2 on a seeded sample of at most N element sets of each size (default: all).",
+)
+@click.option(
     "--workers",
     type=int,
     default=1,
@@ -86,6 +92,7 @@ def evaluate_command(
     cases: tuple[str, ...],
     cap: int,
     seed: int,
+    test2_sets: int | None,
     workers: int,
     device: str,
     progress: bool | None,
@@ -112,7 +119,7 @@ def evaluate_command(
 
     names = tuple(b.strip() for b in baselines.split(",") if b.strip())
     case = _parse_case(cases)
-    params = EvaluateParams(split=split, test1_cap=cap, baselines=names)
+    params = EvaluateParams(split=split, test1_cap=cap, baselines=names, test2_max_sets=test2_sets)
     if case is not None:
         params = dataclasses.replace(params, case_study=case)
     ds = open_cube(cube)
