@@ -2541,13 +2541,17 @@ def summary_table(metrics: Mapping[str, Any]) -> str:
         rates = ", ".join(f"{s} {soft[s]['error_rate']:.3f}" for s in schema.SPLITS if s in soft)
         lines.append(f"softmax error rate: {rates}")
     v = metrics.get("verdict", {})
-    if v:
-        if v.get("beats_every_baseline"):
-            lines.append("the model beats every baseline on every metric above")
-        else:
-            lines.append(
-                "the model does NOT beat every baseline: " + ", ".join(v.get("not_beaten", []))
-            )
+    if len(models) < 2:
+        lines.append("no baselines were scored")
+    elif v.get("beats_every_baseline"):
+        lines.append("the model beats every baseline on every metric above")
+    elif v:
+        ties = v.get("tied_with_a_baseline", [])
+        lines.append(
+            "the model does NOT beat every baseline on: "
+            + ", ".join(v.get("not_beaten", []))
+            + (f" (ties: {', '.join(ties)})" if ties else "")
+        )
     rt = metrics.get("runtime", {})
     if rt:
         lines.append(
