@@ -134,7 +134,18 @@ def main() -> None:
     )
     step(
         "evaluate",
-        [*afpx, "evaluate", str(cube), "-o", str(report), "--no-progress"],
+        [
+            *afpx,
+            "evaluate",
+            str(cube),
+            "-o",
+            str(report),
+            "--test2-sets",
+            "150",
+            "--workers",
+            "2",
+            "--no-progress",
+        ],
         report / "metrics.json",
         timings,
     )
