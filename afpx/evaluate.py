@@ -2034,6 +2034,7 @@ def _evaluate_set(state: _RunState, S: tuple[int, ...]) -> _SetResult:
             )
             for variant in VARIANTS:
                 res.test2[variant][name] = rows[variant]
+            add_time(f"test2_s[{name}]", t0)
             add_time("test2_s", t0)
         if S in state.test1_by_set:
             t0 = time.perf_counter()
@@ -2066,6 +2067,7 @@ def _evaluate_set(state: _RunState, S: tuple[int, ...]) -> _SetResult:
                     exact=exact,
                 )
                 res.test1_candidates[own] = n_candidates
+            add_time(f"test1_s[{name}]", t0)
             add_time("test1_s", t0)
         if S in state.case_sets:
             t0 = time.perf_counter()
