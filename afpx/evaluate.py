@@ -2,12 +2,17 @@
 
 Layers, as everywhere in afpx:
 
-* **kernels** (numpy in, numpy out): :func:`tie_ranks`, :func:`optimality_score`,
-  :func:`count_assignments`, :func:`confusion_counts`, :func:`error_rate`,
-  :func:`likelihood_histogram`;
-* **orchestration** on a :class:`~afpx.templates.TemplateLibrary` and the cube:
-  :func:`test1`, :func:`test2`, :func:`confusion_matrix`,
-  :func:`likelihood_histograms`, :func:`evaluate`;
+* **kernels** (numpy in, numpy out): :func:`tie_ranks`, :func:`known_positions`,
+  :func:`optimality_score`, :func:`set_positions`, :func:`count_assignments`,
+  :func:`small_template_counts`, :func:`true_candidate_rank`,
+  :func:`candidates_above`, :func:`best_for_composition`,
+  :func:`confusion_counts`, :func:`error_rate`, :func:`likelihood_histogram`;
+  likelihood-free indexes of the templates: :class:`TemplateIndex`,
+  :class:`CompositionTable`;
+* **orchestration** on the cube: :func:`per_site_metrics`,
+  :func:`with_model_likelihoods`, :func:`evaluate` (Test 1, Test 2 and the case
+  study for the model and every baseline of :mod:`afpx.baselines`),
+  :func:`write_report`;
 * the CLI ``afpx evaluate`` (:mod:`afpx.commands.evaluate`) writes the report.
 
 Conventions (see docs/evaluation.md for the full definitions):
