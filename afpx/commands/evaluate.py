@@ -60,9 +60,10 @@ def _parse_case(items: tuple[str, ...]) -> tuple[tuple[str, ...], ...] | None:
 @click.option(
     "--cap",
     type=int,
-    default=1000,
+    default=100,
     show_default=True,
-    help="Test 1 counts better or tied candidates exactly up to this many (then censored).",
+    help="Test 1: candidates of large templates that beat or tie the true one are counted "
+    "up to this many, then the rank is censored (small templates are counted in full).",
 )
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random baseline.")
 @click.option(
