@@ -518,7 +518,7 @@ def pack_default_model(
 def default_model_dir(directory: str | os.PathLike[str] | None = None) -> Path:
     """The packed default model folder, after verifying every file's SHA-256.
 
-    Pass the returned folder to ``afpx.train.load_model`` or
+    Pass the returned folder to ``afpx.checkpoint.load_model`` or
     ``afpx.likelihood.score_structures``. Raises :class:`AfpxError` when the
     model is not installed or a file differs from its checksum.
     """

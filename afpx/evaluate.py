@@ -1580,8 +1580,8 @@ def with_model_likelihoods(
     xarray.Dataset
         ``ds`` with the three variables replaced, attributes identifying the model.
     """
-    from afpx.likelihood import draw_means, score_afp
-    from afpx.train import check_fingerprint, load_model
+    from afpx.checkpoint import check_fingerprint, load_model
+    from afpx.likelihood import dataset_context, draw_means, score_afp
 
     schema.require_variables(
         ds,
@@ -1592,6 +1592,7 @@ def with_model_likelihoods(
     m = load_model(model, device=device)
     check_fingerprint(m.fingerprint, dict(ds.attrs.get("fingerprint", {})), cube="the cube")
     draw = np.asarray(ds[schema.DRAW].values).astype(np.int64)
+    context = dataset_context(ds, m)
     n = draw.size
     starts = np.append(np.flatnonzero(draw == 0), n)
     lik = np.empty((n, schema.N_ELEMENTS), dtype=np.float32)
@@ -1606,6 +1607,7 @@ def with_model_likelihoods(
             np.asarray(ds[schema.AFP][a:b].values),
             np.asarray(ds[schema.R0][a:b].values),
             np.asarray(ds[schema.DMIN_RATIO][a:b].values),
+            context=None if context is None else context[a:b],
             batch_size=batch_size,
             device=device,
         )

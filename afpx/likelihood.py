@@ -32,11 +32,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from afpx import AfpxError, schema
+from afpx.features import site_context
 
 if TYPE_CHECKING:
     import xarray as xr
 
-    from afpx.train import TrainedModel
+    from afpx.checkpoint import TrainedModel
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ FIX = "run `afpx likelihood CUBE --model MODEL` first"
 
 
 def _load(model: str | os.PathLike[str] | TrainedModel, device: str) -> TrainedModel:
-    from afpx.train import TrainedModel, load_model
+    from afpx.checkpoint import TrainedModel, load_model
 
     if isinstance(model, TrainedModel):
         return model
@@ -58,6 +59,7 @@ def score_afp(
     r0: np.ndarray,
     dmin_ratio: np.ndarray,
     *,
+    context: np.ndarray | None = None,
     batch_size: int = 2048,
     device: str = "cpu",
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -66,9 +68,12 @@ def score_afp(
     Parameters
     ----------
     model : path or TrainedModel
-        A model folder written by :func:`afpx.train.train`, or a loaded model.
+        A model folder written by ``afpx train``, or a loaded model.
     afp : ndarray of shape (n, 12, 256)
     r0, dmin_ratio : ndarray of shape (n,)
+    context : ndarray of shape (n, 10 + 256), optional
+        Template context of the sites (:func:`afpx.features.site_context`,
+        computed over whole structures); required by models that read it.
     batch_size : int
         Sites per forward pass.
     device : {"cpu", "cuda"}
@@ -83,17 +88,26 @@ def score_afp(
     import torch
 
     m = _load(model, device)
-    afp = np.asarray(afp, dtype=np.float32)
+    afp = np.ascontiguousarray(afp, dtype=np.float32)
     if afp.ndim != 3 or afp.shape[1:] != (m.config.n_perspectives, m.config.n_bins):
         raise AfpxError(
             f"afp has shape {afp.shape}, expected (n, {m.config.n_perspectives}, {m.config.n_bins})"
         )
-    r0 = np.asarray(r0, dtype=np.float32).reshape(-1)
-    dmin_ratio = np.asarray(dmin_ratio, dtype=np.float32).reshape(-1)
+    r0 = np.ascontiguousarray(r0, dtype=np.float32).reshape(-1)
+    dmin_ratio = np.ascontiguousarray(dmin_ratio, dtype=np.float32).reshape(-1)
     if not len(r0) == len(dmin_ratio) == len(afp):
         raise AfpxError(
             f"afp, r0 and dmin_ratio have {len(afp)}, {len(r0)}, {len(dmin_ratio)} sites"
         )
+    if m.needs_context:
+        if context is None:
+            raise AfpxError(
+                "this model reads the template context of each site; pass "
+                "context=afpx.features.site_context(...) computed over whole structures"
+            )
+        context = np.ascontiguousarray(context, dtype=np.float32)
+        if context.shape[0] != len(afp):
+            raise AfpxError(f"context has {context.shape[0]} rows for {len(afp)} sites")
     dev = next(m.net.parameters()).device
     m.net.eval()
     lik = np.empty((len(afp), m.config.n_elements), np.float32)
@@ -105,10 +119,43 @@ def score_afp(
                 torch.from_numpy(afp[a:b]).to(dev),
                 torch.from_numpy(r0[a:b]).to(dev),
                 torch.from_numpy(dmin_ratio[a:b]).to(dev),
+                None if context is None else torch.from_numpy(context[a:b]).to(dev),
             )
             lik[a:b] = torch.sigmoid(out.sigmoid_logits).cpu().numpy()
             pred[a:b] = (out.softmax_logits.argmax(1) + 1).cpu().numpy().astype(np.int16)
     return lik, pred
+
+
+def dataset_context(ds: xr.Dataset, model: TrainedModel) -> np.ndarray | None:
+    """Template context of every site of a cube opened as a Dataset, if ``model`` reads it.
+
+    Parameters
+    ----------
+    ds : xarray.Dataset
+        A cube (lazy is fine: the AFP is averaged over perspectives block by block).
+    model : TrainedModel
+
+    Returns
+    -------
+    ndarray of shape (n_sites, 10 + n_bins) float32, or None
+    """
+    if not model.needs_context:
+        return None
+    names = [
+        schema.AFP,
+        schema.R0,
+        schema.DMIN_RATIO,
+        schema.MULTIPLICITY,
+        schema.COORDINATION,
+        schema.STRUCTURE_INDEX,
+    ]
+    schema.require_variables(
+        ds, names, what="the template context", fix="rebuild it with `afpx build-cube`"
+    )
+    afp_mean = np.asarray(ds[schema.AFP].mean(schema.PERSPECTIVE).values)
+    r0, dmin, mult, cn, structure = (np.asarray(ds[n].values) for n in names[1:])
+    draw = np.asarray(ds[schema.DRAW].values) if schema.DRAW in ds.variables else None
+    return site_context(afp_mean, r0, dmin, mult, cn, structure, draw)
 
 
 def _block_ends(draw: np.ndarray, block_sites: int) -> list[tuple[int, int]]:
@@ -200,7 +247,8 @@ def predict(
     import zarr
     from tqdm.auto import tqdm
 
-    from afpx.train import check_fingerprint, open_store
+    from afpx.checkpoint import check_fingerprint, open_store
+    from afpx.features import context_from_store
 
     path = str(cube)
     m = _load(model, device)
@@ -220,6 +268,8 @@ def predict(
     with_mean = bool(len(draw) and int(draw.max()) > 0)
     r0_all = np.asarray(g[schema.R0][:], dtype=np.float32)
     dmin_all = np.asarray(g[schema.DMIN_RATIO][:], dtype=np.float32)
+    # one pass over afp: the context of a site depends on its whole structure
+    context = context_from_store(g) if m.needs_context else None
 
     # 1. create the variables (metadata only; root attributes kept as they are)
     identity = m.identity()
@@ -267,7 +317,14 @@ def predict(
     blocks = _block_ends(draw, max(block_sites, 1))
     for a, b in tqdm(blocks, disable=not progress, desc="likelihood", leave=False):
         afp = np.asarray(afp_arr[a:b], dtype=np.float32)
-        lik, pred = score_afp(m, afp, r0_all[a:b], dmin_all[a:b], batch_size=batch_size)
+        lik, pred = score_afp(
+            m,
+            afp,
+            r0_all[a:b],
+            dmin_all[a:b],
+            context=None if context is None else context[a:b],
+            batch_size=batch_size,
+        )
         lik_arr[a:b] = lik
         pred_arr[a:b] = pred
         if mean_arr is not None:
@@ -341,16 +398,30 @@ def score_structures(
     """
     import xarray as xr
 
+    from afpx.checkpoint import check_fingerprint
     from afpx.cube import FingerprintParams, fingerprint_structures
-    from afpx.train import check_fingerprint
 
     m = _load(model, device)
     if params is None:
         params = FingerprintParams(**m.fingerprint) if m.fingerprint else FingerprintParams()
     check_fingerprint(m.fingerprint, params.to_attrs(), cube="the requested fingerprints")
     fp = fingerprint_structures(list(structures), params=params, seed=seed)
+    afp = np.asarray(fp[schema.AFP])
+    context = (
+        site_context(
+            afp.mean(axis=1),
+            np.asarray(fp[schema.R0]),
+            np.asarray(fp[schema.DMIN_RATIO]),
+            np.asarray(fp[schema.MULTIPLICITY]),
+            np.asarray(fp[schema.COORDINATION]),
+            np.asarray(fp[schema.STRUCTURE_INDEX]),
+            np.asarray(fp[schema.DRAW]) if schema.DRAW in fp else None,
+        )
+        if m.needs_context
+        else None
+    )
     lik, pred = score_afp(
-        m, np.asarray(fp[schema.AFP]), np.asarray(fp[schema.R0]), np.asarray(fp[schema.DMIN_RATIO])
+        m, afp, np.asarray(fp[schema.R0]), np.asarray(fp[schema.DMIN_RATIO]), context=context
     )
     out = xr.Dataset(
         {

@@ -35,7 +35,10 @@ from torch import nn
 from afpx import AfpxError
 from afpx.schema import N_BINS, N_ELEMENTS, N_PERSPECTIVES
 
-PRESETS = ("paper", "small")
+PRESETS = ("paper", "small", "context")
+ARCHITECTURES = ("vae", "mlp")
+PERSPECTIVE_INPUTS = ("all", "mean", "first")
+DESCRIPTOR_INPUTS = ("dmin", "dmin_r0", "context", "context_relative")
 
 
 @dataclass(frozen=True)
@@ -77,6 +80,24 @@ class ModelConfig:
         evaluation it always reads μ.
     n_elements : int
         Number of output classes (elements Z = 1..118).
+    architecture : {"vae", "mlp"}
+        ``vae``: the paper's network (:class:`AFPNet`): convolutional VAE,
+        sigmoid classifier on the latent, softmax classifier on the sigmoid
+        outputs and r0. ``mlp``: :class:`SiteNet`, one MLP trunk of
+        ``classifier_layers - 1`` hidden layers on the fingerprint and the
+        descriptors, with a sigmoid head and a softmax head side by side; no
+        decoder, no KL term.
+    perspective_input : {"all", "mean", "first"}
+        What a ``mlp`` network reads of the 12 × 256 AFP: all of it
+        (flattened), the mean over the perspectives, or the first perspective.
+    descriptor_input : {"dmin", "dmin_r0", "context", "context_relative"}
+        Descriptors a ``mlp`` network reads beside the AFP: ``dmin_ratio``
+        only (as the paper's sigmoid classifier), ``dmin_ratio`` and ``log
+        r0``, or the template context of :mod:`afpx.features` (descriptors and
+        structure AFP); ``context_relative`` drops its three absolute sizes
+        (log r0 and the structure's smallest and largest r0).
+    layer_norm : bool
+        Layer normalisation after every hidden linear layer of a ``mlp`` network.
     """
 
     preset: str = "paper"
@@ -93,6 +114,10 @@ class ModelConfig:
     vae_dropout: float | None = None
     classifier_input: str = "sample"
     n_elements: int = N_ELEMENTS
+    architecture: str = "vae"
+    perspective_input: str = "all"
+    descriptor_input: str = "dmin"
+    layer_norm: bool = False
 
     def __post_init__(self) -> None:
         if self.kernel_size % 2 != 1:
@@ -110,6 +135,13 @@ class ModelConfig:
             raise AfpxError(
                 f"classifier_input must be 'sample' or 'mean', got {self.classifier_input!r}"
             )
+        for name, value, allowed in (
+            ("architecture", self.architecture, ARCHITECTURES),
+            ("perspective_input", self.perspective_input, PERSPECTIVE_INPUTS),
+            ("descriptor_input", self.descriptor_input, DESCRIPTOR_INPUTS),
+        ):
+            if value not in allowed:
+                raise AfpxError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
         for p in (self.dropout, self.vae_dropout):
             if p is not None and not 0.0 <= p < 1.0:
                 raise AfpxError(f"dropout must be in [0, 1), got {p}")
@@ -142,7 +174,10 @@ class ModelConfig:
 
         ``paper`` is the 42-layer VAE with five-layer classifiers; ``small`` is
         a CPU-friendly network of the same shape (a 10-layer VAE with strided
-        convolutions, the same five-layer classifiers).
+        convolutions, the same five-layer classifiers); ``context`` is the
+        shipped default: a 3 × 512 MLP on the perspective-averaged AFP and the
+        template context, sigmoid and softmax heads side by side (see
+        docs/model.md for the measurements behind it).
         """
         if name == "paper":
             base = cls()
@@ -155,6 +190,17 @@ class ModelConfig:
                 first_stride=4,
                 classifier_hidden=256,
                 vae_dropout=0.0,
+            )
+        elif name == "context":
+            base = cls(
+                preset="context",
+                architecture="mlp",
+                perspective_input="mean",
+                descriptor_input="context",
+                classifier_hidden=512,
+                classifier_layers=4,
+                dropout=0.25,
+                layer_norm=True,
             )
         else:
             raise AfpxError(f"unknown model preset {name!r}; choose one of {', '.join(PRESETS)}")
@@ -408,7 +454,11 @@ class AFPNet(nn.Module):
 
     @torch.no_grad()
     def initialise_standardisation(
-        self, afp: torch.Tensor, r0: torch.Tensor, dmin_ratio: torch.Tensor
+        self,
+        afp: torch.Tensor,
+        r0: torch.Tensor,
+        dmin_ratio: torch.Tensor,
+        context: torch.Tensor | None = None,
     ) -> None:
         """Initialise β and γ from training examples.
 
@@ -416,18 +466,28 @@ class AFPNet(nn.Module):
         ----------
         afp : Tensor of shape (n, 12, 256)
         r0, dmin_ratio : Tensor of shape (n,)
+        context : ignored
         """
         self.afp_norm.initialise(afp)
         self.r0_norm.initialise(r0.reshape(-1, 1))
         self.dmin_norm.initialise(dmin_ratio.reshape(-1, 1))
 
-    def forward(self, afp: torch.Tensor, r0: torch.Tensor, dmin_ratio: torch.Tensor) -> ModelOutput:
+    def forward(
+        self,
+        afp: torch.Tensor,
+        r0: torch.Tensor,
+        dmin_ratio: torch.Tensor,
+        context: torch.Tensor | None = None,
+    ) -> ModelOutput:
         """Run the network.
 
         Parameters
         ----------
         afp : Tensor of shape (n, 12, 256)
         r0, dmin_ratio : Tensor of shape (n,)
+        context : ignored
+            The paper's network reads no template context (accepted so that
+            every architecture is called alike).
 
         Returns
         -------
@@ -477,12 +537,7 @@ class AFPNet(nn.Module):
         err = self.afp_norm.reference_units(out.reconstruction - afp)
         reconstruction = 0.5 * err.pow(2).flatten(1).sum(1).mean()
         kl = (-0.5 * (1 + out.logvar - out.mu.pow(2) - out.logvar.exp()).sum(1)).mean()
-        onehot = F.one_hot(target, self.config.n_elements).to(out.sigmoid_logits.dtype)
-        pw = torch.full((self.config.n_elements,), float(pos_weight), device=onehot.device)
-        bce = F.binary_cross_entropy_with_logits(
-            out.sigmoid_logits, onehot, pos_weight=pw, reduction="none"
-        )
-        sigmoid_bce = bce.sum(1).mean()
+        sigmoid_bce = _sigmoid_bce(out.sigmoid_logits, target, pos_weight)
         softmax_ce = F.cross_entropy(out.softmax_logits, target)
         return {
             "reconstruction": reconstruction,
@@ -498,6 +553,170 @@ class AFPNet(nn.Module):
             if isinstance(m, nn.Conv1d | nn.ConvTranspose1d | nn.Linear):
                 total = total + m.weight.pow(2).sum()
         return total
+
+
+#: Columns of :data:`afpx.features.DESCRIPTORS` that are absolute sizes (Å).
+_ABSOLUTE_DESCRIPTORS = (0, 7, 8)
+
+
+class SiteNet(nn.Module):
+    """One MLP trunk on the fingerprint and descriptors; sigmoid and softmax heads side by side.
+
+    Parameters
+    ----------
+    config : ModelConfig
+        With ``architecture == "mlp"``.
+
+    Notes
+    -----
+    For a site with fingerprint ``x`` (12 × 256), ``r0``, ``dmin_ratio`` and
+    template context ``c`` (:func:`afpx.features.site_context`)::
+
+        a = x, mean_p x or x[0]                 (perspective_input)
+        d = [dmin], [dmin, log r0] or c         (descriptor_input)
+        h = trunk([(a - β)/γ, (d - β')/γ'])     hidden layers: Linear, [LN], ELU, dropout
+        s = W_s h + b_s    likelihood = sigmoid(s)
+        t = W_t h + b_t    softmax classifier (error rate, confusion matrix)
+
+    Both heads read the same features, so the likelihoods that ranking
+    multiplies see everything the softmax classifier sees (in the paper's
+    network, r0 reaches only the softmax classifier).
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        if config.architecture != "mlp":
+            raise AfpxError(f"SiteNet needs architecture 'mlp', got {config.architecture!r}")
+        from afpx.features import N_DESCRIPTORS
+
+        self.config = config
+        afp_shape = (
+            (config.n_perspectives * config.n_bins,)
+            if config.perspective_input == "all"
+            else (config.n_bins,)
+        )
+        n_desc = {
+            "dmin": 1,
+            "dmin_r0": 2,
+            "context": N_DESCRIPTORS + config.n_bins,
+            "context_relative": N_DESCRIPTORS - len(_ABSOLUTE_DESCRIPTORS) + config.n_bins,
+        }[config.descriptor_input]
+        self.afp_norm = Standardize(afp_shape)
+        self.descriptor_norm = Standardize((n_desc,))
+        layers: list[nn.Module] = []
+        width = afp_shape[0] + n_desc
+        for _ in range(config.classifier_layers - 1):
+            layers.append(nn.Linear(width, config.classifier_hidden))
+            if config.layer_norm:
+                layers.append(nn.LayerNorm(config.classifier_hidden))
+            layers += _act(config)
+            width = config.classifier_hidden
+        self.trunk = nn.Sequential(*layers)
+        self.sigmoid_head = nn.Linear(width, config.n_elements)
+        self.softmax_head = nn.Linear(width, config.n_elements)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    @property
+    def needs_context(self) -> bool:
+        """Whether :meth:`forward` needs the template context."""
+        return self.config.descriptor_input.startswith("context")
+
+    def afp_input(self, afp: torch.Tensor) -> torch.Tensor:
+        """What the trunk reads of the AFP (n, 12, 256), before standardisation."""
+        if self.config.perspective_input == "mean":
+            return afp.mean(1)
+        if self.config.perspective_input == "first":
+            return afp[:, 0]
+        return afp.flatten(1)
+
+    def descriptors(
+        self, r0: torch.Tensor, dmin_ratio: torch.Tensor, context: torch.Tensor | None
+    ) -> torch.Tensor:
+        """The descriptor block (n, k), before standardisation."""
+        d = dmin_ratio.reshape(-1, 1)
+        kind = self.config.descriptor_input
+        if kind == "dmin":
+            return d
+        if kind == "dmin_r0":
+            return torch.cat([d, torch.log(r0.reshape(-1, 1))], dim=1)
+        if context is None:
+            raise AfpxError(
+                "this model reads the template context (descriptor_input "
+                f"{kind!r}); compute it with afpx.features.site_context"
+            )
+        if kind == "context_relative":
+            keep = [i for i in range(context.shape[1]) if i not in _ABSOLUTE_DESCRIPTORS]
+            return context[:, keep]
+        return context
+
+    @torch.no_grad()
+    def initialise_standardisation(
+        self,
+        afp: torch.Tensor,
+        r0: torch.Tensor,
+        dmin_ratio: torch.Tensor,
+        context: torch.Tensor | None = None,
+    ) -> None:
+        """Initialise the input offsets and scales from training examples."""
+        self.afp_norm.initialise(self.afp_input(afp))
+        self.descriptor_norm.initialise(self.descriptors(r0, dmin_ratio, context))
+
+    def forward(
+        self,
+        afp: torch.Tensor,
+        r0: torch.Tensor,
+        dmin_ratio: torch.Tensor,
+        context: torch.Tensor | None = None,
+    ) -> ModelOutput:
+        """Run the network; ``reconstruction``, ``mu``, ``logvar`` and ``latent`` are empty."""
+        a = self.afp_norm(self.afp_input(afp))
+        d = self.descriptor_norm(self.descriptors(r0, dmin_ratio, context))
+        h = self.trunk(torch.cat([a, d], dim=1))
+        empty = h.new_zeros((h.shape[0], 0))
+        return ModelOutput(
+            afp.new_zeros((0,)), empty, empty, h, self.sigmoid_head(h), self.softmax_head(h)
+        )
+
+    def loss_terms(
+        self, out: ModelOutput, afp: torch.Tensor, z: torch.Tensor, *, pos_weight: float = 118.0
+    ) -> dict[str, torch.Tensor]:
+        """As :meth:`AFPNet.loss_terms`; ``reconstruction`` and ``kl`` are 0 (no VAE)."""
+        target = (z.long() - 1).clamp(0, self.config.n_elements - 1)
+        zero = out.sigmoid_logits.new_zeros(())
+        return {
+            "reconstruction": zero,
+            "kl": zero,
+            "sigmoid_bce": _sigmoid_bce(out.sigmoid_logits, target, pos_weight),
+            "softmax_ce": F.cross_entropy(out.softmax_logits, target),
+        }
+
+    def l2_penalty(self) -> torch.Tensor:
+        """Σ w² over the weights of the linear layers."""
+        return sum(
+            (m.weight.pow(2).sum() for m in self.modules() if isinstance(m, nn.Linear)),
+            start=self.sigmoid_head.weight.new_zeros(()),
+        )
+
+
+def _sigmoid_bce(logits: torch.Tensor, target: torch.Tensor, pos_weight: float) -> torch.Tensor:
+    """Binary cross-entropy summed over the elements, positive class weighted."""
+    onehot = F.one_hot(target, logits.shape[1]).to(logits.dtype)
+    pw = torch.full((logits.shape[1],), float(pos_weight), device=logits.device)
+    bce = F.binary_cross_entropy_with_logits(logits, onehot, pos_weight=pw, reduction="none")
+    return bce.sum(1).mean()
+
+
+def build_net(config: ModelConfig) -> AFPNet | SiteNet:
+    """The network of ``config.architecture``."""
+    return AFPNet(config) if config.architecture == "vae" else SiteNet(config)
+
+
+def needs_context(net: nn.Module) -> bool:
+    """Whether ``net`` reads the template context of :mod:`afpx.features`."""
+    return bool(getattr(net, "needs_context", False))
 
 
 def count_layers(module: nn.Module) -> int:

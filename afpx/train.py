@@ -25,7 +25,6 @@ checkpoint folder::
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import logging
 import math
@@ -42,19 +41,31 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from afpx import AfpxError, __version__, schema
+from afpx.checkpoint import (
+    CONFIG_FILE,
+    FORMAT,
+    METRICS_CSV,
+    METRICS_JSON,
+    MODEL_FILE,
+    STATE_FILE,
+    atomic_text,
+    atomic_torch_save,
+    check_fingerprint,
+    load_weights,
+    open_store,
+    read_config,
+    torch_device,
+    write_manifest,
+)
+from afpx.features import context_from_store
 
 if TYPE_CHECKING:
-    from afpx.model import AFPNet, ModelConfig, ModelOutput
+    from afpx.model import AFPNet, ModelConfig, ModelOutput, SiteNet
 
 log = logging.getLogger(__name__)
 
-MODEL_FILE = "model.pt"
-STATE_FILE = "state.pt"
-CONFIG_FILE = "config.json"
-METRICS_CSV = "metrics.csv"
-METRICS_JSON = "metrics.json"
-FORMAT = "afpx-model/1"
-TRAIN_PRESETS = ("paper", "small")
+TRAIN_PRESETS = ("paper", "small", "context")
+LR_SCHEDULES = ("paper", "onecycle")
 
 
 @dataclass(frozen=True)
@@ -118,6 +129,20 @@ class TrainConfig:
         DataLoader worker processes (0 reads in the main process).
     seed : int
         Seed of the initialisation, the sampling and the dropout.
+    lr_schedule : {"paper", "onecycle"}
+        ``paper``: the warm-up / hold / final schedule above. ``onecycle``:
+        linear warm-up from ``lr_start`` to ``lr_peak`` over the first
+        ``warmup_fraction`` of all training examples, then cosine decay to
+        ``lr_final`` at the end of the last epoch (``lr_increment`` and
+        ``lr_hold`` unused).
+    warmup_fraction : float
+        Share of the run spent warming up (``onecycle``).
+    weight_decay : float
+        Decoupled weight decay of AdamW (0: plain Adam, as the paper).
+    keep_best : bool
+        Keep in ``model.pt`` the weights of the epoch with the lowest holdout
+        softmax error (the last epoch's weights stay in ``state.pt`` for
+        ``--resume``). Off: ``model.pt`` is the last epoch.
     """
 
     preset: str = "paper"
@@ -147,6 +172,10 @@ class TrainConfig:
     shuffle_chunks: int = 8
     num_workers: int = 0
     seed: int = 0
+    lr_schedule: str = "paper"
+    warmup_fraction: float = 0.1
+    weight_decay: float = 0.0
+    keep_best: bool = False
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "reference_batch_size", "shuffle_chunks"):
@@ -156,6 +185,14 @@ class TrainConfig:
             raise AfpxError(f"num_workers must be >= 0, got {self.num_workers}")
         if self.lr_start <= 0 or self.lr_peak <= 0 or self.lr_final <= 0:
             raise AfpxError("learning rates must be positive")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise AfpxError(
+                f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}"
+            )
+        if not 0.0 <= self.warmup_fraction < 1.0:
+            raise AfpxError(f"warmup_fraction must lie in [0, 1), got {self.warmup_fraction}")
+        if self.weight_decay < 0 or self.l2 < 0 or self.pos_weight <= 0:
+            raise AfpxError("weight_decay and l2 must be >= 0 and pos_weight > 0")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able dict of every field."""
@@ -182,7 +219,10 @@ class TrainConfig:
         ``paper``: the paper's values (batch 16). ``small``: for the ``small``
         model on a CPU: batch 256, a warm-up/KL schedule compressed to the
         first epoch of ~100k sites, and 20 epochs (about 20 minutes on one
-        free core for the ~105k training sites of oqmd-icsd).
+        free core for the ~105k training sites of oqmd-icsd). ``context``: for
+        the ``context`` model (the shipped default): natural sampling,
+        unweighted sigmoid loss, AdamW, one-cycle schedule over 16 epochs, the
+        best holdout epoch kept.
         """
         if name == "paper":
             base = cls()
@@ -202,6 +242,24 @@ class TrainConfig:
                 kl_max=1.0,
                 val_max_sites=20_000,
             )
+        elif name == "context":
+            base = cls(
+                preset="context",
+                epochs=16,
+                batch_size=256,
+                reference_batch_size=256,
+                lr_schedule="onecycle",
+                lr_start=1e-4,
+                lr_peak=2e-3,
+                lr_final=1e-5,
+                warmup_fraction=0.1,
+                weight_decay=1e-4,
+                l2=0.0,
+                pos_weight=1.0,
+                oversample=False,
+                keep_best=True,
+                val_max_sites=None,
+            )
         else:
             raise AfpxError(
                 f"unknown training preset {name!r}; choose one of {', '.join(TRAIN_PRESETS)}"
@@ -213,16 +271,35 @@ class TrainConfig:
         """Schedule position (in reference batches) after ``examples_seen`` examples."""
         return examples_seen / self.reference_batch_size
 
-    def learning_rate(self, examples_seen: int) -> float:
+    def learning_rate(self, examples_seen: int, total_examples: int | None = None) -> float:
         """Learning rate for the next batch after ``examples_seen`` examples.
+
+        ``total_examples`` (examples in the whole run) is needed by the
+        ``onecycle`` schedule.
 
         Notes
         -----
+        ``onecycle``, with progress ``u = examples_seen / total_examples`` and
+        warm-up share ``w``: ``lr_start + (lr_peak - lr_start) u / w`` for
+        ``u < w``, then ``lr_final + (lr_peak - lr_final) (1 + cos π v) / 2``
+        with ``v = (u - w) / (1 - w)``. ``paper``:
         With t reference batches done, ``lr = min(lr_start + t lr_increment,
         lr_peak)`` until ``t`` passes the end of warm-up plus ``lr_hold``, then
         ``lr_final``; all times ``(batch_size / reference_batch_size) **
         lr_batch_exponent``.
         """
+        scale = (self.batch_size / self.reference_batch_size) ** self.lr_batch_exponent
+        if self.lr_schedule == "onecycle":
+            if not total_examples:
+                raise AfpxError("the onecycle schedule needs the total number of examples")
+            u = min(examples_seen / total_examples, 1.0)
+            w = self.warmup_fraction
+            if u < w:
+                return scale * (self.lr_start + (self.lr_peak - self.lr_start) * u / w)
+            v = (u - w) / (1.0 - w)
+            return scale * (
+                self.lr_final + 0.5 * (self.lr_peak - self.lr_final) * (1 + math.cos(math.pi * v))
+            )
         t = self.reference_steps(examples_seen)
         warmup = (
             max(0.0, (self.lr_peak - self.lr_start) / self.lr_increment)
@@ -233,7 +310,7 @@ class TrainConfig:
             lr = self.lr_final
         else:
             lr = min(self.lr_start + t * self.lr_increment, self.lr_peak)
-        return lr * (self.batch_size / self.reference_batch_size) ** self.lr_batch_exponent
+        return lr * scale
 
     def kl_weight(self, examples_seen: int) -> float:
         """KL weight for the next batch: ``min(kl_start + t kl_increment, kl_max)``."""
@@ -242,19 +319,6 @@ class TrainConfig:
 
 
 # -- the cube as seen by the stream -------------------------------------------
-
-
-def open_store(path: str | os.PathLike[str]) -> Any:
-    """Open a cube's zarr group read-only (plain zarr, no dask: safe in workers)."""
-    import zarr
-
-    p = Path(path)
-    if not p.exists():
-        raise AfpxError(f"cube {str(path)!r} does not exist; build it with `afpx build-cube`")
-    try:
-        return zarr.open_group(str(p), mode="r")
-    except Exception as exc:  # zarr raises several kinds for a non-store
-        raise AfpxError(f"{str(path)!r} is not a zarr store: {exc}") from exc
 
 
 def _as_str(values: np.ndarray) -> np.ndarray:
@@ -279,6 +343,9 @@ class CubeIndex:
         Split (``train``/``holdout``/``test``) of each site's structure.
     fingerprint : dict
         ``attrs["fingerprint"]`` of the cube.
+    context : ndarray of shape (n_sites, 10 + n_bins) float32 or None
+        Template context of every site (:func:`afpx.features.site_context`),
+        when loaded with ``context=True``.
     """
 
     path: str
@@ -291,10 +358,11 @@ class CubeIndex:
     site_split: np.ndarray
     fingerprint: dict[str, Any] = field(default_factory=dict)
     attrs: dict[str, Any] = field(default_factory=dict)
+    context: np.ndarray | None = None
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> CubeIndex:
-        """Read the per-site arrays of the cube at ``path``."""
+    def load(cls, path: str | os.PathLike[str], *, context: bool = False) -> CubeIndex:
+        """Read the per-site arrays of the cube at ``path`` (and the template context)."""
         g = open_store(path)
         missing = [
             n
@@ -333,6 +401,7 @@ class CubeIndex:
             site_split=site_split,
             fingerprint=dict(attrs.get("fingerprint", {})),
             attrs=attrs,
+            context=context_from_store(g) if context else None,
         )
 
     def sites(self, split: str | None) -> np.ndarray:
@@ -457,7 +526,8 @@ class AFPStream:
         """Yield batches (dicts of numpy arrays) of this epoch for one worker.
 
         Keys: ``afp`` (n, 12, 256) float32, ``r0``, ``dmin_ratio`` (n,) float32,
-        ``z`` (n,) int64, ``site`` (n,) int64 global site index.
+        ``z`` (n,) int64, ``site`` (n,) int64 global site index, and
+        ``context`` (n, 10 + n_bins) float32 when the index holds it.
         """
         counts = self.epoch_counts()
         cs = self.index.chunk_sites
@@ -496,6 +566,7 @@ class AFPStream:
                     schema.DMIN_RATIO: self.index.dmin_ratio[s],
                     schema.Z: self.index.z[s].astype(np.int64),
                     "site": s,
+                    **({} if self.index.context is None else {"context": self.index.context[s]}),
                 }
             pending_rows = [rows[stop:]] if stop < len(site) else []
             pending_sites = [site[stop:]] if stop < len(site) else []
@@ -556,152 +627,6 @@ def make_loader(stream: AFPStream, *, num_workers: int = 0, pin_memory: bool = F
     )
 
 
-# -- fingerprint compatibility -------------------------------------------------
-
-
-def fingerprint_differences(model_params: dict[str, Any], cube_params: dict[str, Any]) -> list[str]:
-    """Keys whose values differ between two fingerprint parameter dicts (sorted)."""
-    keys = sorted(set(model_params) | set(cube_params))
-    return [k for k in keys if _jsonable(model_params.get(k)) != _jsonable(cube_params.get(k))]
-
-
-def _jsonable(v: Any) -> Any:
-    return json.loads(json.dumps(v, default=str))
-
-
-def check_fingerprint(
-    model_params: dict[str, Any], cube_params: dict[str, Any], *, cube: str = "cube"
-) -> None:
-    """Raise :class:`AfpxError` naming the keys where the model's and the cube's differ."""
-    diff = fingerprint_differences(model_params, cube_params)
-    if diff:
-        detail = "; ".join(
-            f"{k}: model {model_params.get(k, '<absent>')!r}, "
-            f"cube {cube_params.get(k, '<absent>')!r}"
-            for k in diff
-        )
-        raise AfpxError(
-            f"the fingerprint parameters of {cube} differ from the model's in "
-            f"{', '.join(diff)} ({detail}); use a cube built with the model's parameters "
-            "or train a model on this cube"
-        )
-
-
-# -- checkpoints -----------------------------------------------------------------
-
-
-@dataclass
-class TrainedModel:
-    """A loaded model and what was saved with it.
-
-    Attributes
-    ----------
-    net : AFPNet
-        The network, in eval mode.
-    config : ModelConfig
-    train_config : TrainConfig
-    fingerprint : dict
-        Fingerprint parameters of the cube it was trained on.
-    path : Path
-        The model folder.
-    weights_sha256 : str
-        SHA-256 of ``model.pt``: the model's identity.
-    meta : dict
-        The whole ``config.json``.
-    """
-
-    net: AFPNet
-    config: ModelConfig
-    train_config: TrainConfig
-    fingerprint: dict[str, Any]
-    path: Path
-    weights_sha256: str
-    meta: dict[str, Any]
-
-    def identity(self) -> dict[str, Any]:
-        """JSON-able attributes that identify the model (for artefacts it produces)."""
-        return {
-            "model_path": str(self.path.resolve()),
-            "model_sha256": self.weights_sha256,
-            "model_preset": self.config.preset,
-            "model_config": self.config.to_dict(),
-            "afpx_version": self.meta.get("afpx_version", ""),
-        }
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def _atomic_text(text: str, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def load_model(path: str | os.PathLike[str], *, device: str = "cpu") -> TrainedModel:
-    """Load a model folder written by :func:`train`.
-
-    Parameters
-    ----------
-    path : str or PathLike
-        The model folder (``model.pt`` + ``config.json``).
-    device : {"cpu", "cuda"}
-
-    Returns
-    -------
-    TrainedModel
-        With the network in eval mode on ``device``.
-    """
-    from afpx.model import AFPNet, ModelConfig
-
-    folder = Path(path)
-    cfg_file, weights = folder / CONFIG_FILE, folder / MODEL_FILE
-    if not cfg_file.is_file() or not weights.is_file():
-        raise AfpxError(
-            f"{str(path)!r} is not an afpx model folder (needs {CONFIG_FILE} and {MODEL_FILE}); "
-            "train one with `afpx train CUBE -o MODEL`"
-        )
-    meta = json.loads(cfg_file.read_text())
-    if meta.get("format") != FORMAT:
-        raise AfpxError(f"{cfg_file} has format {meta.get('format')!r}, expected {FORMAT!r}")
-    config = ModelConfig.from_dict(meta["model"])
-    net = AFPNet(config)
-    state = torch.load(weights, map_location="cpu", weights_only=True)
-    net.load_state_dict(state)
-    dev = _torch_device(device)
-    net.to(dev).eval()
-    return TrainedModel(
-        net=net,
-        config=config,
-        train_config=TrainConfig.from_dict(meta["train"]),
-        fingerprint=dict(meta.get("fingerprint", {})),
-        path=folder,
-        weights_sha256=_sha256(weights),
-        meta=meta,
-    )
-
-
-def _torch_device(device: str) -> torch.device:
-    if device == "cpu":
-        return torch.device("cpu")
-    if device == "cuda":
-        if not torch.cuda.is_available():
-            raise AfpxError("device 'cuda': torch sees no CUDA device; use --device cpu")
-        return torch.device("cuda")
-    raise AfpxError(f"unknown device {device!r}; choose one of cpu, cuda")
-
-
 # -- training ----------------------------------------------------------------------
 
 LOSS_TERMS = ("reconstruction", "kl", "sigmoid_bce", "softmax_ce", "l2", "total")
@@ -723,13 +648,13 @@ class _Accumulator:
 
 
 def _batch_terms(
-    net: AFPNet,
+    net: AFPNet | SiteNet,
     batch: dict[str, torch.Tensor],
     cfg: TrainConfig,
     kl_weight: float,
 ) -> tuple[torch.Tensor, dict[str, float], ModelOutput]:
     """Total loss, the logged values (loss terms and error rates) and the outputs of a batch."""
-    out = net(batch[schema.AFP], batch[schema.R0], batch[schema.DMIN_RATIO])
+    out = net(batch[schema.AFP], batch[schema.R0], batch[schema.DMIN_RATIO], batch.get("context"))
     terms = net.loss_terms(out, batch[schema.AFP], batch[schema.Z], pos_weight=cfg.pos_weight)
     l2 = net.l2_penalty() * cfg.l2
     total = (
@@ -762,7 +687,7 @@ def _to_device(batch: dict[str, torch.Tensor], dev: torch.device) -> dict[str, t
 
 def _standardisation_sample(
     index: CubeIndex, sites: np.ndarray, n: int, seed: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
     """~n random training examples, read whole chunks at a time (random chunks)."""
     rng = np.random.default_rng([seed, 11])
     g = open_store(index.path)
@@ -785,7 +710,8 @@ def _standardisation_sample(
     if len(site) > n:
         keep = rng.choice(len(site), n, replace=False)
         afp, site = afp[keep], site[keep]
-    return afp, index.r0[site], index.dmin_ratio[site]
+    context = None if index.context is None else index.context[site]
+    return afp, index.r0[site], index.dmin_ratio[site], context
 
 
 def _progress_default() -> bool:
@@ -793,7 +719,7 @@ def _progress_default() -> bool:
 
 
 def evaluate_stream(
-    net: AFPNet, stream: AFPStream, cfg: TrainConfig, kl_weight: float, dev: torch.device
+    net: AFPNet | SiteNet, stream: AFPStream, cfg: TrainConfig, kl_weight: float, dev: torch.device
 ) -> dict[str, float]:
     """Mean loss terms and error rates of ``net`` (eval mode) over one pass of ``stream``.
 
@@ -873,13 +799,12 @@ def train(
     """
     from tqdm.auto import tqdm
 
-    from afpx.model import AFPNet, ModelConfig
+    from afpx.model import ModelConfig, build_net
 
     out_dir = Path(out)
-    index = CubeIndex.load(cube)
     if progress is None:
         progress = _progress_default()
-    dev = _torch_device(device)
+    dev = torch_device(device)
 
     state: dict[str, Any] | None = None
     if resume:
@@ -888,12 +813,16 @@ def train(
                 f"nothing to resume in {str(out)!r}: it has no {STATE_FILE}/{CONFIG_FILE}; "
                 "start a new run without --resume"
             )
-        meta = json.loads((out_dir / CONFIG_FILE).read_text())
+        meta = read_config(out_dir)
         mcfg = ModelConfig.from_dict(meta["model"])
         saved = TrainConfig.from_dict(meta["train"])
         tcfg = saved if train_config is None else replace(saved, epochs=train_config.epochs)
-        check_fingerprint(meta.get("fingerprint", {}), index.fingerprint, cube=str(cube))
-        state = torch.load(out_dir / STATE_FILE, map_location="cpu", weights_only=True)
+        state = load_weights(out_dir / STATE_FILE)
+        if "net" not in state:
+            raise AfpxError(
+                f"{out_dir / STATE_FILE} was written by an older afpx and holds no weights; "
+                "start a new run without --resume"
+            )
     else:
         if (out_dir / MODEL_FILE).exists() or (out_dir / STATE_FILE).exists():
             raise AfpxError(
@@ -903,6 +832,13 @@ def train(
         mcfg = model_config or ModelConfig()
         tcfg = train_config or TrainConfig()
 
+    torch.manual_seed(tcfg.seed)
+    net = build_net(mcfg)
+    from afpx.model import needs_context
+
+    index = CubeIndex.load(cube, context=needs_context(net))
+    if resume:
+        check_fingerprint(meta.get("fingerprint", {}), index.fingerprint, cube=str(cube))
     train_sites = index.sites("train")
     if len(train_sites) == 0:
         raise AfpxError(f"the cube {str(cube)!r} has no sites in the train split")
@@ -926,24 +862,33 @@ def train(
         seed=tcfg.seed,
         index=index,
     )
+    total_examples = tcfg.epochs * len(stream)
+    if max_batches is not None:
+        total_examples = tcfg.epochs * min(len(stream), max_batches * tcfg.batch_size)
 
-    torch.manual_seed(tcfg.seed)
-    net = AFPNet(mcfg)
     if state is None:
-        afp, r0, dmin = _standardisation_sample(
+        afp, r0, dmin, ctx = _standardisation_sample(
             index, train_sites, tcfg.standardisation_examples, tcfg.seed
         )
         net.initialise_standardisation(
-            torch.from_numpy(afp), torch.from_numpy(r0), torch.from_numpy(dmin)
+            torch.from_numpy(afp),
+            torch.from_numpy(r0),
+            torch.from_numpy(dmin),
+            None if ctx is None else torch.from_numpy(ctx),
         )
     else:
-        net.load_state_dict(torch.load(out_dir / MODEL_FILE, map_location="cpu", weights_only=True))
+        net.load_state_dict(state["net"])
     net.to(dev)
-    opt = torch.optim.Adam(
-        net.parameters(), lr=tcfg.lr_start, betas=tcfg.adam_betas, eps=tcfg.adam_eps
+    opt = torch.optim.AdamW(
+        net.parameters(),
+        lr=tcfg.lr_start,
+        betas=tcfg.adam_betas,
+        eps=tcfg.adam_eps,
+        weight_decay=tcfg.weight_decay,
     )
     step, examples_seen, first_epoch = 0, 0, 0
     rows: list[dict[str, Any]] = []
+    best: dict[str, Any] = {"epoch": None, "val_softmax_error": math.inf}
     if state is not None:
         opt.load_state_dict(state["optimizer"])
         step = int(state["step"])
@@ -952,8 +897,10 @@ def train(
         torch.set_rng_state(state["torch_rng"])
         if dev.type == "cuda" and state.get("cuda_rng"):
             torch.cuda.set_rng_state_all(state["cuda_rng"])
-        if (out_dir / METRICS_JSON).is_file():
-            rows = json.loads((out_dir / METRICS_JSON).read_text())
+        # the rows of the epochs that state.pt holds (a later row may have been
+        # written by a run killed before its state.pt)
+        rows = [r for r in state.get("rows", []) if int(r["epoch"]) <= first_epoch]
+        best = dict(state.get("best", best))
 
     out_dir.mkdir(parents=True, exist_ok=True)
     meta = {
@@ -992,7 +939,7 @@ def train(
             if max_batches is not None and i >= max_batches:
                 break
             tb = _to_device(batch, dev)
-            lr = tcfg.learning_rate(examples_seen)
+            lr = tcfg.learning_rate(examples_seen, total_examples)
             kl_w = tcfg.kl_weight(examples_seen)
             for group in opt.param_groups:
                 group["lr"] = lr
@@ -1020,7 +967,7 @@ def train(
             "epoch": epoch + 1,
             "step": step,
             "examples": examples_seen,
-            "lr": tcfg.learning_rate(examples_seen),
+            "lr": tcfg.learning_rate(examples_seen, total_examples),
             "kl_weight": kl_w,
             "seconds": round(seconds, 3),
             "examples_per_s": round(acc.n / seconds, 1) if seconds > 0 else math.nan,
@@ -1029,7 +976,24 @@ def train(
         }
         rows.append(row)
         log.info("epoch %d: %s", epoch + 1, row)
-        _save(out_dir, net, opt, meta, rows, step=step, examples_seen=examples_seen, epoch=epoch)
+        val_err = float(val.get("softmax_error", math.nan))
+        improved = (
+            not tcfg.keep_best or best["epoch"] is None or val_err < best["val_softmax_error"]
+        )
+        if improved:
+            best = {"epoch": epoch + 1, "val_softmax_error": val_err}
+        _save(
+            out_dir,
+            net,
+            opt,
+            meta,
+            rows,
+            step=step,
+            examples_seen=examples_seen,
+            epoch=epoch,
+            best=best,
+            write_model=improved,
+        )
     if not (out_dir / MODEL_FILE).exists():  # zero epochs to run
         _save(
             out_dir,
@@ -1040,13 +1004,15 @@ def train(
             step=step,
             examples_seen=examples_seen,
             epoch=first_epoch - 1,
+            best=best,
+            write_model=True,
         )
     return out_dir
 
 
 def _save(
     out_dir: Path,
-    net: AFPNet,
+    net: AFPNet | SiteNet,
     opt: Any,
     meta: dict[str, Any],
     rows: list[dict[str, Any]],
@@ -1054,30 +1020,45 @@ def _save(
     step: int,
     examples_seen: int,
     epoch: int,
+    best: dict[str, Any],
+    write_model: bool,
 ) -> None:
-    """Write the checkpoint folder; each file is replaced atomically."""
+    """Write the checkpoint folder (see :mod:`afpx.checkpoint` for the order and why)."""
     state_dict = {k: v.detach().cpu() for k, v in net.state_dict().items()}
-    _atomic_torch_save(state_dict, out_dir / MODEL_FILE)
-    _atomic_torch_save(
+    if write_model:
+        atomic_torch_save(state_dict, out_dir / MODEL_FILE)
+    meta = {
+        **meta,
+        "step": step,
+        "examples_seen": examples_seen,
+        "epochs_done": epoch + 1,
+        "model_epoch": best.get("epoch"),
+    }
+    atomic_text(json.dumps(meta, indent=2, default=str), out_dir / CONFIG_FILE)
+    atomic_text(json.dumps(rows, indent=1, default=float), out_dir / METRICS_JSON)
+    columns: list[str] = []
+    for r in rows:
+        columns += [k for k in r if k not in columns]
+    import io
+
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=columns)
+    w.writeheader()
+    w.writerows(rows)
+    atomic_text(buf.getvalue(), out_dir / METRICS_CSV)
+    # state.pt is the one file --resume reads: written whole, after the others
+    atomic_torch_save(
         {
+            "net": state_dict,
             "optimizer": opt.state_dict(),
             "step": step,
             "examples_seen": examples_seen,
             "epoch": epoch,
+            "best": best,
+            "rows": json.loads(json.dumps(rows, default=float)),
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         },
         out_dir / STATE_FILE,
     )
-    meta = {**meta, "step": step, "examples_seen": examples_seen, "epochs_done": epoch + 1}
-    _atomic_text(json.dumps(meta, indent=2, default=str), out_dir / CONFIG_FILE)
-    _atomic_text(json.dumps(rows, indent=1, default=float), out_dir / METRICS_JSON)
-    columns: list[str] = []
-    for r in rows:
-        columns += [k for k in r if k not in columns]
-    tmp = out_dir / (METRICS_CSV + ".tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=columns)
-        w.writeheader()
-        w.writerows(rows)
-    os.replace(tmp, out_dir / METRICS_CSV)
+    write_manifest(out_dir, (MODEL_FILE, CONFIG_FILE, METRICS_CSV, METRICS_JSON, STATE_FILE))

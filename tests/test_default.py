@@ -234,7 +234,7 @@ def test_shipped_default_model_verifies_and_loads() -> None:
     folder = afpx.default.default_data_dir() / "default_model"
     if not folder.exists():
         pytest.skip("no default model packed yet")
-    from afpx.train import load_model
+    from afpx.checkpoint import load_model
 
     model = load_model(afpx.default.default_model_dir())
     assert model.config.n_elements == 118

@@ -15,6 +15,7 @@ from _model_helpers import train_tiny_model
 from click.testing import CliRunner
 
 from afpx import AfpxError, schema
+from afpx.checkpoint import load_model
 from afpx.cli import main
 from afpx.likelihood import (
     draw_means,
@@ -23,7 +24,6 @@ from afpx.likelihood import (
     score_afp,
     site_likelihood,
 )
-from afpx.train import load_model
 
 torch.set_num_threads(1)
 

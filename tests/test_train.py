@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -14,14 +15,13 @@ from _model_helpers import tiny_model_config, tiny_train_config, train_tiny_mode
 from click.testing import CliRunner
 
 from afpx import AfpxError, schema
+from afpx.checkpoint import check_fingerprint, load_model, write_manifest
 from afpx.cli import main
 from afpx.train import (
     AFPStream,
     CubeIndex,
     TrainConfig,
     balanced_counts,
-    check_fingerprint,
-    load_model,
     make_loader,
     train,
 )
@@ -309,8 +309,138 @@ def test_load_model_errors(tmp_path: Path, trained: Path) -> None:
     meta = json.loads((bad / "config.json").read_text())
     meta["format"] = "other/9"
     (bad / "config.json").write_text(json.dumps(meta))
+    # an edited file no longer matches the manifest written last by afpx train
+    with pytest.raises(AfpxError, match=r"config\.json' differs from its SHA-256"):
+        load_model(bad)
+    write_manifest(bad, ["model.pt", "config.json"])
     with pytest.raises(AfpxError, match="has format 'other/9'"):
         load_model(bad)
+
+
+def test_load_model_refuses_corrupt_folders(tmp_path: Path, trained: Path) -> None:
+    import shutil
+
+    flipped = tmp_path / "flipped"
+    shutil.copytree(trained, flipped)
+    data = bytearray((flipped / "model.pt").read_bytes())
+    data[len(data) // 2] ^= 0x01  # one bit
+    (flipped / "model.pt").write_bytes(bytes(data))
+    with pytest.raises(AfpxError, match=r"model\.pt' differs from its SHA-256"):
+        load_model(flipped)
+
+    unlisted = tmp_path / "unlisted"
+    shutil.copytree(trained, unlisted)
+    (unlisted / "manifest.json").unlink()
+    with pytest.raises(AfpxError, match=r"has no manifest\.json"):
+        load_model(unlisted)
+
+    pickled = tmp_path / "pickled"
+    shutil.copytree(trained, pickled)
+    torch.save({"weights": AfpxError("not a tensor")}, pickled / "model.pt")
+    write_manifest(pickled, ["model.pt", "config.json"])
+    with pytest.raises(AfpxError, match="pickled objects are refused"):
+        load_model(pickled)
+
+    garbled = tmp_path / "garbled"
+    shutil.copytree(trained, garbled)
+    (garbled / "config.json").write_text("{not json")
+    write_manifest(garbled, ["model.pt", "config.json"])
+    with pytest.raises(AfpxError, match="cannot read the model configuration"):
+        load_model(garbled)
+
+    truncated = tmp_path / "truncated"
+    shutil.copytree(trained, truncated)
+    (truncated / "model.pt").write_bytes((trained / "model.pt").read_bytes()[:100])
+    write_manifest(truncated, ["model.pt", "config.json"])
+    with pytest.raises(AfpxError, match=r"cannot load .* as afpx weights"):
+        load_model(truncated)
+
+
+def test_resume_after_a_kill_between_files_trains_no_epoch_twice(
+    cube: Path, tmp_path: Path
+) -> None:
+    full = train_tiny_model(cube, tmp_path / "full", epochs=2)
+    part = train_tiny_model(cube, tmp_path / "part", epochs=1)
+    state_after_1 = (part / "state.pt").read_bytes()
+    train(cube, part, train_config=tiny_train_config(epochs=2), resume=True, progress=False)
+    # a kill after model.pt, config and metrics of epoch 2 but before its state.pt
+    (part / "state.pt").write_bytes(state_after_1)
+    train(cube, part, train_config=tiny_train_config(epochs=2), resume=True, progress=False)
+    rows = json.loads((part / "metrics.json").read_text())
+    assert [r["epoch"] for r in rows] == [1, 2]
+    sa = torch.load(full / "model.pt", weights_only=True)
+    sb = torch.load(part / "model.pt", weights_only=True)
+    for k in sa:
+        torch.testing.assert_close(sa[k], sb[k], msg=k)
+    load_model(part)  # the manifest matches again
+
+
+def test_onecycle_schedule() -> None:
+    cfg = TrainConfig(
+        lr_schedule="onecycle", lr_start=1e-4, lr_peak=1e-2, lr_final=1e-5, warmup_fraction=0.2
+    )
+    assert cfg.learning_rate(0, 1000) == pytest.approx(1e-4)
+    assert cfg.learning_rate(100, 1000) == pytest.approx(0.5 * (1e-4 + 1e-2))
+    assert cfg.learning_rate(200, 1000) == pytest.approx(1e-2)
+    assert cfg.learning_rate(600, 1000) == pytest.approx(0.5 * (1e-2 + 1e-5))
+    assert cfg.learning_rate(1000, 1000) == pytest.approx(1e-5)
+    lrs = [cfg.learning_rate(k, 1000) for k in range(200, 1001, 50)]
+    assert all(a >= b for a, b in itertools.pairwise(lrs))
+    with pytest.raises(AfpxError, match="needs the total number of examples"):
+        cfg.learning_rate(10)
+    with pytest.raises(AfpxError, match="lr_schedule must be one of"):
+        TrainConfig(lr_schedule="cosine")
+    with pytest.raises(AfpxError, match="warmup_fraction"):
+        TrainConfig(warmup_fraction=1.0)
+    with pytest.raises(AfpxError, match="weight_decay and l2"):
+        TrainConfig(weight_decay=-1.0)
+
+
+def test_context_model_trains_keeps_best_and_scores(cube: Path, tmp_path: Path) -> None:
+    from afpx.likelihood import predict, score_afp
+
+    out = train_tiny_model(
+        cube,
+        tmp_path / "ctx",
+        model={"architecture": "mlp", "perspective_input": "mean", "descriptor_input": "context",
+               "layer_norm": True},
+        epochs=4,
+        keep_best=True,
+        pos_weight=1.0,
+    )  # fmt: skip
+    meta = json.loads((out / "config.json").read_text())
+    rows = json.loads((out / "metrics.json").read_text())
+    errors = [r["val_softmax_error"] for r in rows]
+    assert meta["model_epoch"] == 1 + int(np.argmin(errors))
+    m = load_model(out)
+    assert m.needs_context and type(m.net).__name__ == "SiteNet"
+    # the weights in model.pt are those of the best epoch, state.pt holds the last
+    state = torch.load(out / "state.pt", weights_only=True)
+    assert state["epoch"] == 3 and state["best"]["epoch"] == meta["model_epoch"]
+    afp = np.random.default_rng(0).random((3, 12, 256), dtype=np.float32)
+    with pytest.raises(AfpxError, match="reads the template context"):
+        score_afp(m, afp, np.ones(3), np.ones(3))
+    with pytest.raises(AfpxError, match="context has 2 rows for 3 sites"):
+        score_afp(m, afp, np.ones(3), np.ones(3), context=np.zeros((2, 266), np.float32))
+    import shutil
+
+    scored = tmp_path / "scored.zarr"
+    shutil.copytree(cube, scored)
+    ds = predict(scored, m, progress=False)
+    lik = ds[schema.LIKELIHOOD].values
+    assert lik.shape == (ds.sizes[schema.SITE], 118)
+    assert np.all((lik >= 0) & (lik <= 1))
+    # the likelihoods depend on the rest of the structure, through the context
+    from afpx.likelihood import dataset_context
+
+    ctx = dataset_context(ds, m)
+    assert ctx is not None
+    a = ds[schema.AFP].values[:20]
+    r0, dmin = ds[schema.R0].values[:20], ds[schema.DMIN_RATIO].values[:20]
+    with_ctx, _ = score_afp(m, a, r0, dmin, context=ctx[:20])
+    np.testing.assert_allclose(with_ctx, lik[:20], rtol=1e-5, atol=1e-6)
+    shuffled, _ = score_afp(m, a, r0, dmin, context=ctx[::-1][:20])
+    assert not np.allclose(shuffled, with_ctx)
 
 
 # -- command line ------------------------------------------------------------------
