@@ -706,6 +706,7 @@ def build_cube(
     split: SplitParams = DEFAULT_SPLIT,
     overwrite: bool = False,
     progress: bool | None = None,
+    max_file_mb: float | None = None,
 ) -> Path:
     """Read structures, fingerprint every unique site, and write the cube.
 
@@ -732,6 +733,8 @@ def build_cube(
         Replace an existing cube at ``path``.
     progress : bool, optional
         Progress bars; None shows them on a terminal only.
+    max_file_mb : float, optional
+        Cap on one CIF or JSON file (see :func:`afpx.structures.read_structures`).
 
     Returns
     -------
@@ -768,6 +771,7 @@ def build_cube(
             params=filters if filters is not None else FilterParams(),
             progress=progress,
             workers=workers or 1,
+            **({} if max_file_mb is None else {"max_file_mb": max_file_mb}),
         )
         sources = [str(i) for i in items]
     logger.info("read: %s", read.summary().replace("\n", ", "))

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 import click
 
 from afpx.cli import library_errors
-from afpx.commands.ingest import filter_options
+from afpx.commands.ingest import echo_warnings, filter_options
 
 if TYPE_CHECKING:
     from afpx.structures import FilterParams
@@ -62,6 +62,7 @@ def build_cube_command(
     split_seed: int,
     overwrite: bool,
     filters: FilterParams,
+    max_file_mb: float,
     progress: bool | None,
 ) -> None:
     """Fingerprint every unique site of INPUTS into a zarr cube.
@@ -73,21 +74,23 @@ def build_cube_command(
     from afpx.cube import build_cube, cube_summary, open_cube
     from afpx.splits import SplitParams
 
-    path = build_cube(
-        list(inputs),
-        output,
-        draws=draws,
-        seed=seed,
-        deterministic=deterministic,
-        chunk_sites=chunk_sites,
-        device=device,
-        scheduler=scheduler,
-        workers=workers,
-        filters=filters,
-        split=SplitParams(seed=split_seed),
-        overwrite=overwrite,
-        progress=progress,
-    )
+    with echo_warnings():
+        path = build_cube(
+            list(inputs),
+            output,
+            draws=draws,
+            seed=seed,
+            deterministic=deterministic,
+            chunk_sites=chunk_sites,
+            device=device,
+            scheduler=scheduler,
+            workers=workers,
+            filters=filters,
+            split=SplitParams(seed=split_seed),
+            overwrite=overwrite,
+            progress=progress,
+            max_file_mb=max_file_mb,
+        )
     click.echo(cube_summary(open_cube(path), path=str(path)))
 
 
