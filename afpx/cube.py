@@ -737,6 +737,8 @@ def _write(
     except BaseException:
         store.remove_partial(partial)
         raise
+    finally:
+        store.let_go(partial)
     return target
 
 

@@ -32,6 +32,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import sys
@@ -60,6 +61,7 @@ __all__ = [
     "done_chunks",
     "exchange",
     "finish",
+    "let_go",
     "link_chunks",
     "new_partial",
     "partials",
@@ -79,6 +81,9 @@ _MARKS: Final = ".afpx-chunks"
 _RENAME_NOREPLACE: Final = 1
 _RENAME_EXCHANGE: Final = 2
 _AT_FDCWD: Final = -100
+_ZARR_TEMPORARY: Final = re.compile(r"\.[0-9a-f]{32}\.partial$")
+#: Partials this process is writing now (a failed write of this process is stale).
+_ACTIVE: set[Path] = set()
 
 
 # -- renames that never replace ------------------------------------------------------------
@@ -137,7 +142,13 @@ def new_partial(target: Path, key: str) -> Path:
     partial = target.with_name(f".{target.name}.partial-{uuid.uuid4().hex[:8]}")
     owner = {"host": socket.gethostname(), "pid": os.getpid(), "key": key, "template": False}
     _write_atomic(_owner_file(partial), json.dumps(owner))
+    _ACTIVE.add(partial)
     return partial
+
+
+def let_go(partial: Path) -> None:
+    """This process no longer writes ``partial`` (it failed, or it was published)."""
+    _ACTIVE.discard(partial)
 
 
 def partials(target: Path) -> list[Path]:
@@ -180,7 +191,7 @@ def stale_partial(partial: Path) -> bool:
         return False  # another machine's build: it cannot be checked from here
     pid = int(owner.get("pid", -1))
     if pid == os.getpid():
-        return False
+        return partial not in _ACTIVE
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -246,6 +257,7 @@ def claim(partial: Path, key: str) -> bool:
         return False
     owner.update(host=socket.gethostname(), pid=os.getpid())
     _write_atomic(_owner_file(partial), json.dumps(owner))
+    _ACTIVE.add(partial)
     return True
 
 
@@ -396,6 +408,9 @@ def finish(partial: Path) -> None:
         marked[record["file"]] = (int(record["size"]), str(record["sha256"]))
     files: dict[str, list[Any]] = {}
     for path in sorted(partial.rglob("*")):
+        if _ZARR_TEMPORARY.search(path.name):
+            path.unlink()  # zarr writes a chunk to NAME.<uuid>.partial and renames it
+            continue
         rel = path.relative_to(partial).as_posix()
         if not path.is_file() or path.name == "zarr.json" or rel.startswith("."):
             continue
