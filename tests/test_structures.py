@@ -783,3 +783,18 @@ def test_inspect_shows_the_hydrogen_warning_as_one_line() -> None:
     warning_lines = [line for line in result.output.splitlines() if line.startswith("warning:")]
     assert len(warning_lines) == 1
     assert "hydrogen" in warning_lines[0]
+
+
+@pytest.mark.parametrize("name", sorted(BAD_REASONS))
+def test_inspect_of_each_bad_input_exits_1_naming_file_and_reason(name: str) -> None:
+    from click.testing import CliRunner
+
+    from afpx.cli import main
+
+    path = BAD / f"{name}.cif"
+    result = CliRunner().invoke(main, ["inspect", str(path)])
+    assert result.exit_code == 1, result.output
+    (line,) = [x for x in result.output.splitlines() if str(path) in x]
+    assert f" {BAD_REASONS[name]}: " in line
+    assert "Traceback" not in result.output
+    assert sorted(p.name for p in BAD.iterdir() if p.name.startswith(".")) == []
