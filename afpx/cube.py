@@ -730,7 +730,10 @@ def _write(
         raise
     except OSError as exc:
         # disk full, permissions: keep what is done for --resume
-        raise AfpxError(_os_message(exc, target, partial if partial.exists() else None)) from exc
+        if not partial.exists():
+            store.remove_partial(partial)  # its owner file
+            raise AfpxError(_os_message(exc, target, None)) from exc
+        raise AfpxError(_os_message(exc, target, partial)) from exc
     except KeyboardInterrupt:
         logger.warning("interrupted: the chunks written so far are kept in %s", partial)
         raise

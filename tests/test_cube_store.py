@@ -148,6 +148,12 @@ def test_unwritable_folder_is_one_line(tmp_path: Path, monkeypatch: pytest.Monke
     monkeypatch.setattr(afpx.store, "new_partial", refuse)
     with pytest.raises(AfpxError, match=r"Permission denied \(choose a writable folder\)$"):
         build_cube(FIRST, tmp_path / "cube.zarr", progress=False)
+    monkeypatch.undo()
+    # the folder refuses the store itself (after the owner file): nothing is left behind
+    monkeypatch.setattr(afpx.store, "start_store", refuse)
+    with pytest.raises(AfpxError, match=r"Permission denied \(choose a writable folder\)$"):
+        build_cube(FIRST, tmp_path / "cube.zarr", progress=False)
+    assert list(tmp_path.iterdir()) == []
 
 
 # -- resume ----------------------------------------------------------------------------------
