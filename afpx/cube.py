@@ -18,11 +18,11 @@ dim ``reject`` over rejected inputs. See docs/cube-schema.md.
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import json
 import logging
 import os
-import shutil
 import sys
 import uuid
 from collections.abc import Iterator, Sequence
@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from afpx import AfpxError, __version__, schema
+from afpx import AfpxError, __version__, schema, store
 from afpx._array import namespace_for_device, to_numpy
 from afpx.kernels import (
     FingerprintParams,
@@ -54,6 +54,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "FingerprintParams",
     "SplitParams",
+    "append_to_cube",
     "build_cube",
     "compute_fingerprints",
     "cube_summary",
@@ -63,6 +64,7 @@ __all__ = [
     "open_cube",
     "select_sites",
     "site_mask",
+    "verify_cube",
     "write_cube",
 ]
 
@@ -604,13 +606,16 @@ def write_cube(
     overwrite: bool = False,
     progress: bool | None = None,
     client: Any = None,
+    resume: bool = False,
 ) -> Path:
     """Compute a lazy cube once and write it to ``path`` (zarr v3), atomically.
 
     The store is written into a hidden sibling (``.NAME.partial-XXXX``) and
-    renamed to ``path`` only when every chunk is written and the
-    completion attribute is set; a failure removes the sibling and leaves
-    ``path`` as it was.
+    renamed to ``path`` only when every chunk is written, its checksums are
+    recorded (:data:`afpx.store.CHECKSUMS_GROUP`) and the completion
+    attribute is set; the rename never replaces a folder that appeared at
+    ``path`` meanwhile. Partial builds of ``path`` left by killed runs are
+    reported and removed, or continued with ``resume``. See :mod:`afpx.store`.
 
     Parameters
     ----------
@@ -626,14 +631,28 @@ def write_cube(
     client : distributed.Client, optional
         Compute on this client (as yielded by :func:`dask_scheduler`); None
         uses the current Dask scheduler.
+    resume : bool
+        Continue an interrupted build of ``path`` with the same inputs and
+        options from its completed chunks; without one, build from the start.
 
     Returns
     -------
     pathlib.Path
-    """
-    import zarr
 
+    Raises
+    ------
+    AfpxError
+        If the target exists (and not ``overwrite``) or appeared during the
+        build, is not a cube, its folder is missing or not writable, the disk
+        filled up (the partial build is then kept for ``resume``), or another
+        build of the same path is running.
+    """
     target = Path(path).expanduser().absolute()
+    _check_target(target, overwrite=overwrite)
+    return _write(ds, target, replace=overwrite, progress=progress, client=client, resume=resume)
+
+
+def _check_target(target: Path, *, overwrite: bool) -> None:
     if target.exists() or target.is_symlink():
         if not _is_cube(target):
             raise AfpxError(f"{target} exists and is not an afpx cube; refusing to replace it")
@@ -641,34 +660,138 @@ def write_cube(
             raise AfpxError(f"{target} exists; choose another path or pass --overwrite")
     if not target.parent.is_dir():
         raise AfpxError(f"the folder {target.parent} of the output does not exist")
-    partial = target.with_name(f".{target.name}.partial-{uuid.uuid4().hex[:8]}")
+
+
+def _take_partial(target: Path, key: str, resume: bool) -> Path | None:
+    """The stale partial build to resume (if asked and one fits); remove the other stale ones."""
+    resumed = None
+    for partial in store.partials(target):
+        if not store.stale_partial(partial):
+            raise AfpxError(
+                f"another build of {target} is running (in {partial}); wait for it to finish,"
+                " or remove that folder if no build is running"
+            )
+        if resume and resumed is None and store.claim(partial, key):
+            resumed = partial
+            continue
+        logger.warning("removing %s, left by an interrupted build of %s", partial, target)
+        store.remove_partial(partial)
+    if resume and resumed is None:
+        logger.warning(
+            "no interrupted build of %s with these inputs and options: building from the start",
+            target,
+        )
+    return resumed
+
+
+def _write(
+    ds: xr.Dataset,
+    target: Path,
+    *,
+    replace: bool,
+    progress: bool | None,
+    client: Any,
+    resume: bool = False,
+    base: Path | None = None,
+) -> Path:
+    """Write ``ds`` through a partial store and publish it at ``target`` (see write_cube).
+
+    ``base``: a cube whose finished chunks equal the first chunks of ``ds``
+    (an append); they are linked, not computed.
+    """
+    import dask
+    import zarr
+
     chunk_sites = int(ds.attrs.get("chunk_sites", schema.DEFAULT_CHUNK_SITES))
     if progress is None:
         progress = sys.stderr.isatty()
+    key = store.build_key(ds)
+    partial = _take_partial(target, key, resume)
+    resumed = partial is not None
+    if partial is None:
+        try:
+            partial = store.new_partial(target, key)
+        except OSError as exc:
+            raise AfpxError(_os_message(exc, target, None)) from exc
     try:
-        # metadata and the in-memory variables now; the Dask ones in one compute below
-        delayed = ds.to_zarr(
-            partial,
-            mode="w-",
-            zarr_format=3,
-            consolidated=False,
-            encoding=_encoding(ds, chunk_sites),
-            compute=False,
-        )
-        _compute_with_progress(delayed, bool(progress), client)
-        group = zarr.open_group(partial, mode="r+")
-        group.attrs[COMPLETE_ATTR] = True
-        if target.exists():
-            old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
-            target.rename(old)
-            partial.rename(target)
-            shutil.rmtree(old, ignore_errors=True)
+        if resumed:
+            logger.warning("resuming the interrupted build in %s", partial)
         else:
-            partial.rename(target)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
+            store.start_store(ds, partial, _encoding(ds, chunk_sites))
+            if base is not None:
+                _link_base(ds, base, partial)
+        tasks = store.chunk_tasks(ds, partial, store.done_chunks(partial))
+        if tasks:
+            _compute_with_progress(dask.delayed(tasks), bool(progress), client)
+        store.finish(partial)
+        zarr.open_group(partial, mode="r+").attrs[COMPLETE_ATTR] = True
+        _publish(partial, target, replace=replace)
+    except AfpxError:
         raise
+    except OSError as exc:
+        # disk full, permissions: keep what is done for --resume
+        if not partial.exists():
+            store.remove_partial(partial)  # its owner file
+            raise AfpxError(_os_message(exc, target, None)) from exc
+        raise AfpxError(_os_message(exc, target, partial)) from exc
+    except KeyboardInterrupt:
+        logger.warning("interrupted: the chunks written so far are kept in %s", partial)
+        raise
+    except BaseException:
+        store.remove_partial(partial)
+        raise
+    finally:
+        store.let_go(partial)
     return target
+
+
+def _os_message(exc: OSError, target: Path, partial: Path | None) -> str:
+    what = exc.strerror or str(exc)
+    text = f"cannot write the cube {target}: {what}"
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        text += " (free some space"
+    else:
+        text += " (choose a writable folder"
+    if partial is not None:
+        return text + f"; the chunks written so far are kept in {partial} for --resume)"
+    return text + ")"
+
+
+def _publish(partial: Path, target: Path, *, replace: bool) -> None:
+    """Rename the finished partial to ``target``; never over something that appeared there."""
+    if replace and (target.exists() or target.is_symlink()):
+        if not _is_cube(target):
+            raise AfpxError(
+                f"{target} is no longer an afpx cube; the new cube is kept in {partial}"
+            )
+        store.exchange(partial, target)  # the partial now holds the old cube
+        store.remove_partial(partial)
+        return
+    try:
+        store.rename_noreplace(partial, target)
+    except FileExistsError:
+        raise AfpxError(
+            f"{target} appeared while the cube was built; the new cube is kept in {partial}:"
+            " move it there yourself, or build again with --overwrite"
+        ) from None
+    store.release(partial)
+
+
+def _link_base(ds: xr.Dataset, base: Path, partial: Path) -> None:
+    """Link the chunks of the cube ``base`` that ``ds`` holds unchanged."""
+    import zarr
+
+    group = zarr.open_group(base, mode="r")
+    for name in store.lazy_names(ds):
+        if name not in group:
+            continue
+        old = group[name]
+        array = ds[name].data
+        if not isinstance(old, zarr.Array) or old.chunks[0] != array.chunks[0][0]:
+            continue
+        bounds = np.cumsum(array.chunks[0])
+        full = [i for i, stop in enumerate(bounds) if stop <= old.shape[0]]
+        store.link_chunks(base, partial, name, array.ndim, full)
 
 
 def _compute_with_progress(delayed: Any, progress: bool, client: Any) -> None:
@@ -706,6 +829,8 @@ def build_cube(
     split: SplitParams = DEFAULT_SPLIT,
     overwrite: bool = False,
     progress: bool | None = None,
+    max_file_mb: float | None = None,
+    resume: bool = False,
 ) -> Path:
     """Read structures, fingerprint every unique site, and write the cube.
 
@@ -732,6 +857,11 @@ def build_cube(
         Replace an existing cube at ``path``.
     progress : bool, optional
         Progress bars; None shows them on a terminal only.
+    max_file_mb : float, optional
+        Cap on one CIF or JSON file (see :func:`afpx.structures.read_structures`).
+    resume : bool
+        Continue an interrupted build of ``path`` with the same inputs and
+        options from its finished chunks (see :func:`write_cube`).
 
     Returns
     -------
@@ -751,11 +881,7 @@ def build_cube(
     )
     target = Path(path).expanduser().absolute()
     # fail before the (long) read rather than after it
-    if target.exists() or target.is_symlink():
-        if not _is_cube(target):
-            raise AfpxError(f"{target} exists and is not an afpx cube; refusing to replace it")
-        if not overwrite:
-            raise AfpxError(f"{target} exists; choose another path or pass --overwrite")
+    _check_target(target, overwrite=overwrite)
     if isinstance(inputs, ReadResult):
         read, sources = inputs, None
     else:
@@ -768,6 +894,7 @@ def build_cube(
             params=filters if filters is not None else FilterParams(),
             progress=progress,
             workers=workers or 1,
+            **({} if max_file_mb is None else {"max_file_mb": max_file_mb}),
         )
         sources = [str(i) for i in items]
     logger.info("read: %s", read.summary().replace("\n", ", "))
@@ -783,7 +910,136 @@ def build_cube(
         sources=sources,
     )
     with dask_scheduler(scheduler=scheduler, workers=workers) as client:
-        return write_cube(ds, target, overwrite=overwrite, progress=progress, client=client)
+        return write_cube(
+            ds, target, overwrite=overwrite, progress=progress, client=client, resume=resume
+        )
+
+
+def append_to_cube(
+    inputs: Sequence[str | os.PathLike[str]] | str | os.PathLike[str],
+    path: str | os.PathLike[str],
+    *,
+    device: str = "cpu",
+    scheduler: str | None = None,
+    workers: int | None = None,
+    progress: bool | None = None,
+    max_file_mb: float | None = None,
+    resume: bool = False,
+) -> Path:
+    """Add the structures of ``inputs`` to the cube at ``path``.
+
+    The result equals, bit for bit, a one-shot build of the cube's recorded
+    ``sources`` followed by ``inputs`` with the cube's options (fingerprint,
+    filters, draws, seed, chunking, split): the recorded sources are read
+    again (not fingerprinted), the cube's finished chunks are linked into the
+    new store, and only the chunks from the first one holding new rows on are
+    computed. The new store replaces the cube in one rename once complete; a
+    failure leaves the cube as it was. Variables added to the cube later
+    (``likelihood``) are not carried over.
+
+    Parameters
+    ----------
+    inputs : str or path, or a sequence of them
+        New CIF files, folders, JSON files, ASE databases or dataset names.
+    path : str or path
+        An existing cube.
+    device, scheduler, workers, progress, max_file_mb, resume
+        As for :func:`build_cube`.
+
+    Returns
+    -------
+    pathlib.Path
+
+    Raises
+    ------
+    AfpxError
+        If ``path`` is not a complete cube, an input is already one of its
+        sources, its sources cannot be read any more or now give other
+        structures (then rebuild it), or nothing new is accepted.
+    """
+    from afpx.structures import FilterParams, read_structures
+
+    target = Path(path).expanduser().absolute()
+    old = open_cube(target)
+    attrs = old.attrs
+    old_sources = [str(s) for s in attrs.get("sources", [])]
+    items = [inputs] if isinstance(inputs, str | os.PathLike) else list(inputs)
+    known = {Path(s).expanduser().absolute() for s in old_sources} | set(old_sources)
+    for item in items:
+        if str(item) in known or Path(item).expanduser().absolute() in known:
+            raise AfpxError(f"{item} is already a source of the cube {target}")
+        if Path(item).expanduser().absolute() == target:
+            raise AfpxError(f"the output {target} is also an input")
+    for source in old_sources:
+        if not Path(source).exists() and not _is_dataset(source):
+            raise AfpxError(
+                f"the cube's source {source} cannot be found (from {os.getcwd()}); appending"
+                " reads the cube's sources again: run from the folder it was built in"
+            )
+    filters = FilterParams(**attrs["filters"])
+    split_attrs = attrs["split"]
+    split = SplitParams(
+        seed=int(split_attrs["seed"]),
+        fractions=tuple(float(split_attrs["fractions"][k]) for k in schema.SPLITS),  # type: ignore[arg-type]
+    )
+    read = read_structures(
+        [*old_sources, *items],
+        params=filters,
+        progress=progress,
+        workers=workers or 1,
+        **({} if max_file_mb is None else {"max_file_mb": max_file_mb}),
+    )
+    ds = fingerprint_dataset(
+        read,
+        params=FingerprintParams.from_attrs(attrs["fingerprint"]),
+        draws=int(attrs["draws"]),
+        seed=int(attrs["seed"]),
+        deterministic=bool(attrs["deterministic"]),
+        chunk_sites=int(attrs["chunk_sites"]),
+        device=device,
+        split=split,
+        sources=[*old_sources, *(str(i) for i in items)],
+    )
+    _check_prefix(ds, old, target)
+    if ds.sizes[schema.STRUCTURE] == old.sizes[schema.STRUCTURE]:
+        raise AfpxError(
+            f"no new structure accepted from {', '.join(map(str, items))}"
+            f" ({read.summary().splitlines()[-1] if read.rejections else 'nothing read'});"
+            f" the cube {target} is unchanged"
+        )
+    dropped = sorted(str(n) for n in old.data_vars if n not in ds.variables)
+    if dropped:
+        logger.warning("the appended cube drops %s: compute it again", ", ".join(dropped))
+    with dask_scheduler(scheduler=scheduler, workers=workers) as client:
+        return _write(
+            ds, target, replace=True, progress=progress, client=client, resume=resume, base=target
+        )
+
+
+def _is_dataset(name: str) -> bool:
+    from afpx import datasets
+
+    return name in datasets.DATASETS
+
+
+def _check_prefix(ds: xr.Dataset, old: xr.Dataset, target: Path) -> None:
+    """Refuse unless every in-memory variable of ``ds`` begins with the old cube's values."""
+    for name in sorted(str(n) for n in old.variables):
+        if name not in ds.variables or name in store.lazy_names(ds):
+            continue
+        var = ds.variables[name]
+        if var.dims != old[name].dims:
+            continue
+        head = np.asarray(var.isel({d: slice(0, old.sizes[d]) for d in var.dims}).values)
+        before = np.asarray(old[name].values)
+        if head.dtype.kind not in "biuf" or before.dtype.kind not in "biuf":
+            head = np.asarray(head.tolist(), dtype=object)
+            before = np.asarray(before.tolist(), dtype=object)
+        if head.shape != before.shape or not np.array_equal(head, before):
+            raise AfpxError(
+                f"the cube {target} no longer matches its sources (`{name}` differs: changed"
+                " files, other afpx version or split rule); rebuild it with afpx build-cube"
+            )
 
 
 # -- reading --------------------------------------------------------------------------------------
@@ -806,8 +1062,9 @@ def open_cube(path: str | os.PathLike[str]) -> xr.Dataset:
     Raises
     ------
     AfpxError
-        If nothing is there, it is not a zarr store, or the build that wrote it
-        did not finish.
+        If nothing is there, it is not a zarr store, the build that wrote it
+        did not finish, or a chunk file recorded at write time is missing or
+        has another size (:func:`verify_cube` checks the contents).
     """
     import xarray as xr
 
@@ -822,9 +1079,35 @@ def open_cube(path: str | os.PathLike[str]) -> xr.Dataset:
         raise AfpxError(
             f"{where} is not a complete afpx cube (its build did not finish); build it again"
         )
+    if "://" not in where:
+        store.check_chunks(Path(where))  # a deleted or truncated chunk: stat calls only
     schema.check_cube(ds)
     small = [name for name, var in ds.variables.items() if var.ndim == 1]
     return ds.assign({name: ds[name].load() for name in small})
+
+
+def verify_cube(path: str | os.PathLike[str]) -> tuple[int, list[str]]:
+    """Check every chunk file of a cube against the sha256 recorded when it was written.
+
+    Parameters
+    ----------
+    path : str or path
+        A local cube.
+
+    Returns
+    -------
+    (int, list of str)
+        The number of chunk files checked and one line per damaged one.
+
+    Raises
+    ------
+    AfpxError
+        If ``path`` is not a complete cube, or records no checksums.
+    """
+    where = Path(path)
+    if not _is_cube(where):
+        raise AfpxError(f"no afpx cube at {where}: build one with `afpx build-cube`")
+    return store.verify_chunks(where)
 
 
 def site_mask(
@@ -922,6 +1205,9 @@ def cube_summary(ds: xr.Dataset, *, path: str | None = None) -> str:
         if local.is_dir():
             size = sum(f.stat().st_size for f in local.rglob("*") if f.is_file())
             lines.append(f"size on disk: {size / 2**20:.1f} MiB")
+            for partial in store.partials(local.absolute()):
+                state = "stale" if store.stale_partial(partial) else "running"
+                lines.append(f"partial build next to it ({state}): {partial}")
     afp = ds[schema.AFP]
     lines += [
         f"afpx version: {ds.attrs.get('afpx_version')}",

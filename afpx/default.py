@@ -9,7 +9,10 @@ package as two files in ``afpx/data/``:
 * ``default_library.json`` — the manifest: format version, the SHA-256 and
   size of the npz (verified before every load), how the likelihoods are
   quantised, counts, the library's provenance (model, cube, parameters) and
-  the rank check made when packing.
+  the rank check made when packing. The manifest carries the SHA-256 of its
+  own canonical JSON (``manifest_sha256``, see :func:`manifest_digest`),
+  verified before every load too, so that an edited layout (a ``dtype``)
+  cannot turn the arrays into garbage silently.
 
 Likelihoods are stored as log-likelihoods, either losslessly (``float32``) or
 quantised: ``float16`` (half-precision log: relative precision 2^-11 of the
@@ -253,8 +256,26 @@ def pack_library(
         packed = _load(npz, manifest)
         sets = _draw_sets(library, check_sets, seed) if isinstance(check_sets, int) else check_sets
         manifest["rank_check"] = compare_rankings(library, packed, sets)
+    manifest = json.loads(json.dumps(manifest))  # what the file will hold, tuples as lists
+    manifest[MANIFEST_DIGEST_KEY] = manifest_digest(manifest)
     (out / f"{name}.json").write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
     return manifest
+
+
+#: Key of a library manifest holding the SHA-256 of the rest of the manifest.
+MANIFEST_DIGEST_KEY: Final = "manifest_sha256"
+
+
+def manifest_digest(manifest: dict[str, Any]) -> str:
+    """SHA-256 of a library manifest without its own digest, in canonical JSON.
+
+    Canonical: keys sorted, no whitespace, ASCII (``json.dumps(...,
+    sort_keys=True, separators=(",", ":"))``), so the file's indentation does
+    not matter.
+    """
+    rest = {k: v for k, v in manifest.items() if k != MANIFEST_DIGEST_KEY}
+    text = json.dumps(rest, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def pack_default_library(
@@ -376,10 +397,23 @@ def load_library(manifest: str | os.PathLike[str]) -> TemplateLibrary:
         meta = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
         raise AfpxError(f"cannot read manifest {os.fspath(path)!r}: {exc}; {_REINSTALL}") from exc
+    if not isinstance(meta, dict):
+        raise AfpxError(f"manifest {os.fspath(path)!r} is not a JSON object; {_REINSTALL}")
     if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
         raise AfpxError(
             f"{os.fspath(path)!r} is not an afpx template library of format version "
             f"{FORMAT_VERSION}; {_REINSTALL}"
+        )
+    stated = meta.get(MANIFEST_DIGEST_KEY)
+    if stated is None:
+        raise AfpxError(
+            f"manifest {os.fspath(path)!r} has no {MANIFEST_DIGEST_KEY} (packed before manifests"
+            f" were checksummed); pack the library again, or {_REINSTALL}"
+        )
+    if stated != manifest_digest(meta):
+        raise AfpxError(
+            f"manifest {os.fspath(path)!r} was changed since it was packed (its"
+            f" {MANIFEST_DIGEST_KEY} differs); {_REINSTALL}"
         )
     files = meta.get("files", {})
     if len(files) != 1:

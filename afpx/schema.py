@@ -98,6 +98,7 @@ REJECT_REASONS: Final = (
     "r_factor",  # stated R-factor at or above the limit
     "occupancy",  # mixed or partial occupancy
     "unknown_species",  # D, X, vacancies, unstrippable charges, unknown symbols
+    "formula_mismatch",  # the atoms read disagree with the stated _chemical_formula_sum
     "short_distance",  # interatomic distance below the limit
     "symmetry",  # symmetry analysis failed
     "duplicate",  # exact duplicate of an earlier record

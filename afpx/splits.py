@@ -1,14 +1,17 @@
 """Train / holdout / test split of structures, grouped by reduced composition.
 
 The paper's test set shares no composition with the training set: every
-structure of one reduced formula lands in the same split. Formulas are put in
-a seeded random order and assigned greedily, so that the number of
-*structures* per split approaches the requested fractions.
+structure of one reduced formula lands in the same split. Each formula's split
+follows from a seeded hash of the formula alone, so that adding structures
+(``afpx build-cube --append``) never moves a structure already assigned: the
+fractions hold for *formulas* in expectation (~60/20/20), and for structures
+as far as formulas have similar numbers of structures.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -26,9 +29,9 @@ class SplitParams:
     Parameters
     ----------
     seed : int
-        Seed of the random order of the formulas.
+        Seed of the formula hash.
     fractions : tuple of float
-        Target fractions of structures in ``train``, ``holdout`` and ``test``;
+        Expected fractions of formulas in ``train``, ``holdout`` and ``test``;
         must be non-negative and sum to 1.
     """
 
@@ -52,8 +55,8 @@ class SplitParams:
         out["fractions"] = dict(zip(SPLITS, self.fractions, strict=True))
         out["grouped_by"] = "reduced formula"
         out["method"] = (
-            "unique formulas sorted, shuffled by numpy default_rng(seed), assigned in that "
-            "order to the first split whose cumulative structure count is below its target"
+            "u = first 8 bytes of sha256(f'{seed}:{formula}') / 2**64 (big-endian), "
+            "split = first whose cumulative fraction exceeds u"
         )
         return out
 
@@ -73,8 +76,17 @@ def assign_splits(
     Returns
     -------
     ndarray of shape (n_structures,), object (str)
-        ``"train"``, ``"holdout"`` or ``"test"``. Depends only on the multiset
-        of formulas and the seed, not on the order of the structures.
+        ``"train"``, ``"holdout"`` or ``"test"``. Each label depends only on
+        the structure's formula and the seed: not on the other structures,
+        their number or their order.
+
+    Notes
+    -----
+    A formula's label is the first split whose cumulative fraction exceeds
+    ``u``, the first 8 bytes of ``sha256(f"{seed}:{formula}")`` read as a
+    big-endian integer over 2**64. (Earlier versions assigned formulas
+    greedily towards structure-count targets, which moved structures already
+    assigned whenever structures were added.)
 
     Examples
     --------
@@ -87,17 +99,21 @@ def assign_splits(
     out = np.empty(len(formulas), dtype=object)
     if len(formulas) == 0:
         return out
-    unique, inverse, counts = np.unique(
-        formulas.astype(str), return_inverse=True, return_counts=True
-    )
-    order = np.random.default_rng(params.seed).permutation(len(unique))
-    targets = np.cumsum(params.fractions) * len(formulas)
-    label = np.empty(len(unique), dtype=np.int64)
-    done = 0
-    for g in order:
-        # first split whose cumulative target is not yet reached (the last takes the rest)
-        k = int(np.searchsorted(targets, done, side="right"))
-        label[g] = min(k, len(SPLITS) - 1)
-        done += int(counts[g])
+    unique, inverse = np.unique(formulas.astype(str), return_inverse=True)
+    u = np.array([formula_hash(f, params.seed) for f in unique], dtype=np.float64)
+    label = np.searchsorted(np.cumsum(params.fractions), u, side="right")
+    label = np.minimum(label, len(SPLITS) - 1)
     out[:] = np.asarray(SPLITS, dtype=object)[label[inverse]]
     return out
+
+
+def formula_hash(formula: str, seed: int) -> float:
+    """A number in [0, 1) fixed by a formula and a seed (the split's random draw).
+
+    Examples
+    --------
+    >>> 0.0 <= formula_hash("NaCl", 0) < 1.0
+    True
+    """
+    digest = hashlib.sha256(f"{seed}:{formula}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0**64

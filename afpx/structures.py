@@ -23,6 +23,27 @@ after the record has been parsed):
    below ``min_distance``;
 7. ``symmetry`` -- spglib could not analyse the structure.
 
+Checks of the data itself, always on (see docs/ingestion.md):
+
+* ``formula_mismatch`` -- a CIF states ``_chemical_formula_sum`` and the atoms
+  read disagree with it (element set or ratios, hydrogen aside), after the
+  species check and before the filters above from 4 on. This is what catches
+  label-only CIFs read wrongly (``NH4`` as nihonium, ``BI`` as bismuth) and
+  bad symmetry operations. Hydrogen stated but absent from the coordinates is
+  accepted, flagged ``metadata["hydrogen_missing"]`` and counted in
+  :meth:`ReadResult.summary`; :func:`read_structures` warns once
+  (:class:`afpx.AfpxWarning`).
+* ``occupancy`` also covers occupancies of zero or below (a site that is not
+  there) and occupancies on one position summing above 1;
+* ``parse_error`` covers non-numeric occupancies and symmetry operations that
+  are not of the form ``x, y, z``;
+* ``unknown_species`` covers labels that are ambiguous without
+  ``_atom_site_type_symbol`` and ``_chemical_formula_sum`` (``NH4``: N or Nh?)
+  and labels reading as an element of Z >= 100 (``Fl1``: flerovium);
+* ``bad_cell`` covers cells emptier than :data:`MAX_VOLUME_PER_ATOM`;
+* a file larger than ``max_file_mb``, or that is not a regular file, is a
+  ``parse_error`` rejection and is never read whole.
+
 Records of an ASE database or JSON file that repeat an earlier record of the
 same source exactly (same id, same species, cell and positions, bit for bit)
 are ``duplicate`` rejections.
@@ -50,7 +71,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import numpy as np
 
-from afpx import AfpxError
+from afpx import AfpxError, AfpxWarning
 from afpx.schema import N_ELEMENTS, REJECT_REASONS
 
 if TYPE_CHECKING:
@@ -59,12 +80,15 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "MAX_FILE_MB",
+    "MAX_VOLUME_PER_ATOM",
     "AnalysedStructure",
     "FilterParams",
     "ReadResult",
     "Rejection",
     "SiteTable",
     "element_symbol",
+    "parse_formula_sum",
     "read_structures",
     "shortest_distance",
     "split_cif_blocks",
@@ -103,6 +127,23 @@ _SG_NUMBER_KEYS: Final = ("_symmetry_Int_Tables_number", "_space_group_IT_number
 _TYPE_SYMBOL: Final = re.compile(r"^([A-Za-z]{1,3})(?:\d*(?:\.\d+)?[+-]?|[+-]\d*(?:\.\d+)?)$")
 # Tokens that look like element prefixes of labels but are not elements.
 _NOT_ELEMENTS: Final = frozenset({"D", "T", "X", "Xx", "Va", "Vac", "Q"})
+# One term of _chemical_formula_sum: an element and an optional amount (Ca, O3, Ti0.5).
+_FORMULA_TERM: Final = re.compile(r"^([A-Z][a-z]{0,2})(\d+(?:\.\d*)?|\.\d+)?$")
+# One component of a symmetry operation: terms of x, y, z and numbers (-x+1/2, 1/2+y, x-y).
+_SYMOP_COMPONENT: Final = re.compile(
+    r"^(?:[+-]?(?:\d+(?:\.\d*)?(?:/\d+)?\*?)?[xyz]|[+-]?\d+(?:\.\d*)?(?:/\d+)?)+$"
+)
+#: Largest accepted cell volume per atom, Å³ (dense solids hold 5-50, open frameworks a
+#: few hundred); an emptier cell is a misread, and its neighbour search would exhaust memory.
+MAX_VOLUME_PER_ATOM: Final = 1.0e4
+#: Default cap on the bytes read from one CIF or JSON file (after decompression), MB.
+MAX_FILE_MB: Final = 512.0
+#: Stated and read atomic fractions may differ by this much (absolute) ...
+_FORMULA_ABS_TOL: Final = 0.02
+#: ... plus this fraction of the larger of the two (rounded occupancies, minor dopants).
+_FORMULA_REL_TOL: Final = 0.05
+#: Label-only CIFs: an element of this atomic number or above read from a label is refused.
+_LABEL_MAX_Z: Final = 100
 
 
 # -- public data classes -------------------------------------------------------
@@ -304,6 +345,10 @@ class ReadResult:
         counter = Counter(r.reason for r in self.rejections)
         return {reason: counter[reason] for reason in REJECT_REASONS if counter[reason]}
 
+    def hydrogen_missing(self) -> list[AnalysedStructure]:
+        """Accepted structures whose CIF states hydrogen that the coordinates lack."""
+        return [s for s in self.structures if s.metadata.get("hydrogen_missing")]
+
     def summary(self) -> str:
         """Read, accepted and rejected counts, rejections by reason, in words."""
         lines = [
@@ -312,6 +357,9 @@ class ReadResult:
             f"rejected: {len(self.rejections)}",
         ]
         lines += [f"  {reason}: {n}" for reason, n in self.counts().items()]
+        n_h = len(self.hydrogen_missing())
+        if n_h:
+            lines.append(f"accepted without the hydrogen their formula states: {n_h}")
         return "\n".join(lines)
 
 
@@ -554,6 +602,64 @@ def _cell_problem(matrix: np.ndarray) -> str | None:
     return None
 
 
+def parse_formula_sum(text: str) -> dict[str, float] | None:
+    """Amounts of a CIF ``_chemical_formula_sum`` (``'Ca O3 Ti'``); None if not of that form.
+
+    D and T count as H; terms must be whitespace-separated element symbols with
+    optional amounts, as the CIF dictionary prescribes (parentheses, charges
+    and free text give None: such a formula cannot be checked).
+    """
+    amounts: dict[str, float] = {}
+    terms = text.strip().strip("'\"").split()
+    if not terms:
+        return None
+    for term in terms:
+        match = _FORMULA_TERM.match(term)
+        if match is None:
+            return None
+        element = "H" if match.group(1) in ("D", "T") else match.group(1)
+        if element not in _elements()[1:]:
+            return None
+        amount = float(match.group(2)) if match.group(2) else 1.0
+        amounts[element] = amounts.get(element, 0.0) + amount
+    return amounts if sum(amounts.values()) > 0 else None
+
+
+def _formula_problem(stated_text: str, read: dict[str, float]) -> str | None:
+    """Whether the atoms read agree with a stated formula sum.
+
+    Returns None when they agree (or the formula cannot be parsed),
+    ``"hydrogen"`` when they agree but the stated hydrogen is absent from the
+    atoms read, and otherwise the disagreement in words. Hydrogen is left out
+    of the ratios (it is often partly located); atomic fractions of the other
+    elements may differ by ``_FORMULA_ABS_TOL + _FORMULA_REL_TOL * larger``.
+    """
+    stated = parse_formula_sum(stated_text)
+    if stated is None:
+        return None
+    read = {el: amt for el, amt in read.items() if amt > 0}
+    if "H" in read and "H" not in stated:
+        return f"the atoms hold H but _chemical_formula_sum {stated_text!r} states none"
+    heavy_stated = {el: amt for el, amt in stated.items() if el != "H"}
+    heavy_read = {el: amt for el, amt in read.items() if el != "H"}
+    total_stated, total_read = sum(heavy_stated.values()), sum(heavy_read.values())
+    if total_stated > 0 and total_read > 0:
+        for el in sorted(set(heavy_stated) | set(heavy_read)):
+            f_stated = heavy_stated.get(el, 0.0) / total_stated
+            f_read = heavy_read.get(el, 0.0) / total_read
+            if abs(f_stated - f_read) > _FORMULA_ABS_TOL + _FORMULA_REL_TOL * max(f_stated, f_read):
+                read_text = " ".join(f"{e}{a:g}" for e, a in sorted(read.items()))
+                return (
+                    f"the atoms read ({read_text}) disagree with _chemical_formula_sum"
+                    f" {stated_text!r} on {el}: fraction {f_read:.3f} read, {f_stated:.3f} stated"
+                )
+    elif total_stated != total_read:
+        return f"the atoms read disagree with _chemical_formula_sum {stated_text!r}"
+    if "H" in stated and "H" not in read:
+        return "hydrogen"
+    return None
+
+
 def _ordered_arrays(
     record: _Record, structure: Structure, params: FilterParams
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | Rejection:
@@ -581,6 +687,14 @@ def _ordered_arrays(
                 return reject(
                     "unknown_species", f"site {site.label} holds {species!s}, not an element"
                 )
+    stated = record.metadata.get("formula_sum")
+    if stated is not None:
+        read = structure.composition.element_composition.get_el_amt_dict()
+        verdict = _formula_problem(str(stated), read)
+        if verdict == "hydrogen":
+            record.metadata["hydrogen_missing"] = True
+        elif verdict is not None:
+            return reject("formula_mismatch", verdict)
     r_factor = record.metadata.get("r_factor")
     if params.r_factor_max is not None and r_factor is not None and r_factor >= params.r_factor_max:
         key = record.metadata.get("r_factor_key", "R-factor")
@@ -631,6 +745,14 @@ def _analyse(record: _Record, params: FilterParams) -> AnalysedStructure | Rejec
             return reject("unknown_species", f"atomic number {z} ({name}) is not an element")
     lattice, frac_coords, numbers = arrays
     symbols = _elements()
+    volume_per_atom = abs(float(np.linalg.det(lattice))) / len(numbers)
+    if not volume_per_atom <= MAX_VOLUME_PER_ATOM:
+        return reject(
+            "bad_cell",
+            f"{volume_per_atom:.4g} Å³ per atom (cell lengths"
+            f" {np.round(np.linalg.norm(lattice, axis=1), 3).tolist()} Å, {len(numbers)} atoms)"
+            f" is emptier than any crystal (limit {MAX_VOLUME_PER_ATOM:g} Å³)",
+        )
 
     i, j, dmin = _closest_pair(lattice, frac_coords)
     if params.min_distance is not None and dmin < params.min_distance:
@@ -683,14 +805,20 @@ def _digest(id_: str, species: str, cell: np.ndarray, positions: np.ndarray) -> 
 # -- CIF ------------------------------------------------------------------------
 
 
-def _read_text(path: Path) -> str:
-    raw = path.read_bytes()
-    if path.suffix == ".gz":
-        raw = gzip.decompress(raw)
+def _read_text(path: Path, max_bytes: int = int(MAX_FILE_MB * 1e6)) -> str:
+    """The text of a file, at most ``max_bytes`` of it (decompressed); raises ValueError."""
+    if not path.is_file():
+        raise ValueError("not a regular file (a device, pipe or socket); refusing to read it")
+    with path.open("rb") as handle:
+        stream: Any = gzip.GzipFile(fileobj=handle) if path.suffix == ".gz" else handle
+        raw = stream.read(max_bytes + 1)
+    if len(raw) > max_bytes:
+        raise ValueError(f"larger than {max_bytes / 1e6:g} MB; raise --max-file-mb to read it")
     if b"\x00" in raw:
         raise ValueError("binary data (NUL bytes), not a text file")
     try:
-        return raw.decode("utf-8")
+        # utf-8-sig: a byte-order mark some editors write is not part of the text
+        return raw.decode("utf-8-sig")
     except UnicodeDecodeError:
         # CIF 1.1 is ASCII; older files are often Latin-1
         return raw.decode("latin-1")
@@ -888,6 +1016,9 @@ def _read_cif_block(name: str, text: str, *, path: Path, structure_id: str) -> _
             return reject("parse_error", _describe(exc))
         if "_atom_site_fract_x" not in data and "_atom_site_Cartn_x" not in data:
             return reject("no_atoms", "the block has no _atom_site coordinates")
+        site_problem = _atom_site_problem(data)
+        if site_problem is not None:
+            return reject(*site_problem)
         cell = [
             _cif_number(data.get(k))
             for k in (
@@ -921,6 +1052,18 @@ def _read_cif_block(name: str, text: str, *, path: Path, structure_id: str) -> _
         try:
             structures = parser.parse_structures(primitive=False, on_error="raise")
         except Exception as exc:
+            if "exceeded tolerance" in str(exc):
+                sums = [
+                    m.group(1)
+                    for w in caught
+                    if (m := re.search(r"occupancies \(\[(.*?)\]\)", str(w.message)))
+                ]
+                where = f" ({sums[0]})" if sums else ""
+                return reject(
+                    "occupancy",
+                    f"occupancies of the atoms on one position sum to more than 1{where};"
+                    " fix _atom_site_occupancy",
+                )
             return reject("parse_error", _describe(exc))
         if not structures:
             return reject("parse_error", "pymatgen found no structure in the block")
@@ -949,10 +1092,84 @@ def _read_cif_block(name: str, text: str, *, path: Path, structure_id: str) -> _
         symbols = [symbols]
     raw_symbols = [str(s) for s in symbols]
     if "_atom_site_type_symbol" not in data:
+        label_problem = _label_problem(raw_symbols, structures[0], data)
+        if label_problem is not None:
+            return reject("unknown_species", label_problem)
         raw_symbols = [_label_symbol(s) for s in raw_symbols]
+    formula_sum = str(data.get("_chemical_formula_sum") or "").strip()
+    if formula_sum not in ("", "?", "."):
+        metadata["formula_sum"] = formula_sum
     return _Record(
         structure_id, source, name, metadata, structure=structures[0], raw_symbols=raw_symbols
     )
+
+
+def _atom_site_problem(data: dict[str, Any]) -> tuple[str, str] | None:
+    """(reason, message) for symmetry operations and occupancies a reader must not guess."""
+    for key in _SYMOP_KEYS:
+        ops = data.get(key)
+        for op in [ops] if isinstance(ops, str) else ops or []:
+            parts = re.sub(r"\s", "", str(op).strip("'\"")).lower().split(",")
+            if len(parts) != 3 or not all(_SYMOP_COMPONENT.match(p) for p in parts):
+                return (
+                    "parse_error",
+                    f"symmetry operation {op!r} ({key}) is not of the form x,y,z"
+                    " (e.g. -x+1/2,y,z); fix or remove it",
+                )
+    occupancies = data.get("_atom_site_occupancy")
+    if occupancies is None:
+        return None
+    occupancies = [occupancies] if isinstance(occupancies, str) else list(occupancies)
+    labels = data.get("_atom_site_label") or []
+    labels = [labels] if isinstance(labels, str) else list(labels)
+    for k, value in enumerate(occupancies):
+        label = labels[k] if k < len(labels) else f"#{k + 1}"
+        text = str(value).strip().strip("'\"")
+        if text in ("?", "."):
+            continue  # unknown / inapplicable: pymatgen and afpx take 1
+        try:
+            occupancy = float(re.sub(r"\(\d*\)$", "", text))
+        except ValueError:
+            return (
+                "parse_error",
+                f"_atom_site_occupancy {text!r} of site {label} is not a number",
+            )
+        if not occupancy > 0:
+            return (
+                "occupancy",
+                f"site {label} has occupancy {text} (a site that is not there);"
+                " remove the site or fix its occupancy",
+            )
+    return None
+
+
+def _label_problem(labels: list[str], structure: Structure, data: dict[str, Any]) -> str | None:
+    """Why elements read from atom-site labels alone cannot be trusted (None: they can).
+
+    With a ``_chemical_formula_sum`` the formula check decides; without one, a
+    label read as an element of Z >= 100 or ambiguous in capitals (``NH4``:
+    N or Nh, ``BI``: B or Bi) is refused.
+    """
+    if data.get("_chemical_formula_sum"):
+        return None
+    for species in structure.composition.element_composition:
+        z = int(getattr(species, "Z", 0))
+        if z >= _LABEL_MAX_Z:
+            return (
+                f"a label reads as {species} (Z = {z}), an element no crystal structure is"
+                " known of; state the elements with _atom_site_type_symbol"
+            )
+    for label in labels:
+        letters = re.match(r"[A-Za-z]*", label.strip())
+        token = letters.group(0) if letters else ""
+        if len(token) >= 2 and token[:2].isupper():
+            one, two = token[0], token[:2].capitalize()
+            if one in _elements()[1:] and two in _elements()[1:]:
+                return (
+                    f"label {label!r} is ambiguous without _atom_site_type_symbol or"
+                    f" _chemical_formula_sum ({one} or {two}?); state _atom_site_type_symbol"
+                )
+    return None
 
 
 def _label_symbol(label: str) -> str:
@@ -981,9 +1198,9 @@ def _cif_cell_problem(
     return None
 
 
-def _read_cif(path: Path) -> Iterator[_Record | Rejection]:
+def _read_cif(path: Path, max_bytes: int) -> Iterator[_Record | Rejection]:
     try:
-        text = _read_text(path)
+        text = _read_text(path, max_bytes)
     except Exception as exc:
         yield Rejection(str(path), str(path), None, "parse_error", _describe(exc))
         return
@@ -1004,9 +1221,9 @@ def _read_cif(path: Path) -> Iterator[_Record | Rejection]:
 _JSON_ID_KEYS: Final = ("structure_id", "id", "material_id", "name")
 
 
-def _json_documents(path: Path) -> Iterator[tuple[str, Any]]:
+def _json_documents(path: Path, max_bytes: int) -> Iterator[tuple[str, Any]]:
     """(line label, decoded object) for JSON lines, or the items of a JSON file."""
-    text = _read_text(path)
+    text = _read_text(path, max_bytes)
     stripped = text.lstrip()
     if stripped.startswith("[") or (stripped.startswith("{") and "\n{" not in stripped.rstrip()):
         try:
@@ -1035,12 +1252,12 @@ def _json_stem(path: Path) -> str:
     return path.stem
 
 
-def _read_json(path: Path) -> Iterator[_Record | Rejection]:
+def _read_json(path: Path, max_bytes: int) -> Iterator[_Record | Rejection]:
     from pymatgen.core import Structure
 
     source = str(path)
     try:
-        documents = list(_json_documents(path))
+        documents = list(_json_documents(path, max_bytes))
     except Exception as exc:
         yield Rejection(source, source, None, "parse_error", _describe(exc))
         return
@@ -1186,6 +1403,7 @@ class _Task:
     last: int = 0
     n: int = 1  # records expected, for the progress bar
     message: str = ""  # why an "ase-error" task's database cannot be read
+    max_bytes: int = int(MAX_FILE_MB * 1e6)  # most bytes a text reader takes from the file
 
 
 def _kind_of(path: Path) -> str:
@@ -1232,6 +1450,10 @@ def _tasks_for(item: str | os.PathLike[str]) -> list[_Task]:
         for file in files:
             tasks += _file_tasks(file)
         return tasks
+    if not path.is_file():
+        raise AfpxError(
+            f"{item} is not a regular file (a device, pipe or socket); give files or folders"
+        )
     return _file_tasks(path)
 
 
@@ -1267,9 +1489,9 @@ def _run_task(task: _Task, params: FilterParams) -> list[_Outcome]:
             [Rejection(task.path, task.source, None, "no_atoms", "the database has no rows")]
         )
     elif task.kind == "json":
-        reader = _read_json(path)
+        reader = _read_json(path, task.max_bytes)
     else:
-        reader = _read_cif(path)
+        reader = _read_cif(path, task.max_bytes)
     outcomes: list[_Outcome] = []
     for item in reader:
         if isinstance(item, Rejection):
@@ -1334,6 +1556,7 @@ def read_structures(
     params: FilterParams = FilterParams(),
     progress: bool | None = None,
     workers: int = 1,
+    max_file_mb: float = MAX_FILE_MB,
 ) -> ReadResult:
     """Read, filter and analyse crystal structures.
 
@@ -1353,6 +1576,10 @@ def read_structures(
     workers : int
         Processes to read with. The result is the same, in the same order,
         whatever the number.
+    max_file_mb : float
+        Most megabytes (10^6 bytes, after decompression) read from one CIF or
+        JSON file; a larger file is a ``parse_error`` rejection, not read
+        whole. ASE databases are read row by row and are not capped.
 
     Returns
     -------
@@ -1362,8 +1589,15 @@ def read_structures(
     Raises
     ------
     AfpxError
-        If an input is neither an existing path nor a dataset name, or
-        ``workers`` is below 1.
+        If an input is neither an existing path nor a dataset name, is a
+        special file (device, pipe), or ``workers`` is below 1 or
+        ``max_file_mb`` not positive.
+
+    Warns
+    -----
+    AfpxWarning
+        Once, when accepted structures state hydrogen in their formula that
+        their coordinates lack (:meth:`ReadResult.hydrogen_missing`).
     """
     import sys
 
@@ -1371,9 +1605,13 @@ def read_structures(
         inputs = [inputs]
     if workers < 1:
         raise AfpxError(f"workers must be at least 1, not {workers}")
+    if not (math.isfinite(max_file_mb) and max_file_mb > 0):
+        raise AfpxError(f"max_file_mb must be a positive number of megabytes, not {max_file_mb}")
     tasks: list[_Task] = []
     for item in inputs:
         tasks += _tasks_for(item)
+    max_bytes = int(max_file_mb * 1e6)
+    tasks = [dataclasses.replace(task, max_bytes=max_bytes) for task in tasks]
     if progress is None:
         progress = sys.stderr.isatty()
     chunks = _chunks(tasks)
@@ -1397,7 +1635,17 @@ def read_structures(
             bar.update(sum(t.n for t in chunk))
     finally:
         bar.close()
-    return ReadResult(structures, rejections, n_read, params)
+    read = ReadResult(structures, rejections, n_read, params)
+    missing = read.hydrogen_missing()
+    if missing:
+        warnings.warn(
+            f"{len(missing)} accepted structure(s) state hydrogen in _chemical_formula_sum but"
+            f" have no H coordinates (first: {missing[0].structure_id}, {missing[0].source});"
+            " their fingerprints lack the H neighbours",
+            AfpxWarning,
+            stacklevel=2,
+        )
+    return read
 
 
 def _deduplicate(

@@ -15,9 +15,11 @@ import afpx.default
 from afpx import AfpxError
 from afpx.cli import main
 from afpx.default import (
+    MANIFEST_DIGEST_KEY,
     compare_rankings,
     load_default_library,
     load_library,
+    manifest_digest,
     pack_default_library,
     pack_library,
 )
@@ -119,9 +121,37 @@ def test_manifest_errors(library: TemplateLibrary, tmp_path: Path) -> None:
     pack_library(library, tmp_path, check_sets=None)
     meta = json.loads((tmp_path / "default_library.json").read_text())
     meta["files"]["extra.npz"] = {"sha256": "0"}
+    meta[MANIFEST_DIGEST_KEY] = manifest_digest(meta)
     bad.write_text(json.dumps(meta))
     with pytest.raises(AfpxError, match="exactly one data file"):
         load_library(bad)
+
+
+def test_edited_manifest_is_refused(library: TemplateLibrary, tmp_path: Path) -> None:
+    pack_library(library, tmp_path, check_sets=None)
+    manifest = tmp_path / "default_library.json"
+    meta = json.loads(manifest.read_text())
+    assert meta[MANIFEST_DIGEST_KEY] == manifest_digest(meta)
+    # re-indenting changes nothing: the digest is of the canonical JSON
+    manifest.write_text(json.dumps(meta, indent=4))
+    load_library(manifest)
+    meta["layout"]["arrays"]["multiplicity"]["dtype"] = "<u4"  # the edit of issue 12
+    manifest.write_text(json.dumps(meta))
+    with pytest.raises(AfpxError, match=r"was changed since it was packed.*reinstall afpx"):
+        load_library(manifest)
+    del meta[MANIFEST_DIGEST_KEY]
+    manifest.write_text(json.dumps(meta))
+    with pytest.raises(AfpxError, match="has no manifest_sha256"):
+        load_library(manifest)
+    manifest.write_text("[1, 2]")
+    with pytest.raises(AfpxError, match="is not a JSON object"):
+        load_library(manifest)
+
+
+def test_shipped_manifest_carries_its_digest() -> None:
+    shipped = Path(afpx.default.__file__).parent / "data" / "default_library.json"
+    meta = json.loads(shipped.read_text())
+    assert meta[MANIFEST_DIGEST_KEY] == manifest_digest(meta)
 
 
 def test_unreadable_or_incomplete_archive(library: TemplateLibrary, tmp_path: Path) -> None:
@@ -137,11 +167,13 @@ def test_unreadable_or_incomplete_archive(library: TemplateLibrary, tmp_path: Pa
         for n, b in blobs.items():
             zout.writestr(n, b)
     meta["files"]["default_library.npz"]["sha256"] = afpx.default._sha256(npz)
+    meta[MANIFEST_DIGEST_KEY] = manifest_digest(meta)
     manifest.write_text(json.dumps(meta))
     with pytest.raises(AfpxError, match="lacks"):
         load_library(manifest)
     npz.write_bytes(b"not a zip")
     meta["files"]["default_library.npz"]["sha256"] = afpx.default._sha256(npz)
+    meta[MANIFEST_DIGEST_KEY] = manifest_digest(meta)
     manifest.write_text(json.dumps(meta))
     with pytest.raises(AfpxError, match="cannot read"):
         load_library(manifest)

@@ -13,14 +13,16 @@ import pytest
 from pymatgen.core import Lattice, Structure
 from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
 
-from afpx import AfpxError
+from afpx import AfpxError, AfpxWarning
 from afpx.schema import REJECT_REASONS
 from afpx.structures import (
+    MAX_VOLUME_PER_ATOM,
     AnalysedStructure,
     FilterParams,
     ReadResult,
     Rejection,
     SiteTable,
+    parse_formula_sum,
     read_structures,
     shortest_distance,
     split_cif_blocks,
@@ -42,6 +44,16 @@ BAD_REASONS = {
     "overlap": "short_distance",
     "unknown_symbol": "unknown_species",
     "deuterium": "unknown_species",
+    "label_nh4": "formula_mismatch",
+    "label_bi": "unknown_species",
+    "label_fl": "unknown_species",
+    "formula_mismatch": "formula_mismatch",
+    "occupancy_zero": "occupancy",
+    "occupancy_negative": "occupancy",
+    "occupancy_text": "parse_error",
+    "occupancy_sum": "occupancy",
+    "symop_garbage": "parse_error",
+    "huge_cell": "bad_cell",
 }
 
 CIF_HEAD = """data_{name}
@@ -109,7 +121,8 @@ def by_id(result: ReadResult) -> tuple[dict[str, AnalysedStructure], dict[str, R
 @pytest.fixture(scope="module")
 def data_result() -> ReadResult:
     """Everything in tests/data, read once."""
-    return read_structures([DATA])
+    with pytest.warns(AfpxWarning, match="hydrogen"):
+        return read_structures([DATA])
 
 
 # -- reading real and bad files together --------------------------------------------
@@ -580,3 +593,208 @@ def test_symmetry_failure_is_a_rejection_and_an_error(monkeypatch: pytest.Monkey
     monkeypatch.setattr(spglib, "get_symmetry_dataset", broken)
     with pytest.raises(AfpxError, match="symmetry analysis failed: RuntimeError: spglib is broken"):
         unique_sites(nacl())
+
+
+# -- silent misreads made rejections (issue 12) -----------------------------------------------
+
+# bad input -> (reason, words the message must contain)
+MISREADS = {
+    "label_nh4": ("formula_mismatch", "'Cl H4 N'"),
+    "label_bi": ("unknown_species", "'BI' is ambiguous"),
+    "label_fl": ("unknown_species", "Fl (Z = 114)"),
+    "formula_mismatch": ("formula_mismatch", "on Ca: fraction 0.500 read, 0.333 stated"),
+    "occupancy_zero": ("occupancy", "site Ca2 has occupancy 0"),
+    "occupancy_negative": ("occupancy", "site O1 has occupancy -0.5"),
+    "occupancy_text": ("parse_error", "_atom_site_occupancy 'abc' of site O1"),
+    "occupancy_sum": ("occupancy", "sum to more than 1 (1.5)"),
+    "symop_garbage": ("parse_error", "'foo,bar,baz'"),
+    "huge_cell": ("bad_cell", "emptier than any crystal"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MISREADS))
+def test_misread_cif_is_a_rejection_with_a_reason(name: str) -> None:
+    reason, words = MISREADS[name]
+    result = read_structures([BAD / f"{name}.cif"])
+    assert not result.structures
+    (rejection,) = result.rejections
+    assert rejection.reason == reason
+    assert words in rejection.message
+    assert "\n" not in rejection.message
+
+
+def test_misreads_stay_rejected_with_every_filter_off() -> None:
+    # the checks of the data itself are not filters: --no-filter cannot turn them off
+    params = FilterParams(r_factor_max=None, min_occupancy=None, min_distance=None)
+    for name in ("label_nh4", "formula_mismatch", "occupancy_zero", "occupancy_text"):
+        result = read_structures([BAD / f"{name}.cif"], params=params)
+        assert [r.reason for r in result.rejections] == [MISREADS[name][0]], name
+
+
+def test_lime_with_its_own_formula_is_accepted(tmp_path: Path) -> None:
+    # the same CaO as the fixtures, stated formula right: the check passes it
+    text = (BAD / "formula_mismatch.cif").read_text().replace("'Ca O2'", "'Ca O'")
+    (tmp_path / "lime.cif").write_text(text)
+    (structure,) = read_structures([tmp_path / "lime.cif"]).structures
+    assert structure.formula == "CaO"
+    assert structure.metadata["formula_sum"] == "Ca O"
+    assert not structure.metadata.get("hydrogen_missing")
+
+
+def test_label_only_cif_with_a_confirming_formula_is_accepted(tmp_path: Path) -> None:
+    # CA1 in capitals: Ca or C? the formula sum says Ca
+    text = (BAD / "label_bi.cif").read_text()
+    text = text.replace("BI 0.", "CA1 0.").replace("I1 0.5", "O1 0.5")
+    text = text.replace("data_label_bi\n", "data_label_bi\n_chemical_formula_sum 'Ca O'\n")
+    (tmp_path / "upper.cif").write_text(text)
+    (structure,) = read_structures([tmp_path / "upper.cif"]).structures
+    assert structure.formula == "CaO"
+
+
+def test_hydrogen_stated_but_absent_is_accepted_with_a_warning() -> None:
+    with pytest.warns(AfpxWarning, match="1 accepted structure.*hydrogen_missing"):
+        result = read_structures([BAD / "hydrogen_missing.cif"])
+    (structure,) = result.structures
+    assert structure.formula == "P"
+    assert structure.metadata["hydrogen_missing"] is True
+    assert result.hydrogen_missing() == [structure]
+    assert "without the hydrogen their formula states: 1" in result.summary()
+
+
+def test_hydrogen_in_atoms_but_not_in_formula_is_a_mismatch(tmp_path: Path) -> None:
+    text = (COD / "1010132.cif").read_text()
+    text = text.replace("data_1010132\n", "data_1010132\n_chemical_formula_sum 'P'\n")
+    (tmp_path / "ph3.cif").write_text(text)
+    (rejection,) = read_structures([tmp_path / "ph3.cif"]).rejections
+    assert rejection.reason == "formula_mismatch"
+    assert "hold H" in rejection.message
+
+
+def test_byte_order_mark_reads_like_the_plain_file() -> None:
+    plain = read_structures([COD / "1000044.cif"]).structures[0]
+    (bom,) = read_structures([BAD / "bom.cif"]).structures
+    assert (BAD / "bom.cif").read_bytes()[:3] == b"\xef\xbb\xbf"
+    assert bom.formula == plain.formula == "CaO"
+    np.testing.assert_array_equal(bom.frac_coords, plain.frac_coords)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("'Ca O3 Ti'", {"Ca": 1.0, "O": 3.0, "Ti": 1.0}),
+        ("C6 H12 N2 O4", {"C": 6.0, "H": 12.0, "N": 2.0, "O": 4.0}),
+        ("'D2 O'", {"H": 2.0, "O": 1.0}),
+        ("Ca0.98 Mg.02 O", {"Ca": 0.98, "Mg": 0.02, "O": 1.0}),
+        ("'(Ca O)2'", None),
+        ("Fe2+ O", None),
+        ("Qq2", None),
+        ("?", None),
+    ],
+)
+def test_parse_formula_sum(text: str, expected: dict[str, float] | None) -> None:
+    assert parse_formula_sum(text) == expected
+
+
+def test_cell_emptier_than_the_limit_is_refused_and_a_dense_one_is_not(tmp_path: Path) -> None:
+    # rock salt with a = 5.64 Å holds 8 atoms in 179 Å^3; at the limit's cube root it is refused
+    a_limit = (8 * MAX_VOLUME_PER_ATOM) ** (1 / 3)
+    ok = read_structures([rocksalt_cif(tmp_path, name="dense")])
+    assert len(ok.structures) == 1
+    bad = read_structures([rocksalt_cif(tmp_path, name="sparse", a=a_limit * 1.01)])
+    assert [r.reason for r in bad.rejections] == ["bad_cell"]
+
+
+def test_special_files_are_refused_and_never_read() -> None:
+    with pytest.raises(AfpxError, match="/dev/zero is not a regular file"):
+        read_structures(["/dev/zero"])
+
+
+def test_a_file_above_max_file_mb_is_a_rejection_not_read_whole() -> None:
+    size = (COD / "1000044.cif").stat().st_size
+    result = read_structures([COD / "1000044.cif"], max_file_mb=size / 2e6)
+    (rejection,) = result.rejections
+    assert rejection.reason == "parse_error"
+    assert "--max-file-mb" in rejection.message
+    assert len(read_structures([COD / "1000044.cif"], max_file_mb=size / 1e6).structures) == 1
+
+
+@pytest.mark.parametrize("value", [0.0, -1.0, float("nan"), float("inf")])
+def test_max_file_mb_must_be_positive(value: float) -> None:
+    with pytest.raises(AfpxError, match="max_file_mb must be a positive"):
+        read_structures([COD / "1000044.cif"], max_file_mb=value)
+
+
+# -- afpx inspect: one-line errors and exit codes ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "words"),
+    [
+        ("--symprec", "-1", "symprec must be a positive distance in Å, not -1.0"),
+        ("--min-distance", "nan", "min_distance must be at least 0 Å, not nan"),
+        ("--min-occupancy", "2", "min_occupancy must lie in [0, 1), not 2.0"),
+        ("--r-factor-max", "-1", "r_factor_max must be positive (a fraction), not -1.0"),
+        ("--max-file-mb", "0", "max_file_mb must be a positive number of megabytes, not 0.0"),
+    ],
+)
+def test_inspect_bad_filter_option_is_one_line_usage_error(
+    option: str, value: str, words: str
+) -> None:
+    from click.testing import CliRunner
+
+    from afpx.cli import main
+
+    result = CliRunner().invoke(main, ["inspect", str(COD / "1000044.cif"), option, value])
+    assert result.exit_code == 2
+    assert result.output.strip() == f"Error: {words}"
+
+
+def test_inspect_refuses_a_device_file_at_once() -> None:
+    from click.testing import CliRunner
+
+    from afpx.cli import main
+
+    result = CliRunner().invoke(main, ["inspect", "/dev/zero"])
+    assert result.exit_code == 2
+    assert "/dev/zero is not a regular file" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_inspect_with_nothing_accepted_exits_1_with_a_hint() -> None:
+    from click.testing import CliRunner
+
+    from afpx.cli import main
+
+    result = CliRunner().invoke(main, ["inspect", str(BAD / "occupancy_zero.cif")])
+    assert result.exit_code == 1
+    assert "site Ca2 has occupancy 0" in result.output
+    assert "no structure accepted (1 read; occupancy 1)" in result.output
+    ok = CliRunner().invoke(main, ["inspect", str(COD / "1000044.cif")])
+    assert ok.exit_code == 0
+
+
+def test_inspect_shows_the_hydrogen_warning_as_one_line() -> None:
+    from click.testing import CliRunner
+
+    from afpx.cli import main
+
+    result = CliRunner().invoke(main, ["inspect", "--summary", str(BAD / "hydrogen_missing.cif")])
+    assert result.exit_code == 0
+    warning_lines = [line for line in result.output.splitlines() if line.startswith("warning:")]
+    assert len(warning_lines) == 1
+    assert "hydrogen" in warning_lines[0]
+
+
+@pytest.mark.parametrize("name", sorted(BAD_REASONS))
+def test_inspect_of_each_bad_input_exits_1_naming_file_and_reason(name: str) -> None:
+    from click.testing import CliRunner
+
+    from afpx.cli import main
+
+    path = BAD / f"{name}.cif"
+    result = CliRunner().invoke(main, ["inspect", str(path)])
+    assert result.exit_code == 1, result.output
+    (line,) = [x for x in result.output.splitlines() if str(path) in x]
+    assert f" {BAD_REASONS[name]}: " in line
+    assert "Traceback" not in result.output
+    assert sorted(p.name for p in BAD.iterdir() if p.name.startswith(".")) == []

@@ -294,7 +294,11 @@ def test_inspect_params_reach_the_reader(monkeypatch: pytest.MonkeyPatch) -> Non
 
     monkeypatch.setattr(structures_module, "read_structures", fake)
     args = ["inspect", "x", "--workers", "2", "--min-distance", "0.5", "--no-filter", "r-factor"]
+    args += ["--max-file-mb", "3"]
     result = CliRunner().invoke(main, args)
-    assert result.exit_code == 0, result.output
+    # the fake reader accepts nothing: exit 1, after the reader got every option
+    assert result.exit_code == 1, result.output
+    assert "no structure accepted (0 read; nothing to read)" in result.output
     assert seen["workers"] == 2
+    assert seen["max_file_mb"] == 3.0
     assert seen["params"] == FilterParams(r_factor_max=None, min_distance=0.5)

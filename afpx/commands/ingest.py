@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import warnings
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import click
 
-from afpx.cli import F, library_errors
+from afpx import AfpxError, AfpxWarning
+from afpx.cli import AfpxUsageError, F, library_errors
 
 if TYPE_CHECKING:
     from afpx.structures import FilterParams, ReadResult
@@ -90,11 +94,37 @@ _FILTER_OPTIONS = (
 )
 
 
+# passed through to the command as ``max_file_mb``
+_MAX_FILE_MB = click.option(
+    "--max-file-mb",
+    type=float,
+    default=512.0,
+    show_default=True,
+    help="Refuse (reject) a CIF or JSON file larger than this many MB, unread.",
+)
+
+
+@contextlib.contextmanager
+def echo_warnings() -> Iterator[None]:
+    """Show afpx warnings raised inside the block as one ``warning:`` line each on stderr."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", AfpxWarning)
+        try:
+            yield
+        finally:
+            for w in caught:
+                if issubclass(w.category, AfpxWarning):
+                    click.echo(f"warning: {w.message}", err=True)
+                else:
+                    warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+
+
 def filter_options(func: F) -> F:
     """Add the quality-filter options to a command; it receives one ``filters`` argument.
 
     Shared by every command that reads structures (``afpx inspect``,
     ``afpx build-cube``), so that their options and defaults cannot drift.
+    ``--max-file-mb`` is passed on as the command's ``max_file_mb`` argument.
     """
 
     @functools.wraps(func)
@@ -110,18 +140,21 @@ def filter_options(func: F) -> F:
     ) -> Any:
         from afpx.structures import FilterParams
 
-        kwargs["filters"] = FilterParams(
-            r_factor_max=None if "r-factor" in disabled else r_factor_max,
-            min_occupancy=None if "occupancy" in disabled else min_occupancy,
-            min_distance=None if "distance" in disabled else min_distance,
-            check_species="species" not in disabled,
-            symprec=symprec,
-            angle_tolerance=angle_tolerance,
-        )
+        try:
+            kwargs["filters"] = FilterParams(
+                r_factor_max=None if "r-factor" in disabled else r_factor_max,
+                min_occupancy=None if "occupancy" in disabled else min_occupancy,
+                min_distance=None if "distance" in disabled else min_distance,
+                check_species="species" not in disabled,
+                symprec=symprec,
+                angle_tolerance=angle_tolerance,
+            )
+        except AfpxError as exc:  # outside the command's library_errors: a usage error here
+            raise AfpxUsageError(str(exc)) from exc
         return func(*args, **kwargs)
 
     decorated: Any = wrapper
-    for option in reversed(_FILTER_OPTIONS):
+    for option in reversed((*_FILTER_OPTIONS, _MAX_FILE_MB)):
         decorated = option(decorated)
     return decorated
 
@@ -140,17 +173,32 @@ def inspect_command(
     summary_only: bool,
     workers: int,
     filters: FilterParams,
+    max_file_mb: float,
     progress: bool | None,
 ) -> None:
     """Read structures, apply the quality filters and print their unique sites.
 
     INPUTS are CIF files, folders, JSON(-lines) files of pymatgen structures,
-    ASE databases, or dataset names (see `afpx datasets list`).
+    ASE databases, or dataset names (see `afpx datasets list`). Exits with
+    status 1 when no structure is accepted.
     """
     from afpx.structures import read_structures
 
-    result = read_structures(list(inputs), params=filters, progress=progress, workers=workers)
+    with echo_warnings():
+        result = read_structures(
+            list(inputs),
+            params=filters,
+            progress=progress,
+            workers=workers,
+            max_file_mb=max_file_mb,
+        )
     click.echo(format_result(result, summary_only=summary_only))
+    if not result.structures:
+        reasons = ", ".join(f"{reason} {n}" for reason, n in result.counts().items())
+        raise click.ClickException(
+            f"no structure accepted ({result.n_read} read; {reasons or 'nothing to read'}):"
+            " see the reasons above; --no-filter relaxes a quality filter"
+        )
 
 
 @click.group("datasets")

@@ -1,0 +1,473 @@
+"""Writing zarr stores that are never half there: publish, resume, append, verify.
+
+A store is built in a hidden sibling of its target, ``.NAME.partial-XXXXXXXX``,
+and published by one rename that never replaces what appeared at the target
+meanwhile. Inside the partial:
+
+* its sibling ``.NAME.partial-XXXXXXXX.owner.json``, written before the
+  partial, names the process writing it (host, pid), a key of everything the
+  build writes besides the lazy chunks (attributes, the in-memory variables,
+  shapes and chunking of the lazy ones) and whether the metadata and
+  in-memory variables are complete (``template``);
+* ``.afpx-chunks/NAME/I`` records that chunk ``I`` (along the first dimension)
+  of lazy variable ``NAME`` is written, with its file's size and sha256.
+
+A build killed at any point leaves a partial whose completed chunks a resumed
+build (same key) keeps; a partial whose process is gone is *stale*: reported
+and removed by the next build of the target. When every chunk is written,
+:func:`finish` records the size and sha256 of every chunk file (metadata
+excluded) in the attributes of the group ``afpx_checksums``, removes the
+bookkeeping, and the caller sets its completion attribute and publishes.
+
+Readers check the recorded sizes on open (:func:`check_chunks`, stat calls
+only) and the checksums on demand (:func:`verify_chunks`).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import socket
+import sys
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final
+
+import numpy as np
+
+from afpx import AfpxError
+
+if TYPE_CHECKING:
+    import xarray as xr
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "CHECKSUMS_GROUP",
+    "ChunkWriter",
+    "build_key",
+    "check_chunks",
+    "chunk_tasks",
+    "claim",
+    "done_chunks",
+    "exchange",
+    "finish",
+    "let_go",
+    "link_chunks",
+    "new_partial",
+    "partials",
+    "release",
+    "remove_partial",
+    "rename_noreplace",
+    "stale_partial",
+    "start_store",
+    "verify_chunks",
+]
+
+#: A zarr group of the store whose attributes hold the size and sha256 of every chunk
+#: file (metadata excluded): a group, so that zarr and xarray read past it silently.
+CHECKSUMS_GROUP: Final = "afpx_checksums"
+_OWNER_SUFFIX: Final = ".owner.json"
+_MARKS: Final = ".afpx-chunks"
+_RENAME_NOREPLACE: Final = 1
+_RENAME_EXCHANGE: Final = 2
+_AT_FDCWD: Final = -100
+_ZARR_TEMPORARY: Final = re.compile(r"\.[0-9a-f]{32}\.partial$")
+#: Partials this process is writing now (a failed write of this process is stale).
+_ACTIVE: set[Path] = set()
+
+
+# -- renames that never replace ------------------------------------------------------------
+def _renameat2(src: Path, dst: Path, flags: int) -> bool:
+    """Linux ``renameat2``; False where the system lacks it (then the caller falls back)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    function = getattr(libc, "renameat2", None)
+    if function is None:
+        return False
+    result = function(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), flags)
+    if result == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL):  # kernel or filesystem without the flag
+        return False
+    raise OSError(err, os.strerror(err), str(dst))
+
+
+def rename_noreplace(src: Path, dst: Path) -> None:
+    """Rename ``src`` to ``dst``; raise FileExistsError if ``dst`` exists, even one created now.
+
+    Atomic on Linux (``renameat2(RENAME_NOREPLACE)``); elsewhere a check and a
+    rename, which still never replaces a non-empty folder.
+    """
+    try:
+        if _renameat2(src, dst, _RENAME_NOREPLACE):
+            return
+    except OSError as exc:
+        if exc.errno == errno.EEXIST:
+            raise FileExistsError(errno.EEXIST, "exists", str(dst)) from exc
+        raise
+    if dst.exists() or dst.is_symlink():
+        raise FileExistsError(errno.EEXIST, "exists", str(dst))
+    os.rename(src, dst)
+
+
+def exchange(a: Path, b: Path) -> None:
+    """Swap two existing paths in one step where the system allows (Linux), else in two."""
+    if _renameat2(a, b, _RENAME_EXCHANGE):
+        return
+    aside = b.with_name(f"{b.name}.swap-{uuid.uuid4().hex[:8]}")
+    os.rename(b, aside)
+    os.rename(a, b)
+    os.rename(aside, a)
+
+
+# -- partial stores ------------------------------------------------------------------------
+def _owner_file(partial: Path) -> Path:
+    return partial.with_name(partial.name + _OWNER_SUFFIX)
+
+
+def new_partial(target: Path, key: str) -> Path:
+    """A fresh hidden sibling of ``target`` to build in; its owner file is written, not it."""
+    partial = target.with_name(f".{target.name}.partial-{uuid.uuid4().hex[:8]}")
+    owner = {"host": socket.gethostname(), "pid": os.getpid(), "key": key, "template": False}
+    _write_atomic(_owner_file(partial), json.dumps(owner))
+    _ACTIVE.add(partial)
+    return partial
+
+
+def let_go(partial: Path) -> None:
+    """This process no longer writes ``partial`` (it failed, or it was published)."""
+    _ACTIVE.discard(partial)
+
+
+def partials(target: Path) -> list[Path]:
+    """Hidden partial builds of ``target`` (from this or earlier runs), by name."""
+    if not target.parent.is_dir():
+        return []
+    found = {
+        p.with_name(p.name.removesuffix(_OWNER_SUFFIX))
+        for p in target.parent.glob(f".{target.name}.partial-*")
+        if ".tmp-" not in p.name
+    }
+    return sorted(found)
+
+
+def release(partial: Path) -> None:
+    """Drop the owner file of a partial that was published (renamed away)."""
+    _owner_file(partial).unlink(missing_ok=True)
+
+
+def remove_partial(partial: Path) -> None:
+    """Remove a partial build and its owner file."""
+    shutil.rmtree(partial, ignore_errors=True)
+    _owner_file(partial).unlink(missing_ok=True)
+
+
+def _owner(partial: Path) -> dict[str, Any] | None:
+    try:
+        owner = json.loads(_owner_file(partial).read_text())
+    except (OSError, ValueError):
+        return None
+    return owner if isinstance(owner, dict) else None
+
+
+def stale_partial(partial: Path) -> bool:
+    """Whether no live process builds ``partial`` (its process on this host is gone)."""
+    owner = _owner(partial)
+    if owner is None:
+        return True
+    if owner.get("host") != socket.gethostname():
+        return False  # another machine's build: it cannot be checked from here
+    pid = int(owner.get("pid", -1))
+    if pid == os.getpid():
+        return partial not in _ACTIVE
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+# -- the build key ---------------------------------------------------------------------------
+def _is_lazy(data: Any) -> bool:
+    return hasattr(data, "dask") and hasattr(data, "chunks")
+
+
+def lazy_names(ds: xr.Dataset) -> list[str]:
+    """Variables of ``ds`` backed by Dask, sorted."""
+    return sorted(str(n) for n, v in ds.variables.items() if _is_lazy(v.data))
+
+
+def build_key(ds: xr.Dataset) -> str:
+    """sha256 of what a build writes besides the lazy chunks: attrs, small arrays, layout."""
+    h = hashlib.sha256(json.dumps(ds.attrs, sort_keys=True, default=str).encode())
+    for name in sorted(str(n) for n in ds.variables):
+        var = ds.variables[name]
+        h.update(f"\0{name}\0{var.dims}\0{var.shape}\0{var.dtype}\0".encode())
+        if _is_lazy(var.data):
+            h.update(repr(var.data.chunks).encode())
+            continue
+        values = np.asarray(var.values)
+        if values.dtype.kind in "OTU":
+            h.update("\0".join(map(str, values.ravel().tolist())).encode())
+        else:
+            h.update(np.ascontiguousarray(values).tobytes())
+    return h.hexdigest()
+
+
+def start_store(ds: xr.Dataset, partial: Path, encoding: dict[str, dict[str, Any]]) -> None:
+    """Write the metadata and the in-memory variables, then say so in the owner file."""
+    ds.to_zarr(
+        partial,
+        mode="w-",
+        zarr_format=3,
+        consolidated=False,
+        encoding=encoding,
+        compute=False,
+        write_empty_chunks=True,
+    )
+    (partial / _MARKS).mkdir()
+    owner = _owner(partial) or {}
+    owner["template"] = True
+    _write_atomic(_owner_file(partial), json.dumps(owner))
+
+
+def claim(partial: Path, key: str) -> bool:
+    """Take over a stale partial for a resumed build; False if it cannot be resumed.
+
+    It can when its key equals ``key`` and its template was complete.
+    """
+    owner = _owner(partial)
+    if owner is None or owner.get("key") != key or not owner.get("template"):
+        return False
+    if not (partial / _MARKS).is_dir():
+        return False
+    owner.update(host=socket.gethostname(), pid=os.getpid())
+    _write_atomic(_owner_file(partial), json.dumps(owner))
+    _ACTIVE.add(partial)
+    return True
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+# -- chunks ------------------------------------------------------------------------------------
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _chunk_file(store: Path, name: str, index: int, ndim: int) -> Path:
+    # zarr v3 default chunk keys: NAME/c/i/0/0 (one chunk along every other dim)
+    return store / name / "c" / "/".join([str(index)] + ["0"] * (ndim - 1))
+
+
+def done_chunks(partial: Path) -> set[tuple[str, int]]:
+    """(variable, chunk) pairs recorded as written whose files still have their size."""
+    done: set[tuple[str, int]] = set()
+    marks = partial / _MARKS
+    if not marks.is_dir():
+        return done
+    for mark in marks.glob("*/*"):
+        if not mark.name.isdigit():
+            continue  # a temporary file of a write that was killed
+        try:
+            record = json.loads(mark.read_text())
+            chunk = partial / record["file"]
+            if chunk.stat().st_size == int(record["size"]):
+                done.add((mark.parent.name, int(mark.name)))
+        except (OSError, ValueError, KeyError):
+            continue
+    return done
+
+
+@dataclass(frozen=True)
+class ChunkWriter:
+    """A ``dask.array.store`` target writing chosen chunks of one variable, then their marks.
+
+    ``chunks`` holds (first row, last row + 1, chunk number) of every chunk
+    the source array provides, in order; the source's rows are those chunks
+    concatenated.
+    """
+
+    store: str
+    name: str
+    ndim: int
+    chunks: tuple[tuple[int, int, int], ...]
+
+    def __setitem__(self, key: tuple[slice, ...], value: np.ndarray) -> None:
+        import zarr
+
+        start = key[0].start or 0
+        offsets = np.cumsum([0] + [hi - lo for lo, hi, _ in self.chunks])
+        position = int(np.searchsorted(offsets, start))
+        if position >= len(self.chunks) or offsets[position] != start:  # pragma: no cover
+            raise RuntimeError(f"no chunk of {self.name} starts at row {start}")
+        lo, hi, index = self.chunks[position]
+        if value.shape[0] != hi - lo:  # pragma: no cover - dask hands whole chunks
+            raise RuntimeError(f"chunk {index} of {self.name} has {value.shape[0]} rows")
+        store = Path(self.store)
+        array = zarr.open_array(store / self.name, mode="r+", config={"write_empty_chunks": True})
+        array[lo:hi] = value
+        chunk = _chunk_file(store, self.name, index, self.ndim)
+        record = {
+            "file": chunk.relative_to(store).as_posix(),
+            "size": chunk.stat().st_size,
+            "sha256": _sha256(chunk),
+        }
+        (store / _MARKS / self.name).mkdir(parents=True, exist_ok=True)
+        _write_atomic(store / _MARKS / self.name / str(index), json.dumps(record))
+
+
+def chunk_tasks(ds: xr.Dataset, partial: Path, done: set[tuple[str, int]]) -> list[Any]:
+    """Delayed writes of every chunk of every lazy variable not in ``done``.
+
+    Chunks are along the first dimension; a lazy variable must be in one
+    chunk along every other dimension (as the stores afpx writes are).
+    """
+    import dask.array as da
+
+    tasks = []
+    for name in lazy_names(ds):
+        array = ds[name].data
+        if any(len(c) > 1 for c in array.chunks[1:]):
+            array = array.rechunk(dict.fromkeys(range(1, array.ndim), -1))
+        bounds = np.concatenate([[0], np.cumsum(array.chunks[0])]).astype(int)
+        missing = [i for i in range(len(array.chunks[0])) if (name, i) not in done]
+        if not missing:
+            continue
+        source = array.blocks[(missing,) + (slice(None),) * (array.ndim - 1)]
+        writer = ChunkWriter(
+            str(partial),
+            name,
+            array.ndim,
+            tuple((int(bounds[i]), int(bounds[i + 1]), i) for i in missing),
+        )
+        tasks.append(da.store(source, writer, lock=False, compute=False))  # type: ignore[arg-type]
+    return tasks
+
+
+def link_chunks(old: Path, partial: Path, name: str, ndim: int, indices: Iterable[int]) -> None:
+    """Hard-link (or copy) finished chunks of ``old`` into ``partial`` and mark them done.
+
+    Chunks so taken are never written again (they are marked done), so the
+    old store's files stay as they are whatever happens to the new one.
+    """
+    recorded = _recorded(old)
+    for index in indices:
+        source = _chunk_file(old, name, index, ndim)
+        target = _chunk_file(partial, name, index, ndim)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(source, target)
+        except OSError:
+            shutil.copy2(source, target)
+        rel = target.relative_to(partial).as_posix()
+        size, digest = recorded.get(rel) or (target.stat().st_size, _sha256(target))
+        record = {"file": rel, "size": size, "sha256": digest}
+        (partial / _MARKS / name).mkdir(parents=True, exist_ok=True)
+        _write_atomic(partial / _MARKS / name / str(index), json.dumps(record))
+
+
+# -- finishing and checking --------------------------------------------------------------------
+def _recorded(store: Path) -> dict[str, tuple[int, str]]:
+    try:
+        meta = json.loads((store / CHECKSUMS_GROUP / "zarr.json").read_text())
+        files = meta["attributes"]["files"]
+        return {k: (int(v[0]), str(v[1])) for k, v in files.items()}
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        return {}
+
+
+def finish(partial: Path) -> None:
+    """Record sizes and sha256 of every chunk file, then drop the build bookkeeping."""
+    marked: dict[str, tuple[int, str]] = {}
+    for mark in (partial / _MARKS).glob("*/*"):
+        if not mark.name.isdigit():
+            continue
+        record = json.loads(mark.read_text())
+        marked[record["file"]] = (int(record["size"]), str(record["sha256"]))
+    files: dict[str, list[Any]] = {}
+    for path in sorted(partial.rglob("*")):
+        if _ZARR_TEMPORARY.search(path.name):
+            path.unlink()  # zarr writes a chunk to NAME.<uuid>.partial and renames it
+            continue
+        rel = path.relative_to(partial).as_posix()
+        if not path.is_file() or path.name == "zarr.json" or rel.startswith("."):
+            continue
+        if "/c/" not in f"/{rel}":
+            continue
+        size, digest = marked.get(rel) or (path.stat().st_size, _sha256(path))
+        files[rel] = [size, digest]
+    meta = {
+        "zarr_format": 3,
+        "node_type": "group",
+        "attributes": {"algorithm": "sha256", "files": files},
+    }
+    (partial / CHECKSUMS_GROUP).mkdir(exist_ok=True)
+    _write_atomic(partial / CHECKSUMS_GROUP / "zarr.json", json.dumps(meta, sort_keys=True))
+    shutil.rmtree(partial / _MARKS, ignore_errors=True)
+
+
+def check_chunks(store: Path) -> None:
+    """Raise :class:`AfpxError` if a recorded chunk file is missing or has another size.
+
+    Stat calls only; a store without recorded checksums passes.
+    """
+    for rel, (size, _) in _recorded(store).items():
+        path = store / rel
+        try:
+            actual = path.stat().st_size
+        except OSError:
+            raise AfpxError(
+                f"{store} is damaged: chunk {rel} is missing; rebuild it (afpx build-cube)"
+            ) from None
+        if actual != size:
+            raise AfpxError(
+                f"{store} is damaged: chunk {rel} has {actual} bytes, {size} were written;"
+                " rebuild it (afpx build-cube)"
+            )
+
+
+def verify_chunks(store: Path) -> tuple[int, list[str]]:
+    """Number of chunk files checked and the problems found (sha256 of every chunk).
+
+    Raises
+    ------
+    AfpxError
+        If the store records no checksums (written before they were recorded).
+    """
+    recorded = _recorded(store)
+    if not recorded:
+        raise AfpxError(
+            f"{store} records no checksums ({CHECKSUMS_GROUP}); rebuild it to verify it"
+        )
+    problems = []
+    for rel, (size, digest) in sorted(recorded.items()):
+        path = store / rel
+        if not path.is_file():
+            problems.append(f"{rel}: missing")
+        elif path.stat().st_size != size:
+            problems.append(f"{rel}: {path.stat().st_size} bytes, {size} were written")
+        elif _sha256(path) != digest:
+            problems.append(f"{rel}: sha256 differs from the one recorded at write time")
+    return len(recorded), problems

@@ -1,0 +1,319 @@
+"""Cube stores: no-replace publishing, stale partials, resume, append, checksums (issue 12)."""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import afpx.cube
+import afpx.store
+from afpx import AfpxError, schema
+from afpx.cli import main
+from afpx.cube import append_to_cube, build_cube, open_cube, verify_cube
+from afpx.store import CHECKSUMS_GROUP, partials, rename_noreplace
+
+COD = Path(__file__).parent / "data" / "cod"
+FILES = sorted(str(p) for p in COD.glob("*.cif"))
+FIRST, SECOND = FILES[:5], FILES[5:]
+CHUNK = 5  # sites per chunk: the first cube ends in a partly filled chunk
+
+
+def tree(root: Path) -> dict[str, bytes]:
+    """Every file of a store by relative path, with its bytes."""
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+def assert_same_store(a: Path, b: Path) -> None:
+    ta, tb = tree(a), tree(b)
+    assert sorted(ta) == sorted(tb)
+    different = [name for name in ta if ta[name] != tb[name]]
+    assert not different, different
+
+
+@pytest.fixture(scope="module")
+def one_shot(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """FIRST and SECOND built in one go."""
+    out = tmp_path_factory.mktemp("oneshot") / "cube.zarr"
+    return build_cube(FIRST + SECOND, out, chunk_sites=CHUNK, draws=2, progress=False)
+
+
+def failing_after(monkeypatch: pytest.MonkeyPatch, n: int, exc: BaseException) -> dict[str, int]:
+    """Make the n-th fingerprint block (and later ones) raise ``exc``; count the calls."""
+    original = afpx.cube._compute_block
+    calls = {"n": 0}
+
+    def compute(block: Any, options: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] >= n:
+            raise exc
+        return original(block, options)
+
+    monkeypatch.setattr(afpx.cube, "_compute_block", compute)
+    return calls
+
+
+# -- publishing ------------------------------------------------------------------------------
+def test_rename_noreplace_never_replaces(tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()  # empty: a plain rename would replace it
+    with pytest.raises(FileExistsError):
+        rename_noreplace(tmp_path / "a", tmp_path / "b")
+    rename_noreplace(tmp_path / "a", tmp_path / "c")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b", "c"]
+
+
+def test_target_that_appears_during_the_build_is_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    target = tmp_path / "cube.zarr"
+    original = afpx.store.finish
+
+    def finish_and_race(partial: Path) -> None:
+        original(partial)
+        target.mkdir()  # another program (or build) creates the target meanwhile
+        (target / "theirs.txt").write_text("theirs")
+
+    monkeypatch.setattr(afpx.store, "finish", finish_and_race)
+    with pytest.raises(AfpxError, match="appeared while the cube was built; the new cube is kept"):
+        build_cube(FIRST, target, chunk_sites=CHUNK, progress=False)
+    assert (target / "theirs.txt").read_text() == "theirs"
+    (kept,) = partials(target)
+    assert open_cube(kept).sizes[schema.STRUCTURE] > 0  # nothing done is lost
+
+
+def test_stale_partial_is_reported_and_removed(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    target = tmp_path / "cube.zarr"
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    stale = tmp_path / ".cube.zarr.partial-deadbeef"
+    stale.mkdir()
+    (stale / "junk").write_text("x")
+    owner = {"host": os.uname().nodename, "pid": int(dead.stdout), "key": "k", "template": True}
+    (tmp_path / ".cube.zarr.partial-deadbeef.owner.json").write_text(json.dumps(owner))
+    with caplog.at_level(logging.WARNING, logger="afpx.cube"):
+        build_cube(FIRST, target, chunk_sites=CHUNK, progress=False)
+    assert f"removing {stale}" in caplog.text
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cube.zarr"]
+
+
+def test_a_running_build_of_the_same_path_is_refused(tmp_path: Path) -> None:
+    target = tmp_path / "cube.zarr"
+    running = tmp_path / ".cube.zarr.partial-0badc0de"
+    running.mkdir()
+    owner = {"host": os.uname().nodename, "pid": os.getppid(), "key": "k", "template": False}
+    (tmp_path / ".cube.zarr.partial-0badc0de.owner.json").write_text(json.dumps(owner))
+    with pytest.raises(AfpxError, match=r"another build of .* is running"):
+        build_cube(FIRST, target, chunk_sites=CHUNK, progress=False)
+    assert running.is_dir() and not target.exists()
+
+
+def test_full_disk_is_one_line_and_keeps_the_chunks_for_resume(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, one_shot: Path
+) -> None:
+    target = tmp_path / "cube.zarr"
+    failing_after(monkeypatch, 4, OSError(errno.ENOSPC, "No space left on device"))
+    with pytest.raises(AfpxError, match=r"No space left on device \(free some space; the chunks"):
+        build_cube(FIRST + SECOND, target, chunk_sites=CHUNK, draws=2, progress=False)
+    assert not target.exists() and len(partials(target)) == 1
+    monkeypatch.undo()
+    calls = failing_after(monkeypatch, 10**9, RuntimeError("unused"))
+    build_cube(FIRST + SECOND, target, chunk_sites=CHUNK, draws=2, progress=False, resume=True)
+    n_blocks = len(open_cube(target)[schema.AFP].chunks[0])
+    assert 0 < calls["n"] < n_blocks  # the finished blocks were not computed again
+    assert_same_store(target, one_shot)
+    assert partials(target) == []
+
+
+def test_unwritable_folder_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(afpx.store, "new_partial", refuse)
+    with pytest.raises(AfpxError, match=r"Permission denied \(choose a writable folder\)$"):
+        build_cube(FIRST, tmp_path / "cube.zarr", progress=False)
+    monkeypatch.undo()
+    # the folder refuses the store itself (after the owner file): nothing is left behind
+    monkeypatch.setattr(afpx.store, "start_store", refuse)
+    with pytest.raises(AfpxError, match=r"Permission denied \(choose a writable folder\)$"):
+        build_cube(FIRST, tmp_path / "cube.zarr", progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+# -- resume ----------------------------------------------------------------------------------
+KILL_SCRIPT = """
+import os, signal, sys
+import afpx.cube
+original = afpx.cube._compute_block
+calls = [0]
+def compute(block, options):
+    calls[0] += 1
+    if calls[0] == int(sys.argv[1]):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return original(block, options)
+afpx.cube._compute_block = compute
+chunk = int(sys.argv[2])
+afpx.cube.build_cube(sys.argv[4:], sys.argv[3], chunk_sites=chunk, draws=2, progress=False)
+"""
+
+
+@pytest.mark.parametrize("kill_at", [1, 4, 8])
+def test_sigkill_then_resume_equals_one_shot(tmp_path: Path, one_shot: Path, kill_at: int) -> None:
+    target = tmp_path / "cube.zarr"
+    env = {**os.environ, "PYTHONPATH": str(Path(afpx.__file__).parent.parent)}
+    killed = subprocess.run(
+        [sys.executable, "-c", KILL_SCRIPT, str(kill_at), str(CHUNK), str(target), *FIRST, *SECOND],
+        env=env,
+        capture_output=True,
+        check=False,
+    )
+    assert killed.returncode == -signal.SIGKILL
+    assert not target.exists() and len(partials(target)) == 1
+    build_cube(FIRST + SECOND, target, chunk_sites=CHUNK, draws=2, progress=False, resume=True)
+    assert_same_store(target, one_shot)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cube.zarr"]
+
+
+def test_resume_with_other_options_starts_over(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    target = tmp_path / "cube.zarr"
+    failing_after(monkeypatch, 2, OSError(errno.ENOSPC, "No space left on device"))
+    with pytest.raises(AfpxError, match="No space left"):
+        build_cube(FIRST, target, chunk_sites=CHUNK, progress=False)
+    assert len(partials(target)) == 1
+    monkeypatch.undo()
+    with caplog.at_level(logging.WARNING, logger="afpx.cube"):
+        build_cube(FIRST, target, chunk_sites=CHUNK, seed=5, progress=False, resume=True)
+    assert "building from the start" in caplog.text
+    assert open_cube(target).attrs["seed"] == 5 and partials(target) == []
+
+
+# -- append ----------------------------------------------------------------------------------
+def test_append_equals_one_shot_bit_for_bit(tmp_path: Path, one_shot: Path) -> None:
+    cube = build_cube(FIRST, tmp_path / "cube.zarr", chunk_sites=CHUNK, draws=2, progress=False)
+    before = open_cube(cube)
+    n_old = before.sizes[schema.SITE]
+    assert n_old % CHUNK  # the last chunk is partly filled, and gets rewritten
+    old_split = before[schema.SPLIT].values.tolist()
+    append_to_cube(SECOND, cube, progress=False)
+    assert_same_store(cube, one_shot)
+    after = open_cube(cube)
+    assert after[schema.SPLIT].values.tolist()[: len(old_split)] == old_split
+    np.testing.assert_array_equal(after[schema.AFP].values[:n_old], before[schema.AFP].values)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cube.zarr"]
+
+
+def test_failed_append_leaves_the_cube_as_it_was(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cube = build_cube(FIRST, tmp_path / "cube.zarr", chunk_sites=CHUNK, draws=2, progress=False)
+    before = tree(cube)
+    failing_after(monkeypatch, 2, RuntimeError("disk on fire"))
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        append_to_cube(SECOND, cube, progress=False)
+    assert tree(cube) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cube.zarr"]
+    verify_cube(cube)  # the hard-linked chunks were not touched
+
+
+def test_append_refusals(tmp_path: Path) -> None:
+    cube = build_cube(FIRST, tmp_path / "cube.zarr", chunk_sites=CHUNK, progress=False)
+    with pytest.raises(AfpxError, match="is already a source of the cube"):
+        append_to_cube(FIRST[:1], cube, progress=False)
+    garbage = Path(__file__).parent / "data" / "bad" / "garbage.cif"
+    with pytest.raises(AfpxError, match="no new structure accepted"):
+        append_to_cube([str(garbage)], cube, progress=False)
+    with pytest.raises(AfpxError, match="no cube at"):
+        append_to_cube(SECOND, tmp_path / "none.zarr", progress=False)
+
+
+def test_cli_append_and_resume(tmp_path: Path, one_shot: Path) -> None:
+    out = tmp_path / "cube.zarr"
+    runner = CliRunner()
+    first = ["build-cube", *FIRST, "-o", str(out), "--chunk-sites", str(CHUNK), "--draws", "2"]
+    assert runner.invoke(main, [*first, "--no-progress"]).exit_code == 0
+    wrong = runner.invoke(main, ["build-cube", "--append", *SECOND, "-o", str(out), "--draws", "2"])
+    assert wrong.exit_code == 2 and "--append keeps the cube's own options; drop --draws" in (
+        wrong.output
+    )
+    appended = runner.invoke(main, ["build-cube", "--append", *SECOND, "-o", str(out)])
+    assert appended.exit_code == 0, appended.output
+    assert_same_store(out, one_shot)
+
+
+# -- checking what was written ----------------------------------------------------------------
+def test_deleted_or_truncated_chunk_is_refused_on_open(tmp_path: Path, one_shot: Path) -> None:
+    cube = tmp_path / "cube.zarr"
+    build_cube(FIRST, cube, chunk_sites=CHUNK, progress=False)
+    chunk = cube / "afp" / "c" / "1" / "0" / "0"
+    data = chunk.read_bytes()
+    chunk.unlink()
+    with pytest.raises(AfpxError, match="is damaged: chunk afp/c/1/0/0 is missing"):
+        open_cube(cube)
+    chunk.write_bytes(data[:-5])
+    with pytest.raises(AfpxError, match=f"has {len(data) - 5} bytes, {len(data)} were written"):
+        open_cube(cube)
+    # an all-zero chunk (draw 0 everywhere) is written too, so its loss is seen
+    (cube / "draw" / "c" / "0").unlink()
+    chunk.write_bytes(data)
+    with pytest.raises(AfpxError, match="chunk draw/c/0 is missing"):
+        open_cube(cube)
+
+
+def test_info_verify_finds_a_flipped_bit(tmp_path: Path) -> None:
+    cube = tmp_path / "cube.zarr"
+    build_cube(FIRST, cube, chunk_sites=CHUNK, progress=False)
+    runner = CliRunner()
+    good = runner.invoke(main, ["info", "--verify", str(cube)])
+    assert good.exit_code == 0, good.output
+    n_files = len(
+        json.loads((cube / CHECKSUMS_GROUP / "zarr.json").read_text())["attributes"]["files"]
+    )
+    assert f"verified: {n_files} chunk files match their sha256" in good.output
+    chunk = cube / "r0" / "c" / "0"
+    data = bytearray(chunk.read_bytes())
+    data[-1] ^= 1
+    chunk.write_bytes(bytes(data))
+    open_cube(cube)  # same size: the cheap check on open cannot see it
+    bad = runner.invoke(main, ["info", "--verify", str(cube)])
+    assert bad.exit_code == 1
+    assert "damaged: r0/c/0: sha256 differs" in bad.output
+    assert f"1 of {n_files} chunk files of {cube} are damaged" in bad.output
+
+
+def test_verify_needs_recorded_checksums(tmp_path: Path) -> None:
+    cube = tmp_path / "cube.zarr"
+    build_cube(FIRST, cube, chunk_sites=CHUNK, progress=False)
+    import shutil
+
+    shutil.rmtree(cube / CHECKSUMS_GROUP)
+    open_cube(cube)  # a cube from before checksums opens as it did
+    with pytest.raises(AfpxError, match="records no checksums"):
+        verify_cube(cube)
+    with pytest.raises(AfpxError, match="no afpx cube at"):
+        verify_cube(tmp_path / "none.zarr")
+
+
+def test_info_reports_a_partial_build_next_to_the_cube(tmp_path: Path) -> None:
+    cube = build_cube(FIRST, tmp_path / "cube.zarr", chunk_sites=CHUNK, progress=False)
+    (tmp_path / ".cube.zarr.partial-12345678").mkdir()
+    info = CliRunner().invoke(main, ["info", str(cube)])
+    assert info.exit_code == 0
+    assert "partial build next to it (stale):" in info.output
