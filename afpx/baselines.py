@@ -15,7 +15,16 @@ baseline                  likelihood of element *e* on site *s*
 ``frequency``             P(e): share of training sites carrying *e* (add-α smoothed)
 ``coordination``          P(e | CN(s)): share among training sites with the same
                           coordination number, shrunk towards P(e) (Dirichlet prior β)
+``knn``                   distance-weighted vote of the k nearest training sites in the
+                          space of the AFP's principal components, log r0 and dmin_ratio
+                          (leave-one-out on training sites), shrunk towards P(e)
+``mlp``                   softmax output of a plain MLP (3 × 512, ELU) on the standardised
+                          perspective-averaged AFP, log r0 and dmin_ratio, trained with
+                          cross-entropy on the training sites (needs torch)
 ========================  =================================================================
+
+``knn`` and ``mlp`` are the strongest simple competitors on the same
+fingerprints; they need the sites' features (:class:`SiteFeatures`).
 """
 
 from __future__ import annotations
@@ -29,7 +38,9 @@ import numpy as np
 from afpx import AfpxError, schema
 
 #: Names of the baselines, in the order they are reported.
-BASELINES: Final = ("constant", "random", "frequency", "coordination")
+BASELINES: Final = ("constant", "random", "frequency", "coordination", "knn", "mlp")
+#: Baselines that read the fingerprints (and need :class:`SiteFeatures`).
+FEATURE_BASELINES: Final = ("knn", "mlp")
 
 
 @dataclass(frozen=True)
@@ -49,16 +60,208 @@ class BaselineParams:
         Strength of the prior P(e) in the coordination baseline: P(e | CN) =
         (n(e, CN) + β P(e)) / (n(CN) + β). Coordination numbers never seen in
         training get P(e).
+    knn_k, knn_components, knn_prior : int, int, float
+        Neighbours, principal components of the AFP, and the weight of P(e)
+        added to the neighbours' votes (whose weights sum to 1).
+    mlp_hidden, mlp_layers, mlp_epochs, mlp_batch_size, mlp_lr
+        Width, hidden layers, epochs, batch size and Adam learning rate of the
+        plain MLP (natural sampling, no schedule, seeded by ``seed``).
     """
 
     constant: float = 0.5
     seed: int = 0
     alpha: float = 1.0
     beta: float = 10.0
+    knn_k: int = 10
+    knn_components: int = 64
+    knn_prior: float = 0.1
+    mlp_hidden: int = 512
+    mlp_layers: int = 3
+    mlp_epochs: int = 12
+    mlp_batch_size: int = 256
+    mlp_lr: float = 1e-3
 
     def to_attrs(self) -> dict[str, Any]:
         """The parameters as a JSON-able dict."""
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class SiteFeatures:
+    """What the fingerprint baselines read of each site.
+
+    Attributes
+    ----------
+    afp_mean : ndarray of shape (n_sites, n_bins)
+        Perspective-averaged AFP.
+    r0, dmin_ratio : ndarray of shape (n_sites,)
+    """
+
+    afp_mean: np.ndarray
+    r0: np.ndarray
+    dmin_ratio: np.ndarray
+
+    def matrix(self) -> np.ndarray:
+        """``[afp_mean, log r0, dmin_ratio]`` as one (n_sites, n_bins + 2) float64 array."""
+        afp = np.asarray(self.afp_mean, dtype=np.float64)
+        r0 = np.asarray(self.r0, dtype=np.float64).reshape(-1, 1)
+        d = np.asarray(self.dmin_ratio, dtype=np.float64).reshape(-1, 1)
+        if not (afp.ndim == 2 and afp.shape[0] == r0.shape[0] == d.shape[0]):
+            raise AfpxError(
+                f"site features disagree in length: afp_mean {afp.shape}, r0 {r0.shape[0]}, "
+                f"dmin_ratio {d.shape[0]}"
+            )
+        if r0.size and not np.all(r0 > 0):
+            raise AfpxError("r0 must be positive on every site")
+        return np.hstack([afp, np.log(r0), d])
+
+
+def _standardise(x: np.ndarray, fit: np.ndarray) -> np.ndarray:
+    mean, std = x[fit].mean(0), x[fit].std(0)
+    return (x - mean) / np.where(std > 0, std, 1.0)
+
+
+def knn_likelihood(
+    features: SiteFeatures,
+    z: np.ndarray,
+    is_train: np.ndarray,
+    *,
+    k: int = 10,
+    components: int = 64,
+    prior_weight: float = 0.1,
+    alpha: float = 1.0,
+    block: int = 2048,
+) -> np.ndarray:
+    """Distance-weighted k-nearest-neighbour site likelihoods.
+
+    Parameters
+    ----------
+    features : SiteFeatures
+    z : ndarray of shape (n_sites,)
+        Atomic numbers (read only on training sites).
+    is_train : ndarray of shape (n_sites,), bool
+    k, components, prior_weight, alpha
+        See :class:`BaselineParams`.
+    block : int
+        Query sites per distance block (memory ~ block × n_train × 8 bytes).
+
+    Returns
+    -------
+    ndarray of shape (n_sites, 118), float32
+
+    Notes
+    -----
+    The AFP is standardised per bin on the training sites and projected on
+    its first ``components`` principal components; log r0 and dmin_ratio,
+    standardised, are scaled to the spread of the first component so that size
+    counts as much as the leading shape feature. With neighbour distances
+    ``d_j`` and weights ``w_j ∝ 1 / (d_j + ε)`` summing to 1::
+
+        L(e) = (Σ_j w_j [z_j = e] + λ P(e)) / (1 + λ)
+
+    A training site never counts as its own neighbour (leave-one-out), so its
+    likelihoods are as honest as a test site's.
+    """
+    is_train = np.asarray(is_train, dtype=bool)
+    z = np.asarray(z)
+    if k < 1 or components < 1 or prior_weight < 0:
+        raise AfpxError("knn needs k >= 1, components >= 1 and prior_weight >= 0")
+    train = np.flatnonzero(is_train)
+    if train.size <= k:
+        raise AfpxError(f"the knn baseline needs more than k={k} training sites, got {train.size}")
+    zt = _check_z(z[train])
+    x = features.matrix()
+    afp = _standardise(x[:, :-2], is_train)
+    rng = np.random.default_rng(0)
+    sample = train if train.size <= 20_000 else rng.choice(train, 20_000, replace=False)
+    _, _, vt = np.linalg.svd(afp[sample], full_matrices=False)
+    pcs = afp @ vt[: min(components, vt.shape[0])].T
+    scale = pcs[train, 0].std() or 1.0
+    emb = np.hstack([pcs, _standardise(x[:, -2:], is_train) * scale]).astype(np.float32)
+    prior = element_frequency(zt, alpha=alpha)
+    et = emb[train]
+    norms_t = (et.astype(np.float64) ** 2).sum(1)
+    train_pos = np.full(len(z), -1, np.int64)
+    train_pos[train] = np.arange(train.size)
+    out = np.empty((len(z), schema.N_ELEMENTS), np.float32)
+    for a in range(0, len(z), block):
+        q = emb[a : a + block]
+        d2 = (q.astype(np.float64) ** 2).sum(1)[:, None] + norms_t[None, :] - 2.0 * (q @ et.T)
+        own = train_pos[a : a + block]
+        rows = np.flatnonzero(own >= 0)
+        d2[rows, own[rows]] = np.inf  # leave one out
+        nn = np.argpartition(d2, k, axis=1)[:, :k]
+        dist = np.sqrt(np.maximum(np.take_along_axis(d2, nn, axis=1), 0.0))
+        w = 1.0 / (dist + 1e-6)
+        w /= w.sum(1, keepdims=True)
+        votes = np.zeros((len(q), schema.N_ELEMENTS))
+        np.add.at(votes, (np.repeat(np.arange(len(q)), k), zt[nn].ravel() - 1), w.ravel())
+        out[a : a + block] = (votes + prior_weight * prior) / (1.0 + prior_weight)
+    return out
+
+
+def mlp_likelihood(
+    features: SiteFeatures,
+    z: np.ndarray,
+    is_train: np.ndarray,
+    *,
+    params: BaselineParams | None = None,
+) -> np.ndarray:
+    """Softmax probabilities of a plain MLP trained on the training sites.
+
+    Parameters
+    ----------
+    features : SiteFeatures
+    z : ndarray of shape (n_sites,)
+    is_train : ndarray of shape (n_sites,), bool
+    params : BaselineParams, optional
+        ``mlp_*`` fields and ``seed``.
+
+    Returns
+    -------
+    ndarray of shape (n_sites, 118), float32
+        Rows sum to 1; every entry is at least 1e-7 (no zero likelihoods).
+    """
+    try:
+        import torch
+        from torch import nn
+    except ImportError as exc:  # pragma: no cover - torch is installed in tests
+        raise AfpxError(
+            'the mlp baseline needs torch: pip install "afpx[train]" (or leave out "mlp")'
+        ) from exc
+    p = params or BaselineParams()
+    is_train = np.asarray(is_train, dtype=bool)
+    train = np.flatnonzero(is_train)
+    if train.size == 0:
+        raise AfpxError("the mlp baseline needs training sites, and none are marked train")
+    target = torch.from_numpy(_check_z(np.asarray(z)[train]) - 1)
+    x = torch.from_numpy(_standardise(features.matrix(), is_train).astype(np.float32))
+    gen = torch.Generator().manual_seed(p.seed)
+    layers: list[nn.Module] = []
+    width = x.shape[1]
+    with torch.random.fork_rng():  # seeded initialisation, global RNG untouched
+        torch.manual_seed(p.seed)
+        for _ in range(p.mlp_layers):
+            layers += [nn.Linear(width, p.mlp_hidden), nn.ELU()]
+            width = p.mlp_hidden
+        layers.append(nn.Linear(width, schema.N_ELEMENTS))
+        net = nn.Sequential(*layers)
+    opt = torch.optim.Adam(net.parameters(), lr=p.mlp_lr)
+    xt = x[torch.from_numpy(train)]
+    for _ in range(p.mlp_epochs):
+        order = torch.randperm(len(train), generator=gen)
+        for a in range(0, len(train), p.mlp_batch_size):
+            b = order[a : a + p.mlp_batch_size]
+            loss = nn.functional.cross_entropy(net(xt[b]), target[b])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    out = np.empty((x.shape[0], schema.N_ELEMENTS), np.float32)
+    net.eval()
+    with torch.no_grad():
+        for a in range(0, x.shape[0], 8192):
+            out[a : a + 8192] = torch.softmax(net(x[a : a + 8192]), dim=1).numpy()
+    return np.maximum(out, 1e-7)
 
 
 def _check_z(z: np.ndarray) -> np.ndarray:
@@ -224,6 +427,7 @@ def baseline_likelihoods(
     *,
     names: Sequence[str] = BASELINES,
     params: BaselineParams = BaselineParams(),
+    features: SiteFeatures | None = None,
 ) -> dict[str, np.ndarray]:
     """Every requested baseline for one table of sites.
 
@@ -239,6 +443,8 @@ def baseline_likelihoods(
         Baselines to compute, from :data:`BASELINES`.
     params : BaselineParams
         Their parameters.
+    features : SiteFeatures, optional
+        The sites' fingerprints and descriptors, needed by ``knn`` and ``mlp``.
 
     Returns
     -------
@@ -253,8 +459,14 @@ def baseline_likelihoods(
     coordination = np.asarray(coordination)
     is_train = np.asarray(is_train, dtype=bool)
     n_sites = z.size
-    if not is_train.any() and any(n in ("frequency", "coordination") for n in names):
-        raise AfpxError("the frequency baselines need training sites, and none are marked train")
+    if not is_train.any() and any(n != "constant" and n != "random" for n in names):
+        raise AfpxError("the learned baselines need training sites, and none are marked train")
+    wanted = [n for n in names if n in FEATURE_BASELINES]
+    if wanted and features is None:
+        raise AfpxError(
+            f"the {', '.join(wanted)} baseline(s) read the fingerprints: pass features="
+            "SiteFeatures(afp_mean, r0, dmin_ratio)"
+        )
     out: dict[str, np.ndarray] = {}
     for name in names:
         if name == "constant":
@@ -265,6 +477,20 @@ def baseline_likelihoods(
             out[name] = frequency_likelihood(
                 n_sites, element_frequency(z[is_train], alpha=params.alpha)
             )
+        elif name == "knn":
+            assert features is not None
+            out[name] = knn_likelihood(
+                features,
+                z,
+                is_train,
+                k=params.knn_k,
+                components=params.knn_components,
+                prior_weight=params.knn_prior,
+                alpha=params.alpha,
+            )
+        elif name == "mlp":
+            assert features is not None
+            out[name] = mlp_likelihood(features, z, is_train, params=params)
         else:
             table, prior = coordination_frequency(
                 z[is_train], coordination[is_train], alpha=params.alpha, beta=params.beta

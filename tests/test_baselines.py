@@ -6,13 +6,17 @@ import pytest
 from afpx import AfpxError, schema
 from afpx.baselines import (
     BASELINES,
+    FEATURE_BASELINES,
     BaselineParams,
+    SiteFeatures,
     baseline_likelihoods,
     constant_likelihood,
     coordination_frequency,
     coordination_likelihood,
     element_frequency,
     frequency_likelihood,
+    knn_likelihood,
+    mlp_likelihood,
     random_likelihood,
 )
 
@@ -83,8 +87,9 @@ def test_baseline_likelihoods_uses_training_sites_only() -> None:
     z = np.array([8, 8, 26, 3])
     cn = np.array([2, 2, 6, 4])
     train = np.array([True, True, True, False])
-    out = baseline_likelihoods(z, cn, train, params=BaselineParams(alpha=0.0))
-    assert tuple(out) == BASELINES
+    names = [b for b in BASELINES if b not in FEATURE_BASELINES]
+    out = baseline_likelihoods(z, cn, train, names=names, params=BaselineParams(alpha=0.0))
+    assert tuple(out) == tuple(names)
     for lk in out.values():
         assert lk.shape == (4, schema.N_ELEMENTS) and lk.dtype == np.float32
         assert lk.min() >= 0 and lk.max() <= 1
@@ -98,3 +103,67 @@ def test_baseline_likelihoods_errors() -> None:
         baseline_likelihoods(z, z, np.array([True]), names=["nope"])
     with pytest.raises(AfpxError, match="none are marked train"):
         baseline_likelihoods(z, z, np.array([False]), names=["frequency"])
+
+
+# -- fingerprint baselines -------------------------------------------------------
+
+
+def _clusters(n_per: int = 30, seed: int = 0) -> tuple[SiteFeatures, np.ndarray, np.ndarray]:
+    """Three well-separated AFP clusters carrying elements 8, 11 and 26."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(3, 16)) * 5
+    z = np.repeat([8, 11, 26], n_per)
+    afp = centres[np.repeat(np.arange(3), n_per)] + rng.normal(scale=0.1, size=(3 * n_per, 16))
+    r0 = np.repeat([1.9, 2.4, 2.6], n_per) + rng.normal(scale=0.01, size=3 * n_per)
+    is_train = rng.random(3 * n_per) < 0.7
+    return SiteFeatures(afp, r0, np.ones(3 * n_per)), z, is_train
+
+
+def test_knn_finds_the_cluster_and_leaves_one_out() -> None:
+    features, z, is_train = _clusters()
+    lik = knn_likelihood(features, z, is_train, k=3, components=4)
+    assert lik.shape == (z.size, 118) and np.all(lik > 0)
+    np.testing.assert_array_equal(lik.argmax(1) + 1, z)
+    np.testing.assert_allclose(lik.sum(1), 1.0, rtol=1e-5)
+    # a training site alone with its element: leave-one-out must not see its own label
+    afp = np.vstack([features.afp_mean, np.full((1, 16), 100.0)])
+    f2 = SiteFeatures(afp, np.append(features.r0, 2.0), np.ones(afp.shape[0]))
+    z2, t2 = np.append(z, 79), np.append(is_train, True)
+    lone = knn_likelihood(f2, z2, t2, k=3, components=4)[-1]
+    assert lone.argmax() + 1 != 79
+
+
+def test_mlp_baseline_learns_separable_sites() -> None:
+    features, z, is_train = _clusters()
+    params = BaselineParams(mlp_hidden=32, mlp_layers=2, mlp_epochs=30, mlp_batch_size=16)
+    lik = mlp_likelihood(features, z, is_train, params=params)
+    assert lik.shape == (z.size, 118) and np.all(lik > 0)
+    np.testing.assert_allclose(lik.sum(1), 1.0, rtol=1e-4)
+    assert (lik[~is_train].argmax(1) + 1 == z[~is_train]).mean() == 1.0
+    again = mlp_likelihood(features, z, is_train, params=params)
+    np.testing.assert_array_equal(lik, again)  # seeded
+
+
+def test_fingerprint_baseline_errors() -> None:
+    features, z, is_train = _clusters()
+    with pytest.raises(AfpxError, match="read the fingerprints"):
+        baseline_likelihoods(z, np.zeros_like(z), is_train, names=["knn"])
+    with pytest.raises(AfpxError, match="more than k=10 training sites"):
+        knn_likelihood(features, z, np.arange(z.size) < 5)
+    with pytest.raises(AfpxError, match="k >= 1"):
+        knn_likelihood(features, z, is_train, k=0)
+    with pytest.raises(AfpxError, match="disagree in length"):
+        SiteFeatures(features.afp_mean, features.r0[:3], features.dmin_ratio).matrix()
+    with pytest.raises(AfpxError, match="r0 must be positive"):
+        SiteFeatures(features.afp_mean, -features.r0, features.dmin_ratio).matrix()
+    with pytest.raises(AfpxError, match="needs training sites"):
+        mlp_likelihood(features, z, np.zeros(z.size, bool))
+    out = baseline_likelihoods(
+        z,
+        np.zeros_like(z),
+        is_train,
+        names=["knn", "mlp"],
+        params=BaselineParams(knn_k=3, mlp_epochs=2, mlp_hidden=8, mlp_layers=1),
+        features=features,
+    )
+    assert set(out) == {"knn", "mlp"}
