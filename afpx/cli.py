@@ -39,6 +39,36 @@ def library_errors(func: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+#: How to add PyTorch; the CPU build avoids a multi-gigabyte CUDA download.
+TORCH_INSTALL = (
+    "pip install 'afpx[train]' (on a CPU-only machine first: "
+    "pip install torch --index-url https://download.pytorch.org/whl/cpu)"
+)
+
+
+def require_torch(what: str) -> None:
+    """Fail with one line naming the install command when PyTorch is missing.
+
+    Ranking, inspecting, building cubes, exporting CIFs and plotting need no
+    torch; training, ``afpx likelihood`` and ``afpx evaluate --model`` do (the
+    ``train`` extra).
+
+    Parameters
+    ----------
+    what : str
+        The command that needs torch, as the user typed it (``"afpx train"``).
+
+    Raises
+    ------
+    AfpxUsageError
+        When ``import torch`` fails.
+    """
+    try:
+        import torch  # noqa: F401
+    except ImportError as exc:
+        raise AfpxUsageError(f"{what} needs PyTorch, which is not installed: {TORCH_INSTALL}") from exc
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="afpx")
 @click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
