@@ -66,7 +66,8 @@ def require_torch(what: str) -> None:
     try:
         import torch  # noqa: F401
     except ImportError as exc:
-        raise AfpxUsageError(f"{what} needs PyTorch, which is not installed: {TORCH_INSTALL}") from exc
+        message = f"{what} needs PyTorch, which is not installed: {TORCH_INSTALL}"
+        raise AfpxUsageError(message) from exc
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

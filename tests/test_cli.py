@@ -82,3 +82,69 @@ def test_rank_inspect_build_cube_and_cif_export_run_without_torch(
     assert out.stdout.strip().splitlines()[-1] == "False"
     assert len(list((tmp_path / "cif").glob("*.cif"))) == 2
     assert (tmp_path / "c.zarr").is_dir()
+
+
+# -- afpx inspect --report ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".json"])
+def test_inspect_report_has_one_row_per_structure(
+    tmp_path: Path, data_dir: Path, suffix: str
+) -> None:
+    import pandas as pd
+
+    report = tmp_path / f"rejections{suffix}"
+    result = CliRunner().invoke(
+        main, ["inspect", str(data_dir / "bad"), "--summary", "--report", str(report)]
+    )
+    assert result.exit_code == 0, result.output
+    frame = pd.read_csv(report) if suffix == ".csv" else pd.read_json(report, orient="records")
+    assert list(frame.columns) == [
+        "id",
+        "source",
+        "block",
+        "accepted",
+        "reason",
+        "message",
+        "formula",
+        "spacegroup",
+        "n_unique_sites",
+    ]
+    # every file of the folder is one row; the printed counts agree with the table
+    assert len(frame) == len(list((data_dir / "bad").glob("*.cif")))
+    accepted = frame[frame["accepted"]]
+    rejected = frame[~frame["accepted"]]
+    assert f"accepted: {len(accepted)}" in result.output
+    assert f"rejected: {len(rejected)}" in result.output
+    assert (rejected["reason"].astype(str).str.len() > 0).all()
+    assert (rejected["message"].astype(str).str.len() > 0).all()
+    row = frame.set_index("id").loc["deuterium"]
+    assert row["reason"] == "unknown_species"
+    assert "'D'" in row["message"]
+    spinel = frame.set_index("id").loc["spinel_origin2"]
+    assert spinel["formula"] == "MgAl2O4"
+    assert spinel["spacegroup"] == 227
+
+
+def test_inspect_report_bad_suffix_or_folder_fails_before_reading(
+    tmp_path: Path, data_dir: Path
+) -> None:
+    for path, words in [
+        (tmp_path / "r.txt", "use a .csv or .json"),
+        (tmp_path / "missing" / "r.csv", "does not exist"),
+    ]:
+        result = CliRunner().invoke(main, ["inspect", str(data_dir / "cod"), "--report", str(path)])
+        assert result.exit_code == 2
+        assert words in result.output
+        assert "accepted" not in result.output  # nothing was read
+        assert not path.exists()
+
+
+def test_write_report_rejects_unknown_suffix(tmp_path: Path) -> None:
+    from afpx.commands.ingest import write_report
+    from afpx.structures import FilterParams, ReadResult
+
+    empty = ReadResult(structures=[], rejections=[], n_read=0, params=FilterParams())
+    with pytest.raises(afpx.AfpxError, match=r"\.csv or \.json"):
+        write_report(empty, tmp_path / "r.parquet")
+    assert write_report(empty, tmp_path / "r.csv").read_text().startswith("id,source")
