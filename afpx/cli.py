@@ -82,10 +82,50 @@ def main(verbose: int) -> None:
       afpx build-cube oqmd-icsd -o cube.zarr   # fingerprints of a dataset
       afpx train cube.zarr -o model/           # train the network
       afpx likelihood cube.zarr --model model/ # site x element likelihoods
-      afpx evaluate cube.zarr                  # the paper's tests
+      afpx evaluate cube.zarr -o report/       # the paper's tests
+      afpx plot rank-curve report/ test1.png   # figures (afpx plot -h)
     """
     level = logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+
+
+def cli_reference(*, width: int = 88) -> str:
+    """The command-line reference (``docs/cli.md``), made from the live ``--help`` texts.
+
+    Parameters
+    ----------
+    width : int
+        Terminal width the help texts are wrapped to (fixed, so the page is
+        reproducible).
+
+    Returns
+    -------
+    str
+        Markdown: a short preamble, then one section per command and
+        subcommand, depth first in alphabetical order, each with its help text.
+    """
+    lines = [
+        "# Command line",
+        "",
+        "Generated from the live `--help` of every command by "
+        "`python scripts/make_cli_docs.py`; a test fails when this page and the",
+        "help differ. Every command prints the same text with `-h`. Library errors (bad input,",
+        "missing data) are one-line messages with exit code 2; tracebacks mean a bug.",
+    ]
+
+    def walk(command: click.Command, parent: click.Context | None, name: str) -> None:
+        ctx = click.Context(
+            command, info_name=name, parent=parent, terminal_width=width, max_content_width=width
+        )
+        lines.extend(["", f"## `{ctx.command_path}`", "", "```text", command.get_help(ctx), "```"])
+        if isinstance(command, click.Group):
+            for sub in sorted(command.list_commands(ctx)):
+                child = command.get_command(ctx, sub)
+                if child is not None and not child.hidden:
+                    walk(child, ctx, sub)
+
+    walk(main, None, "afpx")
+    return "\n".join(lines) + "\n"
 
 
 def _register() -> None:
