@@ -4,6 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -148,3 +149,90 @@ def test_write_report_rejects_unknown_suffix(tmp_path: Path) -> None:
     with pytest.raises(afpx.AfpxError, match=r"\.csv or \.json"):
         write_report(empty, tmp_path / "r.parquet")
     assert write_report(empty, tmp_path / "r.csv").read_text().startswith("id,source")
+
+
+# -- geometry travels with the cube: afpx rank --cube --export-cif ------------------
+
+
+def _with_likelihoods(cube: Path) -> None:
+    import numpy as np
+    import xarray as xr
+    import zarr
+
+    from afpx import schema
+    from afpx.cube import COMPLETE_ATTR
+
+    z = np.asarray(xr.open_zarr(cube, consolidated=False)[schema.Z].values).astype(int)
+    lk = np.full((z.size, schema.N_ELEMENTS), 0.1, dtype=np.float32)
+    lk[np.arange(z.size), z - 1] = 0.9  # each site likes its own element
+    xr.Dataset({schema.LIKELIHOOD: ((schema.SITE, schema.ELEMENT), lk)}).to_zarr(
+        cube, mode="a", zarr_format=3, consolidated=False
+    )
+    zarr.open_group(cube, mode="r+").attrs.update({COMPLETE_ATTR: True})
+
+
+def test_rank_exports_cifs_from_a_built_cube(tmp_path: Path, data_dir: Path) -> None:
+    from pymatgen.core import Structure
+
+    from afpx.cube import open_cube, structure_geometry
+    from afpx.structures import read_structures
+
+    cifs = [data_dir / "cod" / name for name in ("1000044.cif", "1011211.cif", "1000017.cif")]
+    cube = tmp_path / "cube.zarr"
+    runner = CliRunner()
+    result = runner.invoke(main, ["build-cube", *map(str, cifs), "-o", str(cube)])
+    assert result.exit_code == 0, result.output
+    # the cube stores every structure's cell and atoms as read
+    geometry = structure_geometry(open_cube(cube))
+    assert geometry is not None
+    read = read_structures(cifs).structures
+    assert geometry["atom_start"][-1] == sum(s.n_atoms for s in read)
+    for t, s in enumerate(read):
+        a, b = geometry["atom_start"][t : t + 2]
+        np.testing.assert_allclose(geometry["lattice"][t], s.lattice)
+        np.testing.assert_allclose(geometry["frac_coords"][a:b], s.frac_coords)
+        np.testing.assert_array_equal(geometry["numbers"][a:b], s.numbers)
+
+    _with_likelihoods(cube)
+    out = tmp_path / "cifs"
+    result = runner.invoke(
+        main, ["rank", "--elements", "Ca,O", "--cube", str(cube), "--export-cif", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    files = sorted(out.glob("*.cif"))
+    assert files
+    # the best CaO candidate is rock salt itself: its own template, its own elements
+    first = Structure.from_file(files[0])
+    assert first.composition.reduced_formula == "CaO"
+    assert "cod-1000044" in files[0].name
+
+
+def test_rank_export_from_a_cube_without_geometry_fails_before_writing(tmp_path: Path) -> None:
+    from _cube_helpers import make_synthetic_cube
+
+    cube = make_synthetic_cube(tmp_path / "old.zarr", n_structures=8)
+    _with_likelihoods(cube)
+    out = tmp_path / "cifs"
+    result = CliRunner().invoke(
+        main, ["rank", "--elements", "Na,O", "--cube", str(cube), "--export-cif", str(out)]
+    )
+    assert result.exit_code == 2
+    assert "stores no template geometry" in result.output
+    assert "afpx build-cube" in result.output
+    assert not out.exists()  # no empty output folder
+
+
+def test_structure_geometry_rejects_inconsistent_counts(tmp_path: Path, data_dir: Path) -> None:
+    from afpx import schema
+    from afpx.cube import open_cube, structure_geometry
+
+    cube = tmp_path / "cube.zarr"
+    result = CliRunner().invoke(
+        main, ["build-cube", str(data_dir / "cod" / "1000044.cif"), "-o", str(cube)]
+    )
+    assert result.exit_code == 0, result.output
+    ds = open_cube(cube).load()
+    assert structure_geometry(ds.drop_vars(schema.ATOM_Z)) is None  # an older cube
+    broken = ds.assign({schema.N_ATOMS: ds[schema.N_ATOMS] + 1})
+    with pytest.raises(afpx.AfpxError, match="cube geometry is inconsistent"):
+        structure_geometry(broken)
