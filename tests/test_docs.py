@@ -56,3 +56,18 @@ def test_figures_page_shows_only_figures_that_exist() -> None:
         assert (DOCS / image).is_file(), image
     total = sum(p.stat().st_size for p in (DOCS / "figures").glob("*"))
     assert total < 2_000_000  # figures stay small in the repository
+
+
+def test_readme_opens_with_exactly_two_commands_that_ci_runs() -> None:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    block = re.search(r"```bash\n(.*?)```", readme, flags=re.S)
+    assert block is not None and readme.index(block.group(0)) < readme.index("afpx predicts")
+    commands = [line.split("  #")[0].strip() for line in block.group(1).strip().splitlines()]
+    assert commands == [
+        "pip install -e . && afpx rank --elements Li,Mn,Ge",
+        'pip install -e ".[test]" && pytest',
+    ]
+    ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
+    assert all(command in ci for command in commands)
+    # the first command runs before torch is installed: the light install is what CI checks
+    assert ci.index(commands[0]) < ci.index("pip install -q torch==2.13.0") < ci.index(commands[1])
