@@ -46,12 +46,39 @@ TORCH_INSTALL = (
 )
 
 
+def require_modules(what: str, modules: tuple[str, ...], install: str) -> None:
+    """Fail with one line naming the install command when an optional module is missing.
+
+    Parameters
+    ----------
+    what : str
+        The command that needs the modules, as the user typed it (``"afpx train"``).
+    modules : tuple of str
+        Importable names (``"torch"``, ``"matplotlib"``).
+    install : str
+        The command that installs them.
+
+    Raises
+    ------
+    AfpxUsageError
+        When one of the imports fails.
+    """
+    import importlib
+
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            message = f"{what} needs {module}, which is not installed: {install}"
+            raise AfpxUsageError(message) from exc
+
+
 def require_torch(what: str) -> None:
     """Fail with one line naming the install command when PyTorch is missing.
 
-    Ranking, inspecting, building cubes, exporting CIFs and plotting need no
-    torch; training, ``afpx likelihood`` and ``afpx evaluate --model`` do (the
-    ``train`` extra).
+    Ranking, inspecting, building cubes and exporting CIFs need no torch;
+    training, ``afpx likelihood``, ``afpx evaluate --model`` and
+    ``afpx plot tsne`` do (the ``train`` extra).
 
     Parameters
     ----------
@@ -63,11 +90,7 @@ def require_torch(what: str) -> None:
     AfpxUsageError
         When ``import torch`` fails.
     """
-    try:
-        import torch  # noqa: F401
-    except ImportError as exc:
-        message = f"{what} needs PyTorch, which is not installed: {TORCH_INSTALL}"
-        raise AfpxUsageError(message) from exc
+    require_modules(what, ("torch",), TORCH_INSTALL)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -114,8 +137,10 @@ def cli_reference(*, width: int = 88) -> str:
     ]
 
     def walk(command: click.Command, parent: click.Context | None, name: str) -> None:
+        # the command's own context settings (``-h``), as when it is invoked
+        settings = {"terminal_width": width, "max_content_width": width}
         ctx = click.Context(
-            command, info_name=name, parent=parent, terminal_width=width, max_content_width=width
+            command, info_name=name, parent=parent, **{**command.context_settings, **settings}
         )
         lines.extend(["", f"## `{ctx.command_path}`", "", "```text", command.get_help(ctx), "```"])
         if isinstance(command, click.Group):

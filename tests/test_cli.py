@@ -48,10 +48,22 @@ def test_commands_that_need_torch_name_the_install_without_it(
     assert result.exit_code == 2, result.output
     lines = result.output.strip().splitlines()
     assert len(lines) == 1
-    assert lines[0].startswith(f"Error: {what} needs PyTorch")
+    assert lines[0].startswith(f"Error: {what} needs torch")
     assert "pip install 'afpx[train]'" in lines[0]
     assert "Traceback" not in result.output
     assert not out.exists()  # nothing written
+
+
+def test_plot_without_matplotlib_names_the_plot_extra(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    result = CliRunner().invoke(main, ["plot", "afp", str(tmp_path / "afp.png")])
+    assert result.exit_code == 2
+    assert result.output.strip() == (
+        "Error: afpx plot needs matplotlib, which is not installed: pip install 'afpx[plot]'"
+    )
+    assert not (tmp_path / "afp.png").exists()
 
 
 def test_require_torch_passes_when_torch_is_there() -> None:

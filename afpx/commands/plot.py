@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from afpx.cli import library_errors, require_torch
+from afpx.cli import library_errors, require_modules, require_torch
 
 _OUT = click.argument("output", type=click.Path(dir_okay=False))
 _EVAL = click.argument("evaluation", type=click.Path(exists=True))
@@ -58,6 +58,7 @@ def plot_group() -> None:
       afpx plot confusion report/ confusion.png
       afpx plot rank-curve report/ test1.png
     """
+    require_modules("afpx plot", ("matplotlib", "sklearn"), "pip install 'afpx[plot]'")
 
 
 @plot_group.command("afp")
