@@ -487,6 +487,7 @@ def fingerprint_dataset(
             ),
         }
     )
+    data.update(_geometry_variables(structures))
     if sources is None:
         sources = sorted({s.source for s in structures})
     attrs = {
@@ -503,6 +504,73 @@ def fingerprint_dataset(
         "chunk_sites": int(chunk_sites),
     }
     return xr.Dataset(data, attrs=json.loads(json.dumps(attrs)))
+
+
+def _geometry_variables(structures: Sequence[AnalysedStructure]) -> dict[str, Any]:
+    """Lattices and atoms of every structure: what exporting templates as CIFs needs."""
+    T, A = schema.STRUCTURE, schema.ATOM
+    return {
+        schema.LATTICE: (
+            (T, schema.VECTOR, schema.AXIS),
+            np.stack([s.lattice for s in structures]).astype(schema.DTYPES[schema.LATTICE]),
+        ),
+        schema.N_ATOMS: (
+            T,
+            np.array([s.n_atoms for s in structures], dtype=schema.DTYPES[schema.N_ATOMS]),
+        ),
+        schema.ATOM_FRAC_COORDS: (
+            (A, schema.AXIS),
+            np.concatenate([np.reshape(s.frac_coords, (-1, 3)) for s in structures]).astype(
+                schema.DTYPES[schema.ATOM_FRAC_COORDS]
+            ),
+        ),
+        schema.ATOM_Z: (
+            A,
+            np.concatenate([np.reshape(s.numbers, -1) for s in structures]).astype(
+                schema.DTYPES[schema.ATOM_Z]
+            ),
+        ),
+    }
+
+
+def structure_geometry(ds: xr.Dataset) -> dict[str, np.ndarray] | None:
+    """The structures' geometry stored in a cube, or None for a cube without it.
+
+    Parameters
+    ----------
+    ds : xarray.Dataset
+        A cube (lazy or loaded).
+
+    Returns
+    -------
+    dict of str to ndarray or None
+        ``lattice`` (n_structures, 3, 3) in Å, ``atom_start`` (n_structures + 1,),
+        ``frac_coords`` (n_atoms, 3) and ``numbers`` (n_atoms,): the arguments
+        of :class:`afpx.templates.TemplateGeometry`, one template per structure.
+        None when the cube lacks any of :data:`afpx.schema.GEOMETRY_VARIABLES`
+        (cubes built before afpx stored it).
+
+    Raises
+    ------
+    AfpxError
+        When the counts and the atoms disagree.
+    """
+    if any(name not in ds.variables for name in schema.GEOMETRY_VARIABLES):
+        return None
+    n_atoms = np.asarray(ds[schema.N_ATOMS].values, dtype=np.int64)
+    frac = np.asarray(ds[schema.ATOM_FRAC_COORDS].values, dtype=np.float64)
+    numbers = np.asarray(ds[schema.ATOM_Z].values, dtype=np.int16)
+    if int(n_atoms.sum()) != frac.shape[0] or frac.shape[0] != numbers.shape[0]:
+        raise AfpxError(
+            f"cube geometry is inconsistent: n_atoms sums to {int(n_atoms.sum())}, "
+            f"{frac.shape[0]} coordinates and {numbers.shape[0]} atomic numbers; rebuild the cube"
+        )
+    return {
+        "lattice": np.asarray(ds[schema.LATTICE].values, dtype=np.float64),
+        "atom_start": np.concatenate([[0], np.cumsum(n_atoms)]).astype(np.int64),
+        "frac_coords": frac,
+        "numbers": numbers,
+    }
 
 
 def _reject_message(message: str, source: str, block: str | None) -> str:

@@ -360,7 +360,10 @@ def load_library(cube: str | os.PathLike[str] | None = None) -> TemplateLibrary:
         from afpx.default import load_default_library
 
         return load_default_library()
-    from afpx.cube import open_cube
+    import dataclasses
+
+    from afpx.cube import open_cube, structure_geometry
+    from afpx.templates import TemplateGeometry
 
     path = Path(cube)
     ds = open_cube(path)
@@ -371,6 +374,9 @@ def load_library(cube: str | os.PathLike[str] | None = None) -> TemplateLibrary:
         )
     lib = TemplateLibrary.from_cube(ds)
     lib.attrs["cube"] = os.fspath(path)
+    geometry = structure_geometry(ds)  # stored by build-cube, for CIF export
+    if geometry is not None:
+        lib = dataclasses.replace(lib, geometry=TemplateGeometry(**geometry))
     return lib
 
 

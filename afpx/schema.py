@@ -52,6 +52,9 @@ BIN: Final = "bin"
 STRUCTURE: Final = "structure"
 ELEMENT: Final = "element"
 REJECT: Final = "reject"
+ATOM: Final = "atom"  # every atom of every structure's cell, structure-major (template geometry)
+VECTOR: Final = "vector"  # lattice vectors a, b, c
+AXIS: Final = "axis"  # x, y, z (Cartesian for lattice rows, fractional for atoms)
 
 # -- per-site variables -------------------------------------------------------
 AFP: Final = "afp"
@@ -76,6 +79,15 @@ SPACEGROUP: Final = "spacegroup"
 N_UNIQUE_SITES: Final = "n_unique_sites"
 DMIN: Final = "dmin"
 SPLIT: Final = "split"
+LATTICE: Final = "lattice"  # (structure, vector, axis): lattice vectors as rows, Å
+N_ATOMS: Final = "n_atoms"  # atoms of the structure's cell along ``atom``
+
+# -- per-atom variables (template geometry, for CIF export) -------------------
+ATOM_FRAC_COORDS: Final = "atom_frac_coords"
+ATOM_Z: Final = "atom_z"
+
+#: Variables that carry the templates' geometry (``afpx rank --cube --export-cif``).
+GEOMETRY_VARIABLES: Final = (LATTICE, N_ATOMS, ATOM_FRAC_COORDS, ATOM_Z)
 
 # -- rejection record ---------------------------------------------------------
 REJECT_ID: Final = "reject_id"
@@ -120,6 +132,10 @@ DTYPES: Final[dict[str, np.dtype[np.generic]]] = {
     SPACEGROUP: np.dtype("int16"),
     N_UNIQUE_SITES: np.dtype("int32"),
     DMIN: np.dtype("float32"),
+    LATTICE: np.dtype("float64"),
+    N_ATOMS: np.dtype("int32"),
+    ATOM_FRAC_COORDS: np.dtype("float64"),
+    ATOM_Z: np.dtype("int16"),
 }
 
 #: Default number of sites per zarr chunk (256 streamed ~3x faster than 4096).

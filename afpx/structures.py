@@ -275,8 +275,11 @@ class AnalysedStructure:
     Attributes
     ----------
     structure_id : str
-        Id within its source (CIF file stem, ``stem#block`` for multi-block
-        files, the ``name`` of a database row, ...).
+        Id within its source: for a CIF the database code it states
+        (``cod-1000017``, ``amcsd-0000029``, ``icsd-12345``; the file-derived
+        id is then kept as ``metadata["file_id"]``), else the file stem
+        (``stem#block`` for multi-block files); the ``name`` of a database
+        row, ...
     source : str
         File path or dataset name.
     formula : str
@@ -1085,6 +1088,11 @@ def _read_cif_block(name: str, text: str, *, path: Path, structure_id: str) -> _
     cod_id = _cif_number(data.get("_cod_database_code"))
     if cod_id is not None:
         metadata["cod_id"] = str(int(cod_id))
+    database_id = _cif_database_id(data)
+    if database_id is not None:
+        # the database's own id names the structure; the file-derived id is kept
+        metadata["file_id"] = structure_id
+        structure_id = database_id
     if injected:
         metadata["symops_generated"] = True
     symbols = data.get("_atom_site_type_symbol") or data.get("_atom_site_label") or []
@@ -1169,6 +1177,28 @@ def _label_problem(labels: list[str], structure: Structure, data: dict[str, Any]
                     f"label {label!r} is ambiguous without _atom_site_type_symbol or"
                     f" _chemical_formula_sum ({one} or {two}?); state _atom_site_type_symbol"
                 )
+    return None
+
+
+#: CIF items with a structure's database code, in order of preference, and the
+#: prefix of the structure id made from it (``cod-1000017``, ``amcsd-0000029``).
+CIF_DATABASE_CODES: Final = (
+    ("_cod_database_code", "cod"),
+    ("_database_code_amcsd", "amcsd"),
+    ("_database_code_icsd", "icsd"),
+)
+
+
+def _cif_database_id(data: dict[str, Any]) -> str | None:
+    """``PREFIX-CODE`` from the first database code the block states, else None."""
+    items = {str(k).lower(): v for k, v in data.items()}
+    for key, prefix in CIF_DATABASE_CODES:
+        value = items.get(key)
+        if isinstance(value, list):
+            value = value[0] if value else None
+        code = "" if value is None else str(value).strip().strip("'\"")
+        if code not in ("", "?", "."):
+            return f"{prefix}-{code}"
     return None
 
 

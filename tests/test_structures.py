@@ -112,9 +112,13 @@ def site_multiset(table: SiteTable) -> Counter[tuple[int, int, str]]:
 
 
 def by_id(result: ReadResult) -> tuple[dict[str, AnalysedStructure], dict[str, Rejection]]:
+    # keyed by file name: the COD files are named after the code that becomes their id
     return (
-        {s.structure_id: s for s in result.structures},
-        {r.id if r.block is not None else Path(r.id).stem: r for r in result.rejections},
+        {s.metadata.get("file_id", s.structure_id): s for s in result.structures},
+        {
+            r.id.removeprefix("cod-") if r.block is not None else Path(r.id).stem: r
+            for r in result.rejections
+        },
     )
 
 
@@ -184,7 +188,8 @@ def test_folder_is_read_recursively_in_sorted_order(tmp_path: Path) -> None:
     (tmp_path / "README.md").write_text("not a structure")
     (tmp_path / ".hidden.cif").write_text("ignored")
     result = read_structures([tmp_path])
-    assert [s.structure_id for s in result.structures] == ["a", "1000044"]
+    assert [s.structure_id for s in result.structures] == ["cod-1011211", "cod-1000044"]
+    assert [s.metadata["file_id"] for s in result.structures] == ["a", "1000044"]
     assert result.rejections == []
 
 
@@ -208,7 +213,8 @@ def test_a_single_path_is_accepted() -> None:
 
 def test_multi_block_cif_gives_one_structure_per_block() -> None:
     result = read_structures([COD / "1011211+1000044.cif"])
-    assert [s.structure_id for s in result.structures] == [
+    assert [s.structure_id for s in result.structures] == ["cod-1011211", "cod-1000044"]
+    assert [s.metadata["file_id"] for s in result.structures] == [
         "1011211+1000044#1011211",
         "1011211+1000044#1000044",
     ]
@@ -249,7 +255,7 @@ def test_r_factor_limit_is_exclusive(tmp_path: Path, value: str, accepted: bool)
 
 def test_r_factor_filter_can_be_switched_off() -> None:
     result = read_structures([COD / "8103030.cif"], params=FilterParams(r_factor_max=None))
-    assert [s.structure_id for s in result.structures] == ["8103030"]
+    assert [s.structure_id for s in result.structures] == ["cod-8103030"]
     assert result.structures[0].metadata["r_factor"] == pytest.approx(0.1071)
 
 
@@ -798,3 +804,25 @@ def test_inspect_of_each_bad_input_exits_1_naming_file_and_reason(name: str) -> 
     assert f" {BAD_REASONS[name]}: " in line
     assert "Traceback" not in result.output
     assert sorted(p.name for p in BAD.iterdir() if p.name.startswith(".")) == []
+
+
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        ("_cod_database_code 1000044", "cod-1000044"),
+        ("_database_code_amcsd 0000029", "amcsd-0000029"),
+        ("_database_code_ICSD 61316", "icsd-61316"),
+        ("_database_code_icsd ?", "218"),  # no code stated: the file stem
+        ("", "218"),
+    ],
+)
+def test_cif_id_is_the_database_code_the_file_states(
+    tmp_path: Path, line: str, expected: str
+) -> None:
+    text = (COD / "1000044.cif").read_text()
+    text = "\n".join(t for t in text.splitlines() if not t.startswith("_cod_database_code"))
+    (tmp_path / "218.cif").write_text(text + "\n" + line + "\n")
+    (structure,) = read_structures([tmp_path / "218.cif"]).structures
+    assert structure.structure_id == expected
+    assert structure.metadata.get("file_id", structure.structure_id) == "218"
+    assert structure.source == str(tmp_path / "218.cif")  # provenance: the file it came from

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from afpx import AfpxError
-from afpx.cli import library_errors
+from afpx.cli import library_errors, require_torch
 
 
 def _parse_case(items: tuple[str, ...]) -> tuple[tuple[str, ...], ...] | None:
@@ -107,6 +107,8 @@ def evaluate_command(
     import dataclasses
     import sys
 
+    if model is not None:
+        require_torch("afpx evaluate --model")
     from afpx.baselines import BaselineParams
     from afpx.evaluate import EvaluateParams, evaluate, with_model_likelihoods, write_report
 

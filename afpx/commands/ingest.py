@@ -6,6 +6,7 @@ import contextlib
 import functools
 import warnings
 from collections.abc import Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -14,7 +15,25 @@ from afpx import AfpxError, AfpxWarning
 from afpx.cli import AfpxUsageError, F, library_errors
 
 if TYPE_CHECKING:
+    import pandas as pd
+
     from afpx.structures import FilterParams, ReadResult
+
+#: Suffixes of ``afpx inspect --report`` and the format each one selects.
+REPORT_FORMATS = {".csv": "csv", ".json": "json"}
+
+#: Columns of the inspection report, one row per structure (accepted or not).
+REPORT_COLUMNS = (
+    "id",
+    "source",
+    "block",
+    "accepted",
+    "reason",
+    "message",
+    "formula",
+    "spacegroup",
+    "n_unique_sites",
+)
 
 
 def format_result(result: ReadResult, *, summary_only: bool = False) -> str:
@@ -58,6 +77,111 @@ def format_result(result: ReadResult, *, summary_only: bool = False) -> str:
             lines.append(f"  {r.id}  {r.reason}: {r.message}  [{r.source}{block}]")
     lines.append(result.summary())
     return "\n".join(lines)
+
+
+def report_frame(result: ReadResult) -> pd.DataFrame:
+    """One row per structure read: accepted ones first, then rejections (input order).
+
+    Parameters
+    ----------
+    result : ReadResult
+        Accepted structures and rejections.
+
+    Returns
+    -------
+    pandas.DataFrame
+        Columns :data:`REPORT_COLUMNS`: ``accepted`` is a bool; ``reason``
+        (one of :data:`afpx.schema.REJECT_REASONS`) and ``message`` are empty
+        for accepted structures; ``formula``, ``spacegroup`` and
+        ``n_unique_sites`` are empty for rejected ones.
+    """
+    import pandas as pd
+
+    rows: list[dict[str, Any]] = [
+        {
+            "id": s.structure_id,
+            "source": s.source,
+            "block": s.metadata.get("block"),
+            "accepted": True,
+            "reason": "",
+            "message": "",
+            "formula": s.formula,
+            "spacegroup": int(s.sites.spacegroup),
+            "n_unique_sites": len(s.sites.z),
+        }
+        for s in result.structures
+    ]
+    rows += [
+        {
+            "id": r.id,
+            "source": r.source,
+            "block": r.block,
+            "accepted": False,
+            "reason": r.reason,
+            "message": r.message,
+            "formula": "",
+            "spacegroup": None,
+            "n_unique_sites": None,
+        }
+        for r in result.rejections
+    ]
+    frame = pd.DataFrame(rows, columns=list(REPORT_COLUMNS))
+    return frame.astype({"spacegroup": "Int64", "n_unique_sites": "Int64"})
+
+
+def check_report_path(path: str) -> Path:
+    """The report path, checked before any reading (suffix and folder).
+
+    Raises
+    ------
+    AfpxError
+        When the suffix is not ``.csv`` or ``.json``, or the folder does not exist.
+    """
+    out = Path(path)
+    if out.suffix.lower() not in REPORT_FORMATS:
+        raise AfpxError(
+            f"--report {path}: unknown suffix {out.suffix!r}; use a .csv or .json file name"
+        )
+    if not out.parent.is_dir():
+        raise AfpxError(f"--report {path}: folder {out.parent} does not exist; create it first")
+    return out
+
+
+def write_report(result: ReadResult, path: str | Path) -> Path:
+    """Write :func:`report_frame` as CSV or JSON (records), chosen by the suffix.
+
+    Parameters
+    ----------
+    result : ReadResult
+        Accepted structures and rejections.
+    path : str or Path
+        ``*.csv`` or ``*.json``.
+
+    Returns
+    -------
+    Path
+        The file written.
+
+    Raises
+    ------
+    AfpxError
+        For another suffix or a missing folder (see :func:`check_report_path`).
+    """
+    import pandas as pd
+
+    out = check_report_path(str(path))
+    frame = report_frame(result)
+    if REPORT_FORMATS[out.suffix.lower()] == "csv":
+        frame.to_csv(out, index=False)
+    else:
+        import json
+
+        records = [
+            {k: (None if pd.isna(v) else v) for k, v in row.items()}
+            for row in frame.astype(object).to_dict(orient="records")
+        ]
+        out.write_text(json.dumps(records, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    return out
 
 
 _FILTER_OPTIONS = (
@@ -163,6 +287,13 @@ def filter_options(func: F) -> F:
 @click.argument("inputs", nargs=-1, required=True)
 @click.option("--summary", "summary_only", is_flag=True, help="Print only the counts.")
 @click.option("--workers", type=int, default=1, show_default=True, help="Processes to read with.")
+@click.option(
+    "--report",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Also write one row per structure (accepted, reason, message, ...) to this "
+    ".csv or .json file.",
+)
 @filter_options
 @click.option(
     "--progress/--no-progress", default=None, help="Progress bar (default: on a terminal)."
@@ -172,6 +303,7 @@ def inspect_command(
     inputs: tuple[str, ...],
     summary_only: bool,
     workers: int,
+    report: str | None,
     filters: FilterParams,
     max_file_mb: float,
     progress: bool | None,
@@ -184,6 +316,8 @@ def inspect_command(
     """
     from afpx.structures import read_structures
 
+    if report is not None:
+        check_report_path(report)  # before reading, so that a typo loses no work
     with echo_warnings():
         result = read_structures(
             list(inputs),
@@ -193,6 +327,9 @@ def inspect_command(
             max_file_mb=max_file_mb,
         )
     click.echo(format_result(result, summary_only=summary_only))
+    if report is not None:
+        out = write_report(result, report)
+        click.echo(f"wrote {len(result.structures) + len(result.rejections)} rows to {out}")
     if not result.structures:
         reasons = ", ".join(f"{reason} {n}" for reason, n in result.counts().items())
         raise click.ClickException(

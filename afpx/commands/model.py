@@ -8,7 +8,7 @@ from typing import Any
 import click
 
 from afpx import AfpxError
-from afpx.cli import library_errors
+from afpx.cli import library_errors, require_torch
 
 
 def _parse_overrides(items: tuple[str, ...]) -> dict[str, Any]:
@@ -137,6 +137,7 @@ def train_command(
     """
     from dataclasses import replace
 
+    require_torch("afpx train")
     import torch
 
     from afpx.train import TrainConfig, train
@@ -220,6 +221,7 @@ def likelihood_command(
     Adds `likelihood` (site x element), `softmax_pred` (site) and, when the cube
     has several draws per site, `likelihood_mean`; `afp` is not touched.
     """
+    require_torch("afpx likelihood")
     import torch
 
     from afpx import schema

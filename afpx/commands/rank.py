@@ -95,6 +95,12 @@ def rank_command(
         raise AfpxError(f"--top must be 0 (all) or positive, got {top}")
     zs = parse_elements(elements)  # bad symbols fail before any loading
     library = load_library(cube)
+    if export_cif is not None and library.geometry is None:
+        # checked before ranking, so that a failure leaves no empty output folder
+        raise AfpxError(
+            f"--export-cif: cube {cube!r} stores no template geometry (built by an older "
+            f"afpx); rebuild it with `afpx build-cube`, or rank without --export-cif"
+        )
     options: dict[str, Any] = {"exclude_own_formula": exclude_own_formula}
     if max_sites is not None:
         options["max_unique_sites"] = max_sites
