@@ -139,6 +139,11 @@ class TrainConfig:
         Share of the run spent warming up (``onecycle``).
     weight_decay : float
         Decoupled weight decay of AdamW (0: plain Adam, as the paper).
+    split_protocol : {"composition", "site"}
+        ``composition``: the cube's split (no composition shared between
+        train, holdout and test). ``site``: the paper's protocol, unique sites
+        split 60/20/20 at random (:func:`afpx.splits.random_site_split`,
+        seeded by ``seed``), for comparison with the paper's error rate.
     keep_best : bool
         Keep in ``model.pt`` the weights of the epoch with the lowest holdout
         softmax error (the last epoch's weights stay in ``state.pt`` for
@@ -176,6 +181,7 @@ class TrainConfig:
     warmup_fraction: float = 0.1
     weight_decay: float = 0.0
     keep_best: bool = False
+    split_protocol: str = "composition"
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "reference_batch_size", "shuffle_chunks"):
@@ -188,6 +194,10 @@ class TrainConfig:
         if self.lr_schedule not in LR_SCHEDULES:
             raise AfpxError(
                 f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}"
+            )
+        if self.split_protocol not in ("composition", "site"):
+            raise AfpxError(
+                f"split_protocol must be 'composition' or 'site', got {self.split_protocol!r}"
             )
         if not 0.0 <= self.warmup_fraction < 1.0:
             raise AfpxError(f"warmup_fraction must lie in [0, 1), got {self.warmup_fraction}")
@@ -361,8 +371,19 @@ class CubeIndex:
     context: np.ndarray | None = None
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str], *, context: bool = False) -> CubeIndex:
-        """Read the per-site arrays of the cube at ``path`` (and the template context)."""
+    def load(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        context: bool = False,
+        split_protocol: str = "composition",
+        seed: int = 0,
+    ) -> CubeIndex:
+        """Read the per-site arrays of the cube at ``path`` (and the template context).
+
+        ``split_protocol="site"`` replaces the cube's split by a seeded random
+        split of unique sites (the paper's protocol).
+        """
         g = open_store(path)
         missing = [
             n
@@ -379,7 +400,16 @@ class CubeIndex:
         shards = getattr(afp, "shards", None)
         chunk_sites = int((shards or afp.chunks)[0])
         structure = np.asarray(g[schema.STRUCTURE_INDEX][:], dtype=np.int64)
-        if schema.SPLIT in g:
+        if split_protocol == "site":
+            from afpx.splits import random_site_split
+
+            site_index = (
+                np.asarray(g[schema.SITE_INDEX][:])
+                if schema.SITE_INDEX in g
+                else np.arange(n_sites)
+            )
+            site_split = random_site_split(structure, site_index, seed=seed)
+        elif schema.SPLIT in g:
             split = _as_str(g[schema.SPLIT][:])
             site_split = split[structure]
         else:
@@ -836,7 +866,9 @@ def train(
     net = build_net(mcfg)
     from afpx.model import needs_context
 
-    index = CubeIndex.load(cube, context=needs_context(net))
+    index = CubeIndex.load(
+        cube, context=needs_context(net), split_protocol=tcfg.split_protocol, seed=tcfg.seed
+    )
     if resume:
         check_fingerprint(meta.get("fingerprint", {}), index.fingerprint, cube=str(cube))
     train_sites = index.sites("train")

@@ -487,3 +487,33 @@ def test_cli_train_bad_set(cube: Path, tmp_path: Path) -> None:
 def test_tiny_configs_are_valid() -> None:
     assert tiny_model_config().preset == "tiny"
     assert tiny_train_config(epochs=3).epochs == 3
+
+
+def test_random_site_split_is_the_papers_protocol() -> None:
+    from afpx.splits import random_site_split
+
+    structure = np.repeat(np.arange(2000), 5)
+    site_index = np.tile(np.arange(5), 2000)
+    split = random_site_split(structure, site_index, seed=3)
+    share = {s: float(np.mean(split == s)) for s in ("train", "holdout", "test")}
+    assert share == pytest.approx({"train": 0.6, "holdout": 0.2, "test": 0.2}, abs=0.02)
+    # sites of one structure are shared between splits (unlike the composition split)
+    per_structure = {frozenset(split[structure == s]) for s in range(50)}
+    assert any(len(p) > 1 for p in per_structure)
+    # draws of one unique site stay together; the seed decides
+    twice = random_site_split(np.repeat(structure, 2), np.repeat(site_index, 2), seed=3)
+    np.testing.assert_array_equal(twice[::2], twice[1::2])
+    assert not np.array_equal(split, random_site_split(structure, site_index, seed=4))
+    with pytest.raises(AfpxError, match="summing to 1"):
+        random_site_split(structure, site_index, fractions=(0.5, 0.2, 0.2))
+    with pytest.raises(AfpxError, match="differ in length"):
+        random_site_split(structure, site_index[:3])
+    with pytest.raises(AfpxError, match="split_protocol must be"):
+        TrainConfig(split_protocol="random")
+
+
+def test_site_protocol_changes_which_sites_train(cube: Path) -> None:
+    by_comp = CubeIndex.load(cube)
+    by_site = CubeIndex.load(cube, split_protocol="site", seed=0)
+    assert set(by_site.site_split) == {"train", "holdout", "test"}
+    assert not np.array_equal(by_comp.site_split, by_site.site_split)
