@@ -116,7 +116,9 @@ def by_id(result: ReadResult) -> tuple[dict[str, AnalysedStructure], dict[str, R
     return (
         {s.metadata.get("file_id", s.structure_id): s for s in result.structures},
         {
-            r.id.removeprefix("cod-") if r.block is not None else Path(r.id).stem: r
+            # a rejected record keeps the id it would have had (a bad file derived from
+            # a COD entry states that entry's code): key it by its file instead
+            Path(r.source).stem if r.source.endswith(".cif") else Path(r.id).stem: r
             for r in result.rejections
         },
     )
