@@ -66,10 +66,11 @@ def build_configs(
 )
 @click.option(
     "--preset",
-    type=click.Choice(["small", "paper"]),
-    default="small",
+    type=click.Choice(["context", "small", "paper"]),
+    default="context",
     show_default=True,
-    help="Network and schedule: 'small' (CPU-friendly) or 'paper' (42-layer VAE, batch 16).",
+    help="Network and schedule: 'context' (the default: MLP on the AFP and template context), "
+    "'small' (CPU-sized VAE) or 'paper' (42-layer VAE, batch 16).",
 )
 @click.option("--epochs", type=int, default=None, help="Epochs (default: the preset's).")
 @click.option(
