@@ -23,10 +23,11 @@ preset, configuration) and say whether the write completed.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -201,6 +202,69 @@ def draw_means(values: np.ndarray, draw: np.ndarray) -> np.ndarray:
     return (sums / counts)[group].astype(values.dtype)
 
 
+#: Suffixes of the arrays of a likelihood write in progress, and of the ones it replaces.
+PARTIAL_SUFFIX = "__partial"
+OLD_SUFFIX = "__replaced"
+LOCK_SUFFIX = ".afpx-likelihood.lock"
+
+
+def lock_path(cube: str | os.PathLike[str]) -> str:
+    """The lock file of a likelihood write: a hidden sibling of the cube (zarr ignores it)."""
+    head, tail = os.path.split(os.path.normpath(os.fspath(cube)))
+    return os.path.join(head, f".{tail}{LOCK_SUFFIX}")
+
+
+def _remove_array(path: str, name: str) -> None:
+    import shutil
+
+    shutil.rmtree(os.path.join(path, name), ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _writer_lock(path: str) -> Iterator[None]:
+    """Hold the cube's lock file (:func:`lock_path`) while writing; refuse a second writer.
+
+    A lock left by a process that no longer runs (killed) is taken over.
+    """
+    lock = lock_path(path)
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                with open(lock) as f:
+                    pid = int(f.read().strip() or "0")
+            except (OSError, ValueError):
+                pid = 0
+            if pid and _alive(pid):
+                raise AfpxError(
+                    f"another `afpx likelihood` (process {pid}) is writing into {path!r}; "
+                    f"wait for it to finish (or remove {lock} if no such process runs)"
+                ) from None
+            os.unlink(lock)  # stale: its writer was killed
+            continue
+        except OSError as exc:
+            raise AfpxError(f"cannot write into the cube {path!r}: {exc.strerror or exc}") from exc
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        break
+    try:
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(lock)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _store_is_consolidated(path: str) -> bool:
     import zarr
 
@@ -271,69 +335,103 @@ def predict(
     # one pass over afp: the context of a site depends on its whole structure
     context = context_from_store(g) if m.needs_context else None
 
-    # 1. create the variables (metadata only; root attributes kept as they are)
-    identity = m.identity()
-    n_el = m.config.n_elements
-    lik_attrs = {
-        **identity,
-        "complete": False,
-        "long_name": "site likelihood (sigmoid output) of elements Z = 1..118",
-        "used_for_ranking": not with_mean,
-    }
-    data_vars: dict[str, Any] = {
-        schema.LIKELIHOOD: (
-            (schema.SITE, schema.ELEMENT),
-            da.zeros((n, n_el), chunks=(chunk, n_el), dtype=np.float32),
-            lik_attrs,
-        ),
-        schema.SOFTMAX_PRED: (
-            (schema.SITE,),
-            da.zeros(n, chunks=chunk, dtype=np.int16),
-            {**identity, "complete": False, "long_name": "Z predicted by the softmax classifier"},
-        ),
-    }
-    if with_mean:
-        data_vars[schema.LIKELIHOOD_MEAN] = (
-            (schema.SITE, schema.ELEMENT),
-            da.zeros((n, n_el), chunks=(chunk, n_el), dtype=np.float32),
-            {
-                **identity,
-                "complete": False,
-                "long_name": "likelihood averaged over the draws of each unique site",
-                "used_for_ranking": True,
-            },
+    # 1. one writer at a time; leftovers of a killed run go
+    with _writer_lock(path):
+        for name in list(g.array_keys()):
+            if name.endswith((PARTIAL_SUFFIX, OLD_SUFFIX)):
+                _remove_array(path, name)
+        # 2. create the new variables under temporary names (metadata only; root
+        #    attributes kept as they are)
+        identity = m.identity()
+        n_el = m.config.n_elements
+        lik_attrs = {
+            **identity,
+            "complete": False,
+            "long_name": "site likelihood (sigmoid output) of elements Z = 1..118",
+            "used_for_ranking": not with_mean,
+        }
+        final: dict[str, Any] = {
+            schema.LIKELIHOOD: (
+                (schema.SITE, schema.ELEMENT),
+                da.zeros((n, n_el), chunks=(chunk, n_el), dtype=np.float32),
+                lik_attrs,
+            ),
+            schema.SOFTMAX_PRED: (
+                (schema.SITE,),
+                da.zeros(n, chunks=chunk, dtype=np.int16),
+                {
+                    **identity,
+                    "complete": False,
+                    "long_name": "Z predicted by the softmax classifier",
+                },
+            ),
+        }
+        if with_mean:
+            final[schema.LIKELIHOOD_MEAN] = (
+                (schema.SITE, schema.ELEMENT),
+                da.zeros((n, n_el), chunks=(chunk, n_el), dtype=np.float32),
+                {
+                    **identity,
+                    "complete": False,
+                    "long_name": "likelihood averaged over the draws of each unique site",
+                    "used_for_ranking": True,
+                },
+            )
+        template = xr.Dataset(
+            {name + PARTIAL_SUFFIX: v for name, v in final.items()},
+            coords=schema.element_coords(),
+            attrs=attrs,
         )
-    template = xr.Dataset(data_vars, coords=schema.element_coords(), attrs=attrs)
-    consolidated = _store_is_consolidated(path)
-    template.to_zarr(path, mode="a", compute=False, consolidated=consolidated)
+        consolidated = _store_is_consolidated(path)
+        template.to_zarr(path, mode="a", compute=False, consolidated=consolidated)
 
-    # 2. fill them block by block (never splitting the draws of a unique site)
-    gw = zarr.open_group(path, mode="r+")
-    lik_arr: Any = gw[schema.LIKELIHOOD]
-    pred_arr: Any = gw[schema.SOFTMAX_PRED]
-    mean_arr: Any = gw[schema.LIKELIHOOD_MEAN] if with_mean else None
-    if progress is None:
-        progress = sys.stderr.isatty()
-    blocks = _block_ends(draw, max(block_sites, 1))
-    for a, b in tqdm(blocks, disable=not progress, desc="likelihood", leave=False):
-        afp = np.asarray(afp_arr[a:b], dtype=np.float32)
-        lik, pred = score_afp(
-            m,
-            afp,
-            r0_all[a:b],
-            dmin_all[a:b],
-            context=None if context is None else context[a:b],
-            batch_size=batch_size,
-        )
-        lik_arr[a:b] = lik
-        pred_arr[a:b] = pred
-        if mean_arr is not None:
-            mean_arr[a:b] = draw_means(lik, draw[a:b])
-    for arr in (lik_arr, pred_arr, mean_arr):
-        if arr is not None:
-            arr.attrs.update({"complete": True})
-    if consolidated:
-        zarr.consolidate_metadata(path)
+        # 3. fill them block by block (never splitting the draws of a unique site)
+        gw = zarr.open_group(path, mode="r+")
+        lik_arr: Any = gw[schema.LIKELIHOOD + PARTIAL_SUFFIX]
+        pred_arr: Any = gw[schema.SOFTMAX_PRED + PARTIAL_SUFFIX]
+        mean_arr: Any = gw[schema.LIKELIHOOD_MEAN + PARTIAL_SUFFIX] if with_mean else None
+        if progress is None:
+            progress = sys.stderr.isatty()
+        blocks = _block_ends(draw, max(block_sites, 1))
+        for a, b in tqdm(blocks, disable=not progress, desc="likelihood", leave=False):
+            afp = np.asarray(afp_arr[a:b], dtype=np.float32)
+            lik, pred = score_afp(
+                m,
+                afp,
+                r0_all[a:b],
+                dmin_all[a:b],
+                context=None if context is None else context[a:b],
+                batch_size=batch_size,
+            )
+            if not np.all(np.isfinite(lik)):
+                raise AfpxError(
+                    f"the model gave non-finite likelihoods on sites {a}..{b - 1} of {path!r}: "
+                    "their fingerprints are damaged (check with `afpx info --verify`); "
+                    "the cube's previous likelihoods are kept"
+                )
+            lik_arr[a:b] = lik
+            pred_arr[a:b] = pred
+            if mean_arr is not None:
+                mean_arr[a:b] = draw_means(lik, draw[a:b])
+        # 4. complete: provenance and the flag go with the arrays, which then
+        #    replace the previous ones (each by one directory rename)
+        for arr in (lik_arr, pred_arr, mean_arr):
+            if arr is not None:
+                arr.attrs.update({"complete": True})
+        for name in final:
+            if name in gw:
+                os.replace(os.path.join(path, name), os.path.join(path, name + OLD_SUFFIX))
+            os.replace(os.path.join(path, name + PARTIAL_SUFFIX), os.path.join(path, name))
+        if schema.LIKELIHOOD_MEAN in gw and not with_mean:
+            os.replace(
+                os.path.join(path, schema.LIKELIHOOD_MEAN),
+                os.path.join(path, schema.LIKELIHOOD_MEAN + OLD_SUFFIX),
+            )
+        for name in final | {schema.LIKELIHOOD_MEAN: None}:
+            if os.path.isdir(os.path.join(path, name + OLD_SUFFIX)):
+                _remove_array(path, name + OLD_SUFFIX)
+        if consolidated:
+            zarr.consolidate_metadata(path)
     return _open(path)
 
 
@@ -347,12 +445,25 @@ def _open(path: str) -> xr.Dataset:
 def require_likelihood(ds: xr.Dataset, *, what: str = "ranking") -> None:
     """Raise :class:`AfpxError` naming ``afpx likelihood`` when a cube lacks likelihoods.
 
-    Also refuses likelihoods whose write did not complete (``complete`` attribute false).
+    Also refuses likelihoods whose write did not complete (``complete`` attribute
+    false) and variables written by different models (a write interrupted
+    between swapping its arrays in).
     """
     schema.require_variables(ds, [schema.LIKELIHOOD], what=what, fix=FIX)
-    for name in (schema.LIKELIHOOD, schema.LIKELIHOOD_MEAN):
-        if name in ds.variables and ds[name].attrs.get("complete", True) in (False, 0, "false"):
+    names = [
+        n
+        for n in (schema.LIKELIHOOD, schema.LIKELIHOOD_MEAN, schema.SOFTMAX_PRED)
+        if n in ds.variables
+    ]
+    for name in names:
+        if ds[name].attrs.get("complete", True) in (False, 0, "false"):
             raise AfpxError(f"`{name}` in the cube was not completely written; {FIX}")
+    models = {str(ds[n].attrs.get("model_sha256", "")) for n in names}
+    if len(models) > 1:
+        raise AfpxError(
+            f"the cube's {', '.join(names)} come from different models (an interrupted "
+            f"`afpx likelihood`); {FIX}"
+        )
 
 
 def site_likelihood(ds: xr.Dataset) -> xr.DataArray:

@@ -172,3 +172,102 @@ def test_score_structures(model_dir: Path) -> None:
 
     with pytest.raises(AfpxError, match="differ from the model's in r_max"):
         score_structures([nacl], model_dir, params=FingerprintParams(r_max=5.0))
+
+
+# -- a second run, a killed run, two writers (nothing lost, provenance right) -------
+
+
+@pytest.fixture(scope="module")
+def second_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    base = tmp_path_factory.mktemp("lik2")
+    cube = make_synthetic_cube(base / "train.zarr", n_structures=60)
+    return train_tiny_model(cube, base / "model", epochs=2, seed=5)
+
+
+def test_second_run_replaces_values_and_provenance(
+    model_dir: Path, second_model: Path, tmp_path: Path
+) -> None:
+    cube = make_synthetic_cube(tmp_path / "c.zarr", n_structures=20, seed=3)
+    first = predict(cube, model_dir, block_sites=10)[schema.LIKELIHOOD].values
+    ds = predict(cube, second_model, block_sites=10)
+    second_sha = load_model(second_model).weights_sha256
+    for name in (schema.LIKELIHOOD, schema.SOFTMAX_PRED):
+        assert ds[name].attrs["model_sha256"] == second_sha
+        assert ds[name].attrs["model_path"] == str(second_model.resolve())
+        assert ds[name].attrs["complete"] is True
+    assert not np.allclose(ds[schema.LIKELIHOOD].values, first)
+    assert not [k for k in zarr.open_group(str(cube)).array_keys() if "__" in k]
+    require_likelihood(ds)
+
+
+def test_killed_run_keeps_the_previous_likelihoods(
+    model_dir: Path, second_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import afpx.likelihood as lk
+
+    cube = make_synthetic_cube(tmp_path / "c.zarr", n_structures=20, seed=3)
+    before = predict(cube, model_dir, block_sites=10)[schema.LIKELIHOOD].values
+    calls = {"n": 0}
+    real = lk.score_afp
+
+    def dies_on_the_second_block(*args: object, **kwargs: object) -> object:
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt  # as a kill would, mid-run
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(lk, "score_afp", dies_on_the_second_block)
+    with pytest.raises(KeyboardInterrupt):
+        predict(cube, second_model, block_sites=10)
+    monkeypatch.undo()
+    ds = _open(cube)
+    np.testing.assert_array_equal(ds[schema.LIKELIHOOD].values, before)
+    assert ds[schema.LIKELIHOOD].attrs["model_sha256"] == load_model(model_dir).weights_sha256
+    require_likelihood(ds)
+    # the next run cleans the partial arrays up
+    predict(cube, second_model, block_sites=10)
+    assert not [k for k in zarr.open_group(str(cube)).array_keys() if "__" in k]
+
+
+def test_a_second_writer_is_refused_and_a_stale_lock_taken_over(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from afpx.likelihood import lock_path
+
+    cube = make_synthetic_cube(tmp_path / "c.zarr", n_structures=10, seed=3)
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        Path(lock_path(cube)).write_text(str(sleeper.pid))
+        with pytest.raises(AfpxError, match="another `afpx likelihood`"):
+            predict(cube, model_dir)
+        assert schema.LIKELIHOOD not in zarr.open_group(str(cube))
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    predict(cube, model_dir)  # the lock of a process that is gone is stale
+    assert not os.path.exists(lock_path(cube))
+    assert lock_path(cube) == str(tmp_path / ".c.zarr.afpx-likelihood.lock")
+
+
+def test_mixed_models_are_refused(model_dir: Path, tmp_path: Path) -> None:
+    cube = make_synthetic_cube(tmp_path / "c.zarr", n_structures=10, seed=3)
+    predict(cube, model_dir)
+    g = zarr.open_group(str(cube), mode="r+")
+    g[schema.SOFTMAX_PRED].attrs.update({"model_sha256": "0" * 64})
+    with pytest.raises(AfpxError, match="come from different models"):
+        require_likelihood(_open(cube))
+
+
+def test_non_finite_fingerprints_are_an_error_not_nan(model_dir: Path, tmp_path: Path) -> None:
+    cube = make_synthetic_cube(tmp_path / "c.zarr", n_structures=10, seed=3)
+    g = zarr.open_group(str(cube), mode="r+")
+    afp = g[schema.AFP][:]
+    afp[3] = np.nan
+    g[schema.AFP][:] = afp
+    with pytest.raises(AfpxError, match="non-finite likelihoods on sites"):
+        predict(cube, model_dir)
+    assert schema.LIKELIHOOD not in zarr.open_group(str(cube))
