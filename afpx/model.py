@@ -25,7 +25,7 @@ one linear layer and 20 (transposed) convolutions.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any, NamedTuple
 
 import torch
@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from afpx import AfpxError
-from afpx.schema import N_BINS, N_ELEMENTS, N_PERSPECTIVES
+from afpx.schema import N_BINS, N_ELEMENTS, N_PERSPECTIVES, config_from_dict
 
 PRESETS = ("paper", "small", "context")
 ARCHITECTURES = ("vae", "mlp")
@@ -158,15 +158,8 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
-        """Inverse of :meth:`to_dict`; unknown keys raise :class:`AfpxError`."""
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise AfpxError(f"unknown model configuration keys: {', '.join(unknown)}")
-        d = dict(d)
-        if "encoder_channels" in d:
-            d["encoder_channels"] = tuple(d["encoder_channels"])
-        return cls(**d)
+        """Inverse of :meth:`to_dict`; unknown keys and wrong types raise :class:`AfpxError`."""
+        return config_from_dict(cls, d, what="model configuration")
 
     @classmethod
     def preset_config(cls, name: str, **overrides: Any) -> ModelConfig:

@@ -35,8 +35,8 @@ variable                  dims                    meaning
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import TYPE_CHECKING, Final
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import numpy as np
 
@@ -44,6 +44,8 @@ from afpx import AfpxError
 
 if TYPE_CHECKING:
     import xarray as xr
+
+T = TypeVar("T")
 
 # -- dimensions ---------------------------------------------------------------
 SITE: Final = "site"
@@ -189,3 +191,53 @@ def check_cube(ds: xr.Dataset) -> None:
     for name, dtype in DTYPES.items():
         if name in ds.variables and ds[name].dtype != dtype:
             raise AfpxError(f"`{name}` has dtype {ds[name].dtype}, expected {dtype}")
+
+
+def config_from_dict(cls: type[T], d: Mapping[str, Any], *, what: str) -> T:
+    """Build the frozen dataclass ``cls`` from a JSON-like dict, checking names and types.
+
+    Every value must have the type of the field's default (an int is accepted
+    for a float field, a list for a tuple field, None where the default is
+    None or the annotation allows it). A wrong name or type raises
+    :class:`afpx.AfpxError` naming the key, the value and what was expected,
+    before anything is computed or written.
+    """
+    import dataclasses
+    import typing
+
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(d) - set(fields))
+    if unknown:
+        raise AfpxError(f"unknown {what} keys: {', '.join(unknown)}")
+    hints = typing.get_type_hints(cls)
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        default = fields[key].default
+        optional = "None" in str(hints.get(key, ""))
+        if value is None and (default is None or optional):
+            out[key] = None
+            continue
+        expected = type(default) if default is not None else None
+        if expected is None:  # None default: take the annotation's other type
+            text = str(hints.get(key, ""))
+            expected = int if "int" in text else float if "float" in text else None
+        ok: bool
+        if expected is bool:
+            ok = isinstance(value, bool)
+        elif expected is float:
+            ok = isinstance(value, int | float) and not isinstance(value, bool)
+            value = float(value) if ok else value
+        elif expected is int:
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        elif expected is tuple:
+            ok = isinstance(value, list | tuple)
+            value = tuple(value) if ok else value
+        elif expected is str:
+            ok = isinstance(value, str)
+        else:
+            ok = True
+        if not ok:
+            name = expected.__name__ if expected is not None else "a value"
+            raise AfpxError(f"{what} key {key!r} must be {name}, got {value!r}")
+        out[key] = value
+    return cls(**out)

@@ -32,7 +32,7 @@ import os
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -212,15 +212,8 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        """Inverse of :meth:`to_dict`; unknown keys raise :class:`AfpxError`."""
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise AfpxError(f"unknown training configuration keys: {', '.join(unknown)}")
-        d = dict(d)
-        if "adam_betas" in d:
-            d["adam_betas"] = tuple(d["adam_betas"])
-        return cls(**d)
+        """Inverse of :meth:`to_dict`; unknown keys and wrong types raise :class:`AfpxError`."""
+        return schema.config_from_dict(cls, d, what="training configuration")
 
     @classmethod
     def preset_config(cls, name: str, **overrides: Any) -> TrainConfig:

@@ -517,3 +517,22 @@ def test_site_protocol_changes_which_sites_train(cube: Path) -> None:
     by_site = CubeIndex.load(cube, split_protocol="site", seed=0)
     assert set(by_site.site_split) == {"train", "holdout", "test"}
     assert not np.array_equal(by_comp.site_split, by_site.site_split)
+
+
+def test_wrong_config_types_are_refused_before_anything_is_written(
+    cube: Path, tmp_path: Path
+) -> None:
+    from afpx.model import ModelConfig
+
+    with pytest.raises(AfpxError, match="'kl_max' must be float, got 'abc'"):
+        TrainConfig.preset_config("small", kl_max="abc")
+    with pytest.raises(AfpxError, match=r"'classifier_hidden' must be int, got 1\.5"):
+        ModelConfig.preset_config("context", classifier_hidden=1.5)
+    with pytest.raises(AfpxError, match="'keep_best' must be bool"):
+        TrainConfig.from_dict({"keep_best": "yes"})
+    assert TrainConfig.from_dict({"lr_peak": 1, "val_max_sites": None}).lr_peak == 1.0
+    assert ModelConfig.from_dict({"encoder_channels": [8, 16]}).encoder_channels == (8, 16)
+    out = tmp_path / "never"
+    result = CliRunner().invoke(main, ["train", str(cube), "-o", str(out), "--set", "kl_max=abc"])
+    assert result.exit_code == 2 and "'kl_max' must be float" in result.output
+    assert not out.exists()
