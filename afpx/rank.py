@@ -49,10 +49,15 @@ from afpx.templates import (
     CandidateOptions,
     TemplateLibrary,
     best_assignments,
+    candidates,
+    check_elements,
     composition_index,
+    element_symbol,
+    element_symbols,
     reduce_compositions,
     reduced_formulas,
 )
+from afpx.templates.ties import DEFAULT_TIE_TOLERANCE, TIE_RULE, tie_ranks
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -65,6 +70,7 @@ __all__ = [
     "parse_elements",
     "rank",
     "rank_compositions",
+    "rank_rows",
     "tie_ranks",
 ]
 
@@ -81,69 +87,10 @@ CANDIDATE_COUNTS: Final = "candidate_counts"  # counts in the template's cell
 ASSIGNMENT_TEXT: Final = "assignment_text"
 KNOWN: Final = "known"
 
-#: Log-scores closer than this (relative to max(1, |score|)) are tied.
-DEFAULT_TIE_TOLERANCE: Final = 1e-9
-
-TIE_RULE: Final = (
-    "rank = 1 + better + (tied - 1) / 2 (mid-rank); rank_optimistic = 1 + better; "
-    "rank_pessimistic = better + tied; scores within {tol:g} x max(1, |log score|) are tied; "
-    "tied rows are listed by formula for display only"
-)
-
 
 # =============================================================================
 # ranking
 # =============================================================================
-def tie_ranks(
-    log_score: np.ndarray, *, tie_tolerance: float = DEFAULT_TIE_TOLERANCE
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Tie-aware ranks of scores (higher is better).
-
-    Parameters
-    ----------
-    log_score : ndarray of shape (n,), float
-    tie_tolerance : float
-        Consecutive sorted scores closer than ``tie_tolerance * max(1, |s|)``
-        belong to one tie group.
-
-    Returns
-    -------
-    rank : ndarray of shape (n,), float64
-        Mid-rank: 1 + (number better) + (number of others tied) / 2.
-    optimistic, pessimistic : ndarray of shape (n,), int64
-    group : ndarray of shape (n,), int64
-        Tie group, 0 for the best group, in decreasing score.
-
-    Examples
-    --------
-    >>> r, lo, hi, _ = tie_ranks(np.array([0.0, -1.0, 0.0, -3.0]))
-    >>> r.tolist(), lo.tolist(), hi.tolist()
-    ([1.5, 3.0, 1.5, 4.0], [1, 3, 1, 4], [2, 3, 2, 4])
-    """
-    s = np.asarray(log_score, dtype=np.float64)
-    n = s.size
-    if n == 0:
-        e = np.zeros(0, dtype=np.int64)
-        return np.zeros(0), e, e, e
-    if np.isnan(s).any():
-        raise AfpxError("scores contain NaN")
-    order = np.argsort(-s, kind="stable")
-    ss = s[order]
-    gap = ss[:-1] - ss[1:]
-    scale = np.maximum(1.0, np.abs(ss[:-1]))
-    finite = np.isfinite(ss[:-1]) & np.isfinite(ss[1:])
-    new = np.where(finite, gap > tie_tolerance * scale, ss[:-1] != ss[1:])
-    group_sorted = np.concatenate([[0], np.cumsum(new)])
-    sizes = np.bincount(group_sorted)
-    better = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-    group = np.empty(n, dtype=np.int64)
-    group[order] = group_sorted
-    optimistic = better[group] + 1
-    pessimistic = better[group] + sizes[group]
-    rank = better[group] + (sizes[group] + 1) / 2.0
-    return rank, optimistic, pessimistic, group
-
-
 def rank_compositions(
     candidates: xr.Dataset,
     *,
@@ -159,7 +106,7 @@ def rank_compositions(
     top : int, optional
         Keep the first ``top`` rows (ranks are computed over all rows).
     tie_tolerance : float
-        See :func:`tie_ranks`.
+        See :func:`afpx.templates.tie_ranks`.
 
     Returns
     -------
@@ -185,7 +132,7 @@ def rank_compositions(
     log_score = np.asarray(candidates[LOG_SCORE].values, dtype=np.float64)
     inverse, unique = composition_index(reduced)
     symbols = [str(s) for s in candidates[schema.SYMBOL].values]
-    rows = _rank_rows(
+    rows = rank_rows(
         template, inverse, unique, log_score, symbols, top=top, tie_tolerance=tie_tolerance
     )
     assignment = None
@@ -219,7 +166,7 @@ def rank_compositions(
     return ds
 
 
-def _rank_rows(
+def rank_rows(
     template: np.ndarray,
     inverse: np.ndarray,
     unique: np.ndarray,
@@ -229,7 +176,12 @@ def _rank_rows(
     top: int | None,
     tie_tolerance: float,
 ) -> dict[str, np.ndarray]:
-    """Best candidate per composition and the ranked, cut rows (arrays)."""
+    """Best candidate per composition and the ranked, cut rows (arrays).
+
+    ``inverse``/``unique`` group the candidates by reduced composition
+    (:func:`~afpx.templates.reduce_compositions`); the ranks follow
+    :func:`~afpx.templates.tie_ranks`.
+    """
     U = unique.shape[0]
     if top is not None and top < 1:
         raise AfpxError(f"top must be at least 1, got {top}")
@@ -243,7 +195,7 @@ def _rank_rows(
     chosen = hit[template[hit] == first_t[inverse[hit]]]
     row = np.empty(U, dtype=np.int64)
     row[inverse[chosen]] = chosen
-    rank, optimistic, pessimistic, group = tie_ranks(best, tie_tolerance=tie_tolerance)
+    rank, optimistic, pessimistic, group = tie_ranks(best, tolerance=tie_tolerance)
     # display order: by score group, then by formula within a group
     order = np.argsort(group, kind="stable")
     if top is not None and top < U:
@@ -325,14 +277,12 @@ def parse_elements(elements: str | Sequence[str | int]) -> list[int]:
     Raises :class:`AfpxError` for an unknown symbol, a repeated element or
     fewer than two elements.
     """
-    from afpx.templates import _symbols
-
     items: list[str | int]
     if isinstance(elements, str):
         items = [e.strip() for e in elements.replace(" ", ",").split(",") if e.strip()]
     else:
         items = list(elements)
-    symbols = _symbols()
+    symbols = element_symbols()
     lookup = {s.lower(): i + 1 for i, s in enumerate(symbols)}
     zs: list[int] = []
     for item in items:
@@ -405,7 +355,7 @@ def rank(
         Return a :class:`pandas.DataFrame` with the same columns (counts and
         assignment as text) instead of a Dataset.
     tie_tolerance : float
-        See :func:`tie_ranks`.
+        See :func:`afpx.templates.tie_ranks`.
     **options
         ``exclude_formulas``, ``exclude_own_formula``, ``max_unique_sites``,
         ``sources``, ``min_likelihood``, ``min_site_likelihood``
@@ -418,8 +368,6 @@ def rank(
         template site), ``assignment_text`` (``"Mn 2a, Ge 2b"``: element and
         Wyckoff letter, or site number, per unique site) and ``known``.
     """
-    from afpx.templates import _candidates, _check_elements, _symbol
-
     zs = parse_elements(elements)
     lib = library if library is not None else load_library(cube)
     unknown = set(options) - set(CandidateOptions.__dataclass_fields__)
@@ -439,15 +387,15 @@ def rank(
             f"{k} elements need a template with at least {k} unique sites; the most "
             f"any template has is {most}"
         )
-    za = _check_elements(zs)
-    result, selected = _candidates(lib, za, opts, assignments=False)
+    za = check_elements(zs)
+    result, selected = candidates(lib, za, opts, assignments=False)
     if result.template.size == 0:
         raise AfpxError(
             f"no candidate uses every element: no template passes the options ({opts.to_attrs()})"
         )
     inverse, unique = reduce_compositions(result.counts)
-    symbols = [_symbol(z) for z in zs]
-    rows = _rank_rows(
+    symbols = [element_symbol(z) for z in zs]
+    rows = rank_rows(
         result.template,
         inverse,
         unique,
@@ -669,10 +617,9 @@ def candidate_structure(
             f"template {library.structure_id[template]}: multiplicities found "
             f"{mult.tolist()} differ from the library's {library.multiplicity[s0:s1].tolist()}"
         )
-    from afpx.templates import _symbol
 
     zs = list(elements)
-    species = [_symbol(int(zs[int(assignment[j])])) for j in site_of_atom]
+    species = [element_symbol(int(zs[int(assignment[j])])) for j in site_of_atom]
     structure = Structure(Lattice(lattice), species, frac)
     v0 = float(structure.volume)
     rule = scale
