@@ -29,6 +29,7 @@ import os
 import sys
 import types
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
@@ -65,12 +66,14 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_TIE_TOLERANCE",
+    "RankTable",
     "candidate_structure",
     "export_cifs",
     "parse_elements",
     "rank",
     "rank_compositions",
     "rank_rows",
+    "rank_table",
     "tie_ranks",
 ]
 
@@ -223,22 +226,20 @@ def rank_rows(
     }
 
 
-def _ranking_dataset(
+def _ranking_vars(
     rows: dict[str, np.ndarray],
     *,
     cell_counts: np.ndarray,
     provenance: dict[str, np.ndarray],
-    elements: np.ndarray,
-    symbols: Sequence[str],
     assignment: np.ndarray | None,
-) -> xr.Dataset:
-    import xarray as xr
-
+) -> dict[str, tuple[tuple[str, ...], np.ndarray]]:
+    """The variables of a ranking, ``name -> (dims, values)``, in dataset order."""
     t = rows["template"]
-    C = COMPOSITION
-    data_vars: dict[str, Any] = {
+    C = (COMPOSITION,)
+    CE = (COMPOSITION, schema.ELEMENT)
+    out: dict[str, tuple[tuple[str, ...], np.ndarray]] = {
         schema.FORMULA: (C, rows["formula"].astype(object)),
-        "counts": ((C, schema.ELEMENT), rows["counts"]),
+        "counts": (CE, rows["counts"]),
         SCORE: (C, np.exp(rows["log_score"])),
         LOG_SCORE: (C, rows["log_score"]),
         RANK: (C, rows["rank"]),
@@ -246,7 +247,7 @@ def _ranking_dataset(
         RANK_PESSIMISTIC: (C, rows["rank_pessimistic"]),
         N_TIED: (C, rows["n_tied"]),
         TEMPLATE: (C, t),
-        CANDIDATE_COUNTS: ((C, schema.ELEMENT), cell_counts),
+        CANDIDATE_COUNTS: (CE, cell_counts),
         schema.STRUCTURE_ID: (C, provenance["structure_id"][t].astype(object)),
         TEMPLATE_FORMULA: (C, provenance["formula"][t].astype(object)),
         schema.SPACEGROUP: (C, provenance["spacegroup"][t].astype(np.int64)),
@@ -257,15 +258,94 @@ def _ranking_dataset(
     }
     if assignment is not None:
         width = int(provenance["n_sites"][t].max()) if t.size else 0
-        data_vars[ASSIGNMENT] = ((C, TEMPLATE_SITE), assignment[:, :width])
-    coords = {
-        schema.ELEMENT: (schema.ELEMENT, np.asarray(elements, dtype=np.int16)),
-        schema.SYMBOL: (schema.ELEMENT, np.asarray(list(symbols), dtype=object)),
-    }
-    ds = xr.Dataset(data_vars, coords=coords)
-    ds.attrs["n_compositions"] = int(rows["n_compositions"])
-    ds.attrs["elements"] = list(symbols)
-    return ds
+        out[ASSIGNMENT] = ((COMPOSITION, TEMPLATE_SITE), assignment[:, :width])
+    return out
+
+
+#: Columns of :func:`to_frame` and of the CSV/JSON output, in order (when present).
+FRAME_COLUMNS: Final = (
+    RANK,
+    RANK_OPTIMISTIC,
+    RANK_PESSIMISTIC,
+    schema.FORMULA,
+    SCORE,
+    LOG_SCORE,
+    schema.STRUCTURE_ID,
+    TEMPLATE_FORMULA,
+    schema.SPACEGROUP,
+    schema.SOURCE,
+    ASSIGNMENT_TEXT,
+    KNOWN,
+    N_TIED,
+    N_TEMPLATES,
+    N_BEST_TEMPLATES,
+    TEMPLATE,
+)
+
+
+@dataclass
+class RankTable:
+    """A ranking as plain numpy arrays: what :func:`rank` returns, before xarray.
+
+    The command line renders it directly (no xarray or pandas import);
+    :meth:`to_dataset` and :meth:`to_frame` give the labelled forms.
+
+    Attributes
+    ----------
+    elements : list of int
+        Atomic numbers, in the order of the ``element`` dimension.
+    symbols : list of str
+    variables : dict
+        ``name -> (dims, values)``, as in the dataset.
+    attrs : dict
+    """
+
+    elements: list[int]
+    symbols: list[str]
+    variables: dict[str, tuple[tuple[str, ...], np.ndarray]]
+    attrs: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return int(self.variables[RANK][1].shape[0])
+
+    def columns(self) -> dict[str, np.ndarray]:
+        """The one-value-per-row variables of :data:`FRAME_COLUMNS`, in order."""
+        return {n: self.variables[n][1] for n in FRAME_COLUMNS if n in self.variables}
+
+    def to_dataset(self) -> xr.Dataset:
+        """The ranking as an :class:`xarray.Dataset` (see :func:`rank_compositions`)."""
+        import xarray as xr
+
+        coords = {
+            schema.ELEMENT: (schema.ELEMENT, np.asarray(self.elements, dtype=np.int16)),
+            schema.SYMBOL: (schema.ELEMENT, np.asarray(list(self.symbols), dtype=object)),
+        }
+        ds = xr.Dataset(dict(self.variables.items()), coords=coords)
+        ds.attrs.update(self.attrs)
+        return ds
+
+    def to_frame(self) -> pd.DataFrame:
+        """The ranking as a :class:`pandas.DataFrame`, one row per composition."""
+        import pandas as pd
+
+        return pd.DataFrame(self.columns())
+
+
+def _ranking_dataset(
+    rows: dict[str, np.ndarray],
+    *,
+    cell_counts: np.ndarray,
+    provenance: dict[str, np.ndarray],
+    elements: np.ndarray,
+    symbols: Sequence[str],
+    assignment: np.ndarray | None,
+) -> xr.Dataset:
+    variables = _ranking_vars(
+        rows, cell_counts=cell_counts, provenance=provenance, assignment=assignment
+    )
+    attrs = {"n_compositions": int(rows["n_compositions"]), "elements": list(symbols)}
+    table = RankTable([int(z) for z in elements], list(symbols), variables, attrs)
+    return table.to_dataset()
 
 
 # =============================================================================
@@ -324,50 +404,17 @@ def load_library(cube: str | os.PathLike[str] | None = None) -> TemplateLibrary:
     return lib
 
 
-def rank(
+def rank_table(
     elements: str | Sequence[str | int],
     *,
     cube: str | os.PathLike[str] | None = None,
     library: TemplateLibrary | None = None,
     top: int | None = 20,
     known: bool = False,
-    as_frame: bool = False,
     tie_tolerance: float = DEFAULT_TIE_TOLERANCE,
     **options: Any,
-) -> xr.Dataset | pd.DataFrame:
-    """Rank the compositions an element set can take in the known templates.
-
-    Parameters
-    ----------
-    elements : str or sequence of str
-        Element symbols, e.g. ``"Li,Mn,Ge"`` or ``["Mn", "Ge"]`` (at least two).
-    cube : path, optional
-        A cube with likelihoods; without it (and without ``library``) the
-        built-in default library is used.
-    library : TemplateLibrary, optional
-        A library already in memory (takes precedence over ``cube``).
-    top : int or None
-        Rows to return (None: all compositions).
-    known : bool
-        Add ``known``: whether the composition is one of the library's
-        structures.
-    as_frame : bool
-        Return a :class:`pandas.DataFrame` with the same columns (counts and
-        assignment as text) instead of a Dataset.
-    tie_tolerance : float
-        See :func:`afpx.templates.tie_ranks`.
-    **options
-        ``exclude_formulas``, ``exclude_own_formula``, ``max_unique_sites``,
-        ``sources``, ``min_likelihood``, ``min_site_likelihood``
-        (see :class:`afpx.templates.CandidateOptions`).
-
-    Returns
-    -------
-    xarray.Dataset or pandas.DataFrame
-        As :func:`rank_compositions`, plus ``assignment`` (element index per
-        template site), ``assignment_text`` (``"Mn 2a, Ge 2b"``: element and
-        Wyckoff letter, or site number, per unique site) and ``known``.
-    """
+) -> RankTable:
+    """:func:`rank` as plain arrays (:class:`RankTable`); imports neither xarray nor pandas."""
     zs = parse_elements(elements)
     lib = library if library is not None else load_library(cube)
     unknown = set(options) - set(CandidateOptions.__dataclass_fields__)
@@ -417,23 +464,21 @@ def rank(
         "source": lib.source,
         "n_sites": lib.n_unique_sites,
     }
-    ds = _ranking_dataset(
-        rows,
-        cell_counts=cell,
-        provenance=provenance,
-        elements=np.asarray(zs),
-        symbols=symbols,
-        assignment=assignment,
-    )
-    ds[ASSIGNMENT_TEXT] = (
-        COMPOSITION,
+    variables = _ranking_vars(rows, cell_counts=cell, provenance=provenance, assignment=assignment)
+    variables[ASSIGNMENT_TEXT] = (
+        (COMPOSITION,),
         _assignment_text(lib, rows["template"], assignment, symbols),
     )
     if known:
         known_rows = lib.known_compositions(zs)
-        ds[KNOWN] = (COMPOSITION, _rows_in(rows["counts"], known_rows))
-    ds.attrs.update(
+        variables[KNOWN] = ((COMPOSITION,), _rows_in(rows["counts"], known_rows))
+    return RankTable(
+        list(zs),
+        symbols,
+        variables,
         {
+            "n_compositions": int(rows["n_compositions"]),
+            "elements": list(symbols),
             "n_candidates": int(result.template.size),
             "n_templates": int(selected.size),
             "n_candidates_bruteforce": int(result.n_bruteforce),
@@ -442,35 +487,71 @@ def rank(
             "tie_tolerance": float(tie_tolerance),
             "options": opts.to_attrs(),
             "library": _library_label(lib),
-        }
+        },
     )
-    if as_frame:
-        return to_frame(ds)
-    return ds
+
+
+def rank(
+    elements: str | Sequence[str | int],
+    *,
+    cube: str | os.PathLike[str] | None = None,
+    library: TemplateLibrary | None = None,
+    top: int | None = 20,
+    known: bool = False,
+    as_frame: bool = False,
+    tie_tolerance: float = DEFAULT_TIE_TOLERANCE,
+    **options: Any,
+) -> xr.Dataset | pd.DataFrame:
+    """Rank the compositions an element set can take in the known templates.
+
+    Parameters
+    ----------
+    elements : str or sequence of str
+        Element symbols, e.g. ``"Li,Mn,Ge"`` or ``["Mn", "Ge"]`` (at least two).
+    cube : path, optional
+        A cube with likelihoods; without it (and without ``library``) the
+        built-in default library is used.
+    library : TemplateLibrary, optional
+        A library already in memory (takes precedence over ``cube``).
+    top : int or None
+        Rows to return (None: all compositions).
+    known : bool
+        Add ``known``: whether the composition is one of the library's
+        structures.
+    as_frame : bool
+        Return a :class:`pandas.DataFrame` with the same columns (counts and
+        assignment as text) instead of a Dataset.
+    tie_tolerance : float
+        See :func:`afpx.templates.tie_ranks`.
+    **options
+        ``exclude_formulas``, ``exclude_own_formula``, ``max_unique_sites``,
+        ``sources``, ``min_likelihood``, ``min_site_likelihood``
+        (see :class:`afpx.templates.CandidateOptions`).
+
+    Returns
+    -------
+    xarray.Dataset or pandas.DataFrame
+        As :func:`rank_compositions`, plus ``assignment`` (element index per
+        template site), ``assignment_text`` (``"Mn 2a, Ge 2b"``: element and
+        Wyckoff letter, or site number, per unique site) and ``known``.
+    """
+    table = rank_table(
+        elements,
+        cube=cube,
+        library=library,
+        top=top,
+        known=known,
+        tie_tolerance=tie_tolerance,
+        **options,
+    )
+    return table.to_frame() if as_frame else table.to_dataset()
 
 
 def to_frame(ranked: xr.Dataset) -> pd.DataFrame:
     """A ranking as a :class:`pandas.DataFrame`, one row per composition."""
     import pandas as pd
 
-    cols: dict[str, Any] = {}
-    for name in (RANK, RANK_OPTIMISTIC, RANK_PESSIMISTIC, schema.FORMULA, SCORE, LOG_SCORE):
-        cols[name] = ranked[name].values
-    for name in (
-        schema.STRUCTURE_ID,
-        TEMPLATE_FORMULA,
-        schema.SPACEGROUP,
-        schema.SOURCE,
-        ASSIGNMENT_TEXT,
-        KNOWN,
-        N_TIED,
-        N_TEMPLATES,
-        N_BEST_TEMPLATES,
-        TEMPLATE,
-    ):
-        if name in ranked:
-            cols[name] = ranked[name].values
-    return pd.DataFrame(cols)
+    return pd.DataFrame({n: ranked[n].values for n in FRAME_COLUMNS if n in ranked})
 
 
 def _assignment_text(

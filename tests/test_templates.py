@@ -539,3 +539,51 @@ def test_banded_steps_are_exact(monkeypatch: pytest.MonkeyPatch, seed: int, k: i
         lib = random_library(rng, 10, max_sites=6 if k == 3 else 5)
         zs = rng.choice(np.arange(1, 119), k, replace=False).tolist()
         _check_against_naive(lib, zs)
+
+
+def test_element_tables_equal_pymatgen() -> None:
+    """The copied symbols, electronegativities and special formulas are pymatgen's."""
+    import warnings
+
+    from pymatgen.core.composition import Composition
+    from pymatgen.core.periodic_table import Element
+
+    from afpx.templates.elements import ELECTRONEGATIVITY, SPECIAL_FORMULAS, SYMBOLS
+
+    assert list(SYMBOLS) == schema.element_symbols()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pymatgen warns for elements without X
+        xs = [float(Element(s).X) for s in SYMBOLS]
+    np.testing.assert_array_equal(np.asarray(ELECTRONEGATIVITY), np.asarray(xs))
+    assert dict(Composition.special_formulas) == SPECIAL_FORMULAS
+
+
+def test_rank_path_imports_no_xarray_pandas_dask_pymatgen_or_torch() -> None:
+    import subprocess
+    import sys
+
+    script = (
+        "import sys\n"
+        "import numpy as np\n"
+        "from afpx.commands.rank import _render\n"
+        "from afpx.rank import rank_table\n"
+        "from afpx.templates import TemplateLibrary\n"
+        "rng = np.random.default_rng(0)\n"
+        "n = 30\n"
+        "st = np.repeat(np.arange(n), 3)\n"
+        "lib = TemplateLibrary(site_template=st, multiplicity=np.ones(st.size, np.int32),\n"
+        "    z=np.full(st.size, 25, np.int16),\n"
+        "    log_likelihood=np.log(rng.random((st.size, 118), dtype=np.float32) + 0.01),\n"
+        "    structure_id=np.asarray([f't{i}' for i in range(n)], dtype=object),\n"
+        "    formula=np.asarray(['X'] * n, dtype=object), spacegroup=np.ones(n, np.int64),\n"
+        "    source=np.asarray(['x'] * n, dtype=object))\n"
+        "for fmt in ('table', 'csv', 'json'):\n"
+        "    _render(rank_table('Mn,Ge', library=lib, known=True), fmt)\n"
+        "heavy = sorted(m for m in ('xarray', 'pandas', 'dask', 'pymatgen', 'torch')\n"
+        "    if m in sys.modules)\n"
+        "print(','.join(heavy))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True
+    ).stdout
+    assert out.strip() == ""

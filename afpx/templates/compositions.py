@@ -10,10 +10,12 @@ import functools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Final
 
 import numpy as np
 
 from afpx import AfpxError, schema
+from afpx.templates.elements import ELECTRONEGATIVITY, SPECIAL_FORMULAS, SYMBOLS
 
 __all__ = [
     "CompositionRanking",
@@ -130,24 +132,11 @@ def composition_index(reduced: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return inverse.reshape(-1).astype(np.int64), unique
 
 
-@functools.lru_cache(maxsize=1)
-def _symbols() -> tuple[str, ...]:
-    return tuple(schema.element_symbols())
+_X_OF: Final[dict[str, float]] = dict(zip(SYMBOLS, ELECTRONEGATIVITY, strict=True))
 
 
-def _symbol(z: int) -> str:
-    return _symbols()[z - 1]
-
-
-@functools.lru_cache(maxsize=256)
 def _electronegativity(symbol: str) -> float:
-    import warnings
-
-    from pymatgen.core.periodic_table import Element
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # pymatgen warns for elements without X
-        return float(Element(symbol).X)
+    return _X_OF.get(symbol, math.nan)
 
 
 def reduced_formulas(reduced: np.ndarray, symbols: Sequence[str]) -> np.ndarray:
@@ -175,8 +164,6 @@ def reduced_formulas(reduced: np.ndarray, symbols: Sequence[str]) -> np.ndarray:
     >>> reduced_formulas(np.array([[2, 4], [1, 1]]), ["Mn", "Ge"]).tolist()
     ['MnGe2', 'MnGe']
     """
-    from pymatgen.core.composition import Composition
-
     r = reduce_rows(np.asarray(reduced, dtype=np.int64))
     U, k = r.shape
     out = np.full(U, "", dtype=object)
@@ -193,7 +180,7 @@ def reduced_formulas(reduced: np.ndarray, symbols: Sequence[str]) -> np.ndarray:
         )
         for i in range(k)
     ]
-    special: Mapping[str, str] = Composition.special_formulas
+    special: Mapping[str, str] = SPECIAL_FORMULAS
     present = r > 0
     patterns, pinv = np.unique(present, axis=0, return_inverse=True)
     pinv = pinv.reshape(-1)

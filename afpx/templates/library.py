@@ -131,9 +131,11 @@ class TemplateLibrary:
     z : ndarray of shape (n_sites,), int16
         Element on the site in the known structure (for evaluation and for
         the compositions that are already known).
-    log_likelihood : ndarray of shape (n_sites, 118), float32
+    log_likelihood : ndarray of shape (n_sites, 118), float32 (or float16)
         Log of the site likelihood of elements Z = 1..118 (column ``Z - 1``),
-        likelihoods clipped to at least :data:`LIKELIHOOD_FLOOR`.
+        likelihoods clipped to at least :data:`LIKELIHOOD_FLOOR`. The packed
+        default library keeps its float16 values as stored; the engine reads
+        the columns of an element set into float64 either way.
     structure_id, formula, source : ndarray of shape (n_templates,), str
         Provenance: id within its source, reduced formula (pymatgen's
         ``Composition.reduced_formula``), file or dataset name.

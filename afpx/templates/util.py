@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -10,14 +9,14 @@ from typing import Any
 import numpy as np
 
 from afpx import AfpxError, schema
+from afpx.templates.elements import SYMBOLS
 
 __all__ = ["check_elements", "element_symbol", "element_symbols", "index_ranges", "jsonable"]
 
 
-@functools.lru_cache(maxsize=1)
 def element_symbols() -> tuple[str, ...]:
     """The 118 element symbols, ``element_symbols()[z - 1]`` for atomic number z."""
-    return tuple(schema.element_symbols())
+    return SYMBOLS
 
 
 def element_symbol(z: int) -> str:
