@@ -70,8 +70,10 @@ __all__ = [
     "candidate_structure",
     "export_cifs",
     "parse_elements",
+    "parse_formula",
     "rank",
     "rank_compositions",
+    "rank_formula",
     "rank_rows",
     "rank_table",
     "tie_ranks",
@@ -404,6 +406,152 @@ def load_library(cube: str | os.PathLike[str] | None = None) -> TemplateLibrary:
     return lib
 
 
+def _candidate_options(lib: TemplateLibrary, k: int, options: dict[str, Any]) -> CandidateOptions:
+    """Check the ranking options against the library; :class:`AfpxError` when unusable."""
+    unknown = set(options) - set(CandidateOptions.__dataclass_fields__)
+    if unknown:
+        raise AfpxError(f"unknown ranking option(s): {', '.join(sorted(unknown))}")
+    for key in ("exclude_formulas", "sources"):
+        if options.get(key) is not None:
+            options[key] = tuple(options[key])
+    opts = CandidateOptions(**options)
+    sizes = lib.n_unique_sites
+    if opts.max_unique_sites is not None:
+        sizes = sizes[sizes <= opts.max_unique_sites]
+    most = int(sizes.max()) if sizes.size else 0
+    if k > most:
+        raise AfpxError(
+            f"{k} elements need a template with at least {k} unique sites; the most "
+            f"any template has is {most}"
+        )
+    return opts
+
+
+def parse_formula(formula: str) -> tuple[list[int], np.ndarray]:
+    """Atomic numbers and reduced integer counts of a formula such as ``"Li2MnGe"``.
+
+    Raises :class:`AfpxError` for a formula pymatgen cannot read, fractional
+    amounts or fewer than two elements.
+    """
+    from pymatgen.core import Composition
+
+    try:
+        comp = Composition(formula)
+    except Exception as exc:  # pymatgen raises several types for bad formulas
+        raise AfpxError(f"cannot read formula {formula!r}: {exc}") from exc
+    unknown = [str(el) for el in comp.elements if not 1 <= int(el.Z) <= schema.N_ELEMENTS]
+    if unknown or not comp.elements:
+        raise AfpxError(f"cannot read formula {formula!r}: unknown element(s) {unknown}")
+    amounts = [float(a) for a in comp.values()]
+    if any(a <= 0 or abs(a - round(a)) > 1e-8 for a in amounts):
+        raise AfpxError(f"formula {formula!r} must have whole, positive amounts, e.g. Li2MnGe")
+    zs = [int(el.Z) for el in comp.elements]
+    if len(zs) < 2:
+        raise AfpxError(f"give a formula of at least two elements (got {formula!r}), e.g. Li2MnGe")
+    counts = np.asarray([round(a) for a in amounts], dtype=np.int64)
+    return zs, counts // np.gcd.reduce(counts)
+
+
+def rank_formula(
+    formula: str,
+    *,
+    cube: str | os.PathLike[str] | None = None,
+    library: TemplateLibrary | None = None,
+    top: int | None = 20,
+    tie_tolerance: float = DEFAULT_TIE_TOLERANCE,
+    **options: Any,
+) -> RankTable:
+    """The best candidate structures of one composition: template, assignment, score.
+
+    Every template that can take the composition contributes its best
+    candidate (exact, over every assignment, as in :func:`rank`); rows are
+    ranked by score with the one tie rule (:func:`afpx.templates.tie_ranks`),
+    tied rows listed by template index.
+
+    Parameters
+    ----------
+    formula : str
+        A composition, e.g. ``"Li2MnGe"`` (reduced by the gcd of its amounts).
+    cube, library, top, tie_tolerance, **options
+        As in :func:`rank`.
+
+    Returns
+    -------
+    RankTable
+        One row per template (``composition`` dimension), the variables of
+        :func:`rank`; ``n_templates`` counts every template yielding the
+        composition, ``n_best_templates`` those tied with the row.
+    """
+    zs, target = parse_formula(formula)
+    lib = library if library is not None else load_library(cube)
+    if top is not None and top < 1:
+        raise AfpxError(f"top must be at least 1, got {top}")
+    opts = _candidate_options(lib, len(zs), options)
+    result, selected = candidates(lib, check_elements(zs), opts, assignments=False)
+    inverse, unique = reduce_compositions(result.counts)
+    symbols = [element_symbol(z) for z in zs]
+    name = str(reduced_formulas(target[None, :], symbols)[0])
+    hit = np.flatnonzero((unique == target[None, :]).all(axis=1))
+    if hit.size == 0:
+        raise AfpxError(
+            f"no template of the library can take the composition {name} "
+            f"(options {opts.to_attrs()})"
+        )
+    cand = np.flatnonzero(inverse == hit[0])
+    ties = tie_ranks(result.log_score[cand], tolerance=tie_tolerance)
+    order = np.lexsort((result.template[cand], ties.group))
+    if top is not None:
+        order = order[:top]
+    sel = cand[order]
+    n = sel.size
+    rows: dict[str, np.ndarray] = {
+        "row": sel,
+        "template": result.template[sel],
+        "formula": np.full(n, name, dtype=object),
+        "counts": np.repeat(target[None, :], n, axis=0),
+        "log_score": result.log_score[sel],
+        "rank": ties.rank[order],
+        "rank_optimistic": ties.optimistic[order],
+        "rank_pessimistic": ties.pessimistic[order],
+        "n_tied": (ties.pessimistic - ties.optimistic + 1)[order],
+        "n_templates": np.full(n, cand.size, dtype=np.int64),
+        "n_best_templates": (ties.pessimistic - ties.optimistic + 1)[order],
+        "n_compositions": np.asarray(cand.size),
+    }
+    cell = result.cell_counts(lib, sel)
+    assignment, _ = best_assignments(
+        lib, zs, rows["template"], cell, min_site_likelihood=opts.min_site_likelihood
+    )
+    provenance = {
+        "structure_id": lib.structure_id,
+        "formula": lib.formula,
+        "spacegroup": lib.spacegroup,
+        "source": lib.source,
+        "n_sites": lib.n_unique_sites,
+    }
+    variables = _ranking_vars(rows, cell_counts=cell, provenance=provenance, assignment=assignment)
+    variables[ASSIGNMENT_TEXT] = (
+        (COMPOSITION,),
+        _assignment_text(lib, rows["template"], assignment, symbols),
+    )
+    return RankTable(
+        list(zs),
+        symbols,
+        variables,
+        {
+            "n_compositions": int(cand.size),
+            "elements": list(symbols),
+            "formula": name,
+            "n_candidates": int(cand.size),
+            "n_templates": int(selected.size),
+            "tie_rule": TIE_RULE.format(tol=tie_tolerance),
+            "tie_tolerance": float(tie_tolerance),
+            "options": opts.to_attrs(),
+            "library": _library_label(lib),
+        },
+    )
+
+
 def rank_table(
     elements: str | Sequence[str | int],
     *,
@@ -417,23 +565,7 @@ def rank_table(
     """:func:`rank` as plain arrays (:class:`RankTable`); imports neither xarray nor pandas."""
     zs = parse_elements(elements)
     lib = library if library is not None else load_library(cube)
-    unknown = set(options) - set(CandidateOptions.__dataclass_fields__)
-    if unknown:
-        raise AfpxError(f"unknown ranking option(s): {', '.join(sorted(unknown))}")
-    for key in ("exclude_formulas", "sources"):
-        if options.get(key) is not None:
-            options[key] = tuple(options[key])
-    opts = CandidateOptions(**options)
-    k = len(zs)
-    sizes = lib.n_unique_sites
-    if opts.max_unique_sites is not None:
-        sizes = sizes[sizes <= opts.max_unique_sites]
-    most = int(sizes.max()) if sizes.size else 0
-    if k > most:
-        raise AfpxError(
-            f"{k} elements need a template with at least {k} unique sites; the most "
-            f"any template has is {most}"
-        )
+    opts = _candidate_options(lib, len(zs), options)
     za = check_elements(zs)
     result, selected = candidates(lib, za, opts, assignments=False)
     if result.template.size == 0:

@@ -17,8 +17,15 @@ FORMATS = ("table", "csv", "json")
 @click.option(
     "--elements",
     "-e",
-    required=True,
+    default=None,
     help="Element set, comma-separated symbols, e.g. Li,Mn,Ge (at least two).",
+)
+@click.option(
+    "--formula",
+    "-f",
+    default=None,
+    help="Instead of --elements: list the best candidate structures of this composition "
+    "(template, assignment, score), e.g. Li2MnGe.",
 )
 @click.option(
     "--cube",
@@ -63,7 +70,8 @@ FORMATS = ("table", "csv", "json")
 )
 @library_errors
 def rank_command(
-    elements: str,
+    elements: str | None,
+    formula: str | None,
     cube: str | None,
     top: int,
     fmt: str,
@@ -87,13 +95,24 @@ def rank_command(
       afpx rank --elements Mn,Ge
       afpx rank --elements Li,Mn,Ge --top 10 --known
       afpx rank --elements Li,Mn,Ge --cube cube.zarr --format csv > ranks.csv
+      afpx rank --formula Li2MnGe --top 5 --export-cif cifs/
     """
     from afpx import AfpxError
-    from afpx.rank import export_cifs, load_library, parse_elements, rank_table
+    from afpx.rank import (
+        export_cifs,
+        load_library,
+        parse_elements,
+        parse_formula,
+        rank_formula,
+        rank_table,
+    )
 
     if top < 0:
         raise AfpxError(f"--top must be 0 (all) or positive, got {top}")
-    zs = parse_elements(elements)  # bad symbols fail before any loading
+    if (elements is None) == (formula is None):
+        raise AfpxError("give either --elements (rank compositions) or --formula (rank structures)")
+    # bad symbols or formulas fail before any loading
+    zs = parse_elements(elements) if elements is not None else parse_formula(str(formula))[0]
     library = load_library(cube)
     options: dict[str, Any] = {"exclude_own_formula": exclude_own_formula}
     if max_sites is not None:
@@ -102,7 +121,12 @@ def rank_command(
         options["sources"] = sources
     if min_likelihood is not None:
         options["min_likelihood"] = min_likelihood
-    table = rank_table(zs, library=library, top=top or None, known=known, **options)
+    if formula is not None:
+        if known:
+            raise AfpxError("--known applies to --elements only")
+        table = rank_formula(formula, library=library, top=top or None, **options)
+    else:
+        table = rank_table(zs, library=library, top=top or None, known=known, **options)
     if export_cif is not None:
         paths = export_cifs(table.to_dataset(), library, export_cif, scale=scale)
         click.echo(f"wrote {len(paths)} CIF files to {export_cif}", err=True)
@@ -152,10 +176,16 @@ def _render(table: Any, fmt: str) -> str:
         padded = [c.ljust(w) for c, w in zip(r[:-1], widths, strict=True)]
         out.append("  ".join([*padded, r[-1]]))
     n = attrs.get("n_compositions", len(rows))
+    what = (
+        f"candidate structures of {attrs['formula']}"
+        if "formula" in attrs
+        else f"compositions of {'-'.join(attrs['elements'])}"
+    )
     out.append(
-        f"# {len(rows)} of {n} compositions of {'-'.join(attrs['elements'])}; "
+        f"# {len(rows)} of {n} {what}; "
         f"{attrs.get('n_candidates', 0)} candidates from {attrs.get('n_templates', 0)} "
-        f"templates ({attrs.get('library', '')}); ties: mid-rank, listed by formula"
+        f"templates ({attrs.get('library', '')}); ties: mid-rank, listed by "
+        + ("template" if "formula" in attrs else "formula")
     )
     return "\n".join(out) + "\n"
 
