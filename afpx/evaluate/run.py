@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -24,7 +24,7 @@ from afpx.evaluate.test2 import (
     set_context,
     summarise_test2,
 )
-from afpx.templates.counting import CompositionTable, TemplateIndex
+from afpx.templates.counting import CompositionTable, PairCache, TemplateIndex
 from afpx.templates.util import element_symbols
 
 if TYPE_CHECKING:
@@ -74,6 +74,9 @@ class _RunState:
     test1_by_set: dict[tuple[int, ...], list[int]]
     test2_sets: frozenset[tuple[int, ...]]
     case_sets: frozenset[tuple[int, ...]]
+    #: likelihood-free (template, assignment) pairs by composition, shared by every
+    #: set of the same size, every model and baseline, Test 1 and Test 2 (per process)
+    pairs: dict[int, PairCache] = field(default_factory=dict)
 
 
 @dataclass
@@ -100,6 +103,8 @@ def _evaluate_set(state: _RunState, S: tuple[int, ...]) -> _SetResult:
     if in_test2:
         res.test2 = {v: {} for v in VARIANTS}
 
+    pairs = state.pairs.setdefault(k, PairCache())
+
     def add_time(key: str, t0: float) -> None:
         timing[key] = timing.get(key, 0.0) + time.perf_counter() - t0
 
@@ -117,6 +122,7 @@ def _evaluate_set(state: _RunState, S: tuple[int, ...]) -> _SetResult:
                 hit_k=params.hit_k,
                 tolerance=params.tie_tolerance,
                 timing=timing,
+                pairs=pairs,
             )
             for variant in VARIANTS:
                 res.test2[variant][name] = rows[variant]
@@ -125,7 +131,15 @@ def _evaluate_set(state: _RunState, S: tuple[int, ...]) -> _SetResult:
         if S in state.test1_by_set:
             t0 = time.perf_counter()
             ranks, counted = rank_true_candidates(
-                index, table, lib.log_likelihood, logl, ub, own_t, state.test1_by_set[S], params
+                index,
+                table,
+                lib.log_likelihood,
+                logl,
+                ub,
+                own_t,
+                state.test1_by_set[S],
+                params,
+                pairs=pairs,
             )
             res.test1.setdefault(name, {}).update(ranks)
             res.test1_candidates.update(counted)

@@ -14,13 +14,15 @@ from afpx import AfpxError
 from afpx.evaluate.metrics import as_str_array
 from afpx.evaluate.params import MODEL, TEST1_STRUCTURE, EvaluateParams
 from afpx.templates.counting import (
+    CompositionPairs,
     CompositionTable,
     ExactCounts,
     TemplateIndex,
     TemplateSites,
+    composition_pairs,
     count_assignments,
     count_states,
-    small_template_counts,
+    pair_counts,
 )
 from afpx.templates.ties import DEFAULT_TIE_TOLERANCE, tie_width
 
@@ -210,6 +212,8 @@ def rank_true_candidates(
     own_templates: np.ndarray,
     structures: Sequence[int],
     params: EvaluateParams,
+    *,
+    pairs: dict[tuple[int, ...], CompositionPairs] | None = None,
 ) -> tuple[dict[int, TrueRank], dict[int, float]]:
     """Test 1 of the test structures of one element set, for one likelihood array.
 
@@ -228,6 +232,9 @@ def rank_true_candidates(
     structures : sequence of int
         The test templates (structures) of the set.
     params : EvaluateParams
+    pairs : dict, optional
+        Cache of :func:`~afpx.templates.counting.composition_pairs` by
+        composition, shared by every model of the set (filled here).
 
     Returns
     -------
@@ -252,8 +259,13 @@ def rank_true_candidates(
             n_templates = n_candidates = math.nan
         s_true = true_of[own]
         cand = reach[upper_bound[reach] >= s_true - tie_width(s_true, params.tie_tolerance)]
-        exact = small_template_counts(
-            index, log_likelihood, cand, C, s_true, tolerance=params.tie_tolerance
+        key = tuple(C.tolist())
+        cache = {} if pairs is None else pairs
+        if key not in cache:
+            cache[key] = composition_pairs(index, reach, C)
+        keep = upper_bound[cache[key].covered] >= s_true - tie_width(s_true, params.tie_tolerance)
+        exact = pair_counts(
+            cache[key], log_likelihood, s_true, tolerance=params.tie_tolerance, keep=keep
         )
         ranks[own] = true_candidate_rank(
             own,

@@ -15,10 +15,12 @@ from afpx.evaluate.metrics import first_known_metrics, known_positions, optimali
 from afpx.evaluate.params import MODEL, TEST2_SET, VARIANT, VARIANTS, set_label
 from afpx.templates.compositions import match_rows, rank_candidates
 from afpx.templates.counting import (
+    CompositionPairs,
     CompositionTable,
     TemplateIndex,
     best_for_composition,
     candidates_above,
+    composition_pairs,
 )
 from afpx.templates.ties import DEFAULT_TIE_TOLERANCE, tie_width
 
@@ -160,6 +162,29 @@ def set_context(
     return SetContext(known, own_t, own_known, own_counts, reach)
 
 
+def own_scores(index: TemplateIndex, log_likelihood: np.ndarray, ctx: SetContext) -> np.ndarray:
+    """Score of the true assignment of each of the set's own templates (``ctx.own_templates``).
+
+    ``log_likelihood`` (n_sites_total, k) holds the set's columns in sorted
+    element order, as the set itself; sites are added in order.
+    """
+    out = np.empty(ctx.own_templates.size)
+    if out.size == 0:
+        return out
+    rows = np.concatenate(
+        [np.arange(index.site_start[t], index.site_start[t + 1]) for t in ctx.own_templates]
+    )
+    elements = np.unique(index.z[rows])  # the set: own templates are made of exactly it
+    for i, t in enumerate(ctx.own_templates.tolist()):
+        a, b = int(index.site_start[t]), int(index.site_start[t + 1])
+        col = np.searchsorted(elements, index.z[a:b])
+        acc = 0.0
+        for v in log_likelihood[np.arange(a, b), col].tolist():
+            acc += v
+        out[i] = acc
+    return out
+
+
 def optimality_of_set(
     index: TemplateIndex,
     table: CompositionTable,
@@ -170,6 +195,7 @@ def optimality_of_set(
     hit_k: Sequence[int],
     tolerance: float,
     timing: dict[str, float] | None = None,
+    pairs: dict[tuple[int, ...], CompositionPairs] | None = None,
 ) -> dict[str, dict[str, float]]:
     """Test 2 of one element set and one model, both variants, exactly.
 
@@ -177,9 +203,13 @@ def optimality_of_set(
     move a known composition, so only those are generated. The threshold is
     the lowest exact best score of a known composition, over all templates
     and over the templates of other compositions (:func:`best_for_composition`),
-    so that one pass serves both variants.
+    so that one pass serves both variants. ``pairs`` caches the
+    likelihood-free :func:`~afpx.templates.counting.composition_pairs` of the
+    known compositions across the models of the set (filled here).
     """
     known = ctx.known
+    cache: dict[tuple[int, ...], CompositionPairs] = {} if pairs is None else pairs
+    own_true = own_scores(index, log_likelihood, ctx)
     # the exact best score of every known composition, with and without its own formula:
     # nothing below the lowest of them can move a known composition
     lowest = math.inf
@@ -189,7 +219,21 @@ def optimality_of_set(
         if j < 0:
             raise AfpxError(f"known composition {known[i].tolist()} is missing from the table")
         ts, _ = table.templates_of(j)
-        lowest = min(lowest, best_for_composition(index, log_likelihood, known[i], ts, upper_bound))
+        key = tuple(known[i].tolist())
+        if key not in cache:
+            cache[key] = composition_pairs(index, ts, known[i])
+        # the set's own templates of this composition reach their true scores
+        mine = ctx.own_known == i
+        b = best_for_composition(
+            index,
+            log_likelihood,
+            known[i],
+            ts,
+            upper_bound,
+            pairs=cache[key],
+            lower_bound=float(own_true[mine].max()) if mine.any() else -math.inf,
+        )
+        lowest = min(lowest, b)
         if ctx.reachable_without_own[i]:
             ts = ts[(ctx.own_counts[ts] != known[i]).any(axis=1)]
             b = best_for_composition(index, log_likelihood, known[i], ts, upper_bound)

@@ -34,14 +34,18 @@ _BF_CHUNK: Final = 2_000_000
 
 __all__ = [
     "AssignmentCount",
+    "CompositionPairs",
     "CompositionTable",
     "ExactCounts",
+    "PairCache",
     "TemplateIndex",
     "TemplateSites",
     "best_for_composition",
     "candidates_above",
+    "composition_pairs",
     "count_assignments",
     "count_states",
+    "pair_counts",
     "small_template_counts",
 ]
 
@@ -652,6 +656,137 @@ def small_template_counts(
 
 
 @dataclass(frozen=True, eq=False)
+class CompositionPairs:
+    """Every (small template, assignment) pair that yields one reduced composition.
+
+    Likelihood-free: built once per composition and shared by every model and
+    baseline, which then only gather and add their log-likelihoods
+    (:func:`pair_counts`).
+
+    Attributes
+    ----------
+    composition : ndarray of shape (k,), int64
+    covered : ndarray of shape (m,), int64
+        Every small template examined (those without a pair included).
+    groups : tuple
+        Per number of sites n: ``(owner (P,), rows (P, n), elements (P, n))``:
+        the row of ``covered`` owning each pair, its library site rows and the
+        element index put on each site.
+    """
+
+    composition: np.ndarray
+    covered: np.ndarray
+    groups: tuple[tuple[np.ndarray, np.ndarray, np.ndarray], ...]
+
+
+class PairCache(dict[tuple[int, ...], CompositionPairs]):
+    """:class:`CompositionPairs` by composition, the oldest dropped beyond a memory budget.
+
+    Pairs depend on the composition (in the set's slot order) and the
+    templates only, not on which elements fill the slots, so every element
+    set of the same size and every model share them.
+    """
+
+    def __init__(self, max_bytes: int = 256 * 2**20) -> None:
+        super().__init__()
+        self.max_bytes = max_bytes
+        self.nbytes = 0
+
+    @staticmethod
+    def _size(pairs: CompositionPairs) -> int:
+        return sum(o.nbytes + r.nbytes + e.nbytes for o, r, e in pairs.groups)
+
+    def __setitem__(self, key: tuple[int, ...], value: CompositionPairs) -> None:
+        if key in self:
+            self.nbytes -= self._size(self[key])
+        super().__setitem__(key, value)
+        self.nbytes += self._size(value)
+        while self.nbytes > self.max_bytes and len(self) > 1:
+            oldest = next(iter(self))
+            self.nbytes -= self._size(self[oldest])
+            super().__delitem__(oldest)
+
+
+def composition_pairs(
+    index: TemplateIndex, templates: np.ndarray, composition: np.ndarray
+) -> CompositionPairs:
+    """The (template, assignment) pairs of the small ``templates`` that yield ``composition``.
+
+    Small: at most :func:`~afpx.templates.bruteforce.bruteforce_limit` unique
+    sites (the others are left out, as in :func:`small_template_counts`).
+    """
+    comp = np.asarray(composition, dtype=np.int64)
+    k = comp.size
+    size = int(comp.sum())
+    ts_all = np.asarray(templates, dtype=np.int64)
+    ts_all = np.unique(ts_all[index.n_sites[ts_all] <= bruteforce_limit(k)])
+    base = int(index.total.max(initial=0)) + 1
+    powers = np.asarray([base ** (k - 2 - e) for e in range(k - 1)], dtype=np.int64)
+    n_of = index.n_sites[ts_all]
+    groups: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    for n in np.unique(n_of).tolist():
+        local = np.flatnonzero(n_of == n)
+        A, _, weight = assignment_tables(k, n, base)
+        weight_f = weight.T.astype(np.float64)  # (n, A); small integers, exact in float64
+        step = max(1, _BF_CHUNK // max(1, A.shape[0]))
+        owners, rows_, elems = [], [], []
+        for c0 in range(0, local.size, step):
+            loc = local[c0 : c0 + step]
+            t = ts_all[loc]
+            rows = index.site_start[t][:, None] + np.arange(n)[None, :]
+            code = index.reduced[rows].astype(np.float64) @ weight_f
+            scale, rest = np.divmod(index.total[t], size)
+            want = np.where(rest == 0, (comp[:-1] @ powers) * scale if k > 1 else 0, -1)
+            ti, ai = np.nonzero(code == want[:, None].astype(np.float64))
+            owners.append(loc[ti])
+            rows_.append(rows[ti].astype(np.int64))
+            elems.append(A[ai].astype(np.intp))
+        if owners:
+            groups.append((np.concatenate(owners), np.concatenate(rows_), np.concatenate(elems)))
+    return CompositionPairs(comp, ts_all, tuple(groups))
+
+
+def pair_counts(
+    pairs: CompositionPairs,
+    log_likelihood: np.ndarray,
+    threshold: float,
+    *,
+    tolerance: float = DEFAULT_TIE_TOLERANCE,
+    keep: np.ndarray | None = None,
+) -> ExactCounts:
+    """:func:`small_template_counts` of the templates of ``pairs``, from their pairs only.
+
+    ``keep`` (bool, one per ``pairs.covered``) restricts the work to some
+    templates, e.g. those whose upper bound reaches the threshold; the others
+    are reported with no assignment (``total`` 0, ``best`` -inf).
+
+    Scores add the sites' log-likelihoods in site order (as
+    :meth:`TemplateIndex.true_scores` does), so the true assignment of a
+    template scores exactly its true score.
+    """
+    logl = np.asarray(log_likelihood, dtype=np.float64)
+    m = pairs.covered.size
+    width = tie_width(threshold, tolerance)
+    hi, lo = threshold + width, threshold - width
+    better = np.zeros(m, dtype=np.int64)
+    tied = np.zeros(m, dtype=np.int64)
+    total = np.zeros(m, dtype=np.int64)
+    best = np.full(m, -np.inf)
+    for owner, rows, elems in pairs.groups:
+        if keep is not None:
+            sel = keep[owner]
+            owner, rows, elems = owner[sel], rows[sel], elems[sel]
+        score = np.zeros(owner.size)
+        for j in range(rows.shape[1]):
+            score += logl[rows[:, j], elems[:, j]]
+        better += np.bincount(owner[score > hi], minlength=m)
+        tied += np.bincount(owner[(score >= lo) & (score <= hi)], minlength=m)
+        total += np.bincount(owner, minlength=m)
+        np.maximum.at(best, owner, score)
+    return ExactCounts(pairs.covered, better, tied, best, total)
+
+
+@dataclass(frozen=True, eq=False)
 class TemplateSites:
     """Sites of a template restricted to an element set, and its target counts.
 
@@ -676,11 +811,18 @@ def best_for_composition(
     composition: np.ndarray,
     templates: np.ndarray,
     upper_bound: np.ndarray,
+    *,
+    pairs: CompositionPairs | None = None,
+    lower_bound: float = -math.inf,
 ) -> float:
     """Best score of any candidate of the given templates with one reduced composition.
 
     Templates are visited from the highest upper bound down and the search
-    stops once no remaining template can beat the best found (exact).
+    stops once no remaining template can beat the best found (exact). With
+    ``pairs`` (:func:`composition_pairs` of a superset of the small
+    ``templates``), the small templates whose upper bound reaches
+    ``lower_bound`` (a score known to be reached, e.g. a true candidate's) are
+    scored from their pairs at once.
     """
     comp = np.asarray(composition, dtype=np.int64)
     ts = np.asarray(templates, dtype=np.int64)
@@ -688,6 +830,20 @@ def best_for_composition(
     sites = TemplateSites(index, log_likelihood, comp)
     limit = bruteforce_limit(comp.size)
     best = -math.inf
+    if pairs is not None:
+        small = pair_counts(
+            pairs,
+            log_likelihood,
+            math.inf,
+            keep=upper_bound[pairs.covered] >= lower_bound - tie_width(lower_bound),
+        )
+        mine = np.zeros(ts.size, dtype=bool)
+        if small.templates.size:
+            pos = np.minimum(np.searchsorted(small.templates, ts), small.templates.size - 1)
+            mine = small.templates[pos] == ts
+        if mine.any():
+            best = float(small.best[pos[mine]].max())
+        ts = ts[~mine]
     start, step = 0, 64
     while start < ts.size and upper_bound[ts[start]] > best:
         chunk = ts[start : start + step]
