@@ -59,6 +59,7 @@ from afpx.templates import (
     reduced_formulas,
 )
 from afpx.templates.ties import DEFAULT_TIE_TOLERANCE, TIE_RULE, tie_ranks
+from afpx.templates.util import index_ranges
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -689,19 +690,28 @@ def to_frame(ranked: xr.Dataset) -> pd.DataFrame:
 def _assignment_text(
     lib: TemplateLibrary, templates: np.ndarray, assignment: np.ndarray, symbols: Sequence[str]
 ) -> np.ndarray:
+    """``"Mn 2a, Ge 4b"`` per row: element and site label of every unique site, in bulk."""
     out = np.empty(templates.size, dtype=object)
-    for i, t in enumerate(templates.tolist()):
-        a, b = int(lib.site_start[t]), int(lib.site_start[t + 1])
-        parts = []
-        for j in range(b - a):
-            e = int(assignment[i, j])
-            label = (
-                f"{int(lib.multiplicity[a + j])}{lib.wyckoff[a + j]}"
-                if lib.wyckoff is not None
-                else f"site{j + 1}×{int(lib.multiplicity[a + j])}"
-            )
-            parts.append(f"{symbols[e]} {label}")
-        out[i] = ", ".join(parts)
+    if templates.size == 0:
+        return out
+    n = lib.n_unique_sites[templates]
+    rows = index_ranges(lib.site_start[templates], n)  # library site of every (row, site)
+    within = np.arange(rows.size) - np.repeat(np.cumsum(n) - n, n)
+    owner = np.repeat(np.arange(templates.size), n)
+    mult = lib.multiplicity[rows].astype(np.int64)
+    if lib.wyckoff is not None:
+        label = [f"{m}{w}" for m, w in zip(mult.tolist(), lib.wyckoff[rows].tolist(), strict=True)]
+    else:
+        label = [f"site{j + 1}×{m}" for j, m in zip(within.tolist(), mult.tolist(), strict=True)]
+    sym = np.asarray(list(symbols), dtype=object)[assignment[owner, within].astype(np.int64)]
+    last = np.zeros(rows.size, dtype=bool)
+    last[np.cumsum(n) - 1] = True
+    pieces = [
+        f"{e} {lab}" if end else f"{e} {lab}, "
+        for e, lab, end in zip(sym.tolist(), label, last.tolist(), strict=True)
+    ]
+    joined = np.add.reduceat(np.asarray(pieces, dtype=object), np.cumsum(n) - n)
+    out[:] = joined
     return out
 
 

@@ -762,6 +762,39 @@ def test_small_template_counts_equal_the_counting_dp() -> None:
                     assert got.best[i] == pytest.approx(c.best)
 
 
+def test_pair_counts_equal_small_template_counts_and_the_counting_dp() -> None:
+    """Shared (template, assignment) pairs count exactly what per-model enumeration counts."""
+    from afpx.templates.counting import PairCache, composition_pairs, pair_counts
+
+    lib = _random_library(seed=11, n_templates=50, max_sites=9)
+    index = TemplateIndex.from_arrays(lib.site_template, lib.z, lib.multiplicity)
+    S = np.array([3, 8, 32])
+    logl = np.round(np.asarray(lib.log_likelihood[:, S - 1], dtype=np.float64), 1)  # ties
+    cache = PairCache(max_bytes=1)  # keeps only the newest entry
+    for comp in (np.array([1, 1, 1]), np.array([1, 2, 3]), np.array([2, 1, 1])):
+        ts = np.arange(index.n_templates)
+        cache[tuple(comp.tolist())] = composition_pairs(index, ts, comp)
+        pairs = cache[tuple(comp.tolist())]
+        assert len(cache) == 1
+        for thr in (-3.0, -6.0):
+            want = small_template_counts(index, logl, ts, comp, thr)
+            got = pair_counts(pairs, logl, thr)
+            order = np.argsort(want.templates)
+            np.testing.assert_array_equal(got.templates, want.templates[order])
+            for name in ("better", "tied", "total"):
+                np.testing.assert_array_equal(getattr(got, name), getattr(want, name)[order])
+            np.testing.assert_allclose(got.best, want.best[order], rtol=0, atol=1e-9)
+            sites = TemplateSites(index, logl, comp)
+            for i, t in enumerate(got.templates.tolist()[:10]):
+                c = count_assignments(*sites(t), thr)
+                assert (got.better[i], got.tied[i], got.total[i]) == (c.better, c.tied, c.total)
+            # restricted to some templates: the others report no assignment
+            keep = np.arange(got.templates.size) % 2 == 0
+            part = pair_counts(pairs, logl, thr, keep=keep)
+            np.testing.assert_array_equal(part.total[keep], got.total[keep])
+            assert (part.total[~keep] == 0).all()
+
+
 def test_cli_evaluate_with_a_model_scores_in_memory(tmp_path) -> None:
     import json
 

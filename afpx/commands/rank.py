@@ -149,9 +149,12 @@ def _render(table: Any, fmt: str) -> str:
         writer.writerows(rows)
         return buf.getvalue()
     if fmt == "json":
-        records = [dict(zip(names, r, strict=True)) for r in rows]
-        payload = {"elements": attrs["elements"], "attrs": _jsonable(attrs), "rows": records}
-        return json.dumps(payload, indent=1, default=_json_default) + "\n"
+        # one compact row per line: the C encoder (an indent would use the slow Python one)
+        head = json.dumps({"elements": attrs["elements"], "attrs": _jsonable(attrs)}, indent=1)
+        encode = json.JSONEncoder(default=_json_default).encode
+        body = ",\n".join(encode(dict(zip(names, r, strict=True))) for r in rows)
+        return f'{head[:-2]},\n "rows": [\n{body}\n ]\n}}\n'
+
     has_known = "known" in cols
     header = ["rank", "formula", "score", "template", "template formula", "sg"]
     header += ["known"] if has_known else []

@@ -14,6 +14,7 @@ from afpx import AfpxError
 from afpx.evaluate.metrics import as_str_array
 from afpx.evaluate.params import MODEL, TEST1_STRUCTURE, EvaluateParams
 from afpx.templates.counting import (
+    PAIRS_MIN_ELEMENTS,
     CompositionPairs,
     CompositionTable,
     ExactCounts,
@@ -23,6 +24,7 @@ from afpx.templates.counting import (
     count_assignments,
     count_states,
     pair_counts,
+    small_template_counts,
 )
 from afpx.templates.ties import DEFAULT_TIE_TOLERANCE, tie_width
 
@@ -259,14 +261,20 @@ def rank_true_candidates(
             n_templates = n_candidates = math.nan
         s_true = true_of[own]
         cand = reach[upper_bound[reach] >= s_true - tie_width(s_true, params.tie_tolerance)]
-        key = tuple(C.tolist())
-        cache = {} if pairs is None else pairs
-        if key not in cache:
-            cache[key] = composition_pairs(index, reach, C)
-        keep = upper_bound[cache[key].covered] >= s_true - tie_width(s_true, params.tie_tolerance)
-        exact = pair_counts(
-            cache[key], log_likelihood, s_true, tolerance=params.tie_tolerance, keep=keep
-        )
+        if pairs is not None and k >= PAIRS_MIN_ELEMENTS:
+            key = tuple(C.tolist())
+            if key not in pairs:
+                pairs[key] = composition_pairs(index, reach, C)
+            keep = upper_bound[pairs[key].covered] >= s_true - tie_width(
+                s_true, params.tie_tolerance
+            )
+            exact = pair_counts(
+                pairs[key], log_likelihood, s_true, tolerance=params.tie_tolerance, keep=keep
+            )
+        else:
+            exact = small_template_counts(
+                index, log_likelihood, cand, C, s_true, tolerance=params.tie_tolerance
+            )
         ranks[own] = true_candidate_rank(
             own,
             s_true,

@@ -15,6 +15,7 @@ from afpx.evaluate.metrics import first_known_metrics, known_positions, optimali
 from afpx.evaluate.params import MODEL, TEST2_SET, VARIANT, VARIANTS, set_label
 from afpx.templates.compositions import match_rows, rank_candidates
 from afpx.templates.counting import (
+    PAIRS_MIN_ELEMENTS,
     CompositionPairs,
     CompositionTable,
     TemplateIndex,
@@ -220,7 +221,8 @@ def optimality_of_set(
             raise AfpxError(f"known composition {known[i].tolist()} is missing from the table")
         ts, _ = table.templates_of(j)
         key = tuple(known[i].tolist())
-        if key not in cache:
+        use_pairs = known.shape[1] >= PAIRS_MIN_ELEMENTS
+        if use_pairs and key not in cache:
             cache[key] = composition_pairs(index, ts, known[i])
         # the set's own templates of this composition reach their true scores
         mine = ctx.own_known == i
@@ -230,7 +232,7 @@ def optimality_of_set(
             known[i],
             ts,
             upper_bound,
-            pairs=cache[key],
+            pairs=cache[key] if use_pairs else None,
             lower_bound=float(own_true[mine].max()) if mine.any() else -math.inf,
         )
         lowest = min(lowest, b)
