@@ -921,3 +921,23 @@ def test_relative_tie_rule_is_the_same_everywhere() -> None:
     assert sorted(rows["rank"].tolist()) == [1.5, 1.5, 3.0]
     # a plain absolute 1e-9 would not tie them; a gap above the width does not tie
     assert tie_ranks(np.array([-10.0, -10.0 - 2e-8])).rank.tolist() == [1.0, 2.0]
+
+
+def test_scored_libraries_refuses_sites_that_are_not_the_librarys() -> None:
+    from afpx.baselines import BaselineParams
+    from afpx.evaluate import scored_libraries
+
+    lib = _random_library(seed=2, n_templates=5, max_sites=4)
+    n = lib.z.size
+    sites = {
+        "z": lib.z.astype(np.int64) % 7 + 1,  # other elements than the library's
+        "draw": np.zeros(n, dtype=np.int64),
+        "structure": lib.site_template.astype(np.int64),
+        "split": np.asarray(["train"] * lib.n_templates, dtype=object),
+    }
+    with pytest.raises(AfpxError, match="not the cube's draw-0 sites"):
+        scored_libraries(lib, sites, ("constant",), BaselineParams())
+    sites["z"] = lib.z.astype(np.int64)
+    got = scored_libraries(lib, sites, ("constant", "frequency"), BaselineParams())
+    assert list(got) == ["model", "constant", "frequency"]
+    assert got["model"] is lib

@@ -215,6 +215,7 @@ def test_cli_table_csv_json(cube: Path) -> None:
         (["-e", "Mn,Ge", "-f", "MnGe"], "either --elements"),
         ([], "either --elements"),
         (["-f", "Mn2Qx"], "cannot read formula"),
+        (["-f", "Mn(("], "cannot read formula"),
         (["-f", "Mn0.5Ge"], "whole, positive amounts"),
         (["-f", "Mn"], "at least two elements"),
         (["-f", "MnGe", "--known"], "--known"),

@@ -565,7 +565,7 @@ def test_rank_path_imports_no_xarray_pandas_dask_pymatgen_or_torch() -> None:
     script = (
         "import sys\n"
         "import numpy as np\n"
-        "from afpx.commands.rank import _render\n"
+        "from afpx.commands.rank import render\n"
         "from afpx.rank import rank_table\n"
         "from afpx.templates import TemplateLibrary\n"
         "rng = np.random.default_rng(0)\n"
@@ -578,7 +578,7 @@ def test_rank_path_imports_no_xarray_pandas_dask_pymatgen_or_torch() -> None:
         "    formula=np.asarray(['X'] * n, dtype=object), spacegroup=np.ones(n, np.int64),\n"
         "    source=np.asarray(['x'] * n, dtype=object))\n"
         "for fmt in ('table', 'csv', 'json'):\n"
-        "    _render(rank_table('Mn,Ge', library=lib, known=True), fmt)\n"
+        "    render(rank_table('Mn,Ge', library=lib, known=True), fmt)\n"
         "heavy = sorted(m for m in ('xarray', 'pandas', 'dask', 'pymatgen', 'torch')\n"
         "    if m in sys.modules)\n"
         "print(','.join(heavy))\n"

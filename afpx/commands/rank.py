@@ -130,10 +130,10 @@ def rank_command(
     if export_cif is not None:
         paths = export_cifs(table.to_dataset(), library, export_cif, scale=scale)
         click.echo(f"wrote {len(paths)} CIF files to {export_cif}", err=True)
-    click.echo(_render(table, fmt), nl=False)
+    click.echo(render(table, fmt), nl=False)
 
 
-def _render(table: Any, fmt: str) -> str:
+def render(table: Any, fmt: str) -> str:
     """A :class:`afpx.rank.RankTable` as text, CSV or JSON (no pandas: a fast cold start)."""
     cols = {name: values.tolist() for name, values in table.columns().items()}
     names = list(cols)

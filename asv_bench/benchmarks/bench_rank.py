@@ -35,7 +35,7 @@ from typing import Any, ClassVar
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from afpx.commands.rank import _render
+from afpx.commands.rank import render
 from afpx.rank import rank, rank_formula, rank_table
 from afpx.templates import TemplateLibrary, best_candidates
 from afpx.templates.bruteforce import bruteforce_limit
@@ -183,10 +183,10 @@ class FullList:
         self.limits.unregister()
 
     def time_full_list(self, fmt: str) -> None:
-        _render(rank_table(SETS["ternary"], library=self.library, top=None), fmt)
+        render(rank_table(SETS["ternary"], library=self.library, top=None), fmt)
 
     def time_top20_baseline(self, fmt: str) -> None:
-        _render(rank_table(SETS["ternary"], library=self.library, top=20), fmt)
+        render(rank_table(SETS["ternary"], library=self.library, top=20), fmt)
 
 
 class EngineVsBruteForce:
@@ -287,9 +287,9 @@ def main() -> None:  # pragma: no cover - a script for quick numbers without asv
             )
         for fmt in ("json", "csv"):
             full = _median(
-                lambda f=fmt: _render(rank_table(SETS["ternary"], library=lib, top=None), f)
+                lambda f=fmt: render(rank_table(SETS["ternary"], library=lib, top=None), f)
             )
-            top = _median(lambda f=fmt: _render(rank_table(SETS["ternary"], library=lib), f))
+            top = _median(lambda f=fmt: render(rank_table(SETS["ternary"], library=lib), f))
             print(f"full ternary list {fmt}: {full:.3f} s vs top 20 {top:.3f} s: {full / top:.2f}x")
         print(
             f"rank --formula Li2MnGe: {_median(lambda: rank_formula('Li2MnGe', library=lib)):.3f} s"
