@@ -675,14 +675,16 @@ class CompositionPairs:
     covered : ndarray of shape (m,), int64
         Every small template examined (those without a pair included).
     groups : tuple
-        Per number of sites n: ``(owner (P,), rows (P, n), elements (P, n))``:
-        the row of ``covered`` owning each pair, its library site rows and the
-        element index put on each site.
+        Per number of sites n: ``(owner (P,) int32, first (P,) int64,
+        assignment (P,) int32, table (A, n) int8)``: the row of ``covered``
+        owning each pair, the library row of its template's first site, and
+        its assignment as a row of ``table`` (the surjections of k elements on
+        n sites). 16 bytes a pair.
     """
 
     composition: np.ndarray
     covered: np.ndarray
-    groups: tuple[tuple[np.ndarray, np.ndarray, np.ndarray], ...]
+    groups: tuple[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray], ...]
 
 
 class PairCache(dict[tuple[int, ...], CompositionPairs]):
@@ -700,7 +702,7 @@ class PairCache(dict[tuple[int, ...], CompositionPairs]):
 
     @staticmethod
     def _size(pairs: CompositionPairs) -> int:
-        return sum(o.nbytes + r.nbytes + e.nbytes for o, r, e in pairs.groups)
+        return sum(o.nbytes + f.nbytes + a.nbytes for o, f, a, _ in pairs.groups)
 
     def __setitem__(self, key: tuple[int, ...], value: CompositionPairs) -> None:
         if key in self:
@@ -729,13 +731,13 @@ def composition_pairs(
     base = int(index.total.max(initial=0)) + 1
     powers = np.asarray([base ** (k - 2 - e) for e in range(k - 1)], dtype=np.int64)
     n_of = index.n_sites[ts_all]
-    groups: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    groups: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
     for n in np.unique(n_of).tolist():
         local = np.flatnonzero(n_of == n)
         A, _, weight = assignment_tables(k, n, base)
         weight_f = weight.T.astype(np.float64)  # (n, A); small integers, exact in float64
         step = max(1, _BF_CHUNK // max(1, A.shape[0]))
-        owners, rows_, elems = [], [], []
+        owners, firsts, assigns = [], [], []
         for c0 in range(0, local.size, step):
             loc = local[c0 : c0 + step]
             t = ts_all[loc]
@@ -744,11 +746,18 @@ def composition_pairs(
             scale, rest = np.divmod(index.total[t], size)
             want = np.where(rest == 0, (comp[:-1] @ powers) * scale if k > 1 else 0, -1)
             ti, ai = np.nonzero(code == want[:, None].astype(np.float64))
-            owners.append(loc[ti])
-            rows_.append(rows[ti].astype(np.int64))
-            elems.append(A[ai].astype(np.intp))
+            owners.append(loc[ti].astype(np.int32))
+            firsts.append(index.site_start[t[ti]].astype(np.int64))
+            assigns.append(ai.astype(np.int32))
         if owners:
-            groups.append((np.concatenate(owners), np.concatenate(rows_), np.concatenate(elems)))
+            groups.append(
+                (
+                    np.concatenate(owners),
+                    np.concatenate(firsts),
+                    np.concatenate(assigns),
+                    surjections(k, n),
+                )
+            )
     return CompositionPairs(comp, ts_all, tuple(groups))
 
 
@@ -778,13 +787,13 @@ def pair_counts(
     tied = np.zeros(m, dtype=np.int64)
     total = np.zeros(m, dtype=np.int64)
     best = np.full(m, -np.inf)
-    for owner, rows, elems in pairs.groups:
+    for owner, first, assign, table in pairs.groups:
         if keep is not None:
             sel = keep[owner]
-            owner, rows, elems = owner[sel], rows[sel], elems[sel]
+            owner, first, assign = owner[sel], first[sel], assign[sel]
         score = np.zeros(owner.size)
-        for j in range(rows.shape[1]):
-            score += logl[rows[:, j], elems[:, j]]
+        for j in range(table.shape[1]):
+            score += logl[first + j, table[assign, j]]
         better += np.bincount(owner[score > hi], minlength=m)
         tied += np.bincount(owner[(score >= lo) & (score <= hi)], minlength=m)
         total += np.bincount(owner, minlength=m)
