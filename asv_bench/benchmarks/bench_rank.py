@@ -202,6 +202,9 @@ class EngineVsBruteForce:
         n = lib.n_unique_sites
         small = np.flatnonzero((n >= k) & (n <= bruteforce_limit(k)))
         self.library = lib.subset(small)
+        self.index = TemplateIndex.from_arrays(
+            self.library.site_template, self.library.z, self.library.multiplicity
+        )
         self.limits = threadpool_limits(1)
         best_candidates(self.library, ZS[element_set], assignments=False)
 
@@ -212,11 +215,8 @@ class EngineVsBruteForce:
         best_candidates(self.library, ZS[element_set], assignments=False)
 
     def time_bruteforce_baseline(self, element_set: str) -> None:
-        index = TemplateIndex.from_arrays(
-            self.library.site_template, self.library.z, self.library.multiplicity
-        )
         logl = self.library.log_likelihood[:, np.asarray(ZS[element_set]) - 1]
-        candidates_above(index, logl.astype(np.float64), -np.inf)
+        candidates_above(self.index, logl.astype(np.float64), -np.inf)
 
 
 class ColdCli:
