@@ -121,7 +121,11 @@ def _quantise(
 
 
 def _dequantise(q: np.ndarray, info: dict[str, Any]) -> np.ndarray:
-    if info["kind"] in ("float32", "float16"):
+    if info["kind"] == "float16":
+        # kept as stored: the engine reads a few columns into float64, exactly the
+        # same values as through float32, without converting 20 M entries at load
+        return np.asarray(q, dtype=np.float16)
+    if info["kind"] == "float32":
         return np.asarray(q, dtype=np.float32)
     lo, levels = float(info["log_floor"]), int(info["levels"])
     out = q.astype(np.float32)
@@ -322,26 +326,26 @@ def compare_rankings(
     mid-rank, in positions) and ``max_rank_change_head`` (the same among the
     compositions ranked within ``head`` by ``original``).
     """
-    from afpx.rank import _rank_rows
+    from afpx.rank import rank_rows
     from afpx.templates import (
         CandidateOptions,
-        _candidates,
-        _check_elements,
-        _symbol,
+        candidates,
+        check_elements,
+        element_symbol,
         reduce_compositions,
     )
 
     def ranking(lib: TemplateLibrary, zs: np.ndarray) -> dict[str, float]:
-        res, _ = _candidates(lib, zs, CandidateOptions(), assignments=False)
+        res, _ = candidates(lib, zs, CandidateOptions(), assignments=False)
         if res.template.size == 0:
             return {}
         inv, uniq = reduce_compositions(res.counts)
-        rows = _rank_rows(
+        rows = rank_rows(
             res.template,
             inv,
             uniq,
             res.log_score,
-            [_symbol(int(z)) for z in zs],
+            [element_symbol(int(z)) for z in zs],
             top=None,
             tie_tolerance=1e-9,
         )
@@ -351,7 +355,7 @@ def compare_rankings(
     max_change = max_change_head = 0.0
     same_compositions = True
     for s in element_sets:
-        zs = _check_elements(list(s))
+        zs = check_elements(list(s))
         a, b = ranking(original, zs), ranking(other, zs)
         n_comp += len(a)
         if set(a) != set(b):

@@ -29,6 +29,7 @@ import os
 import sys
 import types
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
@@ -49,10 +50,16 @@ from afpx.templates import (
     CandidateOptions,
     TemplateLibrary,
     best_assignments,
+    candidates,
+    check_elements,
     composition_index,
+    element_symbol,
+    element_symbols,
     reduce_compositions,
     reduced_formulas,
 )
+from afpx.templates.ties import DEFAULT_TIE_TOLERANCE, TIE_RULE, tie_ranks
+from afpx.templates.util import index_ranges
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -60,11 +67,16 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_TIE_TOLERANCE",
+    "RankTable",
     "candidate_structure",
     "export_cifs",
     "parse_elements",
+    "parse_formula",
     "rank",
     "rank_compositions",
+    "rank_formula",
+    "rank_rows",
+    "rank_table",
     "tie_ranks",
 ]
 
@@ -81,69 +93,10 @@ CANDIDATE_COUNTS: Final = "candidate_counts"  # counts in the template's cell
 ASSIGNMENT_TEXT: Final = "assignment_text"
 KNOWN: Final = "known"
 
-#: Log-scores closer than this (relative to max(1, |score|)) are tied.
-DEFAULT_TIE_TOLERANCE: Final = 1e-9
-
-TIE_RULE: Final = (
-    "rank = 1 + better + (tied - 1) / 2 (mid-rank); rank_optimistic = 1 + better; "
-    "rank_pessimistic = better + tied; scores within {tol:g} x max(1, |log score|) are tied; "
-    "tied rows are listed by formula for display only"
-)
-
 
 # =============================================================================
 # ranking
 # =============================================================================
-def tie_ranks(
-    log_score: np.ndarray, *, tie_tolerance: float = DEFAULT_TIE_TOLERANCE
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Tie-aware ranks of scores (higher is better).
-
-    Parameters
-    ----------
-    log_score : ndarray of shape (n,), float
-    tie_tolerance : float
-        Consecutive sorted scores closer than ``tie_tolerance * max(1, |s|)``
-        belong to one tie group.
-
-    Returns
-    -------
-    rank : ndarray of shape (n,), float64
-        Mid-rank: 1 + (number better) + (number of others tied) / 2.
-    optimistic, pessimistic : ndarray of shape (n,), int64
-    group : ndarray of shape (n,), int64
-        Tie group, 0 for the best group, in decreasing score.
-
-    Examples
-    --------
-    >>> r, lo, hi, _ = tie_ranks(np.array([0.0, -1.0, 0.0, -3.0]))
-    >>> r.tolist(), lo.tolist(), hi.tolist()
-    ([1.5, 3.0, 1.5, 4.0], [1, 3, 1, 4], [2, 3, 2, 4])
-    """
-    s = np.asarray(log_score, dtype=np.float64)
-    n = s.size
-    if n == 0:
-        e = np.zeros(0, dtype=np.int64)
-        return np.zeros(0), e, e, e
-    if np.isnan(s).any():
-        raise AfpxError("scores contain NaN")
-    order = np.argsort(-s, kind="stable")
-    ss = s[order]
-    gap = ss[:-1] - ss[1:]
-    scale = np.maximum(1.0, np.abs(ss[:-1]))
-    finite = np.isfinite(ss[:-1]) & np.isfinite(ss[1:])
-    new = np.where(finite, gap > tie_tolerance * scale, ss[:-1] != ss[1:])
-    group_sorted = np.concatenate([[0], np.cumsum(new)])
-    sizes = np.bincount(group_sorted)
-    better = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-    group = np.empty(n, dtype=np.int64)
-    group[order] = group_sorted
-    optimistic = better[group] + 1
-    pessimistic = better[group] + sizes[group]
-    rank = better[group] + (sizes[group] + 1) / 2.0
-    return rank, optimistic, pessimistic, group
-
-
 def rank_compositions(
     candidates: xr.Dataset,
     *,
@@ -159,7 +112,7 @@ def rank_compositions(
     top : int, optional
         Keep the first ``top`` rows (ranks are computed over all rows).
     tie_tolerance : float
-        See :func:`tie_ranks`.
+        See :func:`afpx.templates.tie_ranks`.
 
     Returns
     -------
@@ -185,7 +138,7 @@ def rank_compositions(
     log_score = np.asarray(candidates[LOG_SCORE].values, dtype=np.float64)
     inverse, unique = composition_index(reduced)
     symbols = [str(s) for s in candidates[schema.SYMBOL].values]
-    rows = _rank_rows(
+    rows = rank_rows(
         template, inverse, unique, log_score, symbols, top=top, tie_tolerance=tie_tolerance
     )
     assignment = None
@@ -219,7 +172,7 @@ def rank_compositions(
     return ds
 
 
-def _rank_rows(
+def rank_rows(
     template: np.ndarray,
     inverse: np.ndarray,
     unique: np.ndarray,
@@ -229,7 +182,12 @@ def _rank_rows(
     top: int | None,
     tie_tolerance: float,
 ) -> dict[str, np.ndarray]:
-    """Best candidate per composition and the ranked, cut rows (arrays)."""
+    """Best candidate per composition and the ranked, cut rows (arrays).
+
+    ``inverse``/``unique`` group the candidates by reduced composition
+    (:func:`~afpx.templates.reduce_compositions`); the ranks follow
+    :func:`~afpx.templates.tie_ranks`.
+    """
     U = unique.shape[0]
     if top is not None and top < 1:
         raise AfpxError(f"top must be at least 1, got {top}")
@@ -243,7 +201,7 @@ def _rank_rows(
     chosen = hit[template[hit] == first_t[inverse[hit]]]
     row = np.empty(U, dtype=np.int64)
     row[inverse[chosen]] = chosen
-    rank, optimistic, pessimistic, group = tie_ranks(best, tie_tolerance=tie_tolerance)
+    rank, optimistic, pessimistic, group = tie_ranks(best, tolerance=tie_tolerance)
     # display order: by score group, then by formula within a group
     order = np.argsort(group, kind="stable")
     if top is not None and top < U:
@@ -271,22 +229,20 @@ def _rank_rows(
     }
 
 
-def _ranking_dataset(
+def _ranking_vars(
     rows: dict[str, np.ndarray],
     *,
     cell_counts: np.ndarray,
     provenance: dict[str, np.ndarray],
-    elements: np.ndarray,
-    symbols: Sequence[str],
     assignment: np.ndarray | None,
-) -> xr.Dataset:
-    import xarray as xr
-
+) -> dict[str, tuple[tuple[str, ...], np.ndarray]]:
+    """The variables of a ranking, ``name -> (dims, values)``, in dataset order."""
     t = rows["template"]
-    C = COMPOSITION
-    data_vars: dict[str, Any] = {
+    C = (COMPOSITION,)
+    CE = (COMPOSITION, schema.ELEMENT)
+    out: dict[str, tuple[tuple[str, ...], np.ndarray]] = {
         schema.FORMULA: (C, rows["formula"].astype(object)),
-        "counts": ((C, schema.ELEMENT), rows["counts"]),
+        "counts": (CE, rows["counts"]),
         SCORE: (C, np.exp(rows["log_score"])),
         LOG_SCORE: (C, rows["log_score"]),
         RANK: (C, rows["rank"]),
@@ -294,7 +250,7 @@ def _ranking_dataset(
         RANK_PESSIMISTIC: (C, rows["rank_pessimistic"]),
         N_TIED: (C, rows["n_tied"]),
         TEMPLATE: (C, t),
-        CANDIDATE_COUNTS: ((C, schema.ELEMENT), cell_counts),
+        CANDIDATE_COUNTS: (CE, cell_counts),
         schema.STRUCTURE_ID: (C, provenance["structure_id"][t].astype(object)),
         TEMPLATE_FORMULA: (C, provenance["formula"][t].astype(object)),
         schema.SPACEGROUP: (C, provenance["spacegroup"][t].astype(np.int64)),
@@ -305,15 +261,94 @@ def _ranking_dataset(
     }
     if assignment is not None:
         width = int(provenance["n_sites"][t].max()) if t.size else 0
-        data_vars[ASSIGNMENT] = ((C, TEMPLATE_SITE), assignment[:, :width])
-    coords = {
-        schema.ELEMENT: (schema.ELEMENT, np.asarray(elements, dtype=np.int16)),
-        schema.SYMBOL: (schema.ELEMENT, np.asarray(list(symbols), dtype=object)),
-    }
-    ds = xr.Dataset(data_vars, coords=coords)
-    ds.attrs["n_compositions"] = int(rows["n_compositions"])
-    ds.attrs["elements"] = list(symbols)
-    return ds
+        out[ASSIGNMENT] = ((COMPOSITION, TEMPLATE_SITE), assignment[:, :width])
+    return out
+
+
+#: Columns of :func:`to_frame` and of the CSV/JSON output, in order (when present).
+FRAME_COLUMNS: Final = (
+    RANK,
+    RANK_OPTIMISTIC,
+    RANK_PESSIMISTIC,
+    schema.FORMULA,
+    SCORE,
+    LOG_SCORE,
+    schema.STRUCTURE_ID,
+    TEMPLATE_FORMULA,
+    schema.SPACEGROUP,
+    schema.SOURCE,
+    ASSIGNMENT_TEXT,
+    KNOWN,
+    N_TIED,
+    N_TEMPLATES,
+    N_BEST_TEMPLATES,
+    TEMPLATE,
+)
+
+
+@dataclass
+class RankTable:
+    """A ranking as plain numpy arrays: what :func:`rank` returns, before xarray.
+
+    The command line renders it directly (no xarray or pandas import);
+    :meth:`to_dataset` and :meth:`to_frame` give the labelled forms.
+
+    Attributes
+    ----------
+    elements : list of int
+        Atomic numbers, in the order of the ``element`` dimension.
+    symbols : list of str
+    variables : dict
+        ``name -> (dims, values)``, as in the dataset.
+    attrs : dict
+    """
+
+    elements: list[int]
+    symbols: list[str]
+    variables: dict[str, tuple[tuple[str, ...], np.ndarray]]
+    attrs: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return int(self.variables[RANK][1].shape[0])
+
+    def columns(self) -> dict[str, np.ndarray]:
+        """The one-value-per-row variables of :data:`FRAME_COLUMNS`, in order."""
+        return {n: self.variables[n][1] for n in FRAME_COLUMNS if n in self.variables}
+
+    def to_dataset(self) -> xr.Dataset:
+        """The ranking as an :class:`xarray.Dataset` (see :func:`rank_compositions`)."""
+        import xarray as xr
+
+        coords = {
+            schema.ELEMENT: (schema.ELEMENT, np.asarray(self.elements, dtype=np.int16)),
+            schema.SYMBOL: (schema.ELEMENT, np.asarray(list(self.symbols), dtype=object)),
+        }
+        ds = xr.Dataset(dict(self.variables.items()), coords=coords)
+        ds.attrs.update(self.attrs)
+        return ds
+
+    def to_frame(self) -> pd.DataFrame:
+        """The ranking as a :class:`pandas.DataFrame`, one row per composition."""
+        import pandas as pd
+
+        return pd.DataFrame(self.columns())
+
+
+def _ranking_dataset(
+    rows: dict[str, np.ndarray],
+    *,
+    cell_counts: np.ndarray,
+    provenance: dict[str, np.ndarray],
+    elements: np.ndarray,
+    symbols: Sequence[str],
+    assignment: np.ndarray | None,
+) -> xr.Dataset:
+    variables = _ranking_vars(
+        rows, cell_counts=cell_counts, provenance=provenance, assignment=assignment
+    )
+    attrs = {"n_compositions": int(rows["n_compositions"]), "elements": list(symbols)}
+    table = RankTable([int(z) for z in elements], list(symbols), variables, attrs)
+    return table.to_dataset()
 
 
 # =============================================================================
@@ -325,14 +360,12 @@ def parse_elements(elements: str | Sequence[str | int]) -> list[int]:
     Raises :class:`AfpxError` for an unknown symbol, a repeated element or
     fewer than two elements.
     """
-    from afpx.templates import _symbols
-
     items: list[str | int]
     if isinstance(elements, str):
         items = [e.strip() for e in elements.replace(" ", ",").split(",") if e.strip()]
     else:
         items = list(elements)
-    symbols = _symbols()
+    symbols = element_symbols()
     lookup = {s.lower(): i + 1 for i, s in enumerate(symbols)}
     zs: list[int] = []
     for item in items:
@@ -380,6 +413,223 @@ def load_library(cube: str | os.PathLike[str] | None = None) -> TemplateLibrary:
     return lib
 
 
+def _candidate_options(lib: TemplateLibrary, k: int, options: dict[str, Any]) -> CandidateOptions:
+    """Check the ranking options against the library; :class:`AfpxError` when unusable."""
+    unknown = set(options) - set(CandidateOptions.__dataclass_fields__)
+    if unknown:
+        raise AfpxError(f"unknown ranking option(s): {', '.join(sorted(unknown))}")
+    for key in ("exclude_formulas", "sources"):
+        if options.get(key) is not None:
+            options[key] = tuple(options[key])
+    opts = CandidateOptions(**options)
+    sizes = lib.n_unique_sites
+    if opts.max_unique_sites is not None:
+        sizes = sizes[sizes <= opts.max_unique_sites]
+    most = int(sizes.max()) if sizes.size else 0
+    if k > most:
+        raise AfpxError(
+            f"{k} elements need a template with at least {k} unique sites; the most "
+            f"any template has is {most}"
+        )
+    return opts
+
+
+def parse_formula(formula: str) -> tuple[list[int], np.ndarray]:
+    """Atomic numbers and reduced integer counts of a formula such as ``"Li2MnGe"``.
+
+    Raises :class:`AfpxError` for a formula pymatgen cannot read, fractional
+    amounts or fewer than two elements.
+    """
+    from pymatgen.core import Composition
+
+    try:
+        comp = Composition(formula)
+    except Exception as exc:  # pymatgen raises several types for bad formulas
+        raise AfpxError(f"cannot read formula {formula!r}: {exc}") from exc
+    unknown = [str(el) for el in comp.elements if not 1 <= int(el.Z) <= schema.N_ELEMENTS]
+    if unknown or not comp.elements:
+        raise AfpxError(f"cannot read formula {formula!r}: unknown element(s) {unknown}")
+    amounts = [float(a) for a in comp.values()]
+    if any(a <= 0 or abs(a - round(a)) > 1e-8 for a in amounts):
+        raise AfpxError(f"formula {formula!r} must have whole, positive amounts, e.g. Li2MnGe")
+    zs = [int(el.Z) for el in comp.elements]
+    if len(zs) < 2:
+        raise AfpxError(f"give a formula of at least two elements (got {formula!r}), e.g. Li2MnGe")
+    counts = np.asarray([round(a) for a in amounts], dtype=np.int64)
+    return zs, counts // np.gcd.reduce(counts)
+
+
+def rank_formula(
+    formula: str,
+    *,
+    cube: str | os.PathLike[str] | None = None,
+    library: TemplateLibrary | None = None,
+    top: int | None = 20,
+    tie_tolerance: float = DEFAULT_TIE_TOLERANCE,
+    **options: Any,
+) -> RankTable:
+    """The best candidate structures of one composition: template, assignment, score.
+
+    Every template that can take the composition contributes its best
+    candidate (exact, over every assignment, as in :func:`rank`); rows are
+    ranked by score with the one tie rule (:func:`afpx.templates.tie_ranks`),
+    tied rows listed by template index.
+
+    Parameters
+    ----------
+    formula : str
+        A composition, e.g. ``"Li2MnGe"`` (reduced by the gcd of its amounts).
+    cube, library, top, tie_tolerance, **options
+        As in :func:`rank`.
+
+    Returns
+    -------
+    RankTable
+        One row per template (``composition`` dimension), the variables of
+        :func:`rank`; ``n_templates`` counts every template yielding the
+        composition, ``n_best_templates`` those tied with the row.
+    """
+    zs, target = parse_formula(formula)
+    lib = library if library is not None else load_library(cube)
+    if top is not None and top < 1:
+        raise AfpxError(f"top must be at least 1, got {top}")
+    opts = _candidate_options(lib, len(zs), options)
+    result, selected = candidates(lib, check_elements(zs), opts, assignments=False)
+    inverse, unique = reduce_compositions(result.counts)
+    symbols = [element_symbol(z) for z in zs]
+    name = str(reduced_formulas(target[None, :], symbols)[0])
+    hit = np.flatnonzero((unique == target[None, :]).all(axis=1))
+    if hit.size == 0:
+        raise AfpxError(
+            f"no template of the library can take the composition {name} "
+            f"(options {opts.to_attrs()})"
+        )
+    cand = np.flatnonzero(inverse == hit[0])
+    ties = tie_ranks(result.log_score[cand], tolerance=tie_tolerance)
+    order = np.lexsort((result.template[cand], ties.group))
+    if top is not None:
+        order = order[:top]
+    sel = cand[order]
+    n = sel.size
+    rows: dict[str, np.ndarray] = {
+        "row": sel,
+        "template": result.template[sel],
+        "formula": np.full(n, name, dtype=object),
+        "counts": np.repeat(target[None, :], n, axis=0),
+        "log_score": result.log_score[sel],
+        "rank": ties.rank[order],
+        "rank_optimistic": ties.optimistic[order],
+        "rank_pessimistic": ties.pessimistic[order],
+        "n_tied": (ties.pessimistic - ties.optimistic + 1)[order],
+        "n_templates": np.full(n, cand.size, dtype=np.int64),
+        "n_best_templates": (ties.pessimistic - ties.optimistic + 1)[order],
+        "n_compositions": np.asarray(cand.size),
+    }
+    cell = result.cell_counts(lib, sel)
+    assignment, _ = best_assignments(
+        lib, zs, rows["template"], cell, min_site_likelihood=opts.min_site_likelihood
+    )
+    provenance = {
+        "structure_id": lib.structure_id,
+        "formula": lib.formula,
+        "spacegroup": lib.spacegroup,
+        "source": lib.source,
+        "n_sites": lib.n_unique_sites,
+    }
+    variables = _ranking_vars(rows, cell_counts=cell, provenance=provenance, assignment=assignment)
+    variables[ASSIGNMENT_TEXT] = (
+        (COMPOSITION,),
+        _assignment_text(lib, rows["template"], assignment, symbols),
+    )
+    return RankTable(
+        list(zs),
+        symbols,
+        variables,
+        {
+            "n_compositions": int(cand.size),
+            "elements": list(symbols),
+            "formula": name,
+            "n_candidates": int(cand.size),
+            "n_templates": int(selected.size),
+            "tie_rule": TIE_RULE.format(tol=tie_tolerance),
+            "tie_tolerance": float(tie_tolerance),
+            "options": opts.to_attrs(),
+            "library": _library_label(lib),
+        },
+    )
+
+
+def rank_table(
+    elements: str | Sequence[str | int],
+    *,
+    cube: str | os.PathLike[str] | None = None,
+    library: TemplateLibrary | None = None,
+    top: int | None = 20,
+    known: bool = False,
+    tie_tolerance: float = DEFAULT_TIE_TOLERANCE,
+    **options: Any,
+) -> RankTable:
+    """:func:`rank` as plain arrays (:class:`RankTable`); imports neither xarray nor pandas."""
+    zs = parse_elements(elements)
+    lib = library if library is not None else load_library(cube)
+    opts = _candidate_options(lib, len(zs), options)
+    za = check_elements(zs)
+    result, selected = candidates(lib, za, opts, assignments=False)
+    if result.template.size == 0:
+        raise AfpxError(
+            f"no candidate uses every element: no template passes the options ({opts.to_attrs()})"
+        )
+    inverse, unique = reduce_compositions(result.counts)
+    symbols = [element_symbol(z) for z in zs]
+    rows = rank_rows(
+        result.template,
+        inverse,
+        unique,
+        result.log_score,
+        symbols,
+        top=top,
+        tie_tolerance=tie_tolerance,
+    )
+    cell = result.cell_counts(lib, rows["row"])
+    assignment, score_again = best_assignments(
+        lib, zs, rows["template"], cell, min_site_likelihood=opts.min_site_likelihood
+    )
+    if not np.allclose(score_again, rows["log_score"], rtol=0, atol=1e-9):  # pragma: no cover
+        raise AssertionError("re-enumerated assignments do not reproduce the scores")
+    provenance = {
+        "structure_id": lib.structure_id,
+        "formula": lib.formula,
+        "spacegroup": lib.spacegroup,
+        "source": lib.source,
+        "n_sites": lib.n_unique_sites,
+    }
+    variables = _ranking_vars(rows, cell_counts=cell, provenance=provenance, assignment=assignment)
+    variables[ASSIGNMENT_TEXT] = (
+        (COMPOSITION,),
+        _assignment_text(lib, rows["template"], assignment, symbols),
+    )
+    if known:
+        known_rows = lib.known_compositions(zs)
+        variables[KNOWN] = ((COMPOSITION,), _rows_in(rows["counts"], known_rows))
+    return RankTable(
+        list(zs),
+        symbols,
+        variables,
+        {
+            "n_compositions": int(rows["n_compositions"]),
+            "elements": list(symbols),
+            "n_candidates": int(result.template.size),
+            "n_templates": int(selected.size),
+            "n_candidates_bruteforce": int(result.n_bruteforce),
+            "n_dp_updates": int(result.n_dp_updates),
+            "tie_rule": TIE_RULE.format(tol=tie_tolerance),
+            "tie_tolerance": float(tie_tolerance),
+            "options": opts.to_attrs(),
+            "library": _library_label(lib),
+        },
+    )
+
+
 def rank(
     elements: str | Sequence[str | int],
     *,
@@ -411,7 +661,7 @@ def rank(
         Return a :class:`pandas.DataFrame` with the same columns (counts and
         assignment as text) instead of a Dataset.
     tie_tolerance : float
-        See :func:`tie_ranks`.
+        See :func:`afpx.templates.tie_ranks`.
     **options
         ``exclude_formulas``, ``exclude_own_formula``, ``max_unique_sites``,
         ``sources``, ``min_likelihood``, ``min_site_likelihood``
@@ -424,129 +674,50 @@ def rank(
         template site), ``assignment_text`` (``"Mn 2a, Ge 2b"``: element and
         Wyckoff letter, or site number, per unique site) and ``known``.
     """
-    from afpx.templates import _candidates, _check_elements, _symbol
-
-    zs = parse_elements(elements)
-    lib = library if library is not None else load_library(cube)
-    unknown = set(options) - set(CandidateOptions.__dataclass_fields__)
-    if unknown:
-        raise AfpxError(f"unknown ranking option(s): {', '.join(sorted(unknown))}")
-    for key in ("exclude_formulas", "sources"):
-        if options.get(key) is not None:
-            options[key] = tuple(options[key])
-    opts = CandidateOptions(**options)
-    k = len(zs)
-    sizes = lib.n_unique_sites
-    if opts.max_unique_sites is not None:
-        sizes = sizes[sizes <= opts.max_unique_sites]
-    most = int(sizes.max()) if sizes.size else 0
-    if k > most:
-        raise AfpxError(
-            f"{k} elements need a template with at least {k} unique sites; the most "
-            f"any template has is {most}"
-        )
-    za = _check_elements(zs)
-    result, selected = _candidates(lib, za, opts, assignments=False)
-    if result.template.size == 0:
-        raise AfpxError(
-            f"no candidate uses every element: no template passes the options ({opts.to_attrs()})"
-        )
-    inverse, unique = reduce_compositions(result.counts)
-    symbols = [_symbol(z) for z in zs]
-    rows = _rank_rows(
-        result.template,
-        inverse,
-        unique,
-        result.log_score,
-        symbols,
+    table = rank_table(
+        elements,
+        cube=cube,
+        library=library,
         top=top,
+        known=known,
         tie_tolerance=tie_tolerance,
+        **options,
     )
-    cell = result.cell_counts(lib, rows["row"])
-    assignment, score_again = best_assignments(
-        lib, zs, rows["template"], cell, min_site_likelihood=opts.min_site_likelihood
-    )
-    if not np.allclose(score_again, rows["log_score"], rtol=0, atol=1e-9):  # pragma: no cover
-        raise AssertionError("re-enumerated assignments do not reproduce the scores")
-    provenance = {
-        "structure_id": lib.structure_id,
-        "formula": lib.formula,
-        "spacegroup": lib.spacegroup,
-        "source": lib.source,
-        "n_sites": lib.n_unique_sites,
-    }
-    ds = _ranking_dataset(
-        rows,
-        cell_counts=cell,
-        provenance=provenance,
-        elements=np.asarray(zs),
-        symbols=symbols,
-        assignment=assignment,
-    )
-    ds[ASSIGNMENT_TEXT] = (
-        COMPOSITION,
-        _assignment_text(lib, rows["template"], assignment, symbols),
-    )
-    if known:
-        known_rows = lib.known_compositions(zs)
-        ds[KNOWN] = (COMPOSITION, _rows_in(rows["counts"], known_rows))
-    ds.attrs.update(
-        {
-            "n_candidates": int(result.template.size),
-            "n_templates": int(selected.size),
-            "n_candidates_bruteforce": int(result.n_bruteforce),
-            "n_dp_updates": int(result.n_dp_updates),
-            "tie_rule": TIE_RULE.format(tol=tie_tolerance),
-            "tie_tolerance": float(tie_tolerance),
-            "options": opts.to_attrs(),
-            "library": _library_label(lib),
-        }
-    )
-    if as_frame:
-        return to_frame(ds)
-    return ds
+    return table.to_frame() if as_frame else table.to_dataset()
 
 
 def to_frame(ranked: xr.Dataset) -> pd.DataFrame:
     """A ranking as a :class:`pandas.DataFrame`, one row per composition."""
     import pandas as pd
 
-    cols: dict[str, Any] = {}
-    for name in (RANK, RANK_OPTIMISTIC, RANK_PESSIMISTIC, schema.FORMULA, SCORE, LOG_SCORE):
-        cols[name] = ranked[name].values
-    for name in (
-        schema.STRUCTURE_ID,
-        TEMPLATE_FORMULA,
-        schema.SPACEGROUP,
-        schema.SOURCE,
-        ASSIGNMENT_TEXT,
-        KNOWN,
-        N_TIED,
-        N_TEMPLATES,
-        N_BEST_TEMPLATES,
-        TEMPLATE,
-    ):
-        if name in ranked:
-            cols[name] = ranked[name].values
-    return pd.DataFrame(cols)
+    return pd.DataFrame({n: ranked[n].values for n in FRAME_COLUMNS if n in ranked})
 
 
 def _assignment_text(
     lib: TemplateLibrary, templates: np.ndarray, assignment: np.ndarray, symbols: Sequence[str]
 ) -> np.ndarray:
+    """``"Mn 2a, Ge 4b"`` per row: element and site label of every unique site, in bulk."""
     out = np.empty(templates.size, dtype=object)
-    for i, t in enumerate(templates.tolist()):
-        a, b = int(lib.site_start[t]), int(lib.site_start[t + 1])
-        parts = []
-        for j in range(b - a):
-            e = int(assignment[i, j])
-            label = (
-                f"{int(lib.multiplicity[a + j])}{lib.wyckoff[a + j]}"
-                if lib.wyckoff is not None
-                else f"site{j + 1}×{int(lib.multiplicity[a + j])}"
-            )
-            parts.append(f"{symbols[e]} {label}")
-        out[i] = ", ".join(parts)
+    if templates.size == 0:
+        return out
+    n = lib.n_unique_sites[templates]
+    rows = index_ranges(lib.site_start[templates], n)  # library site of every (row, site)
+    within = np.arange(rows.size) - np.repeat(np.cumsum(n) - n, n)
+    owner = np.repeat(np.arange(templates.size), n)
+    mult = lib.multiplicity[rows].astype(np.int64)
+    if lib.wyckoff is not None:
+        label = [f"{m}{w}" for m, w in zip(mult.tolist(), lib.wyckoff[rows].tolist(), strict=True)]
+    else:
+        label = [f"site{j + 1}×{m}" for j, m in zip(within.tolist(), mult.tolist(), strict=True)]
+    sym = np.asarray(list(symbols), dtype=object)[assignment[owner, within].astype(np.int64)]
+    last = np.zeros(rows.size, dtype=bool)
+    last[np.cumsum(n) - 1] = True
+    pieces = [
+        f"{e} {lab}" if end else f"{e} {lab}, "
+        for e, lab, end in zip(sym.tolist(), label, last.tolist(), strict=True)
+    ]
+    joined = np.add.reduceat(np.asarray(pieces, dtype=object), np.cumsum(n) - n)
+    out[:] = joined
     return out
 
 
@@ -675,10 +846,9 @@ def candidate_structure(
             f"template {library.structure_id[template]}: multiplicities found "
             f"{mult.tolist()} differ from the library's {library.multiplicity[s0:s1].tolist()}"
         )
-    from afpx.templates import _symbol
 
     zs = list(elements)
-    species = [_symbol(int(zs[int(assignment[j])])) for j in site_of_atom]
+    species = [element_symbol(int(zs[int(assignment[j])])) for j in site_of_atom]
     structure = Structure(Lattice(lattice), species, frac)
     v0 = float(structure.volume)
     rule = scale

@@ -5,19 +5,31 @@ import math
 
 import numpy as np
 import pytest
+from _rank_helpers import random_library
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from afpx import AfpxError, schema
 from afpx.evaluate import (
     EvaluateParams,
     confusion_counts,
-    count_assignments,
     error_rate,
     first_known_metrics,
     known_positions,
     likelihood_histogram,
     optimality_score,
-    tie_ranks,
     true_candidate_rank,
+)
+from afpx.evaluate.test2 import optimality_of_set, set_context
+from afpx.templates import reduce_rows, tie_ranks
+from afpx.templates.compositions import match_rows, rank_candidates
+from afpx.templates.counting import (
+    CompositionTable,
+    TemplateIndex,
+    TemplateSites,
+    candidates_above,
+    count_assignments,
+    small_template_counts,
 )
 
 # -- the optimality score ------------------------------------------------------
@@ -70,14 +82,14 @@ def test_os_mean_is_zero_on_random_rankings() -> None:
 
 def test_os_with_ties_is_zero_when_everything_ties() -> None:
     scores = np.zeros(8)
-    mid, _, _ = tie_ranks(scores)
+    mid, _, _, _ = tie_ranks(scores)
     assert optimality_score(mid[[0, 3, 5]], 8) == pytest.approx(0.0)
 
 
 def test_os_with_partial_ties() -> None:
     # known items tie with one unknown item at the top: mid-rank 2 for all three
     scores = np.array([5.0, 5.0, 5.0, 1.0, 0.0])
-    mid, opt, pes = tie_ranks(scores)
+    mid, opt, pes, _ = tie_ranks(scores)
     np.testing.assert_array_equal(mid, [2, 2, 2, 4, 5])
     np.testing.assert_array_equal(opt, [1, 1, 1, 4, 5])
     np.testing.assert_array_equal(pes, [3, 3, 3, 4, 5])
@@ -98,9 +110,9 @@ def test_os_with_partial_ties() -> None:
 def test_tie_ranks_do_not_depend_on_input_order() -> None:
     rng = np.random.default_rng(0)
     scores = rng.integers(0, 4, size=30).astype(float)
-    mid, opt, pes = tie_ranks(scores)
+    mid, opt, pes, _ = tie_ranks(scores)
     perm = rng.permutation(30)
-    mid2, opt2, pes2 = tie_ranks(scores[perm])
+    mid2, opt2, pes2, _ = tie_ranks(scores[perm])
     np.testing.assert_array_equal(mid[perm], mid2)
     np.testing.assert_array_equal(opt[perm], opt2)
     np.testing.assert_array_equal(pes[perm], pes2)
@@ -115,9 +127,9 @@ def test_tie_ranks_do_not_depend_on_input_order() -> None:
 
 
 def test_tie_ranks_tolerance_and_infinities() -> None:
-    mid, _, _ = tie_ranks(np.array([1.0, 1.0 + 1e-12, 0.5, -np.inf, -np.inf]))
+    mid, _, _, _ = tie_ranks(np.array([1.0, 1.0 + 1e-12, 0.5, -np.inf, -np.inf]))
     np.testing.assert_array_equal(mid, [1.5, 1.5, 3, 4.5, 4.5])
-    mid, _, _ = tie_ranks(np.array([1.0, 1.0 + 1e-3]), tolerance=1e-9)
+    mid, _, _, _ = tie_ranks(np.array([1.0, 1.0 + 1e-3]), tolerance=1e-9)
     np.testing.assert_array_equal(mid, [2, 1])
 
 
@@ -637,42 +649,31 @@ def _random_library(seed: int = 1, n_templates: int = 60, max_sites: int = 16):
 
 @pytest.mark.parametrize("elements", [[25], [25, 32], [3, 8, 32]])
 def test_candidates_above_equals_best_candidates(elements) -> None:
-    from afpx.evaluate import (
-        CompositionTable,
-        TemplateIndex,
-        _match_rows,
-        candidates_above,
-        rank_candidates,
-        reduce_counts,
-    )
     from afpx.templates import best_candidates
 
     lib = _random_library()
     index = TemplateIndex.from_arrays(lib.site_template, lib.z, lib.multiplicity)
     c = best_candidates(lib, elements, assignments=False)
     full = rank_candidates(
-        c["template"].values, reduce_counts(c["counts"].values), c["log_score"].values
+        c["template"].values, reduce_rows(c["counts"].values), c["log_score"].values
     )
     logl = lib.log_likelihood[:, np.asarray(elements) - 1]
     for thr in (-np.inf, -4.0, -1.5):
         mine = rank_candidates(*candidates_above(index, logl, thr))
         keep = full.log_score >= thr
         assert mine.counts.shape[0] == keep.sum()
-        j = _match_rows(mine.counts, full.counts[keep])
+        j = match_rows(mine.counts, full.counts[keep])
         np.testing.assert_allclose(mine.log_score[j], full.log_score[keep], rtol=0, atol=1e-9)
     table = CompositionTable.build(index, len(elements))
     assert table.n_compositions == full.counts.shape[0]
     pairs = {
         (int(t), tuple(r))
-        for t, r in zip(
-            c["template"].values, reduce_counts(c["counts"].values).tolist(), strict=True
-        )
+        for t, r in zip(c["template"].values, reduce_rows(c["counts"].values).tolist(), strict=True)
     }
     assert table.row_template.size == len(pairs)
 
 
 def test_composition_table_counts_assignments() -> None:
-    from afpx.evaluate import CompositionTable, TemplateIndex
 
     # one template, sites of multiplicity 1, 1, 2 and two elements:
     # AAB/ABA -> (2, 2)=(1,1) twice... enumerate: counts (A, B) over 6 surjective assignments
@@ -705,15 +706,6 @@ def test_set_positions_with_missing_known_compositions() -> None:
 
 def test_test2_pruned_equals_full_ranking() -> None:
     """The pruned Test 2 gives the numbers of the full ranked list of best_candidates."""
-    from afpx.evaluate import (
-        CompositionTable,
-        TemplateIndex,
-        _match_rows,
-        _test2_set,
-        rank_candidates,
-        reduce_counts,
-        set_context,
-    )
     from afpx.templates import best_candidates
 
     lib = _random_library(seed=4, n_templates=80, max_sites=9)
@@ -725,24 +717,24 @@ def test_test2_pruned_equals_full_ranking() -> None:
             continue
         known = ctx.known
         logl = np.asarray(lib.log_likelihood[:, np.asarray(S) - 1], dtype=np.float64)
-        both = _test2_set(
+        both = optimality_of_set(
             index, table, logl, index.upper_bound(logl), ctx, hit_k=(1, 10), tolerance=1e-9
         )
         got = both["all_templates"]
         c = best_candidates(lib, list(S), assignments=False)
         full = rank_candidates(
-            c["template"].values, reduce_counts(c["counts"].values), c["log_score"].values
+            c["template"].values, reduce_rows(c["counts"].values), c["log_score"].values
         )
-        mid, _, _ = tie_ranks(full.log_score)
-        q = mid[_match_rows(full.counts, known)]
+        mid, _, _, _ = tie_ranks(full.log_score)
+        q = mid[match_rows(full.counts, known)]
         assert got["os"] == pytest.approx(optimality_score(q, full.counts.shape[0]), nan_ok=True)
         assert got["first_rank"] == q.min()
         # without the own formula: drop those candidates from the full list and rank again
         c2 = best_candidates(lib, list(S), assignments=False, exclude_own_formula=True)
-        red2 = reduce_counts(c2["counts"].values)
+        red2 = reduce_rows(c2["counts"].values)
         full2 = rank_candidates(c2["template"].values, red2, c2["log_score"].values)
-        idx2 = _match_rows(full2.counts, known)
-        mid2, _, _ = tie_ranks(full2.log_score)
+        idx2 = match_rows(full2.counts, known)
+        mid2, _, _, _ = tie_ranks(full2.log_score)
         n_missing = int((idx2 < 0).sum())
         q2 = np.concatenate([mid2[idx2[idx2 >= 0]], np.full(n_missing, 0.0)])
         q2[q2.size - n_missing :] = full.counts.shape[0] - (n_missing - 1) / 2
@@ -752,7 +744,6 @@ def test_test2_pruned_equals_full_ranking() -> None:
 
 
 def test_small_template_counts_equal_the_counting_dp() -> None:
-    from afpx.evaluate import TemplateIndex, _TemplateSites, small_template_counts
 
     lib = _random_library(seed=7, n_templates=40, max_sites=9)
     index = TemplateIndex.from_arrays(lib.site_template, lib.z, lib.multiplicity)
@@ -762,13 +753,46 @@ def test_small_template_counts_equal_the_counting_dp() -> None:
         ts = np.arange(index.n_templates)
         for thr in (-3.0, -6.0):
             got = small_template_counts(index, logl, ts, comp, thr)
-            sites = _TemplateSites(index, logl, comp)
+            sites = TemplateSites(index, logl, comp)
             assert got.templates.size > 0
             for i, t in enumerate(got.templates.tolist()):
                 c = count_assignments(*sites(t), thr)
                 assert (got.better[i], got.tied[i], got.total[i]) == (c.better, c.tied, c.total)
                 if c.total:
                     assert got.best[i] == pytest.approx(c.best)
+
+
+def test_pair_counts_equal_small_template_counts_and_the_counting_dp() -> None:
+    """Shared (template, assignment) pairs count exactly what per-model enumeration counts."""
+    from afpx.templates.counting import PairCache, composition_pairs, pair_counts
+
+    lib = _random_library(seed=11, n_templates=50, max_sites=9)
+    index = TemplateIndex.from_arrays(lib.site_template, lib.z, lib.multiplicity)
+    S = np.array([3, 8, 32])
+    logl = np.round(np.asarray(lib.log_likelihood[:, S - 1], dtype=np.float64), 1)  # ties
+    cache = PairCache(max_bytes=1)  # keeps only the newest entry
+    for comp in (np.array([1, 1, 1]), np.array([1, 2, 3]), np.array([2, 1, 1])):
+        ts = np.arange(index.n_templates)
+        cache[tuple(comp.tolist())] = composition_pairs(index, ts, comp)
+        pairs = cache[tuple(comp.tolist())]
+        assert len(cache) == 1
+        for thr in (-3.0, -6.0):
+            want = small_template_counts(index, logl, ts, comp, thr)
+            got = pair_counts(pairs, logl, thr)
+            order = np.argsort(want.templates)
+            np.testing.assert_array_equal(got.templates, want.templates[order])
+            for name in ("better", "tied", "total"):
+                np.testing.assert_array_equal(getattr(got, name), getattr(want, name)[order])
+            np.testing.assert_allclose(got.best, want.best[order], rtol=0, atol=1e-9)
+            sites = TemplateSites(index, logl, comp)
+            for i, t in enumerate(got.templates.tolist()[:10]):
+                c = count_assignments(*sites(t), thr)
+                assert (got.better[i], got.tied[i], got.total[i]) == (c.better, c.tied, c.total)
+            # restricted to some templates: the others report no assignment
+            keep = np.arange(got.templates.size) % 2 == 0
+            part = pair_counts(pairs, logl, thr, keep=keep)
+            np.testing.assert_array_equal(part.total[keep], got.total[keep])
+            assert (part.total[~keep] == 0).all()
 
 
 def test_cli_evaluate_with_a_model_scores_in_memory(tmp_path) -> None:
@@ -812,3 +836,108 @@ def test_test2_max_sets_must_be_positive() -> None:
 
     with pytest.raises(AfpxError, match="test2_max_sets must be positive"):
         EvaluateParams(test2_max_sets=0)
+
+
+# -- one engine, one tie rule: afpx rank and afpx evaluate agree ----------------------
+
+
+@settings(max_examples=12, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), k=st.integers(2, 3), ties=st.booleans())
+def test_rank_and_evaluate_agree_on_every_composition(seed: int, k: int, ties: bool) -> None:
+    """Every composition's score and rank (ties included): afpx rank == Test 2 == case study."""
+    from afpx.evaluate.case_study import case_study
+    from afpx.rank import rank
+
+    rng = np.random.default_rng(seed)
+    lib = random_library(rng, 30, max_sites=7, ties=ties)
+    zs = sorted(rng.choice(np.arange(1, 119), k, replace=False).tolist())
+    ranked = rank(zs, library=lib, top=None)
+    by_rank = {
+        tuple(c): (s, r, lo, hi)
+        for c, s, r, lo, hi in zip(
+            ranked["counts"].values.tolist(),
+            ranked["log_score"].values.tolist(),
+            ranked["rank"].values.tolist(),
+            ranked["rank_optimistic"].values.tolist(),
+            ranked["rank_pessimistic"].values.tolist(),
+            strict=True,
+        )
+    }
+    # Test 2's path: the thresholded engine, best per composition, the tie rule
+    index = TemplateIndex.from_arrays(lib.site_template, lib.z, lib.multiplicity)
+    logl = lib.log_likelihood[:, np.asarray(zs) - 1].astype(np.float64)
+    ranking = rank_candidates(*candidates_above(index, logl, -np.inf))
+    ties_ = tie_ranks(ranking.log_score)
+    by_test2 = {
+        tuple(c): (s, r, lo, hi)
+        for c, s, r, lo, hi in zip(
+            ranking.counts.tolist(),
+            ranking.log_score.tolist(),
+            ties_.rank.tolist(),
+            ties_.optimistic.tolist(),
+            ties_.pessimistic.tolist(),
+            strict=True,
+        )
+    }
+    assert set(by_rank) == set(by_test2)
+    for comp, (s, r, lo, hi) in by_rank.items():
+        s2, r2, lo2, hi2 = by_test2[comp]
+        assert s2 == pytest.approx(s, abs=1e-9, rel=0)
+        assert (r2, lo2, hi2) == (r, lo, hi)
+    # Test 2's positions of "known" compositions are their ranks in that list
+    known = np.asarray(sorted(by_rank)[: max(1, len(by_rank) // 3)], dtype=np.int64)
+    idx = match_rows(ranking.counts, known)
+    is_known = np.zeros(ranking.counts.shape[0], dtype=bool)
+    is_known[idx] = True
+    mid, _, _ = known_positions(ranking.log_score, is_known)
+    assert sorted(mid.tolist()) == sorted(by_rank[tuple(c)][1] for c in known.tolist())
+    # the case study lists the same rows, in the order afpx rank shows them
+    cs = case_study(tuple(zs), lib, known, EvaluateParams(case_top=len(by_rank)))
+    assert cs["n_compositions"] == len(by_rank)
+    assert [row["formula"] for row in cs["top"]] == ranked["formula"].values.tolist()
+    assert [row["rank"] for row in cs["top"]] == ranked["rank"].values.tolist()
+    assert len(cs["known"]) == known.shape[0]
+    assert all(row["known"] for row in cs["known"])
+
+
+def test_relative_tie_rule_is_the_same_everywhere() -> None:
+    """log scores -10 and -10 - 5e-9 tie (5e-9 < 1e-9 x 10) in rank, Test 2 and tie_ranks."""
+    from afpx.rank import rank_rows
+
+    scores = np.array([-10.0, -10.0 - 5e-9, -11.0])
+    assert tie_ranks(scores).rank.tolist() == [1.5, 1.5, 3.0]
+    mid, opt, pes = known_positions(scores, np.array([True, True, False]))
+    assert mid.tolist() == [1.5, 1.5]
+    assert (opt.tolist(), pes.tolist()) == ([1, 2], [1, 2])
+    rows = rank_rows(
+        np.arange(3),
+        np.arange(3),
+        np.array([[1, 1], [1, 2], [2, 1]]),
+        scores,
+        ["Mn", "Ge"],
+        top=None,
+        tie_tolerance=1e-9,
+    )
+    assert sorted(rows["rank"].tolist()) == [1.5, 1.5, 3.0]
+    # a plain absolute 1e-9 would not tie them; a gap above the width does not tie
+    assert tie_ranks(np.array([-10.0, -10.0 - 2e-8])).rank.tolist() == [1.0, 2.0]
+
+
+def test_scored_libraries_refuses_sites_that_are_not_the_librarys() -> None:
+    from afpx.baselines import BaselineParams
+    from afpx.evaluate import scored_libraries
+
+    lib = _random_library(seed=2, n_templates=5, max_sites=4)
+    n = lib.z.size
+    sites = {
+        "z": lib.z.astype(np.int64) % 7 + 1,  # other elements than the library's
+        "draw": np.zeros(n, dtype=np.int64),
+        "structure": lib.site_template.astype(np.int64),
+        "split": np.asarray(["train"] * lib.n_templates, dtype=object),
+    }
+    with pytest.raises(AfpxError, match="not the cube's draw-0 sites"):
+        scored_libraries(lib, sites, ("constant",), BaselineParams())
+    sites["z"] = lib.z.astype(np.int64)
+    got = scored_libraries(lib, sites, ("constant", "frequency"), BaselineParams())
+    assert list(got) == ["model", "constant", "frequency"]
+    assert got["model"] is lib

@@ -212,6 +212,13 @@ def test_cli_table_csv_json(cube: Path) -> None:
         (["-e", "Mn"], "at least two elements"),
         (["-e", "H,Li,O,Na,Mn,Fe,Ge"], "unique sites"),
         (["-e", "Mn,Ge", "--top", "-1"], "--top"),
+        (["-e", "Mn,Ge", "-f", "MnGe"], "either --elements"),
+        ([], "either --elements"),
+        (["-f", "Mn2Qx"], "cannot read formula"),
+        (["-f", "Mn(("], "cannot read formula"),
+        (["-f", "Mn0.5Ge"], "whole, positive amounts"),
+        (["-f", "Mn"], "at least two elements"),
+        (["-f", "MnGe", "--known"], "--known"),
     ],
 )
 def test_cli_errors(cube: Path, args: list[str], match: str) -> None:
@@ -381,3 +388,64 @@ def test_export_more_errors(cod_library: TemplateLibrary) -> None:
     doubled = replace(cod_library, multiplicity=cod_library.multiplicity * 2)
     with pytest.raises(AfpxError, match="multiplicities found"):
         candidate_structure(doubled, t, [MN, GE], np.array([0, 1]), scale="none")
+
+
+# -- afpx rank --formula: the best candidate structures of one composition -----------
+
+
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1))
+def test_rank_formula_equals_brute_force(seed: int) -> None:
+    """Every template's best candidate of the composition, scored and ranked exactly."""
+    from _rank_helpers import naive_candidates, random_library
+
+    from afpx.rank import rank_formula
+    from afpx.templates import reduce_rows, tie_ranks
+
+    rng = np.random.default_rng(seed)
+    lib = random_library(rng, 25, max_sites=5, multiplicities=(1, 2, 3), ties=bool(seed % 2))
+    naive = naive_candidates(lib, [MN, GE])
+    comps = {tuple(reduce_rows(np.asarray([c]))[0].tolist()) for (_, c) in naive}
+    target = sorted(comps)[seed % len(comps)]
+    best = {t: s for (t, c), s in naive.items() if tuple(reduce_rows(np.asarray([c]))[0]) == target}
+    formula = f"Mn{target[0]}Ge{target[1]}"
+    table = rank_formula(formula, library=lib, top=None)
+    cols = table.columns()
+    assert sorted(cols["template"].tolist()) == sorted(best)
+    for t, s in zip(cols["template"].tolist(), cols["log_score"].tolist(), strict=True):
+        assert s == pytest.approx(best[t], abs=1e-9, rel=0)
+    expect = tie_ranks(np.asarray([best[t] for t in cols["template"].tolist()]))
+    assert cols["rank"].tolist() == expect.rank.tolist()
+    assert (np.diff(cols["rank"]) >= 0).all()
+    # the assignment shown yields the composition and scores the row
+    ds = table.to_dataset()
+    for i, t in enumerate(cols["template"].tolist()):
+        a, b = int(lib.site_start[t]), int(lib.site_start[t + 1])
+        assign = ds["assignment"].values[i, : b - a]
+        counts = np.bincount(assign, weights=lib.multiplicity[a:b], minlength=2).astype(int)
+        assert tuple(reduce_rows(counts[None, :])[0].tolist()) == target
+        s = sum(float(lib.log_likelihood[a + j, (MN, GE)[e] - 1]) for j, e in enumerate(assign))
+        assert s == pytest.approx(cols["log_score"][i], abs=1e-6, rel=0)
+
+
+def test_rank_formula_errors(hand: TemplateLibrary) -> None:
+    from afpx.rank import rank_formula
+
+    with pytest.raises(AfpxError, match="no template of the library can take"):
+        rank_formula("Mn7Ge3", library=hand)
+    with pytest.raises(AfpxError, match="top must be at least 1"):
+        rank_formula("MnGe", library=hand, top=0)
+
+
+def test_cli_formula_table_csv_and_export(cube: Path, tmp_path: Path) -> None:
+    runner = CliRunner()
+    res = runner.invoke(main, ["rank", "-f", "MnGe", "--cube", str(cube), "--top", "3"])
+    assert res.exit_code == 0, res.output
+    lines = res.output.splitlines()
+    assert lines[0].split()[:3] == ["rank", "formula", "score"]
+    assert all(ln.split()[1] == "MnGe" for ln in lines[1:-1])
+    assert "candidate structures of MnGe" in lines[-1]
+    res = runner.invoke(main, ["rank", "-f", "MnGe", "--cube", str(cube), "--format", "json"])
+    payload = json.loads(res.output)
+    templates = [row["template"] for row in payload["rows"]]
+    assert len(set(templates)) == len(templates)  # one row per template

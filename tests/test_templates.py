@@ -22,15 +22,17 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from afpx import AfpxError, schema
-from afpx import templates as tp
 from afpx.templates import (
     TemplateGeometry,
     TemplateLibrary,
     best_assignments,
     best_candidates,
+    maxplus,
+    plan,
     reduce_compositions,
     reduced_formulas,
 )
+from afpx.templates.util import check_elements
 
 
 # -----------------------------------------------------------------------------
@@ -141,9 +143,9 @@ _FIXTURE = [HealthCheck.function_scoped_fixture]
 @pytest.fixture(params=["auto", "dp", "bruteforce"])
 def method(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     if request.param == "dp":
-        monkeypatch.setattr(tp, "_BF_MAX_ASSIGNMENTS", 0)
+        monkeypatch.setattr(plan, "BF_MAX_ASSIGNMENTS", 0)
     elif request.param == "bruteforce":
-        monkeypatch.setattr(tp, "_BF_ADVANTAGE", math.inf)
+        monkeypatch.setattr(plan, "BF_ADVANTAGE", math.inf)
     return str(request.param)
 
 
@@ -194,10 +196,10 @@ def _dp_equals_bruteforce_on_small_templates(
     )
     sub = lib.subset(small)
     with monkeypatch.context() as m:
-        m.setattr(tp, "_BF_MAX_ASSIGNMENTS", 0)
+        m.setattr(plan, "BF_MAX_ASSIGNMENTS", 0)
         dp = candidate_dict(best_candidates(sub, zs, assignments=False))
     with monkeypatch.context() as m:
-        m.setattr(tp, "_BF_ADVANTAGE", math.inf)
+        m.setattr(plan, "BF_ADVANTAGE", math.inf)
         bf = candidate_dict(best_candidates(TemplateLibrary(**_fields(sub)), zs, assignments=False))
     assert set(dp) == set(bf)
     assert all(dp[key] == pytest.approx(bf[key], abs=1e-9, rel=0) for key in bf)
@@ -336,16 +338,16 @@ def test_element_errors(hand: TemplateLibrary, elements: list[object], match: st
 def test_too_many_elements_for_127(hand: TemplateLibrary, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(schema, "N_ELEMENTS", 200)
     with pytest.raises(AfpxError, match="at most 127"):
-        tp._check_elements(list(range(1, 129)))
+        check_elements(list(range(1, 129)))
 
 
 def test_state_table_guards(monkeypatch: pytest.MonkeyPatch) -> None:
     lib = library_from_sites([[(1, MN, {}) for _ in range(14)]])
-    monkeypatch.setattr(tp, "_MAX_TABLE_BYTES", 1000)
+    monkeypatch.setattr(maxplus, "MAX_TABLE_BYTES", 1000)
     with pytest.raises(AfpxError, match="max_unique_sites"):
         best_candidates(lib, [LI, MN, GE])
     # scores fit, but keeping every step's table for backtracking does not
-    monkeypatch.setattr(tp, "_MAX_TABLE_BYTES", 8000)  # 3 tables: 5400 B, all 15: 9912 B
+    monkeypatch.setattr(maxplus, "MAX_TABLE_BYTES", 8000)  # 3 tables: 5400 B, all 15: 9912 B
     fresh = library_from_sites([[(1, MN, {}) for _ in range(14)]])
     assert best_candidates(fresh, [LI, MN, GE], assignments=False).sizes["candidate"] == 78
     with pytest.raises(AfpxError, match="assignments=False"):
@@ -530,10 +532,58 @@ def test_from_cube_element_coordinate_must_cover_every_z(tmp_path: Path) -> None
 @given(seed=st.integers(0, 2**32 - 1), k=st.integers(3, 4))
 def test_banded_steps_are_exact(monkeypatch: pytest.MonkeyPatch, seed: int, k: int) -> None:
     with monkeypatch.context() as m:
-        m.setattr(tp, "_BF_MAX_ASSIGNMENTS", 0)
-        m.setattr(tp, "_BAND_MIN_DIMS", 2)
-        m.setattr(tp, "_BAND_MIN_CELLS", 0)
+        m.setattr(plan, "BF_MAX_ASSIGNMENTS", 0)
+        m.setattr(maxplus, "BAND_MIN_DIMS", 2)
+        m.setattr(maxplus, "BAND_MIN_CELLS", 0)
         rng = np.random.default_rng(seed)
         lib = random_library(rng, 10, max_sites=6 if k == 3 else 5)
         zs = rng.choice(np.arange(1, 119), k, replace=False).tolist()
         _check_against_naive(lib, zs)
+
+
+def test_element_tables_equal_pymatgen() -> None:
+    """The copied symbols, electronegativities and special formulas are pymatgen's."""
+    import warnings
+
+    from pymatgen.core.composition import Composition
+    from pymatgen.core.periodic_table import Element
+
+    from afpx.templates.elements import ELECTRONEGATIVITY, SPECIAL_FORMULAS, SYMBOLS
+
+    assert list(SYMBOLS) == schema.element_symbols()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pymatgen warns for elements without X
+        xs = [float(Element(s).X) for s in SYMBOLS]
+    np.testing.assert_array_equal(np.asarray(ELECTRONEGATIVITY), np.asarray(xs))
+    assert dict(Composition.special_formulas) == SPECIAL_FORMULAS
+
+
+def test_rank_path_imports_no_xarray_pandas_dask_pymatgen_or_torch() -> None:
+    import subprocess
+    import sys
+
+    script = (
+        "import sys\n"
+        "import numpy as np\n"
+        "from afpx.commands.rank import render\n"
+        "from afpx.rank import rank_table\n"
+        "from afpx.templates import TemplateLibrary\n"
+        "rng = np.random.default_rng(0)\n"
+        "n = 30\n"
+        "st = np.repeat(np.arange(n), 3)\n"
+        "lib = TemplateLibrary(site_template=st, multiplicity=np.ones(st.size, np.int32),\n"
+        "    z=np.full(st.size, 25, np.int16),\n"
+        "    log_likelihood=np.log(rng.random((st.size, 118), dtype=np.float32) + 0.01),\n"
+        "    structure_id=np.asarray([f't{i}' for i in range(n)], dtype=object),\n"
+        "    formula=np.asarray(['X'] * n, dtype=object), spacegroup=np.ones(n, np.int64),\n"
+        "    source=np.asarray(['x'] * n, dtype=object))\n"
+        "for fmt in ('table', 'csv', 'json'):\n"
+        "    render(rank_table('Mn,Ge', library=lib, known=True), fmt)\n"
+        "heavy = sorted(m for m in ('xarray', 'pandas', 'dask', 'pymatgen', 'torch')\n"
+        "    if m in sys.modules)\n"
+        "print(','.join(heavy))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True
+    ).stdout
+    assert out.strip() == ""

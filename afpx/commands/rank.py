@@ -17,8 +17,15 @@ FORMATS = ("table", "csv", "json")
 @click.option(
     "--elements",
     "-e",
-    required=True,
+    default=None,
     help="Element set, comma-separated symbols, e.g. Li,Mn,Ge (at least two).",
+)
+@click.option(
+    "--formula",
+    "-f",
+    default=None,
+    help="Instead of --elements: list the best candidate structures of this composition "
+    "(template, assignment, score), e.g. Li2MnGe.",
 )
 @click.option(
     "--cube",
@@ -63,7 +70,8 @@ FORMATS = ("table", "csv", "json")
 )
 @library_errors
 def rank_command(
-    elements: str,
+    elements: str | None,
+    formula: str | None,
     cube: str | None,
     top: int,
     fmt: str,
@@ -87,13 +95,24 @@ def rank_command(
       afpx rank --elements Mn,Ge
       afpx rank --elements Li,Mn,Ge --top 10 --known
       afpx rank --elements Li,Mn,Ge --cube cube.zarr --format csv > ranks.csv
+      afpx rank --formula Li2MnGe --top 5 --export-cif cifs/
     """
     from afpx import AfpxError
-    from afpx.rank import export_cifs, load_library, parse_elements, rank
+    from afpx.rank import (
+        export_cifs,
+        load_library,
+        parse_elements,
+        parse_formula,
+        rank_formula,
+        rank_table,
+    )
 
     if top < 0:
         raise AfpxError(f"--top must be 0 (all) or positive, got {top}")
-    zs = parse_elements(elements)  # bad symbols fail before any loading
+    if (elements is None) == (formula is None):
+        raise AfpxError("give either --elements (rank compositions) or --formula (rank structures)")
+    # bad symbols or formulas fail before any loading
+    zs = parse_elements(elements) if elements is not None else parse_formula(str(formula))[0]
     library = load_library(cube)
     if export_cif is not None and library.geometry is None:
         # checked before ranking, so that a failure leaves no empty output folder
@@ -108,55 +127,82 @@ def rank_command(
         options["sources"] = sources
     if min_likelihood is not None:
         options["min_likelihood"] = min_likelihood
-    ds = rank(zs, library=library, top=top or None, known=known, **options)
+    if formula is not None:
+        if known:
+            raise AfpxError("--known applies to --elements only")
+        table = rank_formula(formula, library=library, top=top or None, **options)
+    else:
+        table = rank_table(zs, library=library, top=top or None, known=known, **options)
     if export_cif is not None:
-        paths = export_cifs(ds, library, export_cif, scale=scale)
+        paths = export_cifs(table.to_dataset(), library, export_cif, scale=scale)
         click.echo(f"wrote {len(paths)} CIF files to {export_cif}", err=True)
-    click.echo(_render(ds, fmt), nl=False)
+    click.echo(render(table, fmt), nl=False)
 
 
-def _render(ds: Any, fmt: str) -> str:
-    from afpx.rank import to_frame
-
-    frame = to_frame(ds)
+def render(table: Any, fmt: str) -> str:
+    """A :class:`afpx.rank.RankTable` as text, CSV or JSON (no pandas: a fast cold start)."""
+    cols = {name: values.tolist() for name, values in table.columns().items()}
+    names = list(cols)
+    rows = list(zip(*cols.values(), strict=True))
+    attrs = table.attrs
     if fmt == "csv":
-        return str(frame.to_csv(index=False))
+        import csv
+        import io
+
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="\n")
+        writer.writerow(names)
+        writer.writerows(rows)
+        return buf.getvalue()
     if fmt == "json":
-        records = frame.to_dict(orient="records")
-        payload = {"elements": ds.attrs["elements"], "attrs": _jsonable(ds.attrs), "rows": records}
-        return json.dumps(_jsonable(payload), indent=1) + "\n"
-    cols = ["rank", "formula", "score", "structure_id", "template_formula", "spacegroup"]
-    cols += ["known"] if "known" in frame else []
-    cols += ["assignment_text"]
-    lines = []
+        # one compact row per line: the C encoder (an indent would use the slow Python one)
+        head = json.dumps({"elements": attrs["elements"], "attrs": _jsonable(attrs)}, indent=1)
+        encode = json.JSONEncoder(default=_json_default).encode
+        body = ",\n".join(encode(dict(zip(names, r, strict=True))) for r in rows)
+        return f'{head[:-2]},\n "rows": [\n{body}\n ]\n}}\n'
+
+    has_known = "known" in cols
     header = ["rank", "formula", "score", "template", "template formula", "sg"]
-    header += ["known"] if "known" in frame else []
+    header += ["known"] if has_known else []
     header += ["assignment"]
-    table = [header]
-    for _, row in frame.iterrows():
+    lines = [header]
+    for i in range(len(rows)):
         cells = [
-            f"{row['rank']:g}",
-            str(row["formula"]),
-            f"{row['score']:.4g}",
-            str(row["structure_id"]),
-            str(row["template_formula"]),
-            str(row["spacegroup"]),
+            f"{cols['rank'][i]:g}",
+            str(cols["formula"][i]),
+            f"{cols['score'][i]:.4g}",
+            str(cols["structure_id"][i]),
+            str(cols["template_formula"][i]),
+            str(cols["spacegroup"][i]),
         ]
-        if "known" in frame:
-            cells.append("yes" if row["known"] else "")
-        cells.append(str(row["assignment_text"]))
-        table.append(cells)
-    widths = [max(len(r[i]) for r in table) for i in range(len(header) - 1)]
-    for r in table:
+        if has_known:
+            cells.append("yes" if cols["known"][i] else "")
+        cells.append(str(cols["assignment_text"][i]))
+        lines.append(cells)
+    widths = [max(len(r[i]) for r in lines) for i in range(len(header) - 1)]
+    out = []
+    for r in lines:
         padded = [c.ljust(w) for c, w in zip(r[:-1], widths, strict=True)]
-        lines.append("  ".join([*padded, r[-1]]))
-    n = ds.attrs.get("n_compositions", len(frame))
-    lines.append(
-        f"# {len(frame)} of {n} compositions of {'-'.join(ds.attrs['elements'])}; "
-        f"{ds.attrs.get('n_candidates', 0)} candidates from {ds.attrs.get('n_templates', 0)} "
-        f"templates ({ds.attrs.get('library', '')}); ties: mid-rank, listed by formula"
+        out.append("  ".join([*padded, r[-1]]))
+    n = attrs.get("n_compositions", len(rows))
+    what = (
+        f"candidate structures of {attrs['formula']}"
+        if "formula" in attrs
+        else f"compositions of {'-'.join(attrs['elements'])}"
     )
-    return "\n".join(lines) + "\n"
+    out.append(
+        f"# {len(rows)} of {n} {what}; "
+        f"{attrs.get('n_candidates', 0)} candidates from {attrs.get('n_templates', 0)} "
+        f"templates ({attrs.get('library', '')}); ties: mid-rank, listed by "
+        + ("template" if "formula" in attrs else "formula")
+    )
+    return "\n".join(out) + "\n"
+
+
+def _json_default(value: Any) -> Any:
+    # numpy scalars that tolist() left (object columns) and non-finite floats
+    item = getattr(value, "item", None)
+    return item() if callable(item) else str(value)
 
 
 def _jsonable(value: Any) -> Any:

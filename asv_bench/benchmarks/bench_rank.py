@@ -10,22 +10,36 @@ spglib at symprec 0.01 Å) and the likelihoods are random (u^8, so that most
 are small, as sigmoid outputs are).
 
 Timed: :func:`afpx.rank.rank` (top 20, in-process, library loaded, the
-enumeration plan built by a first call) for Mn–Ge and Li–Mn–Ge, and the exact
-enumeration alone. Tracked: the work done — candidates enumerated by brute
-force, state updates of the max-plus programme, candidates produced.
+enumeration plan built by a first call) for Mn–Ge, Li–Mn–Ge and Li–Mn–Ge–O,
+and the exact enumeration alone. Tracked: the work done — candidates
+enumerated by brute force, state updates of the max-plus programme,
+candidates produced. Baselines measured in the same run:
+
+* :class:`FullList` — the whole ternary list rendered as JSON/CSV by the CLI
+  code, against a top-20 call (the issue's target: at most 1.5x);
+* :class:`EngineVsBruteForce` — the engine on the templates small enough to
+  enumerate, against plain brute force over the same templates;
+* :class:`ColdCli` — a cold ``afpx rank --elements Mn,Ge`` process, against
+  a cold ``python -c "import numpy"``;
+* :class:`Formula` — ``afpx rank --formula Li2MnGe`` (top 20).
 """
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from afpx.rank import rank
+from afpx.commands.rank import render
+from afpx.rank import rank, rank_formula, rank_table
 from afpx.templates import TemplateLibrary, best_candidates
+from afpx.templates.bruteforce import bruteforce_limit
+from afpx.templates.counting import TemplateIndex, candidates_above
 
 #: P(n unique sites = i) for i = 0.. on oqmd-icsd (measured; rounded).
 N_SITES_PMF = [
@@ -108,14 +122,18 @@ def real_or_synthetic_library() -> tuple[TemplateLibrary, str]:
     return synthetic_library(), "synthetic (oqmd-icsd-like multiplicities)"
 
 
-SETS = {"binary": ["Mn", "Ge"], "ternary": ["Li", "Mn", "Ge"]}
-ZS = {"binary": [25, 32], "ternary": [3, 25, 32]}
+SETS = {
+    "binary": ["Mn", "Ge"],
+    "ternary": ["Li", "Mn", "Ge"],
+    "quaternary": ["Li", "Mn", "Ge", "O"],
+}
+ZS = {"binary": [25, 32], "ternary": [3, 25, 32], "quaternary": [3, 25, 32, 8]}
 
 
 class Rank:
     """``afpx.rank(..., top=20)`` in-process over a loaded library."""
 
-    params: ClassVar[list[str]] = ["binary", "ternary"]
+    params: ClassVar[list[str]] = ["binary", "ternary", "quaternary"]
     param_names: ClassVar[list[str]] = ["element_set"]
     timeout = 600
 
@@ -149,6 +167,103 @@ class Rank:
         rank(SETS[element_set], library=self.library)
 
 
+class FullList:
+    """The full ternary list (every composition) as JSON or CSV vs a top-20 call."""
+
+    params: ClassVar[list[str]] = ["json", "csv"]
+    param_names: ClassVar[list[str]] = ["format"]
+    timeout = 600
+
+    def setup(self, fmt: str) -> None:
+        self.library, _ = real_or_synthetic_library()
+        self.limits = threadpool_limits(1)
+        rank_table(SETS["ternary"], library=self.library)
+
+    def teardown(self, fmt: str) -> None:
+        self.limits.unregister()
+
+    def time_full_list(self, fmt: str) -> None:
+        render(rank_table(SETS["ternary"], library=self.library, top=None), fmt)
+
+    def time_top20_baseline(self, fmt: str) -> None:
+        render(rank_table(SETS["ternary"], library=self.library, top=20), fmt)
+
+
+class EngineVsBruteForce:
+    """The engine (brute force + max-plus programme) vs plain brute force, small templates."""
+
+    params: ClassVar[list[str]] = ["binary", "ternary"]
+    param_names: ClassVar[list[str]] = ["element_set"]
+    timeout = 600
+
+    def setup(self, element_set: str) -> None:
+        lib, _ = real_or_synthetic_library()
+        k = len(ZS[element_set])
+        n = lib.n_unique_sites
+        small = np.flatnonzero((n >= k) & (n <= bruteforce_limit(k)))
+        self.library = lib.subset(small)
+        self.index = TemplateIndex.from_arrays(
+            self.library.site_template, self.library.z, self.library.multiplicity
+        )
+        self.limits = threadpool_limits(1)
+        best_candidates(self.library, ZS[element_set], assignments=False)
+
+    def teardown(self, element_set: str) -> None:
+        self.limits.unregister()
+
+    def time_engine(self, element_set: str) -> None:
+        best_candidates(self.library, ZS[element_set], assignments=False)
+
+    def time_bruteforce_baseline(self, element_set: str) -> None:
+        logl = self.library.log_likelihood[:, np.asarray(ZS[element_set]) - 1]
+        candidates_above(self.index, logl.astype(np.float64), -np.inf)
+
+
+class ColdCli:
+    """A cold ``afpx rank --elements Mn,Ge`` process vs a cold ``import numpy``."""
+
+    timeout = 120
+
+    def time_cold_rank_cli(self) -> None:
+        subprocess.run(
+            [sys.executable, "-m", "afpx", "rank", "--elements", "Mn,Ge"],
+            check=True,
+            capture_output=True,
+        )
+
+    def time_import_numpy_baseline(self) -> None:
+        subprocess.run([sys.executable, "-c", "import numpy"], check=True, capture_output=True)
+
+
+class Formula:
+    """``afpx rank --formula Li2MnGe`` (top 20), in process."""
+
+    timeout = 300
+
+    def setup(self) -> None:
+        self.library, _ = real_or_synthetic_library()
+        self.limits = threadpool_limits(1)
+        rank_formula("Li2MnGe", library=self.library)
+
+    def teardown(self) -> None:
+        self.limits.unregister()
+
+    def time_formula(self) -> None:
+        rank_formula("Li2MnGe", library=self.library)
+
+
+def _median(fn: Any, repeat: int = 5) -> float:
+    import time
+
+    fn()
+    wall = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        wall.append(time.perf_counter() - t0)
+    return float(np.median(wall))
+
+
 def main() -> None:  # pragma: no cover - a script for quick numbers without asv
     """Print medians of wall and CPU time (``python bench_rank.py``)."""
     import time
@@ -170,6 +285,32 @@ def main() -> None:  # pragma: no cover - a script for quick numbers without asv
                 f"brute-force assignments, {ds.attrs['n_dp_updates']} DP updates, "
                 f"{ds.attrs['n_compositions']} compositions"
             )
+        for fmt in ("json", "csv"):
+            full = _median(
+                lambda f=fmt: render(rank_table(SETS["ternary"], library=lib, top=None), f)
+            )
+            top = _median(lambda f=fmt: render(rank_table(SETS["ternary"], library=lib), f))
+            print(f"full ternary list {fmt}: {full:.3f} s vs top 20 {top:.3f} s: {full / top:.2f}x")
+        print(
+            f"rank --formula Li2MnGe: {_median(lambda: rank_formula('Li2MnGe', library=lib)):.3f} s"
+        )
+        for name in ("binary", "ternary"):
+            bench = EngineVsBruteForce()
+            bench.setup(name)
+            eng = _median(lambda b=bench, n=name: b.time_engine(n))
+            bf = _median(lambda b=bench, n=name: b.time_bruteforce_baseline(n))
+            bench.teardown(name)
+            print(
+                f"{name} small templates: engine {eng:.3f} s, "
+                f"brute force {bf:.3f} s: {bf / eng:.2f}x"
+            )
+    cold = ColdCli()
+    cli = _median(cold.time_cold_rank_cli)
+    npy = _median(cold.time_import_numpy_baseline)
+    print(
+        f"cold afpx rank --elements Mn,Ge: {cli:.3f} s vs import numpy {npy:.3f} s: "
+        f"{cli / npy:.1f}x"
+    )
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,0 +1,345 @@
+"""Best candidates: for an element set, the best candidate of every (template, composition).
+
+Exact: every assignment of the elements to the unique sites of every
+template is considered (brute force for small templates, the max-plus
+programme for the others, following a cached :class:`~afpx.templates.plan.Plan`),
+and every element is used at least once. Each template's multiplicities are
+divided by their gcd first; the reduced composition of every candidate is
+unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Final
+
+import numpy as np
+
+from afpx import AfpxError, schema
+from afpx.templates.bruteforce import bruteforce_best
+from afpx.templates.compositions import reduce_compositions, reduced_formulas
+from afpx.templates.library import TemplateLibrary, own_counts
+from afpx.templates.maxplus import maxplus_best
+from afpx.templates.plan import plan_for, site_log_likelihood
+from afpx.templates.result import CandidateResult
+from afpx.templates.util import check_elements, element_symbol, jsonable
+
+if TYPE_CHECKING:
+    import xarray as xr
+
+__all__ = ["CandidateOptions", "best_assignments", "best_candidates", "candidates"]
+
+# -- names of the candidate dataset (ranking output; not cube variables) ------
+CANDIDATE: Final = "candidate"
+TEMPLATE_SITE: Final = "template_site"  # position of a unique site within its template
+LIBRARY_TEMPLATE: Final = "library_template"  # the library's templates, for provenance
+TEMPLATE: Final = "template"
+COUNTS: Final = "counts"
+REDUCED_COUNTS: Final = "reduced_counts"
+LOG_SCORE: Final = "log_score"
+ASSIGNMENT: Final = "assignment"
+METHOD: Final = "method"  # 0 brute force, 1 dynamic programme
+TEMPLATE_STRUCTURE_ID: Final = "template_structure_id"
+TEMPLATE_FORMULA: Final = "template_formula"
+TEMPLATE_SPACEGROUP: Final = "template_spacegroup"
+TEMPLATE_SOURCE: Final = "template_source"
+TEMPLATE_N_SITES: Final = "template_n_sites"
+
+
+@dataclass(frozen=True)
+class CandidateOptions:
+    """Which templates and candidates :func:`best_candidates` considers.
+
+    Parameters
+    ----------
+    exclude_formulas : tuple of str
+        Templates whose own reduced formula is one of these are skipped.
+    exclude_own_formula : bool
+        Drop a candidate when its composition equals its template's own
+        composition (the known structure re-predicting itself; for
+        leakage-free evaluation).
+    max_unique_sites : int or None
+        Skip templates with more unique sites.
+    sources : tuple of str or None
+        Keep only templates from these sources.
+    min_likelihood : float or None
+        Drop candidates whose likelihood (product over sites) is below this.
+    min_site_likelihood : float or None
+        Never put an element on a site whose likelihood for it is below this.
+    """
+
+    exclude_formulas: tuple[str, ...] = ()
+    exclude_own_formula: bool = False
+    max_unique_sites: int | None = None
+    sources: tuple[str, ...] | None = None
+    min_likelihood: float | None = None
+    min_site_likelihood: float | None = None
+
+    def to_attrs(self) -> dict[str, Any]:
+        """JSON-able dict (``None`` as the string ``"none"``, as zarr attrs allow it)."""
+        out: dict[str, Any] = {}
+        for k, v in self.__dict__.items():
+            out[k] = "none" if v is None else (list(v) if isinstance(v, tuple) else v)
+        return out
+
+
+def best_candidates(
+    library: TemplateLibrary,
+    elements: Sequence[int],
+    *,
+    exclude_formulas: Collection[str] = (),
+    exclude_own_formula: bool = False,
+    max_unique_sites: int | None = None,
+    sources: Collection[str] | None = None,
+    min_likelihood: float | None = None,
+    min_site_likelihood: float | None = None,
+    assignments: bool = True,
+) -> xr.Dataset:
+    """Best candidate of every (template, composition) for an element set.
+
+    Exact: every assignment of the elements to the unique sites of every
+    template is considered (brute force for small templates, a max-plus
+    dynamic programme over multiplicity counts for the others), and every
+    element is used at least once.
+
+    Parameters
+    ----------
+    library : TemplateLibrary
+    elements : sequence of int, length k >= 1
+        Distinct atomic numbers; their order is the order of ``counts``.
+    exclude_formulas, exclude_own_formula, max_unique_sites, sources, min_likelihood, \
+min_site_likelihood
+        See :class:`CandidateOptions`.
+    assignments : bool
+        Also return the site → element assignment of every candidate (costs
+        one backtracking pass; ranking only needs it for the rows it shows,
+        see :func:`best_assignments`).
+
+    Returns
+    -------
+    xarray.Dataset
+        dims ``candidate``, ``element`` (k), ``template_site`` (largest
+        template), ``library_template`` (the library's templates). Variables:
+
+        - ``template`` (candidate) int64: index into the library;
+        - ``counts`` (candidate, element) int64: atoms of each element in the
+          template's cell;
+        - ``reduced_counts`` (candidate, element) int64: counts / their gcd;
+        - ``formula`` (candidate) str: reduced formula (pymatgen's convention);
+        - ``log_score`` (candidate) float64: sum of the log site likelihoods;
+        - ``method`` (candidate) int8: 0 brute force, 1 dynamic programme;
+        - ``assignment`` (candidate, template_site) int8: index into
+          ``elements`` per unique site, in library order, -1 padding;
+        - ``template_structure_id``, ``template_formula``,
+          ``template_spacegroup``, ``template_source``, ``template_n_sites``
+          (library_template): provenance.
+
+        Candidates come grouped by template (all of one template together,
+        sorted by counts), the groups in a fixed order of the enumeration
+        (sort by ``template`` if you need it). attrs:
+        ``n_candidates_bruteforce`` (assignments enumerated),
+        ``n_dp_updates`` (state updates of the programme), ``n_templates``
+        (templates considered), ``options``.
+    """
+    import xarray as xr
+
+    zs = check_elements(elements)
+    opts = CandidateOptions(
+        exclude_formulas=tuple(exclude_formulas),
+        exclude_own_formula=exclude_own_formula,
+        max_unique_sites=max_unique_sites,
+        sources=None if sources is None else tuple(sources),
+        min_likelihood=min_likelihood,
+        min_site_likelihood=min_site_likelihood,
+    )
+    result, selected = candidates(library, zs, opts, assignments=assignments)
+    inverse, unique = reduce_compositions(result.counts)
+    symbols = [element_symbol(z) for z in zs.tolist()]
+    formulas = reduced_formulas(unique, symbols)[inverse]
+    width = int(library.n_unique_sites[selected].max()) if selected.size else 0
+    if result.assignment is None:
+        assign = np.full((result.template.size, width), -1, dtype=np.int8)
+    else:
+        assign = result.assignment[:, :width]
+    coords = {
+        schema.ELEMENT: (schema.ELEMENT, zs.astype(np.int16)),
+        schema.SYMBOL: (schema.ELEMENT, np.asarray(symbols, dtype=object)),
+    }
+    data_vars: dict[str, Any] = {
+        TEMPLATE: (CANDIDATE, result.template),
+        COUNTS: ((CANDIDATE, schema.ELEMENT), result.cell_counts(library)),
+        REDUCED_COUNTS: ((CANDIDATE, schema.ELEMENT), unique[inverse]),
+        schema.FORMULA: (CANDIDATE, formulas),
+        LOG_SCORE: (CANDIDATE, result.log_score),
+        METHOD: (CANDIDATE, result.method),
+        TEMPLATE_STRUCTURE_ID: (LIBRARY_TEMPLATE, library.structure_id),
+        TEMPLATE_FORMULA: (LIBRARY_TEMPLATE, library.formula),
+        TEMPLATE_SPACEGROUP: (LIBRARY_TEMPLATE, library.spacegroup),
+        TEMPLATE_SOURCE: (LIBRARY_TEMPLATE, library.source),
+        TEMPLATE_N_SITES: (LIBRARY_TEMPLATE, library.n_unique_sites),
+    }
+    if assignments:
+        data_vars[ASSIGNMENT] = ((CANDIDATE, TEMPLATE_SITE), assign)
+    ds = xr.Dataset(data_vars, coords=coords)
+    ds.attrs.update(
+        {
+            "n_candidates_bruteforce": int(result.n_bruteforce),
+            "n_dp_updates": int(result.n_dp_updates),
+            "n_templates": int(selected.size),
+            "options": opts.to_attrs(),
+            "likelihood": jsonable(library.attrs.get("likelihood_attrs", {})),
+        }
+    )
+    return ds
+
+
+def best_assignments(
+    library: TemplateLibrary,
+    elements: Sequence[int],
+    templates: np.ndarray | Sequence[int],
+    counts: np.ndarray,
+    *,
+    min_site_likelihood: float | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Best site assignment of given (template, counts) pairs.
+
+    Re-runs the exact enumeration for the listed templates only, so that a
+    ranking can show the assignment behind its top rows without
+    backtracking every candidate.
+
+    Parameters
+    ----------
+    library : TemplateLibrary
+    elements : sequence of int, length k
+    templates : ndarray of shape (n,), int
+    counts : ndarray of shape (n, k), int
+        Cell counts, as in the ``counts`` of :func:`best_candidates`.
+    min_site_likelihood : float, optional
+        As in :func:`best_candidates` (must match to reproduce its scores).
+
+    Returns
+    -------
+    assignment : ndarray of shape (n, max_sites), int8
+        Index into ``elements`` per unique site (library order), -1 padding.
+    log_score : ndarray of shape (n,), float64
+    """
+    zs = check_elements(elements)
+    t = np.asarray(templates, dtype=np.int64).reshape(-1)
+    c = np.asarray(counts, dtype=np.int64).reshape(t.size, zs.size)
+    uniq = np.unique(t)
+    opts = CandidateOptions(min_site_likelihood=min_site_likelihood)
+    res = _enumerate(library, zs, uniq, opts, assignments=True)
+    width = int(library.n_unique_sites[uniq].max()) if uniq.size else 0
+    out = np.full((t.size, width), -1, dtype=np.int8)
+    score = np.full(t.size, np.nan)
+    if res.template.size == 0:
+        if t.size:
+            raise AfpxError("no candidate of the requested templates uses every element")
+        return out, score
+    assert res.assignment is not None
+    # match (template, counts) rows by a sort on a combined key
+    key_res = np.concatenate([res.template[:, None], res.cell_counts(library)], axis=1)
+    key_req = np.concatenate([t[:, None], c], axis=1)
+    both = np.concatenate([key_res, key_req])
+    _, inv = np.unique(both, axis=0, return_inverse=True)
+    inv = inv.reshape(-1)
+    lookup = np.full(int(inv.max()) + 1, -1, dtype=np.int64)
+    lookup[inv[: key_res.shape[0]]] = np.arange(key_res.shape[0])
+    found = lookup[inv[key_res.shape[0] :]]
+    if np.any(found < 0):
+        bad = int(np.flatnonzero(found < 0)[0])
+        raise AfpxError(
+            f"template {int(t[bad])} has no candidate with counts {c[bad].tolist()} "
+            "that uses every element"
+        )
+    out[:] = res.assignment[found, :width]
+    score[:] = res.log_score[found]
+    return out, score
+
+
+def candidates(
+    library: TemplateLibrary,
+    zs: np.ndarray,
+    opts: CandidateOptions,
+    *,
+    assignments: bool,
+) -> tuple[CandidateResult, np.ndarray]:
+    """Enumerate, then apply the candidate-level options; also return the templates used."""
+    selected = _select_templates(library, zs.size, opts)
+    result = _enumerate(library, zs, selected, opts, assignments=assignments)
+    if opts.exclude_own_formula and result.template.size:
+        own = own_counts(library, zs)[result.template]
+        keep = ~(own == result.cell_counts(library)).all(axis=1)
+        result = result.take(np.flatnonzero(keep))
+    if opts.min_likelihood is not None:
+        if not opts.min_likelihood > 0:
+            raise AfpxError(f"min_likelihood must be positive, got {opts.min_likelihood}")
+        keep = result.log_score >= math.log(opts.min_likelihood)
+        result = result.take(np.flatnonzero(keep))
+    return result, selected
+
+
+def _select_templates(library: TemplateLibrary, k: int, opts: CandidateOptions) -> np.ndarray:
+    keep = library.n_unique_sites >= k
+    if opts.max_unique_sites is not None:
+        keep &= library.n_unique_sites <= opts.max_unique_sites
+    if opts.sources is not None:
+        keep &= np.isin(library.source.astype(str), np.asarray(list(opts.sources), dtype=str))
+    if opts.exclude_formulas:
+        names = {_normalise_formula(f) for f in opts.exclude_formulas}
+        keep &= ~np.isin(library.formula.astype(str), np.asarray(sorted(names), dtype=str))
+    return np.flatnonzero(keep)
+
+
+def _normalise_formula(formula: str) -> str:
+    from pymatgen.core import Composition
+
+    try:
+        return str(Composition(formula).reduced_formula)
+    except Exception as exc:  # pymatgen raises several types for bad formulas
+        raise AfpxError(f"cannot read formula {formula!r}: {exc}") from exc
+
+
+def _enumerate(
+    library: TemplateLibrary,
+    zs: np.ndarray,
+    templates: np.ndarray,
+    opts: CandidateOptions,
+    *,
+    assignments: bool,
+) -> CandidateResult:
+    k = zs.size
+    plan = plan_for(library, k, templates)
+    logl = site_log_likelihood(library, zs, opts.min_site_likelihood)
+    width = int(library.n_unique_sites[templates].max()) if templates.size else 0
+
+    parts = [bruteforce_best(logl, grp, k, assignments=assignments) for grp in plan.bruteforce]
+    parts += [maxplus_best(logl, blk, k, assignments=assignments) for blk in plan.dp]
+    if not parts:
+        return CandidateResult(
+            np.zeros(0, np.int64),
+            np.zeros((0, k), np.int64),
+            np.zeros(0),
+            np.zeros(0, np.int8),
+            np.zeros((0, width), np.int8) if assignments else None,
+        )
+    assign = None
+    if assignments:
+        n_all = sum(p.template.size for p in parts)
+        assign = np.full((n_all, width), -1, dtype=np.int8)
+        row = 0
+        for p in parts:
+            assert p.assignment is not None
+            assign[row : row + p.template.size, : p.assignment.shape[1]] = p.assignment
+            row += p.template.size
+    return CandidateResult(
+        np.concatenate([p.template for p in parts]),
+        np.concatenate([p.counts for p in parts]).reshape(-1, k),
+        np.concatenate([p.log_score for p in parts]),
+        np.concatenate([p.method for p in parts]),
+        assign,
+        n_bruteforce=sum(p.n_bruteforce for p in parts),
+        n_dp_updates=sum(p.n_dp_updates for p in parts),
+    )
