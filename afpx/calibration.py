@@ -83,11 +83,21 @@ def reliability(likelihood: np.ndarray, z: np.ndarray, *, bins: int = 10) -> dic
         true one) per bin, and ``ece`` = Σ_b (n_b / n) |accuracy_b - confidence_b|.
     """
     lik, z = _check(likelihood, z)
+    best = lik.argmax(1)
+    return reliability_of(lik[np.arange(z.size), best], best == z - 1, bins=bins)
+
+
+def reliability_of(confidence: np.ndarray, hit: np.ndarray, *, bins: int = 10) -> dict[str, Any]:
+    """:func:`reliability` from each site's best likelihood and whether it is the true element.
+
+    For likelihoods too large to hold at once: collect ``confidence`` (the
+    best likelihood of each site) and ``hit`` block by block, then call this.
+    """
     if bins < 1:
         raise AfpxError(f"bins must be at least 1, got {bins}")
-    best = lik.argmax(1)
-    conf = np.clip(lik[np.arange(z.size), best], 0.0, 1.0)
-    hit = (best == z - 1).astype(np.float64)
+    conf = np.clip(np.asarray(confidence, dtype=np.float64).reshape(-1), 0.0, 1.0)
+    hit = np.asarray(hit, dtype=np.float64).reshape(-1)
+    z = hit  # one entry per site
     which = np.minimum((conf * bins).astype(np.int64), bins - 1)
     count = np.bincount(which, minlength=bins)
     with np.errstate(invalid="ignore", divide="ignore"):

@@ -941,3 +941,26 @@ def test_scored_libraries_refuses_sites_that_are_not_the_librarys() -> None:
     got = scored_libraries(lib, sites, ("constant", "frequency"), BaselineParams())
     assert list(got) == ["model", "constant", "frequency"]
     assert got["model"] is lib
+
+
+def test_evaluate_scores_the_fingerprint_baselines_and_the_likelihood_metrics(tmp_path) -> None:
+    import xarray as xr
+
+    from afpx.baselines import BaselineParams
+    from afpx.evaluate import evaluate
+
+    path = _synthetic_with_likelihood(tmp_path)
+    ds = xr.open_zarr(path, consolidated=False)
+    report = evaluate(
+        ds,
+        params=EvaluateParams(baselines=("knn", "mlp"), case_study=()),
+        baseline_params=BaselineParams(knn_k=3, mlp_epochs=2, mlp_hidden=16, mlp_layers=1),
+    )
+    assert report.metrics["models"] == ["model", "knn", "mlp"]
+    test = report.metrics["softmax"]["test"]
+    # the handmade likelihood puts the true element first on every site (0.9 vs < 0.3)
+    assert test["likelihood_top1_error"] == 0.0 and test["likelihood_top5_error"] == 0.0
+    assert test["likelihood_mean_rank"] == 1.0
+    # always right with confidence 0.9: the ECE is exactly 0.1
+    assert test["likelihood_ece"] == pytest.approx(0.1, abs=1e-6)
+    assert sum(test["likelihood_reliability"]["count"]) == test["n_sites"]

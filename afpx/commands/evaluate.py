@@ -46,7 +46,7 @@ def _parse_case(items: tuple[str, ...]) -> tuple[tuple[str, ...], ...] | None:
 )
 @click.option(
     "--baselines",
-    default="constant,random,frequency,coordination",
+    default="constant,random,frequency,coordination,knn,mlp",
     show_default=True,
     help="Comma-separated baselines scored by the same code ('' for none).",
 )

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from afpx import AfpxError, schema
+from afpx.calibration import reliability_of
 from afpx.evaluate.params import KIND, LIKELIHOOD_BIN, PREDICTED_ELEMENT, TRUE_ELEMENT
 from afpx.templates.ties import DEFAULT_TIE_TOLERANCE, tie_ranks
 
@@ -255,33 +256,51 @@ def per_site_metrics(ds: xr.Dataset, *, bins: int = 50) -> tuple[dict[str, Any],
     pred = np.asarray(ds[schema.SOFTMAX_PRED].values).astype(np.int64) if has_pred else None
     lk_name = schema.LIKELIHOOD if schema.LIKELIHOOD in ds.variables else schema.LIKELIHOOD_MEAN
     n_el = schema.N_ELEMENTS
-    conf = np.zeros((len(schema.SPLITS), n_el, n_el), dtype=np.int64)
+    confusion = np.zeros((len(schema.SPLITS), n_el, n_el), dtype=np.int64)
     hist = np.zeros((len(schema.SPLITS), 2, bins), dtype=np.int64)
     metrics: dict[str, Any] = {}
     chunk = 65536
     for i, split in enumerate(schema.SPLITS):
         idx = np.flatnonzero(split_of_site == split)
+        best_lik, hit, rank = [], [], []
         for a in range(0, idx.size, chunk):
             part = idx[a : a + chunk]
             lk = np.asarray(ds[lk_name][part].values)
             t, o = likelihood_histogram(lk, sites["z"][part], bins=bins)
             hist[i, 0] += t
             hist[i, 1] += o
+            rows = np.arange(part.size)
+            best = lk.argmax(1)
+            true = lk[rows, sites["z"][part] - 1]
+            best_lik.append(lk[rows, best])
+            hit.append(best == sites["z"][part] - 1)
+            rank.append(1 + (lk > true[:, None]).sum(1))
         if pred is not None:
-            conf[i] = confusion_counts(sites["z"][idx], pred[idx])
+            confusion[i] = confusion_counts(sites["z"][idx], pred[idx])
+        ranks = np.concatenate(rank) if rank else np.zeros(0, np.int64)
+        calibration = reliability_of(
+            np.concatenate(best_lik) if best_lik else np.zeros(0),
+            np.concatenate(hit) if hit else np.zeros(0, bool),
+        )
         metrics[split] = {
             "n_sites": int(idx.size),
-            "error_rate": error_rate(conf[i]) if pred is not None else math.nan,
+            "error_rate": error_rate(confusion[i]) if pred is not None else math.nan,
+            # the likelihoods that ranking multiplies: is the true element first / in the top 5?
+            "likelihood_top1_error": float(np.mean(ranks > 1)) if ranks.size else math.nan,
+            "likelihood_top5_error": float(np.mean(ranks > 5)) if ranks.size else math.nan,
+            "likelihood_mean_rank": float(ranks.mean()) if ranks.size else math.nan,
+            "likelihood_ece": calibration["ece"],
+            "likelihood_reliability": calibration,
         }
     metrics["softmax_available"] = bool(has_pred)
     coords = schema.element_coords()
-    row = conf.sum(axis=2, keepdims=True)
+    row = confusion.sum(axis=2, keepdims=True)
     with np.errstate(invalid="ignore", divide="ignore"):
-        normalised = np.where(row > 0, conf / np.where(row > 0, row, 1), np.nan)
+        normalised = np.where(row > 0, confusion / np.where(row > 0, row, 1), np.nan)
     edges = np.linspace(0.0, 1.0, bins + 1)
     arrays = xr.Dataset(
         {
-            "confusion": (("split", TRUE_ELEMENT, PREDICTED_ELEMENT), conf),
+            "confusion": (("split", TRUE_ELEMENT, PREDICTED_ELEMENT), confusion),
             "confusion_normalised": (("split", TRUE_ELEMENT, PREDICTED_ELEMENT), normalised),
             "likelihood_histogram": (("split", KIND, LIKELIHOOD_BIN), hist),
         },

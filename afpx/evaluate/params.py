@@ -81,7 +81,7 @@ class EvaluateParams:
     table_max_elements: int = 4
     tie_tolerance: float = DEFAULT_TIE_TOLERANCE
     histogram_bins: int = 50
-    baselines: tuple[str, ...] = ("constant", "random", "frequency", "coordination")
+    baselines: tuple[str, ...] = ("constant", "random", "frequency", "coordination", "knn", "mlp")
     case_study: tuple[tuple[str, ...], ...] = (("Mn", "Ge"), ("Li", "Mn", "Ge"))
     case_top: int = 10
     test2_max_sets: int | None = None

@@ -247,7 +247,7 @@ def evaluate(
 
     library = TemplateLibrary.from_cube(ds)
     sites = site_arrays(ds)
-    libraries = scored_libraries(library, sites, params.baselines, baseline_params)
+    libraries = scored_libraries(library, sites, params.baselines, baseline_params, ds=ds)
     models = list(libraries)
 
     index = TemplateIndex.from_arrays(library.site_template, library.z, library.multiplicity)

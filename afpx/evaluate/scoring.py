@@ -16,7 +16,7 @@ from afpx import AfpxError, schema
 if TYPE_CHECKING:
     import xarray as xr
 
-    from afpx.baselines import BaselineParams
+    from afpx.baselines import BaselineParams, SiteFeatures
     from afpx.templates.library import TemplateLibrary
 
 __all__ = ["scored_libraries", "with_model_likelihoods"]
@@ -99,11 +99,27 @@ def with_model_likelihoods(
     return out
 
 
+def site_features(ds: xr.Dataset, sites: np.ndarray) -> SiteFeatures:
+    """What the ``knn`` and ``mlp`` baselines read of the given sites of a cube.
+
+    The AFP is averaged over perspectives block by block (lazy cube, bounded memory).
+    """
+    from afpx.baselines import SiteFeatures
+
+    afp = ds[schema.AFP].isel({schema.SITE: sites}).mean(schema.PERSPECTIVE)
+    return SiteFeatures(
+        np.asarray(afp.values, dtype=np.float32),
+        np.asarray(ds[schema.R0].values)[sites],
+        np.asarray(ds[schema.DMIN_RATIO].values)[sites],
+    )
+
+
 def scored_libraries(
     library: TemplateLibrary,
     sites: dict[str, np.ndarray],
     baselines: Sequence[str],
     baseline_params: BaselineParams,
+    ds: xr.Dataset | None = None,
 ) -> dict[str, TemplateLibrary]:
     """The model's library and one library per baseline, same templates, other likelihoods.
 
@@ -117,13 +133,15 @@ def scored_libraries(
         Names passed to :func:`afpx.baselines.baseline_likelihoods`; every
         baseline it returns is scored, under the name it returns.
     baseline_params : BaselineParams
+    ds : xarray.Dataset, optional
+        The cube: the ``knn`` and ``mlp`` baselines read its fingerprints.
 
     Returns
     -------
     dict
         ``"model"`` first, then each baseline by name.
     """
-    from afpx.baselines import baseline_likelihoods
+    from afpx.baselines import FEATURE_BASELINES, baseline_likelihoods
 
     # the library's sites: draw 0, grouped by structure (as TemplateLibrary.from_cube orders them)
     draw0 = np.flatnonzero(sites["draw"] == 0)
@@ -134,8 +152,18 @@ def scored_libraries(
         raise AfpxError("the coordination baseline needs `coordination`, which the cube lacks")
     coordination = sites.get("coordination", np.zeros_like(sites["z"]))[draw0]
     is_train = sites["split"][sites["structure"][draw0]] == "train"
+    features = (
+        site_features(ds, draw0)
+        if ds is not None and any(b in FEATURE_BASELINES for b in baselines)
+        else None
+    )
     base = baseline_likelihoods(
-        library.z, coordination, is_train, names=tuple(baselines), params=baseline_params
+        library.z,
+        coordination,
+        is_train,
+        names=tuple(baselines),
+        params=baseline_params,
+        features=features,
     )
     libraries: dict[str, TemplateLibrary] = {"model": library}
     libraries.update({name: library.with_likelihood(lk) for name, lk in base.items()})
