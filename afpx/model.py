@@ -98,6 +98,15 @@ class ModelConfig:
         (log r0 and the structure's smallest and largest r0).
     layer_norm : bool
         Layer normalisation after every hidden linear layer of a ``mlp`` network.
+    activation : {"elu", "gelu"}
+        Activation of the hidden layers of a ``mlp`` network (the paper: ELU).
+    likelihood_head : {"sigmoid", "softmax"}
+        Where a ``mlp`` network's site likelihoods come from: a sigmoid head
+        beside the softmax head (one-vs-rest, the paper's kind), or the softmax
+        head itself, so that the likelihoods of a site are the probabilities
+        P(element | site) summing to 1 (``sigmoid_logits`` then hold their
+        logits, ``log p - log(1 - p)``, so ``sigmoid(sigmoid_logits)`` is the
+        likelihood either way).
     """
 
     preset: str = "paper"
@@ -118,6 +127,8 @@ class ModelConfig:
     perspective_input: str = "all"
     descriptor_input: str = "dmin"
     layer_norm: bool = False
+    activation: str = "elu"
+    likelihood_head: str = "sigmoid"
 
     def __post_init__(self) -> None:
         if self.kernel_size % 2 != 1:
@@ -136,6 +147,8 @@ class ModelConfig:
                 f"classifier_input must be 'sample' or 'mean', got {self.classifier_input!r}"
             )
         for name, value, allowed in (
+            ("activation", self.activation, ("elu", "gelu")),
+            ("likelihood_head", self.likelihood_head, ("sigmoid", "softmax")),
             ("architecture", self.architecture, ARCHITECTURES),
             ("perspective_input", self.perspective_input, PERSPECTIVE_INPUTS),
             ("descriptor_input", self.descriptor_input, DESCRIPTOR_INPUTS),
@@ -192,8 +205,10 @@ class ModelConfig:
                 descriptor_input="context",
                 classifier_hidden=512,
                 classifier_layers=4,
-                dropout=0.25,
+                dropout=0.1,
                 layer_norm=True,
+                activation="gelu",
+                likelihood_head="softmax",
             )
         else:
             raise AfpxError(f"unknown model preset {name!r}; choose one of {', '.join(PRESETS)}")
@@ -271,9 +286,9 @@ class Standardize(nn.Module):
 
 
 def _act(cfg: ModelConfig, *, vae: bool = False) -> list[nn.Module]:
-    """Activation (ELU) and dropout that follow every hidden layer."""
+    """Activation (ELU, or GELU where configured) and dropout that follow every hidden layer."""
     p = cfg.vae_dropout if vae and cfg.vae_dropout is not None else cfg.dropout
-    mods: list[nn.Module] = [nn.ELU()]
+    mods: list[nn.Module] = [nn.GELU() if cfg.activation == "gelu" else nn.ELU()]
     if p > 0:
         mods.append(nn.Dropout(p))
     return mods
@@ -605,7 +620,9 @@ class SiteNet(nn.Module):
             layers += _act(config)
             width = config.classifier_hidden
         self.trunk = nn.Sequential(*layers)
-        self.sigmoid_head = nn.Linear(width, config.n_elements)
+        self.sigmoid_head = (
+            nn.Linear(width, config.n_elements) if config.likelihood_head == "sigmoid" else None
+        )
         self.softmax_head = nn.Linear(width, config.n_elements)
         for m in self.modules():
             if isinstance(m, nn.Linear):
@@ -669,9 +686,15 @@ class SiteNet(nn.Module):
         d = self.descriptor_norm(self.descriptors(r0, dmin_ratio, context))
         h = self.trunk(torch.cat([a, d], dim=1))
         empty = h.new_zeros((h.shape[0], 0))
-        return ModelOutput(
-            afp.new_zeros((0,)), empty, empty, h, self.sigmoid_head(h), self.softmax_head(h)
-        )
+        softmax_logits = self.softmax_head(h)
+        if self.config.likelihood_head == "softmax":
+            # logit of the softmax probability: sigmoid() of it gives the probability back
+            log_p = torch.log_softmax(softmax_logits, dim=1)
+            sigmoid_logits = log_p - torch.log1p(-torch.exp(log_p).clamp(max=1 - 1e-7))
+        else:
+            assert self.sigmoid_head is not None
+            sigmoid_logits = self.sigmoid_head(h)
+        return ModelOutput(afp.new_zeros((0,)), empty, empty, h, sigmoid_logits, softmax_logits)
 
     def loss_terms(
         self, out: ModelOutput, afp: torch.Tensor, z: torch.Tensor, *, pos_weight: float = 118.0
@@ -682,7 +705,12 @@ class SiteNet(nn.Module):
         return {
             "reconstruction": zero,
             "kl": zero,
-            "sigmoid_bce": _sigmoid_bce(out.sigmoid_logits, target, pos_weight),
+            # with likelihood_head "softmax" there is no sigmoid head to train
+            "sigmoid_bce": (
+                zero
+                if self.config.likelihood_head == "softmax"
+                else _sigmoid_bce(out.sigmoid_logits, target, pos_weight)
+            ),
             "softmax_ce": F.cross_entropy(out.softmax_logits, target),
         }
 
@@ -690,7 +718,7 @@ class SiteNet(nn.Module):
         """Σ w² over the weights of the linear layers."""
         return sum(
             (m.weight.pow(2).sum() for m in self.modules() if isinstance(m, nn.Linear)),
-            start=self.sigmoid_head.weight.new_zeros(()),
+            start=self.softmax_head.weight.new_zeros(()),
         )
 
 

@@ -223,9 +223,9 @@ class TrainConfig:
         model on a CPU: batch 256, a warm-up/KL schedule compressed to the
         first epoch of ~100k sites, and 20 epochs (about 20 minutes on one
         free core for the ~105k training sites of oqmd-icsd). ``context``: for
-        the ``context`` model (the shipped default): natural sampling,
-        unweighted sigmoid loss, AdamW, one-cycle schedule over 16 epochs, the
-        best holdout epoch kept.
+        the ``context`` model (the shipped default): natural sampling, AdamW,
+        one-cycle schedule over 16 epochs, a shuffle buffer of 64 chunks
+        (~16k sites), the best holdout epoch kept.
         """
         if name == "paper":
             base = cls()
@@ -254,9 +254,10 @@ class TrainConfig:
                 lr_schedule="onecycle",
                 lr_start=1e-4,
                 lr_peak=2e-3,
-                lr_final=1e-5,
+                lr_final=1e-6,
                 warmup_fraction=0.1,
-                weight_decay=1e-4,
+                weight_decay=1e-5,
+                shuffle_chunks=64,
                 l2=0.0,
                 pos_weight=1.0,
                 oversample=False,

@@ -174,3 +174,26 @@ def test_unknown_preset_and_keys() -> None:
         ModelConfig.preset_config("huge")
     with pytest.raises(AfpxError, match="unknown model configuration keys: colour"):
         ModelConfig.from_dict({"colour": 1})
+
+
+def test_context_preset_likelihoods_are_softmax_probabilities() -> None:
+    from afpx.model import ModelConfig, SiteNet, build_net
+
+    cfg = ModelConfig.preset_config("context")
+    net = build_net(cfg)
+    assert isinstance(net, SiteNet) and net.sigmoid_head is None
+    assert any(isinstance(m, torch.nn.GELU) for m in net.modules())
+    net.eval()
+    x = torch.rand(6, 12, 256)
+    out = net(x, torch.rand(6) + 1.0, torch.rand(6) + 0.5, torch.rand(6, 266))
+    p = torch.sigmoid(out.sigmoid_logits)
+    torch.testing.assert_close(p, torch.softmax(out.softmax_logits, dim=1), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(p.sum(1), torch.ones(6), atol=1e-4, rtol=0)
+    terms = net.loss_terms(out, x, torch.tensor([1, 8, 26, 3, 11, 79]))
+    assert float(terms["sigmoid_bce"].detach()) == 0.0 and float(terms["softmax_ce"].detach()) > 0
+    sig = build_net(ModelConfig.preset_config("context", likelihood_head="sigmoid"))
+    assert isinstance(sig, SiteNet) and sig.sigmoid_head is not None
+    with pytest.raises(AfpxError, match="likelihood_head must be one of"):
+        ModelConfig.preset_config("context", likelihood_head="tanh")
+    with pytest.raises(AfpxError, match="activation must be one of"):
+        ModelConfig.preset_config("context", activation="relu")
