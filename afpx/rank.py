@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import numpy as np
 
-from afpx import AfpxError, schema
+from afpx import AfpxError, AfpxWarning, schema
 from afpx.templates import (
     ASSIGNMENT,
     LOG_SCORE,
@@ -574,6 +574,19 @@ def rank_table(
     lib = library if library is not None else load_library(cube)
     opts = _candidate_options(lib, len(zs), options)
     za = check_elements(zs)
+    unseen = untrained_elements(lib, zs)
+    if unseen:
+        import warnings
+
+        warnings.warn(
+            AfpxWarning(
+                f"{', '.join(unseen)}: no site of the library's training split carries "
+                f"{'it' if len(unseen) == 1 else 'them'}, so the model never learned where "
+                f"{'it goes' if len(unseen) == 1 else 'they go'}; read rows with "
+                f"{'it' if len(unseen) == 1 else 'them'} as guesses"
+            ),
+            stacklevel=2,
+        )
     result, selected = candidates(lib, za, opts, assignments=False)
     if result.template.size == 0:
         raise AfpxError(
@@ -626,8 +639,22 @@ def rank_table(
             "tie_tolerance": float(tie_tolerance),
             "options": opts.to_attrs(),
             "library": _library_label(lib),
+            "untrained_elements": unseen,
         },
     )
+
+
+def untrained_elements(lib: TemplateLibrary, zs: Sequence[int]) -> list[str]:
+    """Symbols of the elements of ``zs`` on no site of the library's training split.
+
+    A library without a split (built from a cube without one) counts every
+    site as training data.
+    """
+    site_split = None if lib.split is None else np.asarray(lib.split).astype(str)[lib.site_template]
+    train_z = lib.z if site_split is None else lib.z[site_split == "train"]
+    seen = np.zeros(max(int(lib.z.max(initial=0)), max(zs, default=0)) + 1, bool)
+    seen[np.asarray(train_z, dtype=np.int64)] = True
+    return [element_symbol(z) for z in zs if not seen[z]]
 
 
 def rank(

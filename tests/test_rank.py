@@ -449,3 +449,15 @@ def test_cli_formula_table_csv_and_export(cube: Path, tmp_path: Path) -> None:
     payload = json.loads(res.output)
     templates = [row["template"] for row in payload["rows"]]
     assert len(set(templates)) == len(templates)  # one row per template
+
+
+def test_elements_without_training_sites_are_warned_about() -> None:
+    import afpx
+    from afpx.rank import load_library, rank_table, untrained_elements
+
+    lib = load_library()
+    assert untrained_elements(lib, [118, 17]) == ["Og"]
+    assert untrained_elements(lib, [25, 32]) == []
+    with pytest.warns(afpx.AfpxWarning, match="Og: no site of the library's training split"):
+        table = rank_table("Og,Cl", library=lib, top=2)
+    assert table.attrs["untrained_elements"] == ["Og"]
