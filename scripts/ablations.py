@@ -46,8 +46,13 @@ ROWS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
         {},
         {"oversample": True, "balance_power": 0.5},
     ),
-    # loss of the sigmoid head
-    "context, sigmoid pos_weight 118 (paper)": ("context", {}, {"pos_weight": 118.0}),
+    # where the likelihoods come from: a sigmoid head beside the softmax head
+    "context, sigmoid head, pos_weight 1": ("context", {"likelihood_head": "sigmoid"}, {}),
+    "context, sigmoid head, pos_weight 118 (paper)": (
+        "context",
+        {"likelihood_head": "sigmoid"},
+        {"pos_weight": 118.0},
+    ),
     # schedule
     "context, paper lr schedule (no decay)": (
         "context",
@@ -55,6 +60,7 @@ ROWS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
         {"lr_schedule": "paper", "lr_increment": 1e-5, "lr_peak": 1e-3, "lr_hold": 10**9},
     ),
     # width / depth
+    "context, ELU (the paper's activation)": ("context", {"activation": "elu"}, {}),
     "context, 2 x 256": ("context", {"classifier_hidden": 256, "classifier_layers": 3}, {}),
     "context, 4 x 1024": ("context", {"classifier_hidden": 1024, "classifier_layers": 5}, {}),
     # perspectives
