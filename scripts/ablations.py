@@ -177,7 +177,7 @@ def main() -> None:
     parser.add_argument("--cube", required=True)
     parser.add_argument("--workdir", type=Path, default=Path("runs/ablations"))
     parser.add_argument("--epochs", type=int, default=6)
-    parser.add_argument("--rows", default="", help="comma-separated row names (default: all)")
+    parser.add_argument("--rows", default="", help="row names separated by ; (default: all)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-baselines", action="store_true")
@@ -189,7 +189,7 @@ def main() -> None:
     from afpx.train import TrainConfig, train
 
     torch.set_num_threads(args.threads)
-    wanted = [r.strip() for r in args.rows.split(",") if r.strip()] or list(ROWS)
+    wanted = [r.strip() for r in args.rows.split(";") if r.strip()] or list(ROWS)
     args.workdir.mkdir(parents=True, exist_ok=True)
     results_file = args.workdir / "ablations.json"
     results: dict[str, Any] = json.loads(results_file.read_text()) if results_file.is_file() else {}
