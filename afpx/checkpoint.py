@@ -191,7 +191,26 @@ def read_config(folder: Path) -> dict[str, Any]:
 
 
 def load_weights(path: Path) -> dict[str, Any]:
-    """``torch.load(weights_only=True)`` with one clear error for any unreadable file."""
+    """``torch.load(weights_only=True)`` with one clear error for any unreadable file.
+
+    The zip records' CRC-32 checksums are checked first: ``torch.load`` does not,
+    so a flipped bit in a tensor would load silently (``state.pt``, which
+    ``--resume`` reads without the manifest, relies on this).
+    """
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+    except (zipfile.BadZipFile, OSError, ValueError):
+        damaged = None  # not a zip: torch.load below names the problem
+    except Exception as exc:  # zipfile raises several kinds for damaged headers
+        damaged = f"{type(exc).__name__}: {exc}"
+    if damaged is not None:
+        raise AfpxError(
+            f"{os.fspath(path)!r} is corrupt: {damaged} fails its CRC-32 check; "
+            "restore the folder or train again"
+        )
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many kinds (pickle, zip, runtime)

@@ -431,6 +431,10 @@ def fingerprint_dataset(
             f"no structure was accepted ({read.n_read} read, {len(read.rejections)} rejected"
             + "".join(f"; {reason}: {n}" for reason, n in read.counts().items())
             + "): nothing to fingerprint"
+            + "".join(
+                f"; first: {r.source}: {r.reason}: {r.message}; `afpx inspect` lists them all"
+                for r in read.rejections[:1]
+            )
         )
     rows = _row_table(structures, draws)
     blocks = _blocks(structures, rows, chunk_sites)

@@ -317,6 +317,11 @@ def predict(
     path = str(cube)
     m = _load(model, device)
     g = open_store(path)
+    from pathlib import Path
+
+    from afpx.store import check_chunks
+
+    check_chunks(Path(path))  # a lost chunk reads as NaN: refuse it by name first
     missing = [n for n in (schema.AFP, schema.R0, schema.DMIN_RATIO) if n not in g]
     if missing:
         raise AfpxError(

@@ -440,8 +440,17 @@ def parse_formula(formula: str) -> tuple[list[int], np.ndarray]:
     Raises :class:`AfpxError` for a formula pymatgen cannot read, fractional
     amounts or fewer than two elements.
     """
+    import re
+
     from pymatgen.core import Composition
 
+    # pymatgen drops an element with amount 0 ("Li2Mn0Ge" reads as Li2Ge): refuse it
+    for symbol, amount in re.findall(r"([A-Z][a-z]?)(\d*\.?\d+)", formula):
+        if float(amount) == 0:
+            raise AfpxError(
+                f"formula {formula!r} gives {symbol} the amount {amount}; "
+                "drop the element or give it a positive amount, e.g. Li2MnGe"
+            )
     try:
         comp = Composition(formula)
     except Exception as exc:  # pymatgen raises several types for bad formulas

@@ -379,6 +379,9 @@ class CubeIndex:
         split of unique sites (the paper's protocol).
         """
         g = open_store(path)
+        from afpx.store import check_chunks
+
+        check_chunks(Path(path))  # a lost or truncated chunk: one line, not a codec traceback
         missing = [
             n
             for n in (schema.AFP, schema.Z, schema.R0, schema.DMIN_RATIO, schema.STRUCTURE_INDEX)
