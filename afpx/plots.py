@@ -319,7 +319,11 @@ def confusion_figure(
 
 
 def element_weights(model_dir: str | os.PathLike[str]) -> np.ndarray:
-    """Weights of the sigmoid classifier's last linear layer: one vector per element.
+    """Weights of the layer that gives the site likelihoods: one vector per element.
+
+    The last linear layer of the paper network's sigmoid classifier, or the
+    likelihood head of an MLP (``context``) network: its sigmoid head, or its
+    softmax head when the likelihoods are the softmax probabilities.
 
     Reads ``model.pt`` (a torch ``state_dict``) of a model folder written by
     ``afpx train``; needs torch.
@@ -344,6 +348,9 @@ def element_weights(model_dir: str | os.PathLike[str]) -> np.ndarray:
     if not path.is_file():
         raise AfpxError(f"{os.fspath(path)} not found: give a model folder written by `afpx train`")
     state = torch.load(path, map_location="cpu", weights_only=True)
+    for head in ("sigmoid_head.weight", "softmax_head.weight"):
+        if head in state:  # MLP network: its likelihood head
+            return np.asarray(state[head].detach().cpu().numpy(), dtype=np.float64)
     layers = {
         int(m.group(1)): key
         for key in state

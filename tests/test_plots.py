@@ -289,3 +289,16 @@ def test_rank_curves_need_test1_structures(tmp_path: Path, evaluation: Path) -> 
     empty.to_zarr(tmp_path / "arrays.zarr", zarr_format=3, consolidated=False)
     with pytest.raises(AfpxError, match="Test 1 has no structures"):
         plots.rank_curves(tmp_path)
+
+
+def test_element_weights_of_an_mlp_network_are_its_likelihood_head(tmp_path) -> None:
+    import torch
+
+    from afpx.model import ModelConfig, build_net
+    from afpx.plots import element_weights
+
+    net = build_net(ModelConfig.preset_config("context", classifier_hidden=16))
+    torch.save(net.state_dict(), tmp_path / "model.pt")
+    w = element_weights(tmp_path)
+    assert w.shape == (118, 16)
+    np.testing.assert_array_equal(w, net.softmax_head.weight.detach().numpy())
