@@ -144,6 +144,12 @@ class TrainConfig:
         train, holdout and test). ``site``: the paper's protocol, unique sites
         split 60/20/20 at random (:func:`afpx.splits.random_site_split`,
         seeded by ``seed``), for comparison with the paper's error rate.
+    mixed_precision : bool
+        Run the forward pass under ``torch.autocast`` in bfloat16 (CUDA; on a
+        CPU it is slower than float32 and meant only for testing).
+    time_limit_s : float or None
+        Stop after the first epoch that ends past this many seconds of
+        training (the checkpoint is complete; ``--resume`` continues).
     keep_best : bool
         Keep in ``model.pt`` the weights of the epoch with the lowest holdout
         softmax error (the last epoch's weights stay in ``state.pt`` for
@@ -182,6 +188,8 @@ class TrainConfig:
     weight_decay: float = 0.0
     keep_best: bool = False
     split_protocol: str = "composition"
+    mixed_precision: bool = False
+    time_limit_s: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "reference_batch_size", "shuffle_chunks"):
@@ -950,6 +958,7 @@ def train(
     }
     loader = make_loader(stream, num_workers=tcfg.num_workers, pin_memory=dev.type == "cuda")
 
+    t_run = time.perf_counter()
     for epoch in range(first_epoch, tcfg.epochs):
         stream.set_epoch(epoch)
         net.train()
@@ -973,7 +982,8 @@ def train(
             for group in opt.param_groups:
                 group["lr"] = lr
             opt.zero_grad(set_to_none=True)
-            loss, logged, _ = _batch_terms(net, tb, tcfg, kl_w)
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=tcfg.mixed_precision):
+                loss, logged, _ = _batch_terms(net, tb, tcfg, kl_w)
             if not math.isfinite(logged["total"]):
                 raise AfpxError(
                     f"training diverged at step {step} (loss {logged['total']}); "
@@ -1023,6 +1033,9 @@ def train(
             best=best,
             write_model=improved,
         )
+        if tcfg.time_limit_s is not None and time.perf_counter() - t_run > tcfg.time_limit_s:
+            log.info("time limit of %s s reached after epoch %d", tcfg.time_limit_s, epoch + 1)
+            break
     if not (out_dir / MODEL_FILE).exists():  # zero epochs to run
         _save(
             out_dir,

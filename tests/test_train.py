@@ -536,3 +536,16 @@ def test_wrong_config_types_are_refused_before_anything_is_written(
     result = CliRunner().invoke(main, ["train", str(cube), "-o", str(out), "--set", "kl_max=abc"])
     assert result.exit_code == 2 and "'kl_max' must be float" in result.output
     assert not out.exists()
+
+
+def test_time_limit_stops_after_an_epoch_and_mixed_precision_runs(
+    cube: Path, tmp_path: Path
+) -> None:
+    out = train_tiny_model(cube, tmp_path / "limited", epochs=5, time_limit_s=0.0)
+    rows = json.loads((out / "metrics.json").read_text())
+    assert [r["epoch"] for r in rows] == [1]
+    load_model(out)
+    # bfloat16 autocast on the CPU: the loop runs and the losses stay finite
+    amp = train_tiny_model(cube, tmp_path / "amp", epochs=1, mixed_precision=True)
+    row = json.loads((amp / "metrics.json").read_text())[0]
+    assert np.isfinite(row["train_total"])
