@@ -181,6 +181,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-baselines", action="store_true")
+    parser.add_argument("--baselines-only", action="store_true")
     args = parser.parse_args()
 
     import torch
@@ -193,7 +194,7 @@ def main() -> None:
     args.workdir.mkdir(parents=True, exist_ok=True)
     results_file = args.workdir / "ablations.json"
     results: dict[str, Any] = json.loads(results_file.read_text()) if results_file.is_file() else {}
-    for name in wanted:
+    for name in [] if args.baselines_only else wanted:
         preset, model_over, train_over = ROWS[name]
         folder = args.workdir / name.replace(" ", "_").replace("/", "-")
         tcfg = TrainConfig.preset_config(
