@@ -426,7 +426,7 @@ def tsne_figure(
     ax.legend(fontsize=8, loc="best")
     _title(
         fig,
-        "Elements by the sigmoid classifier's last-layer weights (t-SNE; paper Fig. 5)",
+        "Elements by the likelihood layer's weights (t-SNE; paper Fig. 5)",
         source,
     )
     return fig

@@ -107,7 +107,7 @@ def plot_confusion(evaluation: str, output: str, split: str, min_sites: int) -> 
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the embedding.")
 @library_errors
 def plot_tsne(output: str, model: str | None, perplexity: float, seed: int) -> None:
-    """t-SNE map of the sigmoid classifier's element weights (paper Figure 5)."""
+    """t-SNE map of the element weights of the likelihood layer (paper Figure 5)."""
     from afpx import plots
 
     plots.check_output(output)
