@@ -362,6 +362,11 @@ def parse_elements(elements: str | Sequence[str | int]) -> list[int]:
     """
     items: list[str | int]
     if isinstance(elements, str):
+        if "," in elements and any(not part.strip() for part in elements.split(",")):
+            raise AfpxError(
+                f"empty element in {elements!r}: separate symbols by single commas, "
+                "e.g. --elements Li,Mn,Ge"
+            )
         items = [e.strip() for e in elements.replace(" ", ",").split(",") if e.strip()]
     else:
         items = list(elements)

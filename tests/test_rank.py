@@ -25,7 +25,7 @@ from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from afpx import AfpxError
+from afpx import AfpxError, AfpxWarning
 from afpx.cli import main
 from afpx.rank import (
     candidate_structure,
@@ -301,7 +301,8 @@ def test_exported_cif_parses_back_to_template_symmetry(
 ) -> None:
     # the perovskite template CaTiO3 (Pm-3m) with Sr on Ca's site and Zr on Ti's
     t = int(np.flatnonzero(cod_library.formula == "CaTiO3")[0])
-    ranked = rank("Sr,Zr,O", library=cod_library.subset([t]), top=None)
+    with pytest.warns(AfpxWarning, match="Sr, Zr: no site of the library's training split"):
+        ranked = rank("Sr,Zr,O", library=cod_library.subset([t]), top=None)
     row = int(np.flatnonzero(ranked.formula.values == "SrZrO3")[0])
     paths = export_cifs(ranked.isel(composition=[row]), cod_library.subset([t]), tmp_path)
     formula, sg = _parse(paths[0])
@@ -461,3 +462,13 @@ def test_elements_without_training_sites_are_warned_about() -> None:
     with pytest.warns(afpx.AfpxWarning, match="Og: no site of the library's training split"):
         table = rank_table("Og,Cl", library=lib, top=2)
     assert table.attrs["untrained_elements"] == ["Og"]
+
+
+def test_an_empty_element_is_refused_not_skipped() -> None:
+    from afpx.rank import parse_elements
+
+    for bad in ("Li,,Ge", "Li,Ge,", ",Li,Ge"):
+        with pytest.raises(AfpxError, match="empty element in"):
+            parse_elements(bad)
+    assert parse_elements("Li Mn Ge") == [3, 25, 32]
+    assert parse_elements("Li, Mn, Ge") == [3, 25, 32]
