@@ -24,7 +24,6 @@ of another.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Iterable
@@ -35,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from afpx import AfpxError
+from afpx.datasets import sha256_of
 
 if TYPE_CHECKING:
     from torch import nn
@@ -98,15 +98,6 @@ def check_fingerprint(
 # -- files ---------------------------------------------------------------------
 
 
-def sha256_file(path: Path) -> str:
-    """SHA-256 of a file, read in 1 MiB blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def atomic_write_bytes(data: bytes, path: Path) -> None:
     """Write ``data`` to a temporary sibling, flush it to disk, rename it to ``path``."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -138,7 +129,7 @@ def atomic_text(text: str, path: Path) -> None:
 def write_manifest(folder: Path, names: Iterable[str]) -> dict[str, Any]:
     """Write ``manifest.json`` with the SHA-256 and size of each named file present."""
     files = {
-        name: {"sha256": sha256_file(folder / name), "bytes": (folder / name).stat().st_size}
+        name: {"sha256": sha256_of(folder / name), "bytes": (folder / name).stat().st_size}
         for name in names
         if (folder / name).is_file()
     }
@@ -169,7 +160,7 @@ def verify_manifest(folder: Path) -> dict[str, Any]:
         f = folder / name
         if not f.is_file():
             raise AfpxError(f"{os.fspath(f)!r}, listed in {MANIFEST_FILE}, is missing")
-        if sha256_file(f) != digest:
+        if sha256_of(f) != digest:
             raise AfpxError(
                 f"{os.fspath(f)!r} differs from its SHA-256 in {MANIFEST_FILE}: the model folder "
                 "is corrupt or was altered; train it again or restore it"
@@ -329,6 +320,6 @@ def load_model(path: str | os.PathLike[str], *, device: str = "cpu") -> TrainedM
         train_config=dict(meta.get("train", {})),
         fingerprint=dict(meta.get("fingerprint", {})),
         path=folder,
-        weights_sha256=sha256_file(folder / MODEL_FILE),
+        weights_sha256=sha256_of(folder / MODEL_FILE),
         meta=meta,
     )

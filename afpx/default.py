@@ -43,6 +43,7 @@ from typing import Any, Final
 import numpy as np
 
 from afpx import AfpxError, __version__, schema
+from afpx.datasets import sha256_of
 from afpx.templates import LIKELIHOOD_FLOOR, TemplateGeometry, TemplateLibrary
 
 __all__ = [
@@ -177,14 +178,6 @@ def _library_arrays(
     return arrays, {"arrays": layout, "log_likelihood": qinfo}
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def pack_library(
     library: TemplateLibrary,
     directory: str | os.PathLike[str],
@@ -249,7 +242,7 @@ def pack_library(
         "format_version": FORMAT_VERSION,
         "afpx_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "files": {npz.name: {"sha256": _sha256(npz), "bytes": npz.stat().st_size}},
+        "files": {npz.name: {"sha256": sha256_of(npz), "bytes": npz.stat().st_size}},
         "n_templates": library.n_templates,
         "n_sites": library.n_sites,
         "has_geometry": library.geometry is not None,
@@ -426,7 +419,7 @@ def load_library(manifest: str | os.PathLike[str]) -> TemplateLibrary:
     npz = path.parent / fname
     if not npz.is_file():
         raise AfpxError(f"packed library file {os.fspath(npz)!r} is missing; {_REINSTALL}")
-    digest = _sha256(npz)
+    digest = sha256_of(npz)
     if digest != info.get("sha256"):
         raise AfpxError(
             f"checksum mismatch for {os.fspath(npz)!r} (sha256 {digest[:12]}…, manifest "
@@ -547,7 +540,7 @@ def pack_default_model(
     for name in MODEL_FILES:
         if (src / name).is_file():
             shutil.copyfile(src / name, out / name)
-            files[name] = {"sha256": _sha256(out / name), "bytes": (out / name).stat().st_size}
+            files[name] = {"sha256": sha256_of(out / name), "bytes": (out / name).stat().st_size}
     manifest = {"format": "afpx-model-package", "format_version": 1, "files": files}
     (out / MODEL_MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
     return manifest
@@ -575,7 +568,7 @@ def default_model_dir(directory: str | os.PathLike[str] | None = None) -> Path:
         path = folder / name
         if not path.is_file():
             raise AfpxError(f"default model file {os.fspath(path)!r} is missing; {_REINSTALL}")
-        if _sha256(path) != info.get("sha256"):
+        if sha256_of(path) != info.get("sha256"):
             raise AfpxError(
                 f"default model file {os.fspath(path)!r} does not match its SHA-256 in "
                 f"{manifest.name} (corrupted or modified); {_REINSTALL}"

@@ -334,6 +334,29 @@ class RankTable:
         return pd.DataFrame(self.columns())
 
 
+def _table_variables(
+    lib: TemplateLibrary,
+    rows: dict[str, Any],
+    cell: np.ndarray,
+    assignment: np.ndarray,
+    symbols: Sequence[str],
+) -> dict[str, Any]:
+    """Ranking variables of ``rows``, with template provenance and the assignment text."""
+    provenance = {
+        "structure_id": lib.structure_id,
+        "formula": lib.formula,
+        "spacegroup": lib.spacegroup,
+        "source": lib.source,
+        "n_sites": lib.n_unique_sites,
+    }
+    variables = _ranking_vars(rows, cell_counts=cell, provenance=provenance, assignment=assignment)
+    variables[ASSIGNMENT_TEXT] = (
+        (COMPOSITION,),
+        _assignment_text(lib, rows["template"], assignment, symbols),
+    )
+    return variables
+
+
 def _ranking_dataset(
     rows: dict[str, np.ndarray],
     *,
@@ -543,18 +566,7 @@ def rank_formula(
     assignment, _ = best_assignments(
         lib, zs, rows["template"], cell, min_site_likelihood=opts.min_site_likelihood
     )
-    provenance = {
-        "structure_id": lib.structure_id,
-        "formula": lib.formula,
-        "spacegroup": lib.spacegroup,
-        "source": lib.source,
-        "n_sites": lib.n_unique_sites,
-    }
-    variables = _ranking_vars(rows, cell_counts=cell, provenance=provenance, assignment=assignment)
-    variables[ASSIGNMENT_TEXT] = (
-        (COMPOSITION,),
-        _assignment_text(lib, rows["template"], assignment, symbols),
-    )
+    variables = _table_variables(lib, rows, cell, assignment, symbols)
     return RankTable(
         list(zs),
         symbols,
@@ -623,18 +635,7 @@ def rank_table(
     )
     if not np.allclose(score_again, rows["log_score"], rtol=0, atol=1e-9):  # pragma: no cover
         raise AssertionError("re-enumerated assignments do not reproduce the scores")
-    provenance = {
-        "structure_id": lib.structure_id,
-        "formula": lib.formula,
-        "spacegroup": lib.spacegroup,
-        "source": lib.source,
-        "n_sites": lib.n_unique_sites,
-    }
-    variables = _ranking_vars(rows, cell_counts=cell, provenance=provenance, assignment=assignment)
-    variables[ASSIGNMENT_TEXT] = (
-        (COMPOSITION,),
-        _assignment_text(lib, rows["template"], assignment, symbols),
-    )
+    variables = _table_variables(lib, rows, cell, assignment, symbols)
     if known:
         known_rows = lib.known_compositions(zs)
         variables[KNOWN] = ((COMPOSITION,), _rows_in(rows["counts"], known_rows))

@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Any, Final
 import numpy as np
 
 from afpx import AfpxError
+from afpx.datasets import sha256_of
 
 if TYPE_CHECKING:
     import xarray as xr
@@ -268,14 +269,6 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 # -- chunks ------------------------------------------------------------------------------------
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _chunk_file(store: Path, name: str, index: int, ndim: int) -> Path:
     # zarr v3 default chunk keys: NAME/c/i/0/0 (one chunk along every other dim)
     return store / name / "c" / "/".join([str(index)] + ["0"] * (ndim - 1))
@@ -332,7 +325,7 @@ class ChunkWriter:
         record = {
             "file": chunk.relative_to(store).as_posix(),
             "size": chunk.stat().st_size,
-            "sha256": _sha256(chunk),
+            "sha256": sha256_of(chunk),
         }
         (store / _MARKS / self.name).mkdir(parents=True, exist_ok=True)
         _write_atomic(store / _MARKS / self.name / str(index), json.dumps(record))
@@ -382,7 +375,7 @@ def link_chunks(old: Path, partial: Path, name: str, ndim: int, indices: Iterabl
         except OSError:
             shutil.copy2(source, target)
         rel = target.relative_to(partial).as_posix()
-        size, digest = recorded.get(rel) or (target.stat().st_size, _sha256(target))
+        size, digest = recorded.get(rel) or (target.stat().st_size, sha256_of(target))
         record = {"file": rel, "size": size, "sha256": digest}
         (partial / _MARKS / name).mkdir(parents=True, exist_ok=True)
         _write_atomic(partial / _MARKS / name / str(index), json.dumps(record))
@@ -416,7 +409,7 @@ def finish(partial: Path) -> None:
             continue
         if "/c/" not in f"/{rel}":
             continue
-        size, digest = marked.get(rel) or (path.stat().st_size, _sha256(path))
+        size, digest = marked.get(rel) or (path.stat().st_size, sha256_of(path))
         files[rel] = [size, digest]
     meta = {
         "zarr_format": 3,
@@ -468,6 +461,6 @@ def verify_chunks(store: Path) -> tuple[int, list[str]]:
             problems.append(f"{rel}: missing")
         elif path.stat().st_size != size:
             problems.append(f"{rel}: {path.stat().st_size} bytes, {size} were written")
-        elif _sha256(path) != digest:
+        elif sha256_of(path) != digest:
             problems.append(f"{rel}: sha256 differs from the one recorded at write time")
     return len(recorded), problems

@@ -166,13 +166,13 @@ def test_unreadable_or_incomplete_archive(library: TemplateLibrary, tmp_path: Pa
     with zipfile.ZipFile(npz, "w") as zout:
         for n, b in blobs.items():
             zout.writestr(n, b)
-    meta["files"]["default_library.npz"]["sha256"] = afpx.default._sha256(npz)
+    meta["files"]["default_library.npz"]["sha256"] = afpx.datasets.sha256_of(npz)
     meta[MANIFEST_DIGEST_KEY] = manifest_digest(meta)
     manifest.write_text(json.dumps(meta))
     with pytest.raises(AfpxError, match="lacks"):
         load_library(manifest)
     npz.write_bytes(b"not a zip")
-    meta["files"]["default_library.npz"]["sha256"] = afpx.default._sha256(npz)
+    meta["files"]["default_library.npz"]["sha256"] = afpx.datasets.sha256_of(npz)
     meta[MANIFEST_DIGEST_KEY] = manifest_digest(meta)
     manifest.write_text(json.dumps(meta))
     with pytest.raises(AfpxError, match="cannot read"):
