@@ -25,7 +25,7 @@ import logging
 import os
 import sys
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -42,6 +42,8 @@ from afpx.kernels import (
     row_generator,
 )
 from afpx.neighbours import count_within, nearest_neighbour_distances, neighbour_shells
+from afpx.scheduler import compute as scheduler_compute
+from afpx.scheduler import use_scheduler
 from afpx.splits import SplitParams, assign_splits
 
 if TYPE_CHECKING:
@@ -58,7 +60,6 @@ __all__ = [
     "build_cube",
     "compute_fingerprints",
     "cube_summary",
-    "dask_scheduler",
     "fingerprint_dataset",
     "fingerprint_structures",
     "open_cube",
@@ -73,7 +74,6 @@ DEFAULT_FINGERPRINT = FingerprintParams()
 DEFAULT_SPLIT = SplitParams()
 
 #: How long to wait for a Dask scheduler given by address.
-SCHEDULER_TIMEOUT = "10s"
 
 #: Attribute set (last) on a store once every chunk is written.
 COMPLETE_ATTR = "afpx_complete"
@@ -602,67 +602,6 @@ def _encoding(ds: xr.Dataset, chunk_sites: int) -> dict[str, dict[str, Any]]:
     return encoding
 
 
-@contextlib.contextmanager
-def dask_scheduler(*, scheduler: str | None = None, workers: int | None = None) -> Iterator[Any]:
-    """Run Dask computations inside the block on the chosen scheduler.
-
-    Parameters
-    ----------
-    scheduler : str, optional
-        Address of a running ``dask.distributed`` scheduler to connect to.
-    workers : int, optional
-        Start a local cluster of this many single-threaded worker processes.
-
-    Yields
-    ------
-    distributed.Client or None
-        None for the default threaded scheduler.
-    """
-    if scheduler is not None and workers is not None:
-        raise AfpxError("give either a scheduler address or a number of workers, not both")
-    if workers is not None and workers < 1:
-        raise AfpxError(f"workers must be at least 1, got {workers}")
-    if scheduler is None and workers is None:
-        import dask
-
-        with dask.config.set(scheduler="threads"):
-            yield None
-        return
-    try:
-        from distributed import Client, LocalCluster
-    except ImportError as exc:
-        raise AfpxError(
-            "--workers/--scheduler need dask.distributed: pip install 'afpx[distributed]'"
-        ) from exc
-    # distributed sets its loggers to INFO; follow the application's level instead
-    # (the CLI's -v), so that a build is quiet unless asked, and restore it after
-    dist_logger = logging.getLogger("distributed")
-    saved_level = dist_logger.level
-    dist_logger.setLevel(max(logging.getLogger().level, logging.INFO))
-    try:
-        if scheduler is not None:
-            try:
-                client = Client(scheduler, timeout=SCHEDULER_TIMEOUT)
-            except OSError as exc:
-                raise AfpxError(f"cannot reach the Dask scheduler at {scheduler}: {exc}") from exc
-            with client:
-                yield client
-            return
-        with (
-            LocalCluster(
-                n_workers=workers,
-                threads_per_worker=1,
-                processes=True,
-                dashboard_address=None,
-                silence_logs=logging.ERROR,
-            ) as cluster,
-            Client(cluster) as client,
-        ):
-            yield client
-    finally:
-        dist_logger.setLevel(saved_level)
-
-
 def _is_cube(path: Path) -> bool:
     try:
         meta = json.loads((path / "zarr.json").read_text())
@@ -701,7 +640,7 @@ def write_cube(
     progress : bool, optional
         Show a progress bar; None shows one when stderr is a terminal.
     client : distributed.Client, optional
-        Compute on this client (as yielded by :func:`dask_scheduler`); None
+        Compute on this client (as yielded by :func:`afpx.scheduler.use_scheduler`); None
         uses the current Dask scheduler.
     resume : bool
         Continue an interrupted build of ``path`` with the same inputs and
@@ -794,7 +733,8 @@ def _write(
                 _link_base(ds, base, partial)
         tasks = store.chunk_tasks(ds, partial, store.done_chunks(partial))
         if tasks:
-            _compute_with_progress(dask.delayed(tasks), bool(progress), client)
+            with client.as_current() if client is not None else contextlib.nullcontext():
+                scheduler_compute(dask.delayed(tasks), progress=bool(progress))
         store.finish(partial)
         zarr.open_group(partial, mode="r+").attrs[COMPLETE_ATTR] = True
         _publish(partial, target, replace=replace)
@@ -864,25 +804,6 @@ def _link_base(ds: xr.Dataset, base: Path, partial: Path) -> None:
         bounds = np.cumsum(array.chunks[0])
         full = [i for i, stop in enumerate(bounds) if stop <= old.shape[0]]
         store.link_chunks(base, partial, name, array.ndim, full)
-
-
-def _compute_with_progress(delayed: Any, progress: bool, client: Any) -> None:
-    """Compute on ``client`` or the current Dask scheduler, with a progress bar if asked."""
-    if client is not None:
-        future = client.compute(delayed)
-        if progress:
-            from distributed import progress as distributed_progress
-
-            distributed_progress(future)
-        future.result()
-        return
-    if not progress:
-        delayed.compute()
-        return
-    from dask.diagnostics import ProgressBar
-
-    with ProgressBar(minimum=1.0, dt=0.5, out=sys.stderr):
-        delayed.compute()
 
 
 def build_cube(
@@ -981,7 +902,7 @@ def build_cube(
         split=split,
         sources=sources,
     )
-    with dask_scheduler(scheduler=scheduler, workers=workers) as client:
+    with use_scheduler(scheduler, workers=workers) as client:
         return write_cube(
             ds, target, overwrite=overwrite, progress=progress, client=client, resume=resume
         )
@@ -1082,7 +1003,7 @@ def append_to_cube(
     dropped = sorted(str(n) for n in old.data_vars if n not in ds.variables)
     if dropped:
         logger.warning("the appended cube drops %s: compute it again", ", ".join(dropped))
-    with dask_scheduler(scheduler=scheduler, workers=workers) as client:
+    with use_scheduler(scheduler, workers=workers) as client:
         return _write(
             ds, target, replace=True, progress=progress, client=client, resume=resume, base=target
         )

@@ -34,7 +34,6 @@ from afpx.cube import (
     build_cube,
     compute_fingerprints,
     cube_summary,
-    dask_scheduler,
     fingerprint_dataset,
     fingerprint_structures,
     open_cube,
@@ -394,33 +393,6 @@ def _eager_bar(init: Any) -> Any:
         init(self, *args, **kwargs)
 
     return patched
-
-
-def test_scheduler_options_raise() -> None:
-    with (
-        pytest.raises(AfpxError, match="not both"),
-        dask_scheduler(scheduler="tcp://127.0.0.1:1", workers=2),
-    ):
-        pass
-    with pytest.raises(AfpxError, match="at least 1"), dask_scheduler(workers=0):
-        pass
-
-
-def test_missing_distributed_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    import sys
-
-    monkeypatch.setitem(sys.modules, "distributed", None)
-    with pytest.raises(AfpxError, match="afpx\\[distributed\\]"), dask_scheduler(workers=2):
-        pass
-
-
-def test_unreachable_scheduler_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(afpx.cube, "SCHEDULER_TIMEOUT", "0.5s")
-    with (
-        pytest.raises(AfpxError, match="cannot reach"),
-        dask_scheduler(scheduler="tcp://127.0.0.1:9"),
-    ):
-        pass
 
 
 # -- summary and CLI -----------------------------------------------------------------------------

@@ -41,7 +41,13 @@ if TYPE_CHECKING:
     default=None,
     help="Start a local Dask cluster of N processes (and read with N processes).",
 )
-@click.option("--scheduler", default=None, metavar="ADDRESS", help="Use a running Dask scheduler.")
+@click.option(
+    "--scheduler",
+    default=None,
+    metavar="NAME|ADDRESS",
+    help="Dask scheduler: threads, processes, synchronous or tcp://HOST:PORT "
+    "(default: the current one).",
+)
 @click.option("--split-seed", type=int, default=0, show_default=True, help="Seed of the split.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing cube at --output.")
 @click.option(

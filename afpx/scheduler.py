@@ -1,0 +1,204 @@
+"""One way to choose where afpx's parallel work runs: Dask's current scheduler.
+
+Every parallel step of afpx (ingestion, fingerprints, likelihood blocks, the
+element sets of an evaluation or a screen) is a Dask graph computed with
+:func:`compute`, which runs it on whatever scheduler is current. The command
+line chooses that scheduler once, with :func:`use_scheduler`:
+
+- nothing: the scheduler already current is kept. An active
+  ``distributed.Client`` (made by the caller, e.g. in a notebook) is
+  respected; otherwise Dask's default for the collection runs it.
+- ``"threads"``, ``"processes"`` or ``"synchronous"``: Dask's local
+  schedulers, with ``workers`` threads or processes.
+- an address such as ``"tcp://10.0.0.5:8786"``: connect to a running
+  ``dask.distributed`` scheduler.
+- ``workers`` alone: start a local ``distributed`` cluster of that many
+  single-threaded worker processes for the block.
+
+Results never depend on the scheduler: graphs are seeded per task, not per
+worker.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+from afpx import AfpxError
+
+__all__ = [
+    "LOCAL_SCHEDULERS",
+    "SCHEDULER_TIMEOUT",
+    "active_client",
+    "compute",
+    "use_scheduler",
+]
+
+#: Dask's local schedulers, by the names ``dask.config`` uses.
+LOCAL_SCHEDULERS = ("threads", "processes", "synchronous")
+
+#: How long to wait for a remote scheduler before giving up.
+SCHEDULER_TIMEOUT = "10s"
+
+_DISTRIBUTED_HINT = "pip install 'afpx[distributed]'"
+
+
+def active_client() -> Any:
+    """The ``distributed.Client`` that Dask computations go to now, or None.
+
+    Does not import ``distributed`` if nothing has imported it yet (then no
+    client can be active).
+    """
+    if sys.modules.get("distributed") is None:
+        return None
+    from distributed import get_client
+
+    try:
+        client = get_client()
+    except ValueError:
+        return None
+    import dask
+
+    # a client made with set_as_default=False, or shadowed by a local
+    # scheduler set in dask.config, does not receive computations
+    if dask.config.get("scheduler", None) not in (None, "dask.distributed"):
+        return None
+    return client
+
+
+def _check_spec(scheduler: str | None, workers: int | None) -> None:
+    if workers is not None and workers < 1:
+        raise AfpxError(f"workers must be at least 1, got {workers}")
+    if scheduler is None:
+        return
+    if scheduler in LOCAL_SCHEDULERS:
+        return
+    if "://" not in scheduler:
+        raise AfpxError(
+            f"unknown scheduler {scheduler!r}: give one of {', '.join(LOCAL_SCHEDULERS)} "
+            "or the address of a running Dask scheduler such as tcp://HOST:8786"
+        )
+    if workers is not None:
+        raise AfpxError(
+            f"--workers cannot be combined with the scheduler address {scheduler}: "
+            "the cluster there decides its workers"
+        )
+
+
+@contextlib.contextmanager
+def use_scheduler(scheduler: str | None = None, *, workers: int | None = None) -> Iterator[Any]:
+    """Run the Dask computations inside the block on the chosen scheduler.
+
+    Parameters
+    ----------
+    scheduler : str, optional
+        ``"threads"``, ``"processes"``, ``"synchronous"`` or the address of a
+        running ``dask.distributed`` scheduler (``tcp://HOST:PORT``). None
+        keeps the current scheduler (an active client included), or starts a
+        local cluster when ``workers`` is given.
+    workers : int, optional
+        Threads or processes of a local scheduler; with no ``scheduler``, the
+        number of single-threaded worker processes of a local cluster.
+
+    Yields
+    ------
+    distributed.Client or None
+        The client computations go to, or None on a local scheduler.
+
+    Raises
+    ------
+    AfpxError
+        For an unknown scheduler name, ``workers < 1``, ``workers`` with an
+        address, an unreachable address, or a distributed scheduler without
+        ``dask.distributed`` installed.
+    """
+    _check_spec(scheduler, workers)
+    import dask
+
+    if scheduler in LOCAL_SCHEDULERS:
+        options: dict[str, Any] = {"scheduler": scheduler}
+        if workers is not None and scheduler != "synchronous":
+            options["num_workers"] = workers
+        with dask.config.set(options):
+            yield None
+        return
+    if scheduler is None and workers is None:
+        yield active_client()
+        return
+    try:
+        from distributed import Client, LocalCluster
+    except ImportError as exc:
+        raise AfpxError(
+            f"a distributed scheduler needs dask.distributed: {_DISTRIBUTED_HINT}"
+        ) from exc
+    # distributed sets its loggers to INFO; follow the application's level
+    # instead (the CLI's -v), and restore it after
+    dist_logger = logging.getLogger("distributed")
+    saved_level = dist_logger.level
+    dist_logger.setLevel(max(logging.getLogger().level, logging.INFO))
+    try:
+        if scheduler is not None:
+            try:
+                client = Client(scheduler, timeout=SCHEDULER_TIMEOUT)
+            except OSError as exc:
+                raise AfpxError(
+                    f"cannot reach the Dask scheduler at {scheduler}: {exc}; "
+                    "check that it is running and the address is right"
+                ) from exc
+            with client, dask.config.set(scheduler="dask.distributed"):
+                yield client
+            return
+        with (
+            LocalCluster(
+                n_workers=workers,
+                threads_per_worker=1,
+                processes=True,
+                dashboard_address=None,
+                silence_logs=logging.ERROR,
+            ) as cluster,
+            Client(cluster) as client,
+            dask.config.set(scheduler="dask.distributed"),
+        ):
+            yield client
+    finally:
+        dist_logger.setLevel(saved_level)
+
+
+def compute(*collections: Any, progress: bool = False, **kwargs: Any) -> tuple[Any, ...]:
+    """Compute Dask collections on the current scheduler, with a progress bar if asked.
+
+    Parameters
+    ----------
+    *collections
+        Dask collections (arrays, bags, delayed objects); other objects pass
+        through unchanged, as in :func:`dask.compute`.
+    progress : bool
+        Show a progress bar on stderr (``distributed.progress`` on a
+        distributed client, :class:`dask.diagnostics.ProgressBar` otherwise).
+    **kwargs
+        Passed to :func:`dask.compute` (e.g. ``optimize_graph``).
+
+    Returns
+    -------
+    tuple
+        One result per collection.
+    """
+    import dask
+
+    client = active_client()
+    if client is not None:
+        futures = client.compute(list(collections), **kwargs)
+        if progress:
+            from distributed import progress as distributed_progress
+
+            distributed_progress(futures)
+        return tuple(client.gather(futures))
+    if not progress:
+        return tuple(dask.compute(*collections, **kwargs))
+    from dask.diagnostics import ProgressBar
+
+    with ProgressBar(minimum=1.0, dt=0.5, out=sys.stderr):
+        return tuple(dask.compute(*collections, **kwargs))

@@ -1,0 +1,81 @@
+"""afpx.scheduler: one way to pick Dask's scheduler, and compute on it."""
+
+from __future__ import annotations
+
+import sys
+
+import dask
+import dask.array as da
+import numpy as np
+import pytest
+
+import afpx.scheduler
+from afpx import AfpxError
+from afpx.scheduler import active_client, compute, use_scheduler
+
+
+@pytest.mark.parametrize(
+    ("scheduler", "workers", "match"),
+    [
+        ("tcp://127.0.0.1:1", 2, "cannot be combined"),
+        (None, 0, "at least 1"),
+        ("threads", 0, "at least 1"),
+        ("thread", None, "unknown scheduler 'thread'"),
+        ("127.0.0.1:8786", None, "tcp://HOST:8786"),
+    ],
+)
+def test_bad_scheduler_options_raise(
+    scheduler: str | None, workers: int | None, match: str
+) -> None:
+    with pytest.raises(AfpxError, match=match), use_scheduler(scheduler, workers=workers):
+        pass
+
+
+def test_missing_distributed_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "distributed", None)
+    assert active_client() is None
+    with pytest.raises(AfpxError, match="afpx\\[distributed\\]"), use_scheduler(workers=2):
+        pass
+
+
+def test_unreachable_scheduler_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(afpx.scheduler, "SCHEDULER_TIMEOUT", "0.5s")
+    with pytest.raises(AfpxError, match="cannot reach"), use_scheduler("tcp://127.0.0.1:9"):
+        pass
+
+
+@pytest.mark.parametrize("name", ["threads", "processes", "synchronous"])
+def test_local_schedulers_set_dask_config(name: str) -> None:
+    with use_scheduler(name, workers=2) as client:
+        assert client is None
+        assert dask.config.get("scheduler") == name
+        x = da.arange(10, chunks=3)
+        (total,) = compute(x.sum())
+    assert total == 45
+
+
+def test_an_active_client_is_respected() -> None:
+    distributed = pytest.importorskip("distributed")
+    with (
+        distributed.LocalCluster(
+            n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None
+        ) as cluster,
+        distributed.Client(cluster) as client,
+    ):
+        with use_scheduler() as current:
+            assert current is client
+            x = da.ones((6, 4), chunks=(2, 4))
+            (total,) = compute(x.sum(), progress=True)
+        assert total == 24
+        # a local scheduler named explicitly wins over the client
+        with use_scheduler("synchronous") as current:
+            assert current is None
+            assert active_client() is None
+    assert active_client() is None
+
+
+def test_compute_with_progress_on_a_local_scheduler(capsys: pytest.CaptureFixture[str]) -> None:
+    x = da.from_array(np.arange(12.0), chunks=4)
+    with use_scheduler("threads"):
+        (total,) = compute(x.sum(), progress=True)
+    assert total == 66.0
