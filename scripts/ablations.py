@@ -212,8 +212,7 @@ def main() -> None:
             )
         row = test_metrics(folder, args.cube, tcfg.split_protocol, args.seed)
         sites, hits = row.pop("_sites"), row.pop("_hits")
-        if name == "context (default)":
-            row["breakdown"] = breakdown(args.cube, sites, hits)
+        row["breakdown"] = breakdown(args.cube, sites, hits)
         results[name] = row
         results_file.write_text(json.dumps(results, indent=1))
         print(f"[{name}] {row}", flush=True)
