@@ -68,6 +68,11 @@ ROWS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
     "context, all 12 perspectives": ("context", {"perspective_input": "all"}, {}),
     # the paper's protocol
     "context, paper protocol (random site split)": ("context", {}, {"split_protocol": "site"}),
+    "context, 4 x 1024, paper protocol (random site split)": (
+        "context",
+        {"classifier_hidden": 1024, "classifier_layers": 5},
+        {"split_protocol": "site"},
+    ),
 }
 
 
