@@ -867,7 +867,7 @@ def build_cube(
         For invalid options, an existing output, unreadable inputs, or when no
         structure is accepted. The output path is then untouched.
     """
-    from afpx.structures import FilterParams, ReadResult, read_structures
+    from afpx.structures import MAX_FILE_MB, FilterParams, ReadResult, read_structures
 
     _check_options(
         draws=draws, seed=seed, deterministic=deterministic, chunk_sites=chunk_sites, device=device
@@ -875,34 +875,36 @@ def build_cube(
     target = Path(path).expanduser().absolute()
     # fail before the (long) read rather than after it
     _check_target(target, overwrite=overwrite)
-    if isinstance(inputs, ReadResult):
-        read, sources = inputs, None
-    else:
+    if not isinstance(inputs, ReadResult):
         items = [inputs] if isinstance(inputs, str | os.PathLike) else list(inputs)
         for item in items:
             if Path(item).expanduser().absolute() == target:
                 raise AfpxError(f"the output {target} is also an input")
-        read = read_structures(
-            items,
-            params=filters if filters is not None else FilterParams(),
-            progress=progress,
-            workers=workers or 1,
-            **({} if max_file_mb is None else {"max_file_mb": max_file_mb}),
-        )
-        sources = [str(i) for i in items]
-    logger.info("read: %s", read.summary().replace("\n", ", "))
-    ds = fingerprint_dataset(
-        read,
-        params=params,
-        draws=draws,
-        seed=seed,
-        deterministic=deterministic,
-        chunk_sites=chunk_sites,
-        device=device,
-        split=split,
-        sources=sources,
-    )
     with use_scheduler(scheduler, workers=workers) as client:
+        if isinstance(inputs, ReadResult):
+            read, sources = inputs, None
+        else:
+            # read on the same scheduler as the fingerprints
+            read = read_structures(
+                items,
+                params=filters if filters is not None else FilterParams(),
+                progress=progress,
+                max_file_mb=MAX_FILE_MB if max_file_mb is None else max_file_mb,
+            )
+            sources = [str(i) for i in items]
+        logger.info("read: %s", read.summary().replace("\n", ", "))
+        ds = fingerprint_dataset(
+            read,
+            params=params,
+            draws=draws,
+            seed=seed,
+            deterministic=deterministic,
+            chunk_sites=chunk_sites,
+            device=device,
+            split=split,
+            sources=sources,
+        )
+        del read  # the dataset holds what the cube needs
         return write_cube(
             ds, target, overwrite=overwrite, progress=progress, client=client, resume=resume
         )
@@ -950,7 +952,7 @@ def append_to_cube(
         sources, its sources cannot be read any more or now give other
         structures (then rebuild it), or nothing new is accepted.
     """
-    from afpx.structures import FilterParams, read_structures
+    from afpx.structures import MAX_FILE_MB, FilterParams, read_structures
 
     target = Path(path).expanduser().absolute()
     old = open_cube(target)
@@ -975,35 +977,34 @@ def append_to_cube(
         seed=int(split_attrs["seed"]),
         fractions=tuple(float(split_attrs["fractions"][k]) for k in schema.SPLITS),  # type: ignore[arg-type]
     )
-    read = read_structures(
-        [*old_sources, *items],
-        params=filters,
-        progress=progress,
-        workers=workers or 1,
-        **({} if max_file_mb is None else {"max_file_mb": max_file_mb}),
-    )
-    ds = fingerprint_dataset(
-        read,
-        params=FingerprintParams.from_attrs(attrs["fingerprint"]),
-        draws=int(attrs["draws"]),
-        seed=int(attrs["seed"]),
-        deterministic=bool(attrs["deterministic"]),
-        chunk_sites=int(attrs["chunk_sites"]),
-        device=device,
-        split=split,
-        sources=[*old_sources, *(str(i) for i in items)],
-    )
-    _check_prefix(ds, old, target)
-    if ds.sizes[schema.STRUCTURE] == old.sizes[schema.STRUCTURE]:
-        raise AfpxError(
-            f"no new structure accepted from {', '.join(map(str, items))}"
-            f" ({read.summary().splitlines()[-1] if read.rejections else 'nothing read'});"
-            f" the cube {target} is unchanged"
-        )
-    dropped = sorted(str(n) for n in old.data_vars if n not in ds.variables)
-    if dropped:
-        logger.warning("the appended cube drops %s: compute it again", ", ".join(dropped))
     with use_scheduler(scheduler, workers=workers) as client:
+        read = read_structures(
+            [*old_sources, *items],
+            params=filters,
+            progress=progress,
+            max_file_mb=MAX_FILE_MB if max_file_mb is None else max_file_mb,
+        )
+        ds = fingerprint_dataset(
+            read,
+            params=FingerprintParams.from_attrs(attrs["fingerprint"]),
+            draws=int(attrs["draws"]),
+            seed=int(attrs["seed"]),
+            deterministic=bool(attrs["deterministic"]),
+            chunk_sites=int(attrs["chunk_sites"]),
+            device=device,
+            split=split,
+            sources=[*old_sources, *(str(i) for i in items)],
+        )
+        _check_prefix(ds, old, target)
+        if ds.sizes[schema.STRUCTURE] == old.sizes[schema.STRUCTURE]:
+            raise AfpxError(
+                f"no new structure accepted from {', '.join(map(str, items))}"
+                f" ({read.summary().splitlines()[-1] if read.rejections else 'nothing read'});"
+                f" the cube {target} is unchanged"
+            )
+        dropped = sorted(str(n) for n in old.data_vars if n not in ds.variables)
+        if dropped:
+            logger.warning("the appended cube drops %s: compute it again", ", ".join(dropped))
         return _write(
             ds, target, replace=True, progress=progress, client=client, resume=resume, base=target
         )
