@@ -91,24 +91,30 @@ _STRING = np.dtypes.StringDType()
 
 # -- the work of one block ---------------------------------------------------------------
 @dataclass(frozen=True)
-class _StructureRows:
-    """The rows of one structure that fall in one block (pickled to workers)."""
+class _Block:
+    """Rows of one Dask block, the structures they come from packed into a few arrays.
 
-    index: int  # structure index in the cube
-    lattice: np.ndarray  # (3, 3)
+    An opaque payload, never traversed by Dask. Structure ``i`` of the block
+    has atoms ``atom_start[i]:atom_start[i + 1]``, representative atoms
+    ``site_start[i]:site_start[i + 1]`` and rows ``row_start[i]:row_start[i + 1]``
+    (a handful of arrays per block, not per structure: the graph of a large
+    corpus stays small).
+    """
+
+    index: np.ndarray  # (k,) structure index in the cube
+    lattice: np.ndarray  # (k, 3, 3)
+    atom_start: np.ndarray  # (k + 1,)
     frac_coords: np.ndarray  # (n_atoms, 3)
-    atoms: np.ndarray  # (n_unique,) representative atom of every unique site
-    dmin: float
+    site_start: np.ndarray  # (k + 1,)
+    atoms: np.ndarray  # representative atom of every unique site
+    dmin: np.ndarray  # (k,)
+    row_start: np.ndarray  # (k + 1,)
     row_unique: np.ndarray  # (n_rows,) unique-site number of each row
     row_draw: np.ndarray  # (n_rows,) draw of each row
 
-
-@dataclass(frozen=True)
-class _Block:
-    """Rows of one Dask block: an opaque payload, never traversed by Dask."""
-
-    items: tuple[_StructureRows, ...]
-    n_rows: int
+    @property
+    def n_rows(self) -> int:
+        return int(self.row_unique.shape[0])
 
 
 @dataclass(frozen=True)
@@ -129,25 +135,29 @@ def _compute_block(block: _Block, options: _Options) -> dict[str, np.ndarray]:
     coord_rows: list[np.ndarray] = []
     rotations: list[np.ndarray] = []
     jitter: list[np.ndarray] = []
-    for item in block.items:
-        unique, position = np.unique(item.row_unique, return_inverse=True)
-        atoms = item.atoms[unique]
-        r0 = nearest_neighbour_distances(item.lattice, item.frac_coords, atoms)
+    for i in range(len(block.index)):
+        lattice = block.lattice[i]
+        frac_coords = block.frac_coords[block.atom_start[i] : block.atom_start[i + 1]]
+        row_unique = block.row_unique[block.row_start[i] : block.row_start[i + 1]]
+        row_draw = block.row_draw[block.row_start[i] : block.row_start[i + 1]]
+        unique, position = np.unique(row_unique, return_inverse=True)
+        atoms = block.atoms[block.site_start[i] : block.site_start[i + 1]][unique]
+        r0 = nearest_neighbour_distances(lattice, frac_coords, atoms)
         radii = [params.query_radius(float(r), deterministic=options.deterministic) for r in r0]
-        vectors, n_neighbours = neighbour_shells(item.lattice, item.frac_coords, atoms, radii)
+        vectors, n_neighbours = neighbour_shells(lattice, frac_coords, atoms, radii)
         coordination = count_within(vectors, n_neighbours, params.coordination_factor * r0)
         offsets = np.concatenate([[0], np.cumsum(n_neighbours)])
-        for pos, draw in zip(position, item.row_draw, strict=True):
+        for pos, draw in zip(position, row_draw, strict=True):
             v = vectors[offsets[pos] : offsets[pos + 1]]
             vec_parts.append(v)
             counts.append(len(v))
             if not options.deterministic:
-                rng = row_generator(options.seed, item.index, int(unique[pos]), int(draw))
+                rng = row_generator(options.seed, int(block.index[i]), int(unique[pos]), int(draw))
                 rotation, e = draw_augmentation(rng, len(v), sigma=params.jitter)
                 rotations.append(rotation)
                 jitter.append(e)
         r0_rows.append(r0[position])
-        ratio_rows.append(item.dmin / r0[position])
+        ratio_rows.append(float(block.dmin[i]) / r0[position])
         coord_rows.append(coordination[position])
     xp = namespace_for_device(options.device)
     r0_all = np.concatenate(r0_rows) if r0_rows else np.zeros(0)
@@ -203,23 +213,28 @@ def _blocks(
     blocks = []
     for start in range(0, len(structure), chunk_sites):
         stop = min(start + chunk_sites, len(structure))
-        items = []
         s_block = structure[start:stop]
         bounds = np.flatnonzero(np.diff(s_block)) + 1
-        for lo, hi in zip(np.r_[0, bounds], np.r_[bounds, len(s_block)], strict=True):
-            s = structures[int(s_block[lo])]
-            items.append(
-                _StructureRows(
-                    index=int(s_block[lo]),
-                    lattice=np.asarray(s.lattice, dtype=np.float64),
-                    frac_coords=np.asarray(s.frac_coords, dtype=np.float64),
-                    atoms=np.asarray(s.sites.index, dtype=np.int64),
-                    dmin=float(s.sites.dmin),
-                    row_unique=unique[start + lo : start + hi],
-                    row_draw=draw[start + lo : start + hi].astype(np.int64),
-                )
+        row_start = np.r_[0, bounds, len(s_block)].astype(np.int64)
+        members = [structures[int(s_block[lo])] for lo in row_start[:-1]]
+        atom_counts = [len(s.frac_coords) for s in members]
+        site_counts = [len(s.sites.index) for s in members]
+        blocks.append(
+            _Block(
+                index=s_block[row_start[:-1]].astype(np.int64),
+                lattice=np.array([s.lattice for s in members], dtype=np.float64).reshape(-1, 3, 3),
+                atom_start=np.r_[0, np.cumsum(atom_counts)].astype(np.int64),
+                frac_coords=np.concatenate(
+                    [np.reshape(s.frac_coords, (-1, 3)) for s in members], dtype=np.float64
+                ),
+                site_start=np.r_[0, np.cumsum(site_counts)].astype(np.int64),
+                atoms=np.concatenate([s.sites.index for s in members]).astype(np.int64),
+                dmin=np.array([s.sites.dmin for s in members], dtype=np.float64),
+                row_start=row_start,
+                row_unique=unique[start:stop].copy(),
+                row_draw=draw[start:stop].astype(np.int64),
             )
-        blocks.append(_Block(tuple(items), stop - start))
+        )
     return blocks
 
 
@@ -276,7 +291,18 @@ def compute_fingerprints(
     )
     rows = _row_table(structures, draws)
     n_rows = len(rows[schema.STRUCTURE_INDEX])
-    (block,) = _blocks(structures, rows, max(n_rows, 1)) or [_Block((), 0)]
+    if n_rows == 0:
+        out: dict[str, np.ndarray] = {
+            schema.AFP: np.zeros(
+                (0, params.n_perspectives, params.n_bins), schema.DTYPES[schema.AFP]
+            ),
+            schema.R0: np.zeros(0, schema.DTYPES[schema.R0]),
+            schema.DMIN_RATIO: np.zeros(0, schema.DTYPES[schema.DMIN_RATIO]),
+            schema.COORDINATION: np.zeros(0, schema.DTYPES[schema.COORDINATION]),
+        }
+        out.update({k: v for k, v in rows.items() if k != "unique"})
+        return out
+    (block,) = _blocks(structures, rows, n_rows)
     out = _compute_block(block, _Options(params, int(seed), deterministic, device))
     out.update({k: v for k, v in rows.items() if k != "unique"})
     return out
@@ -890,6 +916,7 @@ def build_cube(
                 params=filters if filters is not None else FilterParams(),
                 progress=progress,
                 max_file_mb=MAX_FILE_MB if max_file_mb is None else max_file_mb,
+                metadata=False,
             )
             sources = [str(i) for i in items]
         logger.info("read: %s", read.summary().replace("\n", ", "))
@@ -983,6 +1010,7 @@ def append_to_cube(
             params=filters,
             progress=progress,
             max_file_mb=MAX_FILE_MB if max_file_mb is None else max_file_mb,
+            metadata=False,
         )
         ds = fingerprint_dataset(
             read,

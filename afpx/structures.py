@@ -1554,11 +1554,29 @@ def _ase_rows_safe(path: Path, task: _Task) -> Iterator[_Record | Rejection | _T
         yield Rejection(str(path), task.source, None, "parse_error", _describe(exc))
 
 
-def _run_chunk(tasks: list[_Task], params: FilterParams) -> list[_Outcome]:
+#: Metadata an accepted structure keeps when ``read_structures(metadata=False)``.
+_LEAN_METADATA: Final = ("block", "hydrogen_missing")
+
+
+def _run_chunk(tasks: list[_Task], params: FilterParams, metadata: bool = True) -> list[_Outcome]:
     outcomes: list[_Outcome] = []
     for task in tasks:
         outcomes += _run_task(task, params)
-    return outcomes
+    if metadata:
+        return outcomes
+    # a large corpus's database columns would otherwise stay in memory for nothing
+    return [
+        (
+            dataclasses.replace(
+                result,
+                metadata={k: result.metadata[k] for k in _LEAN_METADATA if k in result.metadata},
+            )
+            if isinstance(result, AnalysedStructure)
+            else result,
+            digest,
+        )
+        for result, digest in outcomes
+    ]
 
 
 def _chunks(tasks: list[_Task]) -> list[list[_Task]]:
@@ -1594,6 +1612,7 @@ def read_structures(
     scheduler: str | None = None,
     workers: int | None = None,
     max_file_mb: float = MAX_FILE_MB,
+    metadata: bool = True,
 ) -> ReadResult:
     """Read, filter and analyse crystal structures.
 
@@ -1619,6 +1638,10 @@ def read_structures(
         Most megabytes (10^6 bytes, after decompression) read from one CIF or
         JSON file; a larger file is a ``parse_error`` rejection, not read
         whole. ASE databases are read row by row and are not capped.
+    metadata : bool
+        Keep every structure's metadata; False keeps only ``block`` and
+        ``hydrogen_missing`` (what a cube needs: database columns of a large
+        corpus are a third of its memory).
 
     Returns
     -------
@@ -1662,7 +1685,7 @@ def read_structures(
     n_read = 0
     bar = _progress_bar(sum(t.n for t in tasks), bool(progress))
     try:
-        waves = _map_chunks(chunks, params, scheduler=scheduler, workers=workers)
+        waves = _map_chunks(chunks, params, scheduler=scheduler, workers=workers, metadata=metadata)
         for chunk, outcomes in zip(chunks, waves, strict=True):
             for result, digest in outcomes:
                 n_read += 1
@@ -1726,6 +1749,7 @@ def _map_chunks(
     *,
     scheduler: str | None,
     workers: int | None,
+    metadata: bool,
 ) -> Iterator[list[_Outcome]]:
     """Outcomes of every chunk, in order: Dask tasks computed a wave at a time."""
     import dask
@@ -1736,4 +1760,4 @@ def _map_chunks(
     with use_scheduler(scheduler, workers=workers):
         for start in range(0, len(chunks), _TASKS_PER_WAVE):
             wave = chunks[start : start + _TASKS_PER_WAVE]
-            yield from compute(*[run(chunk, params) for chunk in wave])
+            yield from compute(*[run(chunk, params, metadata) for chunk in wave])

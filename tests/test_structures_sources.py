@@ -358,3 +358,14 @@ def test_echo_warnings_keeps_nothing(
         warnings.warn("others go to the handler in place", UserWarning, stacklevel=1)
         assert others == ["others go to the handler in place"]
     assert warnings.showwarning is previous
+
+
+def test_lean_metadata_keeps_what_a_cube_needs(tmp_path: Path, small_db: Path) -> None:
+    path = ase_db(tmp_path / "small.db", small_db)
+    full = read_structures([path])
+    lean = read_structures([path], metadata=False)
+    assert outcome(lean) == outcome(full)
+    assert len(full.structures[0].metadata) > 2
+    for s in lean.structures:
+        assert set(s.metadata) <= {"block", "hydrogen_missing"}
+        assert s.metadata["block"] is not None
