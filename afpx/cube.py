@@ -644,7 +644,7 @@ def write_cube(
     progress: bool | None = None,
     client: Any = None,
     resume: bool = False,
-) -> Path:
+) -> Path | str:
     """Compute a lazy cube once and write it to ``path`` (zarr v3), atomically.
 
     The store is written into a hidden sibling (``.NAME.partial-XXXX``) and
@@ -654,13 +654,18 @@ def write_cube(
     ``path`` meanwhile. Partial builds of ``path`` left by killed runs are
     reported and removed, or continued with ``resume``. See :mod:`afpx.store`.
 
+    A URL (``s3://bucket/cube.zarr``, any fsspec protocol) is written in
+    place, since object stores have no rename: :data:`COMPLETE_ATTR` is set
+    only once every chunk is written, and :func:`open_cube` refuses the store
+    until then. Chunk checksums are recorded for local cubes only.
+
     Parameters
     ----------
     ds : xarray.Dataset
         From :func:`fingerprint_dataset`.
     path : str or path
-        Target directory; must not exist unless ``overwrite`` and it is an
-        afpx cube.
+        Target directory or URL; must not exist unless ``overwrite`` and it
+        is an afpx cube.
     overwrite : bool
         Replace an existing cube (only after the new one is complete).
     progress : bool, optional
@@ -674,7 +679,8 @@ def write_cube(
 
     Returns
     -------
-    pathlib.Path
+    pathlib.Path or str
+        The local path, or the URL as given.
 
     Raises
     ------
@@ -682,11 +688,54 @@ def write_cube(
         If the target exists (and not ``overwrite``) or appeared during the
         build, is not a cube, its folder is missing or not writable, the disk
         filled up (the partial build is then kept for ``resume``), or another
-        build of the same path is running.
+        build of the same path is running; ``resume`` with a URL.
     """
+    if store.is_url(path):
+        return _write_url(
+            ds, str(path), overwrite=overwrite, progress=progress, client=client, resume=resume
+        )
     target = Path(path).expanduser().absolute()
     _check_target(target, overwrite=overwrite)
     return _write(ds, target, replace=overwrite, progress=progress, client=client, resume=resume)
+
+
+def _check_url_target(url: str, *, overwrite: bool, resume: bool) -> None:
+    if resume:
+        raise AfpxError(
+            f"--resume continues local builds only; build {url} again (with --overwrite)"
+        )
+    attrs = store.group_attrs(url) if store.exists(url) else None
+    if store.exists(url):
+        if attrs is None or "afpx_version" not in attrs:
+            raise AfpxError(f"{url} exists and is not an afpx cube; refusing to replace it")
+        if not overwrite:
+            state = "" if attrs.get(COMPLETE_ATTR) else " (an unfinished build)"
+            raise AfpxError(f"{url} exists{state}; choose another URL or pass --overwrite")
+
+
+def _write_url(
+    ds: xr.Dataset,
+    url: str,
+    *,
+    overwrite: bool,
+    progress: bool | None,
+    client: Any,
+    resume: bool,
+) -> str:
+    """Write a cube to a URL in place; :data:`COMPLETE_ATTR` is set last."""
+    _check_url_target(url, overwrite=overwrite, resume=resume)
+    if progress is None:
+        progress = sys.stderr.isatty()
+    encoding = _encoding(ds, int(ds.attrs.get("chunk_sites", schema.DEFAULT_CHUNK_SITES)))
+    with client.as_current() if client is not None else contextlib.nullcontext():
+        return store.publish(
+            ds,
+            url,
+            complete_attr=COMPLETE_ATTR,
+            overwrite=overwrite,
+            encoding=encoding,
+            progress=bool(progress),
+        )
 
 
 def _check_target(target: Path, *, overwrite: bool) -> None:
@@ -850,7 +899,7 @@ def build_cube(
     progress: bool | None = None,
     max_file_mb: float | None = None,
     resume: bool = False,
-) -> Path:
+) -> Path | str:
     """Read structures, fingerprint every unique site, and write the cube.
 
     Parameters
@@ -860,7 +909,9 @@ def build_cube(
         folders, JSON lines, ASE databases, dataset names such as
         ``"oqmd-icsd"``), or an existing :class:`ReadResult`.
     path : str or path
-        Output zarr store.
+        Output zarr store: a local path, or a URL such as
+        ``s3://bucket/cube.zarr`` (written in place, complete once
+        ``attrs["afpx_complete"]`` is set; see :func:`write_cube`).
     params : FingerprintParams
     draws, seed, deterministic, chunk_sites, device
         See :func:`fingerprint_dataset`.
@@ -884,8 +935,8 @@ def build_cube(
 
     Returns
     -------
-    pathlib.Path
-        The written store.
+    pathlib.Path or str
+        The written store (a URL as given).
 
     Raises
     ------
@@ -898,9 +949,13 @@ def build_cube(
     _check_options(
         draws=draws, seed=seed, deterministic=deterministic, chunk_sites=chunk_sites, device=device
     )
-    target = Path(path).expanduser().absolute()
+    url = str(path) if store.is_url(path) else None
+    target = Path(path).expanduser().absolute() if url is None else Path(str(path))
     # fail before the (long) read rather than after it
-    _check_target(target, overwrite=overwrite)
+    if url is not None:
+        _check_url_target(url, overwrite=overwrite, resume=resume)
+    else:
+        _check_target(target, overwrite=overwrite)
     if not isinstance(inputs, ReadResult):
         items = [inputs] if isinstance(inputs, str | os.PathLike) else list(inputs)
         for item in items:
@@ -933,7 +988,12 @@ def build_cube(
         )
         del read  # the dataset holds what the cube needs
         return write_cube(
-            ds, target, overwrite=overwrite, progress=progress, client=client, resume=resume
+            ds,
+            target if url is None else url,
+            overwrite=overwrite,
+            progress=progress,
+            client=client,
+            resume=resume,
         )
 
 
@@ -981,6 +1041,11 @@ def append_to_cube(
     """
     from afpx.structures import MAX_FILE_MB, FilterParams, read_structures
 
+    if store.is_url(path):
+        raise AfpxError(
+            f"appending works on local cubes only ({path}): build the cube at the URL again"
+            " from all its sources"
+        )
     target = Path(path).expanduser().absolute()
     old = open_cube(target)
     attrs = old.attrs
@@ -1126,6 +1191,10 @@ def verify_cube(path: str | os.PathLike[str]) -> tuple[int, list[str]]:
     AfpxError
         If ``path`` is not a complete cube, or records no checksums.
     """
+    if store.is_url(path):
+        raise AfpxError(
+            f"chunk checksums are recorded for local cubes only; {path} cannot be verified"
+        )
     where = Path(path)
     if not _is_cube(where):
         raise AfpxError(f"no afpx cube at {where}: build one with `afpx build-cube`")

@@ -555,6 +555,7 @@ def remove(path: str | os.PathLike[str]) -> None:
     fs, where = filesystem(path)
     if fs.exists(where):
         fs.rm(where, recursive=True)
+    fs.invalidate_cache(where)
 
 
 def publish(
@@ -618,7 +619,8 @@ def publish(
     try:
         delayed = ds.to_zarr(
             write_to,
-            mode="w-",
+            # a URL was checked (and cleared) above: listings may lag behind the removal
+            mode="w" if is_url(where) else "w-",
             zarr_format=3,
             consolidated=False,
             encoding=encoding or {},

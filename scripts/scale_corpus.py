@@ -16,8 +16,10 @@ Usage::
 
     python scripts/scale_corpus.py --out /tmp/scale --copies 1 2 4 --repeats 1
 
-Writes ``results.json`` in ``--out`` and prints a Markdown table. The copies
-are made once and reused by later runs.
+Writes ``results.json`` in ``--out`` (keeping the rows of other sizes from
+earlier runs) and prints a Markdown table. The copies are made once and
+reused by later runs. Timed runs on a shared machine: one size per run, each
+under a lock (``flock LOCK python scripts/scale_corpus.py --copies 4 ...``).
 """
 
 from __future__ import annotations
@@ -119,11 +121,15 @@ def main() -> None:
                 shutil.rmtree(cube)
             rows.append(measured)
             print(json.dumps(measured), flush=True)
-    (args.out / "results.json").write_text(json.dumps(rows, indent=1) + "\n")
+    # runs of other sizes (e.g. one run per size, each under its own lock) are kept
+    results = args.out / "results.json"
+    earlier = json.loads(results.read_text()) if results.exists() else []
+    rows = [r for r in earlier if r["copies"] not in args.copies] + rows
+    results.write_text(json.dumps(rows, indent=1) + "\n")
 
     print("| corpus | sites | wall (s) | CPU (s) | CPU per 1k sites (s) | peak memory (MB) |")
     print("|---|---|---|---|---|---|")
-    for n in args.copies:
+    for n in sorted({r["copies"] for r in rows}):
         mine = [r for r in rows if r["copies"] == n]
         pick = sorted(mine, key=lambda r: r["cpu_s"])[len(mine) // 2]  # the median by CPU
         print(

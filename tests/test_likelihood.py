@@ -295,3 +295,30 @@ def test_cli_likelihood_on_a_scheduler(model_dir: Path, tmp_path: Path) -> None:
     assert "wrote likelihood, softmax_pred" in result.output
     bad = CliRunner().invoke(main, [*args[:4], "--scheduler", "thread"])
     assert bad.exit_code != 0 and "unknown scheduler 'thread'" in bad.output
+
+
+def test_likelihood_written_back_to_a_url(model_dir: Path, tmp_path: Path) -> None:
+    from _s3_helpers import s3_bucket
+
+    from afpx import store
+
+    local = make_synthetic_cube(tmp_path / "c.zarr", n_structures=12, seed=3, draws=2)
+    with s3_bucket() as bucket:
+        url = f"{bucket}/c.zarr"
+        fs, where = store.filesystem(url)
+        fs.put(str(local), where, recursive=True)
+        expected = predict(local, model_dir, block_sites=10)
+        ds = predict(url, model_dir, block_sites=10)
+        for name in (schema.LIKELIHOOD, schema.LIKELIHOOD_MEAN, schema.SOFTMAX_PRED):
+            np.testing.assert_array_equal(ds[name].values, expected[name].values)
+            assert ds[name].attrs["complete"] is True
+        require_likelihood(ds)
+        # a failed run in place leaves arrays that say so, and ranking refuses them
+        g = zarr.open_group(url, mode="r+")
+        afp = g[schema.AFP][:]
+        afp[20] = np.nan
+        g[schema.AFP][:] = afp
+        with pytest.raises(AfpxError, match=r"non-finite likelihoods on sites 16\.\.31"):
+            predict(url, model_dir, block_sites=10)
+        with pytest.raises(AfpxError, match="was not completely written"):
+            require_likelihood(xr.open_zarr(url, consolidated=False))
