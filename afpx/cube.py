@@ -91,24 +91,30 @@ _STRING = np.dtypes.StringDType()
 
 # -- the work of one block ---------------------------------------------------------------
 @dataclass(frozen=True)
-class _StructureRows:
-    """The rows of one structure that fall in one block (pickled to workers)."""
+class _Block:
+    """Rows of one Dask block, the structures they come from packed into a few arrays.
 
-    index: int  # structure index in the cube
-    lattice: np.ndarray  # (3, 3)
+    An opaque payload, never traversed by Dask. Structure ``i`` of the block
+    has atoms ``atom_start[i]:atom_start[i + 1]``, representative atoms
+    ``site_start[i]:site_start[i + 1]`` and rows ``row_start[i]:row_start[i + 1]``
+    (a handful of arrays per block, not per structure: the graph of a large
+    corpus stays small).
+    """
+
+    index: np.ndarray  # (k,) structure index in the cube
+    lattice: np.ndarray  # (k, 3, 3)
+    atom_start: np.ndarray  # (k + 1,)
     frac_coords: np.ndarray  # (n_atoms, 3)
-    atoms: np.ndarray  # (n_unique,) representative atom of every unique site
-    dmin: float
+    site_start: np.ndarray  # (k + 1,)
+    atoms: np.ndarray  # representative atom of every unique site
+    dmin: np.ndarray  # (k,)
+    row_start: np.ndarray  # (k + 1,)
     row_unique: np.ndarray  # (n_rows,) unique-site number of each row
     row_draw: np.ndarray  # (n_rows,) draw of each row
 
-
-@dataclass(frozen=True)
-class _Block:
-    """Rows of one Dask block: an opaque payload, never traversed by Dask."""
-
-    items: tuple[_StructureRows, ...]
-    n_rows: int
+    @property
+    def n_rows(self) -> int:
+        return int(self.row_unique.shape[0])
 
 
 @dataclass(frozen=True)
@@ -129,25 +135,29 @@ def _compute_block(block: _Block, options: _Options) -> dict[str, np.ndarray]:
     coord_rows: list[np.ndarray] = []
     rotations: list[np.ndarray] = []
     jitter: list[np.ndarray] = []
-    for item in block.items:
-        unique, position = np.unique(item.row_unique, return_inverse=True)
-        atoms = item.atoms[unique]
-        r0 = nearest_neighbour_distances(item.lattice, item.frac_coords, atoms)
+    for i in range(len(block.index)):
+        lattice = block.lattice[i]
+        frac_coords = block.frac_coords[block.atom_start[i] : block.atom_start[i + 1]]
+        row_unique = block.row_unique[block.row_start[i] : block.row_start[i + 1]]
+        row_draw = block.row_draw[block.row_start[i] : block.row_start[i + 1]]
+        unique, position = np.unique(row_unique, return_inverse=True)
+        atoms = block.atoms[block.site_start[i] : block.site_start[i + 1]][unique]
+        r0 = nearest_neighbour_distances(lattice, frac_coords, atoms)
         radii = [params.query_radius(float(r), deterministic=options.deterministic) for r in r0]
-        vectors, n_neighbours = neighbour_shells(item.lattice, item.frac_coords, atoms, radii)
+        vectors, n_neighbours = neighbour_shells(lattice, frac_coords, atoms, radii)
         coordination = count_within(vectors, n_neighbours, params.coordination_factor * r0)
         offsets = np.concatenate([[0], np.cumsum(n_neighbours)])
-        for pos, draw in zip(position, item.row_draw, strict=True):
+        for pos, draw in zip(position, row_draw, strict=True):
             v = vectors[offsets[pos] : offsets[pos + 1]]
             vec_parts.append(v)
             counts.append(len(v))
             if not options.deterministic:
-                rng = row_generator(options.seed, item.index, int(unique[pos]), int(draw))
+                rng = row_generator(options.seed, int(block.index[i]), int(unique[pos]), int(draw))
                 rotation, e = draw_augmentation(rng, len(v), sigma=params.jitter)
                 rotations.append(rotation)
                 jitter.append(e)
         r0_rows.append(r0[position])
-        ratio_rows.append(item.dmin / r0[position])
+        ratio_rows.append(float(block.dmin[i]) / r0[position])
         coord_rows.append(coordination[position])
     xp = namespace_for_device(options.device)
     r0_all = np.concatenate(r0_rows) if r0_rows else np.zeros(0)
@@ -203,23 +213,28 @@ def _blocks(
     blocks = []
     for start in range(0, len(structure), chunk_sites):
         stop = min(start + chunk_sites, len(structure))
-        items = []
         s_block = structure[start:stop]
         bounds = np.flatnonzero(np.diff(s_block)) + 1
-        for lo, hi in zip(np.r_[0, bounds], np.r_[bounds, len(s_block)], strict=True):
-            s = structures[int(s_block[lo])]
-            items.append(
-                _StructureRows(
-                    index=int(s_block[lo]),
-                    lattice=np.asarray(s.lattice, dtype=np.float64),
-                    frac_coords=np.asarray(s.frac_coords, dtype=np.float64),
-                    atoms=np.asarray(s.sites.index, dtype=np.int64),
-                    dmin=float(s.sites.dmin),
-                    row_unique=unique[start + lo : start + hi],
-                    row_draw=draw[start + lo : start + hi].astype(np.int64),
-                )
+        row_start = np.r_[0, bounds, len(s_block)].astype(np.int64)
+        members = [structures[int(s_block[lo])] for lo in row_start[:-1]]
+        atom_counts = [len(s.frac_coords) for s in members]
+        site_counts = [len(s.sites.index) for s in members]
+        blocks.append(
+            _Block(
+                index=s_block[row_start[:-1]].astype(np.int64),
+                lattice=np.array([s.lattice for s in members], dtype=np.float64).reshape(-1, 3, 3),
+                atom_start=np.r_[0, np.cumsum(atom_counts)].astype(np.int64),
+                frac_coords=np.concatenate(
+                    [np.reshape(s.frac_coords, (-1, 3)) for s in members], dtype=np.float64
+                ),
+                site_start=np.r_[0, np.cumsum(site_counts)].astype(np.int64),
+                atoms=np.concatenate([s.sites.index for s in members]).astype(np.int64),
+                dmin=np.array([s.sites.dmin for s in members], dtype=np.float64),
+                row_start=row_start,
+                row_unique=unique[start:stop].copy(),
+                row_draw=draw[start:stop].astype(np.int64),
             )
-        blocks.append(_Block(tuple(items), stop - start))
+        )
     return blocks
 
 
@@ -276,7 +291,18 @@ def compute_fingerprints(
     )
     rows = _row_table(structures, draws)
     n_rows = len(rows[schema.STRUCTURE_INDEX])
-    (block,) = _blocks(structures, rows, max(n_rows, 1)) or [_Block((), 0)]
+    if n_rows == 0:
+        out: dict[str, np.ndarray] = {
+            schema.AFP: np.zeros(
+                (0, params.n_perspectives, params.n_bins), schema.DTYPES[schema.AFP]
+            ),
+            schema.R0: np.zeros(0, schema.DTYPES[schema.R0]),
+            schema.DMIN_RATIO: np.zeros(0, schema.DTYPES[schema.DMIN_RATIO]),
+            schema.COORDINATION: np.zeros(0, schema.DTYPES[schema.COORDINATION]),
+        }
+        out.update({k: v for k, v in rows.items() if k != "unique"})
+        return out
+    (block,) = _blocks(structures, rows, n_rows)
     out = _compute_block(block, _Options(params, int(seed), deterministic, device))
     out.update({k: v for k, v in rows.items() if k != "unique"})
     return out
@@ -618,7 +644,7 @@ def write_cube(
     progress: bool | None = None,
     client: Any = None,
     resume: bool = False,
-) -> Path:
+) -> Path | str:
     """Compute a lazy cube once and write it to ``path`` (zarr v3), atomically.
 
     The store is written into a hidden sibling (``.NAME.partial-XXXX``) and
@@ -628,13 +654,18 @@ def write_cube(
     ``path`` meanwhile. Partial builds of ``path`` left by killed runs are
     reported and removed, or continued with ``resume``. See :mod:`afpx.store`.
 
+    A URL (``s3://bucket/cube.zarr``, any fsspec protocol) is written in
+    place, since object stores have no rename: :data:`COMPLETE_ATTR` is set
+    only once every chunk is written, and :func:`open_cube` refuses the store
+    until then. Chunk checksums are recorded for local cubes only.
+
     Parameters
     ----------
     ds : xarray.Dataset
         From :func:`fingerprint_dataset`.
     path : str or path
-        Target directory; must not exist unless ``overwrite`` and it is an
-        afpx cube.
+        Target directory or URL; must not exist unless ``overwrite`` and it
+        is an afpx cube.
     overwrite : bool
         Replace an existing cube (only after the new one is complete).
     progress : bool, optional
@@ -648,7 +679,8 @@ def write_cube(
 
     Returns
     -------
-    pathlib.Path
+    pathlib.Path or str
+        The local path, or the URL as given.
 
     Raises
     ------
@@ -656,11 +688,54 @@ def write_cube(
         If the target exists (and not ``overwrite``) or appeared during the
         build, is not a cube, its folder is missing or not writable, the disk
         filled up (the partial build is then kept for ``resume``), or another
-        build of the same path is running.
+        build of the same path is running; ``resume`` with a URL.
     """
+    if store.is_url(path):
+        return _write_url(
+            ds, str(path), overwrite=overwrite, progress=progress, client=client, resume=resume
+        )
     target = Path(path).expanduser().absolute()
     _check_target(target, overwrite=overwrite)
     return _write(ds, target, replace=overwrite, progress=progress, client=client, resume=resume)
+
+
+def _check_url_target(url: str, *, overwrite: bool, resume: bool) -> None:
+    if resume:
+        raise AfpxError(
+            f"--resume continues local builds only; build {url} again (with --overwrite)"
+        )
+    attrs = store.group_attrs(url) if store.exists(url) else None
+    if store.exists(url):
+        if attrs is None or "afpx_version" not in attrs:
+            raise AfpxError(f"{url} exists and is not an afpx cube; refusing to replace it")
+        if not overwrite:
+            state = "" if attrs.get(COMPLETE_ATTR) else " (an unfinished build)"
+            raise AfpxError(f"{url} exists{state}; choose another URL or pass --overwrite")
+
+
+def _write_url(
+    ds: xr.Dataset,
+    url: str,
+    *,
+    overwrite: bool,
+    progress: bool | None,
+    client: Any,
+    resume: bool,
+) -> str:
+    """Write a cube to a URL in place; :data:`COMPLETE_ATTR` is set last."""
+    _check_url_target(url, overwrite=overwrite, resume=resume)
+    if progress is None:
+        progress = sys.stderr.isatty()
+    encoding = _encoding(ds, int(ds.attrs.get("chunk_sites", schema.DEFAULT_CHUNK_SITES)))
+    with client.as_current() if client is not None else contextlib.nullcontext():
+        return store.publish(
+            ds,
+            url,
+            complete_attr=COMPLETE_ATTR,
+            overwrite=overwrite,
+            encoding=encoding,
+            progress=bool(progress),
+        )
 
 
 def _check_target(target: Path, *, overwrite: bool) -> None:
@@ -824,7 +899,7 @@ def build_cube(
     progress: bool | None = None,
     max_file_mb: float | None = None,
     resume: bool = False,
-) -> Path:
+) -> Path | str:
     """Read structures, fingerprint every unique site, and write the cube.
 
     Parameters
@@ -834,7 +909,9 @@ def build_cube(
         folders, JSON lines, ASE databases, dataset names such as
         ``"oqmd-icsd"``), or an existing :class:`ReadResult`.
     path : str or path
-        Output zarr store.
+        Output zarr store: a local path, or a URL such as
+        ``s3://bucket/cube.zarr`` (written in place, complete once
+        ``attrs["afpx_complete"]`` is set; see :func:`write_cube`).
     params : FingerprintParams
     draws, seed, deterministic, chunk_sites, device
         See :func:`fingerprint_dataset`.
@@ -858,8 +935,8 @@ def build_cube(
 
     Returns
     -------
-    pathlib.Path
-        The written store.
+    pathlib.Path or str
+        The written store (a URL as given).
 
     Raises
     ------
@@ -867,44 +944,56 @@ def build_cube(
         For invalid options, an existing output, unreadable inputs, or when no
         structure is accepted. The output path is then untouched.
     """
-    from afpx.structures import FilterParams, ReadResult, read_structures
+    from afpx.structures import MAX_FILE_MB, FilterParams, ReadResult, read_structures
 
     _check_options(
         draws=draws, seed=seed, deterministic=deterministic, chunk_sites=chunk_sites, device=device
     )
-    target = Path(path).expanduser().absolute()
+    url = str(path) if store.is_url(path) else None
+    target = Path(path).expanduser().absolute() if url is None else Path(str(path))
     # fail before the (long) read rather than after it
-    _check_target(target, overwrite=overwrite)
-    if isinstance(inputs, ReadResult):
-        read, sources = inputs, None
+    if url is not None:
+        _check_url_target(url, overwrite=overwrite, resume=resume)
     else:
+        _check_target(target, overwrite=overwrite)
+    if not isinstance(inputs, ReadResult):
         items = [inputs] if isinstance(inputs, str | os.PathLike) else list(inputs)
         for item in items:
             if Path(item).expanduser().absolute() == target:
                 raise AfpxError(f"the output {target} is also an input")
-        read = read_structures(
-            items,
-            params=filters if filters is not None else FilterParams(),
-            progress=progress,
-            workers=workers or 1,
-            **({} if max_file_mb is None else {"max_file_mb": max_file_mb}),
-        )
-        sources = [str(i) for i in items]
-    logger.info("read: %s", read.summary().replace("\n", ", "))
-    ds = fingerprint_dataset(
-        read,
-        params=params,
-        draws=draws,
-        seed=seed,
-        deterministic=deterministic,
-        chunk_sites=chunk_sites,
-        device=device,
-        split=split,
-        sources=sources,
-    )
     with use_scheduler(scheduler, workers=workers) as client:
+        if isinstance(inputs, ReadResult):
+            read, sources = inputs, None
+        else:
+            # read on the same scheduler as the fingerprints
+            read = read_structures(
+                items,
+                params=filters if filters is not None else FilterParams(),
+                progress=progress,
+                max_file_mb=MAX_FILE_MB if max_file_mb is None else max_file_mb,
+                metadata=False,
+            )
+            sources = [str(i) for i in items]
+        logger.info("read: %s", read.summary().replace("\n", ", "))
+        ds = fingerprint_dataset(
+            read,
+            params=params,
+            draws=draws,
+            seed=seed,
+            deterministic=deterministic,
+            chunk_sites=chunk_sites,
+            device=device,
+            split=split,
+            sources=sources,
+        )
+        del read  # the dataset holds what the cube needs
         return write_cube(
-            ds, target, overwrite=overwrite, progress=progress, client=client, resume=resume
+            ds,
+            target if url is None else url,
+            overwrite=overwrite,
+            progress=progress,
+            client=client,
+            resume=resume,
         )
 
 
@@ -950,8 +1039,13 @@ def append_to_cube(
         sources, its sources cannot be read any more or now give other
         structures (then rebuild it), or nothing new is accepted.
     """
-    from afpx.structures import FilterParams, read_structures
+    from afpx.structures import MAX_FILE_MB, FilterParams, read_structures
 
+    if store.is_url(path):
+        raise AfpxError(
+            f"appending works on local cubes only ({path}): build the cube at the URL again"
+            " from all its sources"
+        )
     target = Path(path).expanduser().absolute()
     old = open_cube(target)
     attrs = old.attrs
@@ -975,35 +1069,35 @@ def append_to_cube(
         seed=int(split_attrs["seed"]),
         fractions=tuple(float(split_attrs["fractions"][k]) for k in schema.SPLITS),  # type: ignore[arg-type]
     )
-    read = read_structures(
-        [*old_sources, *items],
-        params=filters,
-        progress=progress,
-        workers=workers or 1,
-        **({} if max_file_mb is None else {"max_file_mb": max_file_mb}),
-    )
-    ds = fingerprint_dataset(
-        read,
-        params=FingerprintParams.from_attrs(attrs["fingerprint"]),
-        draws=int(attrs["draws"]),
-        seed=int(attrs["seed"]),
-        deterministic=bool(attrs["deterministic"]),
-        chunk_sites=int(attrs["chunk_sites"]),
-        device=device,
-        split=split,
-        sources=[*old_sources, *(str(i) for i in items)],
-    )
-    _check_prefix(ds, old, target)
-    if ds.sizes[schema.STRUCTURE] == old.sizes[schema.STRUCTURE]:
-        raise AfpxError(
-            f"no new structure accepted from {', '.join(map(str, items))}"
-            f" ({read.summary().splitlines()[-1] if read.rejections else 'nothing read'});"
-            f" the cube {target} is unchanged"
-        )
-    dropped = sorted(str(n) for n in old.data_vars if n not in ds.variables)
-    if dropped:
-        logger.warning("the appended cube drops %s: compute it again", ", ".join(dropped))
     with use_scheduler(scheduler, workers=workers) as client:
+        read = read_structures(
+            [*old_sources, *items],
+            params=filters,
+            progress=progress,
+            max_file_mb=MAX_FILE_MB if max_file_mb is None else max_file_mb,
+            metadata=False,
+        )
+        ds = fingerprint_dataset(
+            read,
+            params=FingerprintParams.from_attrs(attrs["fingerprint"]),
+            draws=int(attrs["draws"]),
+            seed=int(attrs["seed"]),
+            deterministic=bool(attrs["deterministic"]),
+            chunk_sites=int(attrs["chunk_sites"]),
+            device=device,
+            split=split,
+            sources=[*old_sources, *(str(i) for i in items)],
+        )
+        _check_prefix(ds, old, target)
+        if ds.sizes[schema.STRUCTURE] == old.sizes[schema.STRUCTURE]:
+            raise AfpxError(
+                f"no new structure accepted from {', '.join(map(str, items))}"
+                f" ({read.summary().splitlines()[-1] if read.rejections else 'nothing read'});"
+                f" the cube {target} is unchanged"
+            )
+        dropped = sorted(str(n) for n in old.data_vars if n not in ds.variables)
+        if dropped:
+            logger.warning("the appended cube drops %s: compute it again", ", ".join(dropped))
         return _write(
             ds, target, replace=True, progress=progress, client=client, resume=resume, base=target
         )
@@ -1097,6 +1191,10 @@ def verify_cube(path: str | os.PathLike[str]) -> tuple[int, list[str]]:
     AfpxError
         If ``path`` is not a complete cube, or records no checksums.
     """
+    if store.is_url(path):
+        raise AfpxError(
+            f"chunk checksums are recorded for local cubes only; {path} cannot be verified"
+        )
     where = Path(path)
     if not _is_cube(where):
         raise AfpxError(f"no afpx cube at {where}: build one with `afpx build-cube`")

@@ -27,6 +27,7 @@ import contextlib
 import logging
 import os
 import sys
+import uuid
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -159,12 +160,22 @@ def dataset_context(ds: xr.Dataset, model: TrainedModel) -> np.ndarray | None:
     return site_context(afp_mean, r0, dmin, mult, cn, structure, draw)
 
 
-def _block_ends(draw: np.ndarray, block_sites: int) -> list[tuple[int, int]]:
-    """Blocks of about ``block_sites`` sites that never split the draws of a unique site."""
+def _block_ends(
+    draw: np.ndarray, block_sites: int, chunk: int | None = None
+) -> list[tuple[int, int]]:
+    """Blocks of about ``block_sites`` sites that never split the draws of a unique site.
+
+    With ``chunk``, every block but the last also ends on a multiple of
+    ``chunk`` (a zarr chunk boundary), so that blocks written in parallel never
+    share a chunk; blocks then hold at least one chunk.
+    """
     n = len(draw)
     starts = np.flatnonzero(draw == 0)
     if len(starts) == 0 or starts[0] != 0:
         starts = np.concatenate([[0], starts])
+    if chunk is not None:
+        starts = starts[starts % chunk == 0]
+        block_sites = max(block_sites, chunk)
     blocks, a = [], 0
     while a < n:
         target = a + block_sites
@@ -276,6 +287,38 @@ def _store_is_consolidated(path: str) -> bool:
         return False
 
 
+def _score_block(
+    path: str,
+    names: dict[str, str],
+    a: int,
+    b: int,
+    model: TrainedModel,
+    r0: np.ndarray,
+    dmin_ratio: np.ndarray,
+    context: np.ndarray | None,
+    draw: np.ndarray | None,
+    batch_size: int,
+) -> tuple[int, int] | None:
+    """Score sites ``a:b`` of the cube at ``path`` and write them (one Dask task).
+
+    ``names`` maps each output (``likelihood``, ``softmax_pred``, optionally
+    ``likelihood_mean``) to the array it is written to. Returns ``(a, b)``
+    without writing when the model gives a non-finite likelihood, else None.
+    """
+    from afpx.store import open_group
+
+    group = open_group(path, mode="r+")
+    afp = np.asarray(group[schema.AFP][a:b], dtype=np.float32)
+    lik, pred = score_afp(model, afp, r0, dmin_ratio, context=context, batch_size=batch_size)
+    if not np.all(np.isfinite(lik)):
+        return (a, b)
+    group[names[schema.LIKELIHOOD]][a:b] = lik
+    group[names[schema.SOFTMAX_PRED]][a:b] = pred
+    if draw is not None:
+        group[names[schema.LIKELIHOOD_MEAN]][a:b] = draw_means(lik, draw)
+    return None
+
+
 def predict(
     cube: str | os.PathLike[str],
     model: str | os.PathLike[str] | TrainedModel,
@@ -284,44 +327,74 @@ def predict(
     batch_size: int = 2048,
     device: str = "cpu",
     progress: bool | None = None,
+    scheduler: str | None = None,
+    workers: int | None = None,
 ) -> xr.Dataset:
     """Write ``likelihood``, ``softmax_pred`` (and ``likelihood_mean``) into a cube.
+
+    Every block of sites is one Dask task that reads its fingerprints, scores
+    them and writes its rows (blocks end on zarr chunk boundaries, so tasks
+    never write the same chunk); the tasks run on the current Dask scheduler
+    or the one ``scheduler``/``workers`` name (:func:`afpx.scheduler.use_scheduler`).
+    The values do not depend on the scheduler.
+
+    A local cube gets the new arrays under temporary names, renamed over the
+    old ones once all are written (a killed run keeps the previous
+    likelihoods). A cube at a URL (object stores have no rename) is written
+    in place: its arrays say ``complete: false`` until every block is written,
+    and :func:`require_likelihood` refuses them until then.
 
     Parameters
     ----------
     cube : str or PathLike
-        The cube's zarr store; written in place (``afp`` is not touched).
+        The cube's zarr store, a local path or a URL; written in place
+        (``afp`` is not touched).
     model : path or TrainedModel
         The trained model. Its fingerprint parameters must equal the cube's.
     block_sites : int
-        Sites read and scored at a time (bounds the memory).
+        Sites read and scored by one task (bounds the memory of each; at
+        least one zarr chunk).
     batch_size : int
         Sites per forward pass.
     device : {"cpu", "cuda"}
     progress : bool, optional
         Progress bar (default: only on a terminal).
+    scheduler, workers
+        Where the blocks run (see :func:`afpx.scheduler.use_scheduler`).
 
     Returns
     -------
     xarray.Dataset
         The cube, reopened lazily, with the new variables.
+
+    Raises
+    ------
+    AfpxError
+        When the cube lacks fingerprints or is damaged, its fingerprint
+        parameters differ from the model's, another process writes into it,
+        or the model gives non-finite likelihoods (the previous ones are kept
+        in a local cube).
     """
+    import dask
     import dask.array as da
     import xarray as xr
     import zarr
-    from tqdm.auto import tqdm
 
-    from afpx.checkpoint import check_fingerprint, open_store
+    from afpx.checkpoint import check_fingerprint
     from afpx.features import context_from_store
+    from afpx.scheduler import compute, use_scheduler
+    from afpx.store import check_chunks, is_url, open_group
 
     path = str(cube)
+    remote = is_url(path)
     m = _load(model, device)
-    g = open_store(path)
-    from pathlib import Path
+    if not remote and not os.path.exists(path):
+        raise AfpxError(f"cube {path!r} does not exist; build it with `afpx build-cube`")
+    g = open_group(path)
+    if not remote:
+        from pathlib import Path
 
-    from afpx.store import check_chunks
-
-    check_chunks(Path(path))  # a lost chunk reads as NaN: refuse it by name first
+        check_chunks(Path(path))  # a lost chunk reads as NaN: refuse it by name first
     missing = [n for n in (schema.AFP, schema.R0, schema.DMIN_RATIO) if n not in g]
     if missing:
         raise AfpxError(
@@ -340,13 +413,13 @@ def predict(
     # one pass over afp: the context of a site depends on its whole structure
     context = context_from_store(g) if m.needs_context else None
 
-    # 1. one writer at a time; leftovers of a killed run go
-    with _writer_lock(path):
+    # 1. one writer at a time (local cubes); leftovers of a killed run go
+    with contextlib.nullcontext() if remote else _writer_lock(path):
+        suffix = "" if remote else PARTIAL_SUFFIX
         for name in list(g.array_keys()):
             if name.endswith((PARTIAL_SUFFIX, OLD_SUFFIX)):
                 _remove_array(path, name)
-        # 2. create the new variables under temporary names (metadata only; root
-        #    attributes kept as they are)
+        # 2. create the new variables (metadata only; root attributes kept as they are)
         identity = m.identity()
         n_el = m.config.n_elements
         lik_attrs = {
@@ -382,62 +455,78 @@ def predict(
                     "used_for_ranking": True,
                 },
             )
+        if remote:
+            # in place: the old arrays go first (their replacements say complete: false)
+            gw = open_group(path, mode="r+")
+            for name in (*final, schema.LIKELIHOOD_MEAN):
+                if name in gw:
+                    del gw[name]
         template = xr.Dataset(
-            {name + PARTIAL_SUFFIX: v for name, v in final.items()},
+            {name + suffix: v for name, v in final.items()},
             coords=schema.element_coords(),
             attrs=attrs,
         )
         consolidated = _store_is_consolidated(path)
         template.to_zarr(path, mode="a", compute=False, consolidated=consolidated)
 
-        # 3. fill them block by block (never splitting the draws of a unique site)
-        gw = zarr.open_group(path, mode="r+")
-        lik_arr: Any = gw[schema.LIKELIHOOD + PARTIAL_SUFFIX]
-        pred_arr: Any = gw[schema.SOFTMAX_PRED + PARTIAL_SUFFIX]
-        mean_arr: Any = gw[schema.LIKELIHOOD_MEAN + PARTIAL_SUFFIX] if with_mean else None
-        if progress is None:
-            progress = sys.stderr.isatty()
-        blocks = _block_ends(draw, max(block_sites, 1))
-        for a, b in tqdm(blocks, disable=not progress, desc="likelihood", leave=False):
-            afp = np.asarray(afp_arr[a:b], dtype=np.float32)
-            lik, pred = score_afp(
-                m,
-                afp,
+        # 3. fill them block by block, one task each (blocks never split the draws
+        #    of a unique site, and end on chunk boundaries)
+        names = {name: name + suffix for name in final}
+        blocks = _block_ends(draw, max(block_sites, 1), chunk)
+        model_key = dask.delayed(m, name=f"afpx-model-{uuid.uuid4().hex}")
+        score = dask.delayed(_score_block, pure=False)
+        tasks = [
+            score(
+                path,
+                names,
+                a,
+                b,
+                model_key,
                 r0_all[a:b],
                 dmin_all[a:b],
-                context=None if context is None else context[a:b],
-                batch_size=batch_size,
+                None if context is None else context[a:b],
+                draw[a:b] if with_mean else None,
+                batch_size,
             )
-            if not np.all(np.isfinite(lik)):
-                raise AfpxError(
-                    f"the model gave non-finite likelihoods on sites {a}..{b - 1} of {path!r}: "
-                    "their fingerprints are damaged (check with `afpx info --verify`); "
-                    "the cube's previous likelihoods are kept"
-                )
-            lik_arr[a:b] = lik
-            pred_arr[a:b] = pred
-            if mean_arr is not None:
-                mean_arr[a:b] = draw_means(lik, draw[a:b])
+            for a, b in blocks
+        ]
+        if progress is None:
+            progress = sys.stderr.isatty()
+        with use_scheduler(scheduler, workers=workers):
+            bad = [r for r in compute(*tasks, progress=bool(progress)) if r is not None]
+        if bad:
+            a, b = bad[0]
+            kept = " (the cube's previous likelihoods are kept)" if not remote else ""
+            raise AfpxError(
+                f"the model gave non-finite likelihoods on sites {a}..{b - 1} of {path!r}: "
+                f"their fingerprints are damaged (check with `afpx info --verify`){kept}"
+            )
         # 4. complete: provenance and the flag go with the arrays, which then
         #    replace the previous ones (each by one directory rename)
-        for arr in (lik_arr, pred_arr, mean_arr):
-            if arr is not None:
-                arr.attrs.update({"complete": True})
+        gw = zarr.open_group(path, mode="r+")
         for name in final:
-            if name in gw:
-                os.replace(os.path.join(path, name), os.path.join(path, name + OLD_SUFFIX))
-            os.replace(os.path.join(path, name + PARTIAL_SUFFIX), os.path.join(path, name))
-        if schema.LIKELIHOOD_MEAN in gw and not with_mean:
-            os.replace(
-                os.path.join(path, schema.LIKELIHOOD_MEAN),
-                os.path.join(path, schema.LIKELIHOOD_MEAN + OLD_SUFFIX),
-            )
-        for name in final | {schema.LIKELIHOOD_MEAN: None}:
-            if os.path.isdir(os.path.join(path, name + OLD_SUFFIX)):
-                _remove_array(path, name + OLD_SUFFIX)
+            gw[names[name]].attrs.update({"complete": True})
+        if not remote:
+            _swap_in(path, final, with_mean, gw)
         if consolidated:
             zarr.consolidate_metadata(path)
     return _open(path)
+
+
+def _swap_in(path: str, final: dict[str, Any], with_mean: bool, gw: Any) -> None:
+    """Rename the finished temporary arrays of a local cube over the previous ones."""
+    for name in final:
+        if name in gw:
+            os.replace(os.path.join(path, name), os.path.join(path, name + OLD_SUFFIX))
+        os.replace(os.path.join(path, name + PARTIAL_SUFFIX), os.path.join(path, name))
+    if schema.LIKELIHOOD_MEAN in gw and not with_mean:
+        os.replace(
+            os.path.join(path, schema.LIKELIHOOD_MEAN),
+            os.path.join(path, schema.LIKELIHOOD_MEAN + OLD_SUFFIX),
+        )
+    for name in final | {schema.LIKELIHOOD_MEAN: None}:
+        if os.path.isdir(os.path.join(path, name + OLD_SUFFIX)):
+            _remove_array(path, name + OLD_SUFFIX)
 
 
 def _open(path: str) -> xr.Dataset:

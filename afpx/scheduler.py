@@ -25,6 +25,7 @@ import contextlib
 import logging
 import sys
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from afpx import AfpxError
@@ -156,7 +157,9 @@ def use_scheduler(scheduler: str | None = None, *, workers: int | None = None) -
                 n_workers=workers,
                 threads_per_worker=1,
                 processes=True,
-                dashboard_address=None,
+                # no dashboard: it is not needed, and a second cluster would warn
+                # that port 8787 is taken
+                dashboard_address=False,
                 silence_logs=logging.ERROR,
             ) as cluster,
             Client(cluster) as client,
@@ -169,6 +172,10 @@ def use_scheduler(scheduler: str | None = None, *, workers: int | None = None) -
 
 def compute(*collections: Any, progress: bool = False, **kwargs: Any) -> tuple[Any, ...]:
     """Compute Dask collections on the current scheduler, with a progress bar if asked.
+
+    When a task fails, the tasks already running are waited for before the
+    error is raised, so that none of them still writes (into a store the
+    caller is about to clean up) after this returns.
 
     Parameters
     ----------
@@ -186,19 +193,51 @@ def compute(*collections: Any, progress: bool = False, **kwargs: Any) -> tuple[A
     tuple
         One result per collection.
     """
-    import dask
-
     client = active_client()
     if client is not None:
-        futures = client.compute(list(collections), **kwargs)
+        return _compute_on_client(client, collections, progress=progress, **kwargs)
+    if not progress:
+        return _compute_locally(collections, **kwargs)
+    from dask.diagnostics import ProgressBar
+
+    with ProgressBar(minimum=1.0, dt=0.5, out=sys.stderr):
+        return _compute_locally(collections, **kwargs)
+
+
+def _compute_on_client(
+    client: Any, collections: tuple[Any, ...], *, progress: bool, **kwargs: Any
+) -> tuple[Any, ...]:
+    from distributed import wait
+
+    futures = client.compute(list(collections), **kwargs)
+    try:
         if progress:
             from distributed import progress as distributed_progress
 
             distributed_progress(futures)
         return tuple(client.gather(futures))
-    if not progress:
-        return tuple(dask.compute(*collections, **kwargs))
-    from dask.diagnostics import ProgressBar
+    except Exception:
+        # the other tasks go on running on the workers: let them finish first
+        with contextlib.suppress(Exception):
+            wait(futures)
+        raise
 
-    with ProgressBar(minimum=1.0, dt=0.5, out=sys.stderr):
+
+def _compute_locally(collections: tuple[Any, ...], **kwargs: Any) -> tuple[Any, ...]:
+    import dask
+    import dask.threaded
+    from dask.base import get_scheduler
+
+    if "pool" in kwargs or get_scheduler(collections=list(collections)) is not dask.threaded.get:
+        # Dask's process pool is shut down (waited for) after each compute
         return tuple(dask.compute(*collections, **kwargs))
+    # Dask's threaded scheduler raises as soon as a task fails while the others
+    # still run in its shared pool: give it a pool of its own and wait for it
+    from dask.system import CPU_COUNT
+
+    executor = getattr(dask.threaded, "ContextAwareThreadPoolExecutor", ThreadPoolExecutor)
+    pool = executor(int(dask.config.get("num_workers", None) or CPU_COUNT))
+    try:
+        return tuple(dask.compute(*collections, pool=pool, **kwargs))
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)

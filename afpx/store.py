@@ -61,12 +61,19 @@ __all__ = [
     "claim",
     "done_chunks",
     "exchange",
+    "exists",
+    "filesystem",
     "finish",
+    "group_attrs",
+    "is_url",
     "let_go",
     "link_chunks",
     "new_partial",
+    "open_group",
     "partials",
+    "publish",
     "release",
+    "remove",
     "remove_partial",
     "rename_noreplace",
     "stale_partial",
@@ -464,3 +471,178 @@ def verify_chunks(store: Path) -> tuple[int, list[str]]:
         elif sha256_of(path) != digest:
             problems.append(f"{rel}: sha256 differs from the one recorded at write time")
     return len(recorded), problems
+
+
+# -- any fsspec/zarr store -------------------------------------------------------------------
+def is_url(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` names a store by URL (``s3://``, ``gs://``, ``memory://``, ...).
+
+    Local paths (``file://`` aside) get the partial-and-rename machinery of this
+    module; URLs are written in place, with a completion attribute set last.
+    """
+    text = os.fspath(path)
+    return "://" in text and not text.startswith("file://")
+
+
+def filesystem(path: str | os.PathLike[str]) -> tuple[Any, str]:
+    """The fsspec filesystem of ``path`` and the path within it.
+
+    Options come from fsspec's configuration (for S3, the usual ``AWS_*``
+    environment variables, ``AWS_ENDPOINT_URL`` included).
+
+    Raises
+    ------
+    AfpxError
+        When no fsspec implementation handles the protocol (e.g. ``s3://``
+        without s3fs).
+    """
+    import fsspec
+
+    try:
+        return fsspec.core.url_to_fs(os.fspath(path))
+    except (ImportError, ValueError) as exc:
+        raise AfpxError(
+            f"cannot open {os.fspath(path)}: {exc}; for s3:// install afpx[s3]"
+        ) from exc
+
+
+def exists(path: str | os.PathLike[str]) -> bool:
+    """Whether anything is stored at ``path`` (a local path or a URL)."""
+    if not is_url(path):
+        return Path(path).exists() or Path(path).is_symlink()
+    fs, where = filesystem(path)
+    return bool(fs.exists(where))
+
+
+def open_group(path: str | os.PathLike[str], *, mode: str = "r") -> Any:
+    """Open the zarr (v3) group at a local path or URL.
+
+    Parameters
+    ----------
+    path : str or path
+        A local folder or a URL that fsspec can open.
+    mode : {"r", "r+"}
+
+    Raises
+    ------
+    AfpxError
+        When nothing is there or it is not a zarr group.
+    """
+    import zarr
+
+    where = os.fspath(path)
+    if not exists(where):
+        raise AfpxError(f"no zarr store at {where}")
+    try:
+        return zarr.open_group(where, mode=mode, zarr_format=3)  # type: ignore[arg-type]
+    except Exception as exc:  # zarr raises several kinds for a non-store
+        raise AfpxError(f"{where} is not a readable zarr (v3) group: {exc}") from exc
+
+
+def group_attrs(path: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The root attributes of the zarr group at ``path``, or None if there is none."""
+    try:
+        return dict(open_group(path).attrs)
+    except AfpxError:
+        return None
+
+
+def remove(path: str | os.PathLike[str]) -> None:
+    """Remove the store at ``path`` (a local folder or everything under a URL)."""
+    if not is_url(path):
+        shutil.rmtree(path, ignore_errors=True)
+        return
+    fs, where = filesystem(path)
+    if fs.exists(where):
+        fs.rm(where, recursive=True)
+    fs.invalidate_cache(where)
+
+
+def publish(
+    ds: xr.Dataset,
+    target: str | os.PathLike[str],
+    *,
+    complete_attr: str,
+    overwrite: bool = False,
+    encoding: dict[str, dict[str, Any]] | None = None,
+    progress: bool = False,
+) -> str:
+    """Write a (lazy) Dataset to a local path or URL so that it is never taken half-written.
+
+    The Dask variables are computed on the current scheduler
+    (:func:`afpx.scheduler.compute`) and written chunk by chunk (each Dask
+    chunk one zarr chunk); ``complete_attr`` is set to true in the root
+    attributes last. A local target is written into a hidden sibling and
+    renamed into place (never over something that appeared meanwhile); a URL
+    (object stores have no rename) is written in place, and readers must
+    check ``complete_attr``.
+
+    Parameters
+    ----------
+    ds : xarray.Dataset
+    target : str or path
+    complete_attr : str
+        Root attribute that says the store is complete.
+    overwrite : bool
+        Replace what is at ``target`` (after the new store is complete when
+        local, before it is written when a URL).
+    encoding : dict, optional
+        Per-variable zarr encoding (chunks, compressors).
+    progress : bool
+        Progress bar while computing.
+
+    Returns
+    -------
+    str
+        ``target``.
+
+    Raises
+    ------
+    AfpxError
+        When ``target`` exists and not ``overwrite``, or its folder is missing.
+    """
+    import zarr
+
+    from afpx.scheduler import compute
+
+    where = os.fspath(target)
+    if exists(where) and not overwrite:
+        raise AfpxError(f"{where} exists; choose another path or overwrite it")
+    if is_url(where):
+        remove(where)
+        write_to = where
+    else:
+        final = Path(where)
+        if not final.parent.is_dir():
+            raise AfpxError(f"the folder {final.parent} of {where} does not exist")
+        write_to = str(final.with_name(f".{final.name}.partial-{uuid.uuid4().hex[:8]}"))
+    try:
+        delayed = ds.to_zarr(
+            write_to,
+            # a URL was checked (and cleared) above: listings may lag behind the removal
+            mode="w" if is_url(where) else "w-",
+            zarr_format=3,
+            consolidated=False,
+            encoding=encoding or {},
+            compute=False,
+            write_empty_chunks=True,
+        )
+        compute(delayed, progress=progress)
+        zarr.open_group(write_to, mode="r+", zarr_format=3).attrs[complete_attr] = True
+    except BaseException:
+        if not is_url(where):
+            shutil.rmtree(write_to, ignore_errors=True)
+        raise
+    if is_url(where):
+        return where
+    if overwrite and exists(where):
+        exchange(Path(write_to), Path(where))
+        shutil.rmtree(write_to, ignore_errors=True)
+    else:
+        try:
+            rename_noreplace(Path(write_to), Path(where))
+        except FileExistsError:
+            raise AfpxError(
+                f"{where} appeared while it was written; the new store is kept in {write_to}"
+            ) from None
+    return where

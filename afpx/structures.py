@@ -61,10 +61,10 @@ import logging
 import math
 import os
 import re
+import threading
 import warnings
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
@@ -99,10 +99,16 @@ CIF_SUFFIXES: Final = (".cif", ".mcif")
 JSON_SUFFIXES: Final = (".json", ".jsonl", ".ndjson", ".json.gz", ".jsonl.gz", ".ndjson.gz")
 ASE_SUFFIXES: Final = (".db",)
 
-#: Rows of an ASE database handled by one task of the process pool.
+#: Rows of an ASE database handled by one Dask task.
 _ROWS_PER_TASK: Final = 1000
-#: CIF files handled by one task of the process pool.
+#: CIF files handled by one Dask task.
 _FILES_PER_TASK: Final = 16
+#: Dask tasks computed at a time (the progress bar and de-duplication advance between waves).
+_TASKS_PER_WAVE: Final = 64
+#: Held while a reader changes Python's warning filters or records warnings. Both are
+#: process-wide: without it, tasks running in threads would record each other's warnings
+#: (a "Defaulting to P1" of one CIF rejecting another) and restore each other's filters.
+_WARNINGS_LOCK: Final = threading.RLock()
 
 # CIF R-factor keys, in order of preference (``_obs`` is the pre-2000 name of ``_gt``).
 _R_FACTOR_KEYS: Final = (
@@ -440,7 +446,7 @@ def _site_table(
     import spglib
 
     cell = (np.asarray(lattice), np.asarray(frac_coords), np.asarray(numbers, dtype=np.intc))
-    with warnings.catch_warnings():
+    with _WARNINGS_LOCK, warnings.catch_warnings():
         # spglib 2.x warns about its error-handling mode on every failure
         warnings.simplefilter("ignore", DeprecationWarning)
         dataset = spglib.get_symmetry_dataset(
@@ -1010,7 +1016,7 @@ def _read_cif_block(name: str, text: str, *, path: Path, structure_id: str) -> _
     def reject(reason: str, message: str) -> Rejection:
         return Rejection(structure_id, source, name, reason, message)
 
-    with warnings.catch_warnings(record=True) as caught:
+    with _WARNINGS_LOCK, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
             parser = CifParser.from_str(text)
@@ -1329,7 +1335,7 @@ def _read_json(path: Path, max_bytes: int) -> Iterator[_Record | Rejection]:
             )
             continue
         try:
-            with warnings.catch_warnings():
+            with _WARNINGS_LOCK, warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 structure = Structure.from_dict(struct_dict)
         except Exception as exc:
@@ -1529,7 +1535,7 @@ def _run_task(task: _Task, params: FilterParams) -> list[_Outcome]:
         elif isinstance(item, _Tagged):
             outcomes.append((item.rejection, item.digest))
         else:
-            with warnings.catch_warnings():
+            with _WARNINGS_LOCK, warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 try:
                     result = _analyse(item, params)
@@ -1548,11 +1554,29 @@ def _ase_rows_safe(path: Path, task: _Task) -> Iterator[_Record | Rejection | _T
         yield Rejection(str(path), task.source, None, "parse_error", _describe(exc))
 
 
-def _run_chunk(tasks: list[_Task], params: FilterParams) -> list[_Outcome]:
+#: Metadata an accepted structure keeps when ``read_structures(metadata=False)``.
+_LEAN_METADATA: Final = ("block", "hydrogen_missing")
+
+
+def _run_chunk(tasks: list[_Task], params: FilterParams, metadata: bool = True) -> list[_Outcome]:
     outcomes: list[_Outcome] = []
     for task in tasks:
         outcomes += _run_task(task, params)
-    return outcomes
+    if metadata:
+        return outcomes
+    # a large corpus's database columns would otherwise stay in memory for nothing
+    return [
+        (
+            dataclasses.replace(
+                result,
+                metadata={k: result.metadata[k] for k in _LEAN_METADATA if k in result.metadata},
+            )
+            if isinstance(result, AnalysedStructure)
+            else result,
+            digest,
+        )
+        for result, digest in outcomes
+    ]
 
 
 def _chunks(tasks: list[_Task]) -> list[list[_Task]]:
@@ -1585,8 +1609,10 @@ def read_structures(
     *,
     params: FilterParams = FilterParams(),
     progress: bool | None = None,
-    workers: int = 1,
+    scheduler: str | None = None,
+    workers: int | None = None,
     max_file_mb: float = MAX_FILE_MB,
+    metadata: bool = True,
 ) -> ReadResult:
     """Read, filter and analyse crystal structures.
 
@@ -1603,13 +1629,19 @@ def read_structures(
         Quality filters and symmetry tolerances.
     progress : bool or None
         Show a progress bar; None shows one when stderr is a terminal.
-    workers : int
-        Processes to read with. The result is the same, in the same order,
-        whatever the number.
+    scheduler, workers
+        Where the reading tasks (a thousand database rows or sixteen files
+        each) run, as for :func:`afpx.scheduler.use_scheduler`: by default on
+        Dask's current scheduler (an active ``distributed.Client`` included).
+        The result is the same, in the same order, whatever the scheduler.
     max_file_mb : float
         Most megabytes (10^6 bytes, after decompression) read from one CIF or
         JSON file; a larger file is a ``parse_error`` rejection, not read
         whole. ASE databases are read row by row and are not capped.
+    metadata : bool
+        Keep every structure's metadata; False keeps only ``block`` and
+        ``hydrogen_missing`` (what a cube needs: database columns of a large
+        corpus are a third of its memory).
 
     Returns
     -------
@@ -1620,8 +1652,8 @@ def read_structures(
     ------
     AfpxError
         If an input is neither an existing path nor a dataset name, is a
-        special file (device, pipe), or ``workers`` is below 1 or
-        ``max_file_mb`` not positive.
+        special file (device, pipe), the scheduler options are invalid (see
+        :func:`afpx.scheduler.use_scheduler`) or ``max_file_mb`` is not positive.
 
     Warns
     -----
@@ -1633,7 +1665,7 @@ def read_structures(
 
     if isinstance(inputs, str | os.PathLike):
         inputs = [inputs]
-    if workers < 1:
+    if workers is not None and workers < 1:
         raise AfpxError(f"workers must be at least 1, not {workers}")
     if not (math.isfinite(max_file_mb) and max_file_mb > 0):
         raise AfpxError(f"max_file_mb must be a positive number of megabytes, not {max_file_mb}")
@@ -1653,7 +1685,8 @@ def read_structures(
     n_read = 0
     bar = _progress_bar(sum(t.n for t in tasks), bool(progress))
     try:
-        for chunk, outcomes in zip(chunks, _map_chunks(chunks, params, workers), strict=True):
+        waves = _map_chunks(chunks, params, scheduler=scheduler, workers=workers, metadata=metadata)
+        for chunk, outcomes in zip(chunks, waves, strict=True):
             for result, digest in outcomes:
                 n_read += 1
                 if digest is not None:
@@ -1711,15 +1744,20 @@ def _deduplicate(
 
 
 def _map_chunks(
-    chunks: list[list[_Task]], params: FilterParams, workers: int
+    chunks: list[list[_Task]],
+    params: FilterParams,
+    *,
+    scheduler: str | None,
+    workers: int | None,
+    metadata: bool,
 ) -> Iterator[list[_Outcome]]:
-    if workers == 1 or len(chunks) <= 1:
-        for chunk in chunks:
-            yield _run_chunk(chunk, params)
-        return
-    import multiprocessing
+    """Outcomes of every chunk, in order: Dask tasks computed a wave at a time."""
+    import dask
 
-    # spawn: forking a process that already runs threads (Dask, BLAS) can deadlock
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-        yield from pool.map(_run_chunk, chunks, [params] * len(chunks))
+    from afpx.scheduler import compute, use_scheduler
+
+    run = dask.delayed(_run_chunk, pure=False)
+    with use_scheduler(scheduler, workers=workers):
+        for start in range(0, len(chunks), _TASKS_PER_WAVE):
+            wave = chunks[start : start + _TASKS_PER_WAVE]
+            yield from compute(*[run(chunk, params, metadata) for chunk in wave])

@@ -18,6 +18,7 @@ from afpx import AfpxError, schema
 from afpx.checkpoint import load_model
 from afpx.cli import main
 from afpx.likelihood import (
+    _block_ends,
     draw_means,
     predict,
     require_likelihood,
@@ -271,3 +272,53 @@ def test_non_finite_fingerprints_are_an_error_not_nan(model_dir: Path, tmp_path:
     with pytest.raises(AfpxError, match="non-finite likelihoods on sites"):
         predict(cube, model_dir)
     assert schema.LIKELIHOOD not in zarr.open_group(str(cube))
+
+
+def test_local_cluster_equals_threads_bit_for_bit(model_dir: Path, tmp_path: Path) -> None:
+    threads = make_synthetic_cube(tmp_path / "t.zarr", n_structures=20, seed=3, draws=2)
+    cluster = Path(shutil.copytree(threads, tmp_path / "c.zarr"))
+    a = predict(threads, model_dir, block_sites=10, scheduler="threads", workers=2)
+    b = predict(cluster, model_dir, block_sites=10, workers=2)  # a 2-process cluster
+    assert schema.LIKELIHOOD_MEAN in a
+    for name in (schema.LIKELIHOOD, schema.LIKELIHOOD_MEAN, schema.SOFTMAX_PRED):
+        np.testing.assert_array_equal(a[name].values, b[name].values)
+    # blocks of one task each: chunk-aligned, draws of a unique site together
+    assert _block_ends(np.tile([0, 1], 20), 10, 16) == [(0, 16), (16, 32), (32, 40)]
+    assert _block_ends(np.tile([0, 1, 2], 10), 10, 4) == [(0, 12), (12, 24), (24, 30)]
+
+
+def test_cli_likelihood_on_a_scheduler(model_dir: Path, tmp_path: Path) -> None:
+    cube = make_synthetic_cube(tmp_path / "c.zarr", n_structures=10, seed=3)
+    args = ["likelihood", str(cube), "--model", str(model_dir), "--scheduler", "synchronous"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert "wrote likelihood, softmax_pred" in result.output
+    bad = CliRunner().invoke(main, [*args[:4], "--scheduler", "thread"])
+    assert bad.exit_code != 0 and "unknown scheduler 'thread'" in bad.output
+
+
+def test_likelihood_written_back_to_a_url(model_dir: Path, tmp_path: Path) -> None:
+    from _s3_helpers import s3_bucket
+
+    from afpx import store
+
+    local = make_synthetic_cube(tmp_path / "c.zarr", n_structures=12, seed=3, draws=2)
+    with s3_bucket() as bucket:
+        url = f"{bucket}/c.zarr"
+        fs, where = store.filesystem(url)
+        fs.put(str(local), where, recursive=True)
+        expected = predict(local, model_dir, block_sites=10)
+        ds = predict(url, model_dir, block_sites=10)
+        for name in (schema.LIKELIHOOD, schema.LIKELIHOOD_MEAN, schema.SOFTMAX_PRED):
+            np.testing.assert_array_equal(ds[name].values, expected[name].values)
+            assert ds[name].attrs["complete"] is True
+        require_likelihood(ds)
+        # a failed run in place leaves arrays that say so, and ranking refuses them
+        g = zarr.open_group(url, mode="r+")
+        afp = g[schema.AFP][:]
+        afp[20] = np.nan
+        g[schema.AFP][:] = afp
+        with pytest.raises(AfpxError, match=r"non-finite likelihoods on sites 16\.\.31"):
+            predict(url, model_dir, block_sites=10)
+        with pytest.raises(AfpxError, match="was not completely written"):
+            require_likelihood(xr.open_zarr(url, consolidated=False))

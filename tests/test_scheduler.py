@@ -79,3 +79,38 @@ def test_compute_with_progress_on_a_local_scheduler(capsys: pytest.CaptureFixtur
     with use_scheduler("threads"):
         (total,) = compute(x.sum(), progress=True)
     assert total == 66.0
+
+
+def _fail() -> None:
+    raise RuntimeError("task failed")
+
+
+def _slow_write(path: str) -> None:
+    import time
+
+    time.sleep(0.5)
+    with open(path, "w") as f:
+        f.write("done")
+
+
+@pytest.mark.parametrize("where", ["threads", "client"])
+def test_compute_waits_for_running_tasks_before_raising(tmp_path: object, where: str) -> None:
+    from pathlib import Path
+
+    out = Path(str(tmp_path)) / "written"
+    tasks = [dask.delayed(_slow_write, pure=False)(str(out)), dask.delayed(_fail, pure=False)()]
+    if where == "threads":
+        with use_scheduler("threads", workers=2), pytest.raises(RuntimeError, match="failed"):
+            compute(*tasks)
+        assert out.read_text() == "done"
+        return
+    distributed = pytest.importorskip("distributed")
+    with (
+        distributed.LocalCluster(
+            n_workers=1, threads_per_worker=2, processes=False, dashboard_address=False
+        ) as cluster,
+        distributed.Client(cluster),
+    ):
+        with pytest.raises(RuntimeError, match="failed"):
+            compute(*tasks)
+        assert out.read_text() == "done"

@@ -236,8 +236,8 @@ def test_workers_give_identical_ordered_results(
         shutil.copy(cif, tmp_path / cif.name)
     monkeypatch.setattr(structures_module, "_ROWS_PER_TASK", 3)
     monkeypatch.setattr(structures_module, "_FILES_PER_TASK", 2)
-    one = read_structures([tmp_path])
-    two = read_structures([tmp_path], workers=2)
+    one = read_structures([tmp_path], scheduler="synchronous")
+    two = read_structures([tmp_path], workers=2)  # a local cluster of two processes
     assert [s.structure_id for s in two.structures] == [s.structure_id for s in one.structures]
     assert two.rejections == one.rejections
     assert two.n_read == one.n_read
@@ -245,6 +245,24 @@ def test_workers_give_identical_ordered_results(
         np.testing.assert_array_equal(a.frac_coords, b.frac_coords)
         np.testing.assert_array_equal(a.sites.multiplicity, b.sites.multiplicity)
         np.testing.assert_array_equal(a.sites.wyckoff, b.sites.wyckoff)
+
+
+def test_threads_do_not_take_each_others_warnings(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the reasons of these two rejections come from warnings pymatgen raises while
+    # parsing; read in threads next to accepted files, each must keep its own
+    bad = DATA / "bad"
+    for i in range(6):
+        shutil.copy(bad / "unknown_setting.cif", tmp_path / f"{i}a.cif")
+        shutil.copy(COD / "1011211.cif", tmp_path / f"{i}b.cif")
+        shutil.copy(bad / "occupancy_sum.cif", tmp_path / f"{i}c.cif")
+    monkeypatch.setattr(structures_module, "_FILES_PER_TASK", 1)
+    alone = read_structures([tmp_path], scheduler="synchronous")
+    threads = read_structures([tmp_path], scheduler="threads", workers=4)
+    assert outcome(threads) == outcome(alone)
+    assert alone.counts() == {"parse_error": 6, "occupancy": 6}
+    assert len(alone.structures) == 6
 
 
 def test_duplicates_are_per_source(tmp_path: Path, small_db: Path) -> None:
@@ -294,11 +312,60 @@ def test_inspect_params_reach_the_reader(monkeypatch: pytest.MonkeyPatch) -> Non
 
     monkeypatch.setattr(structures_module, "read_structures", fake)
     args = ["inspect", "x", "--workers", "2", "--min-distance", "0.5", "--no-filter", "r-factor"]
-    args += ["--max-file-mb", "3"]
+    args += ["--max-file-mb", "3", "--scheduler", "processes"]
     result = CliRunner().invoke(main, args)
     # the fake reader accepts nothing: exit 1, after the reader got every option
     assert result.exit_code == 1, result.output
     assert "no structure accepted (0 read; nothing to read)" in result.output
     assert seen["workers"] == 2
+    assert seen["scheduler"] == "processes"
     assert seen["max_file_mb"] == 3.0
     assert seen["params"] == FilterParams(r_factor_max=None, min_distance=0.5)
+
+
+def test_echo_warnings_keeps_nothing(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import gc
+    import warnings
+    import weakref
+
+    from afpx import AfpxWarning
+    from afpx.commands.ingest import echo_warnings
+
+    others: list[str] = []
+
+    def previous(message: Warning | str, *args: object, **kwargs: object) -> None:
+        others.append(str(message))
+
+    monkeypatch.setattr(warnings, "showwarning", previous)
+    with echo_warnings():
+        warnings.simplefilter("always", UserWarning)
+        refs = []
+        for i in range(3):
+            warning = AfpxWarning(f"number {i}")
+            refs.append(weakref.ref(warning))
+            warnings.warn(warning, stacklevel=1)
+            del warning
+        gc.collect()
+        # shown as raised, then dropped: a long build cannot pile them up
+        assert [ref() for ref in refs] == [None, None, None]
+        assert capsys.readouterr().err.splitlines() == [
+            "warning: number 0",
+            "warning: number 1",
+            "warning: number 2",
+        ]
+        warnings.warn("others go to the handler in place", UserWarning, stacklevel=1)
+        assert others == ["others go to the handler in place"]
+    assert warnings.showwarning is previous
+
+
+def test_lean_metadata_keeps_what_a_cube_needs(tmp_path: Path, small_db: Path) -> None:
+    path = ase_db(tmp_path / "small.db", small_db)
+    full = read_structures([path])
+    lean = read_structures([path], metadata=False)
+    assert outcome(lean) == outcome(full)
+    assert len(full.structures[0].metadata) > 2
+    for s in lean.structures:
+        assert set(s.metadata) <= {"block", "hydrogen_missing"}
+        assert s.metadata["block"] is not None

@@ -20,7 +20,8 @@ if TYPE_CHECKING:
     "--output",
     required=True,
     type=click.Path(dir_okay=True, file_okay=True),
-    help="The zarr store to write (must not exist unless --overwrite).",
+    help="The zarr store to write, a path or a URL such as s3://bucket/cube.zarr "
+    "(must not exist unless --overwrite).",
 )
 @click.option("--draws", type=int, default=1, show_default=True, help="Augmented draws per site.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Augmentation seed.")
@@ -120,7 +121,7 @@ def build_cube_command(
         click.echo(cube_summary(open_cube(path), path=str(path)))
         return
     with echo_warnings():
-        path = build_cube(
+        built = build_cube(
             list(inputs),
             output,
             draws=draws,
@@ -137,7 +138,7 @@ def build_cube_command(
             max_file_mb=max_file_mb,
             resume=resume,
         )
-    click.echo(cube_summary(open_cube(path), path=str(path)))
+    click.echo(cube_summary(open_cube(built), path=str(built)))
 
 
 @click.command("info")

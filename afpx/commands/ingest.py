@@ -230,17 +230,31 @@ _MAX_FILE_MB = click.option(
 
 @contextlib.contextmanager
 def echo_warnings() -> Iterator[None]:
-    """Show afpx warnings raised inside the block as one ``warning:`` line each on stderr."""
-    with warnings.catch_warnings(record=True) as caught:
+    """Show afpx warnings raised inside the block as one ``warning:`` line each on stderr.
+
+    Each warning is shown when it is raised and then dropped: nothing is kept
+    (a long build raises warnings without end), and other warnings go to the
+    handler that was in place.
+    """
+    with warnings.catch_warnings():
         warnings.simplefilter("always", AfpxWarning)
-        try:
-            yield
-        finally:
-            for w in caught:
-                if issubclass(w.category, AfpxWarning):
-                    click.echo(f"warning: {w.message}", err=True)
-                else:
-                    warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+        previous = warnings.showwarning
+
+        def show(
+            message: Warning | str,
+            category: type[Warning],
+            filename: str,
+            lineno: int,
+            file: Any = None,
+            line: str | None = None,
+        ) -> None:
+            if issubclass(category, AfpxWarning):
+                click.echo(f"warning: {message}", err=True)
+            else:
+                previous(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = show
+        yield
 
 
 def filter_options(func: F) -> F:
@@ -286,7 +300,19 @@ def filter_options(func: F) -> F:
 @click.command("inspect")
 @click.argument("inputs", nargs=-1, required=True)
 @click.option("--summary", "summary_only", is_flag=True, help="Print only the counts.")
-@click.option("--workers", type=int, default=1, show_default=True, help="Processes to read with.")
+@click.option(
+    "--workers",
+    type=int,
+    default=None,
+    help="Read on a local Dask cluster of N processes.",
+)
+@click.option(
+    "--scheduler",
+    default=None,
+    metavar="NAME|ADDRESS",
+    help="Dask scheduler: threads, processes, synchronous or tcp://HOST:PORT "
+    "(default: the current one).",
+)
 @click.option(
     "--report",
     type=click.Path(dir_okay=False),
@@ -302,7 +328,8 @@ def filter_options(func: F) -> F:
 def inspect_command(
     inputs: tuple[str, ...],
     summary_only: bool,
-    workers: int,
+    workers: int | None,
+    scheduler: str | None,
     report: str | None,
     filters: FilterParams,
     max_file_mb: float,
@@ -323,6 +350,7 @@ def inspect_command(
             list(inputs),
             params=filters,
             progress=progress,
+            scheduler=scheduler,
             workers=workers,
             max_file_mb=max_file_mb,
         )

@@ -188,7 +188,7 @@ def train_command(
 
 
 @click.command("likelihood")
-@click.argument("cube", type=click.Path(exists=True, file_okay=False))
+@click.argument("cube")
 @click.option(
     "--model",
     "model",
@@ -206,6 +206,19 @@ def train_command(
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads for torch.")
 @click.option(
+    "--workers",
+    type=int,
+    default=None,
+    help="Score the blocks on a local Dask cluster of N processes.",
+)
+@click.option(
+    "--scheduler",
+    default=None,
+    metavar="NAME|ADDRESS",
+    help="Dask scheduler: threads, processes, synchronous or tcp://HOST:PORT "
+    "(default: the current one).",
+)
+@click.option(
     "--progress/--no-progress", default=None, help="Progress bar (default: on a terminal)."
 )
 @library_errors
@@ -215,12 +228,16 @@ def likelihood_command(
     block_sites: int,
     device: str,
     threads: int | None,
+    workers: int | None,
+    scheduler: str | None,
     progress: bool | None,
 ) -> None:
     """Write the site likelihoods of MODEL for every site into CUBE.
 
     Adds `likelihood` (site x element), `softmax_pred` (site) and, when the cube
-    has several draws per site, `likelihood_mean`; `afp` is not touched.
+    has several draws per site, `likelihood_mean`; `afp` is not touched. CUBE
+    may be a URL (s3://...; written in place). Blocks of --block-sites sites
+    are Dask tasks, run on --scheduler or --workers.
     """
     require_torch("afpx likelihood")
     import torch
@@ -231,7 +248,15 @@ def likelihood_command(
     if threads is not None:
         torch.set_num_threads(threads)
 
-    ds = predict(cube, model, block_sites=block_sites, device=device, progress=progress)
+    ds = predict(
+        cube,
+        model,
+        block_sites=block_sites,
+        device=device,
+        progress=progress,
+        scheduler=scheduler,
+        workers=workers,
+    )
     names = [n for n in (schema.LIKELIHOOD, schema.LIKELIHOOD_MEAN, schema.SOFTMAX_PRED) if n in ds]
     click.echo(f"wrote {', '.join(names)} for {ds.sizes[schema.SITE]} sites into {cube}")
 
