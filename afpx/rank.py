@@ -58,6 +58,7 @@ from afpx.templates import (
     reduce_compositions,
     reduced_formulas,
 )
+from afpx.templates.pruning import top_candidates
 from afpx.templates.ties import DEFAULT_TIE_TOLERANCE, TIE_RULE, tie_ranks
 from afpx.templates.util import index_ranges
 
@@ -593,9 +594,17 @@ def rank_table(
     top: int | None = 20,
     known: bool = False,
     tie_tolerance: float = DEFAULT_TIE_TOLERANCE,
+    prune: bool = True,
     **options: Any,
 ) -> RankTable:
-    """:func:`rank` as plain arrays (:class:`RankTable`); imports neither xarray nor pandas."""
+    """:func:`rank` as plain arrays (:class:`RankTable`); imports neither xarray nor pandas.
+
+    With ``top``, only the templates whose upper bound can reach the rows
+    asked for are enumerated (:func:`afpx.templates.pruning.top_candidates`);
+    the number of compositions, ``n_templates`` and every rank shown stay
+    exact. ``prune=False`` enumerates every template (the same table; for
+    comparison). Safe to call from several threads on one library.
+    """
     zs = parse_elements(elements)
     lib = library if library is not None else load_library(cube)
     opts = _candidate_options(lib, len(zs), options)
@@ -613,7 +622,15 @@ def rank_table(
             ),
             stacklevel=2,
         )
-    result, selected = candidates(lib, za, opts, assignments=False)
+    if top is not None and top < 1:
+        raise AfpxError(f"top must be at least 1, got {top}")
+    pruned = None
+    if prune and top is not None:
+        pruned = top_candidates(lib, za, opts, top=top, tie_tolerance=tie_tolerance)
+    if pruned is not None:
+        result, selected = pruned.result, pruned.selected
+    else:
+        result, selected = candidates(lib, za, opts, assignments=False)
     if result.template.size == 0:
         raise AfpxError(
             f"no candidate uses every element: no template passes the options ({opts.to_attrs()})"
@@ -629,6 +646,12 @@ def rank_table(
         top=top,
         tie_tolerance=tie_tolerance,
     )
+    n_candidates = int(result.template.size)
+    if pruned is not None:
+        # the rows' ranks are exact; counts over templates not enumerated come from the census
+        rows["n_templates"] = pruned.n_templates(rows["counts"])
+        rows["n_compositions"] = np.asarray(pruned.n_compositions)
+        n_candidates = pruned.n_candidates
     cell = result.cell_counts(lib, rows["row"])
     assignment, score_again = best_assignments(
         lib, zs, rows["template"], cell, min_site_likelihood=opts.min_site_likelihood
@@ -646,8 +669,9 @@ def rank_table(
         {
             "n_compositions": int(rows["n_compositions"]),
             "elements": list(symbols),
-            "n_candidates": int(result.template.size),
+            "n_candidates": n_candidates,
             "n_templates": int(selected.size),
+            "n_templates_enumerated": int(selected.size if pruned is None else pruned.enumerated),
             "n_candidates_bruteforce": int(result.n_bruteforce),
             "n_dp_updates": int(result.n_dp_updates),
             "tie_rule": TIE_RULE.format(tol=tie_tolerance),
