@@ -48,8 +48,10 @@ if TYPE_CHECKING:
 
 __all__ = ["TopCandidates", "prunable", "top_candidates"]
 
-#: Templates of highest bound enumerated first (at least; 4 per row asked for).
+#: Templates of highest bound enumerated first: at least this many, and
+#: :data:`PER_ROW` per row asked for.
 FIRST_BATCH: Final = 256
+PER_ROW: Final = 4
 
 
 @dataclass(frozen=True, eq=False)
@@ -131,7 +133,7 @@ def top_candidates(
     neg_ub = -ub[order]  # ascending
     parts: list[CandidateResult] = []
     done = 0
-    want = min(selected.size, max(FIRST_BATCH, 4 * top))
+    want = min(selected.size, max(FIRST_BATCH, PER_ROW * top))
     cutoff = np.inf
     while True:
         if want > done:
