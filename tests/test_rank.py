@@ -555,3 +555,31 @@ def test_rank_table_is_thread_safe() -> None:
         together = list(pool.map(lambda zs: rank_table(zs, library=lib, top=5), sets))
     for a, b in zip(together, alone, strict=True):
         _same_table(a, b)
+
+
+def test_csv_and_json_rows_equal_the_standard_writers(hand: TemplateLibrary) -> None:
+    import csv
+    import io
+
+    table = rank_table([MN, GE], library=hand, top=None, known=True)
+    # awkward values: quotes, commas, new lines, non-ASCII, a NaN and an infinity
+    ids = table.variables["structure_id"][1].copy()
+    ids[0], ids[-1] = 'a "quoted", id', "line\nbreak é"
+    table.variables["structure_id"] = (table.variables["structure_id"][0], ids)
+    score = table.variables["score"][1].astype(np.float64)
+    score[0], score[-1] = np.nan, np.inf
+    table.variables["score"] = (table.variables["score"][0], score)
+    cols = {n: v.tolist() for n, v in table.columns().items()}
+    rows = list(zip(*cols.values(), strict=True))
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(list(cols))
+    writer.writerows(rows)
+    assert table.to_csv() == buf.getvalue()
+    encode = json.JSONEncoder().encode
+    assert table.json_rows() == [encode(dict(zip(cols, r, strict=True))) for r in rows]
+    # object columns holding numpy scalars or other objects: their value, or their text
+    obj = np.asarray([np.int64(3), Path("x")], dtype=object)
+    odd = RankTable([MN, GE], ["Mn", "Ge"], {"rank": (("composition",), obj)})
+    assert odd.json_rows() == ['{"rank": 3}', '{"rank": "x"}']
+    assert odd.to_csv() == "rank\n3\nx\n"

@@ -637,3 +637,16 @@ def test_upper_bounds_bound_every_candidate(seed: int, k: int) -> None:
     assert (best[has] <= ub[has]).all()
     # the bound is reached when every element is best on a site of its own
     assert upper_bounds(logl, lib, np.zeros(0, dtype=np.int64)).size == 0
+
+
+def test_row_filter() -> None:
+    from afpx.templates.compositions import RowFilter
+
+    keep = RowFilter.of(np.asarray([0, 2, 2]), np.asarray([[1, 2], [3, 1], [3, 1]]))
+    t = np.asarray([0, 2, 2, 1, 9])
+    c = np.asarray([[1, 2], [3, 1], [1, 3], [1, 2], [1, 2]])
+    assert keep.contains(t, c).tolist() == [True, True, False, False, False]
+    empty = RowFilter.of(np.zeros(0, dtype=np.int64), np.zeros((0, 2), dtype=np.int64))
+    assert not empty.contains(t, c).any()
+    with pytest.raises(AfpxError, match="too many atoms or templates"):
+        RowFilter.of(np.asarray([0]), np.asarray([[2**40, 1]]))

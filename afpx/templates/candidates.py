@@ -19,7 +19,7 @@ import numpy as np
 
 from afpx import AfpxError, schema
 from afpx.templates.bruteforce import bruteforce_best
-from afpx.templates.compositions import reduce_compositions, reduced_formulas
+from afpx.templates.compositions import RowFilter, reduce_compositions, reduced_formulas
 from afpx.templates.library import TemplateLibrary, own_counts
 from afpx.templates.maxplus import maxplus_best
 from afpx.templates.plan import plan_for, site_log_likelihood
@@ -238,7 +238,16 @@ def best_assignments(
     c = np.asarray(counts, dtype=np.int64).reshape(t.size, zs.size)
     uniq = np.unique(t)
     opts = CandidateOptions(min_site_likelihood=min_site_likelihood)
-    res = enumerate_candidates(library, zs, uniq, opts, assignments=True, cache=False)
+    g = library.reduced_multiplicities[0][t]
+    if c.size and np.any(c % g[:, None]):
+        bad = int(np.flatnonzero((c % g[:, None]).any(axis=1))[0])
+        raise AfpxError(
+            f"template {int(t[bad])} has no candidate with counts {c[bad].tolist()} "
+            "that uses every element"
+        )
+    # backtrack only the rows asked for, in bulk
+    only = RowFilter.of(t, c // g[:, None])
+    res = enumerate_candidates(library, zs, uniq, opts, assignments=True, cache=False, only=only)
     width = int(library.n_unique_sites[uniq].max()) if uniq.size else 0
     out = np.full((t.size, width), -1, dtype=np.int8)
     score = np.full(t.size, np.nan)
@@ -353,18 +362,24 @@ def enumerate_candidates(
     *,
     assignments: bool,
     cache: bool = True,
+    only: RowFilter | None = None,
 ) -> CandidateResult:
     """Best candidate of every (template, counts) of ``templates`` (no candidate-level options).
 
-    ``cache=False`` builds the plan without keeping it (for one-off subsets of templates).
+    ``cache=False`` builds the plan without keeping it (for one-off subsets of
+    templates); ``only`` (templates, counts in units of the template's
+    multiplicity gcd) keeps just those candidates, so that backtracking their
+    assignments costs only what was asked for.
     """
     k = zs.size
     plan = plan_for(library, k, templates, cache=cache)
     logl = site_log_likelihood(library, zs, opts.min_site_likelihood)
     width = int(library.n_unique_sites[templates].max()) if templates.size else 0
 
-    parts = [bruteforce_best(logl, grp, k, assignments=assignments) for grp in plan.bruteforce]
-    parts += [maxplus_best(logl, blk, k, assignments=assignments) for blk in plan.dp]
+    parts = [
+        bruteforce_best(logl, grp, k, assignments=assignments, only=only) for grp in plan.bruteforce
+    ]
+    parts += [maxplus_best(logl, blk, k, assignments=assignments, only=only) for blk in plan.dp]
     if not parts:
         return CandidateResult(
             np.zeros(0, np.int64),

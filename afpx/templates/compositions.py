@@ -395,3 +395,32 @@ def rank_candidates(
     group = np.repeat(np.arange(starts.size), sizes)[pos]
     first = pos[np.r_[True, group[1:] != group[:-1]]]
     return CompositionRanking(red[order[starts]], best, best_t, rows[order[first]])
+
+
+@dataclass(frozen=True, eq=False)
+class RowFilter:
+    """A set of (template, counts) rows, to keep just those candidates of an enumeration.
+
+    Build with :meth:`of`; :meth:`contains` tests many rows at once (one int64
+    code per row, binary search).
+    """
+
+    codes: np.ndarray  # sorted, unique
+    base: int
+
+    @classmethod
+    def of(cls, templates: np.ndarray, counts: np.ndarray) -> RowFilter:
+        rows = np.concatenate([np.asarray(templates)[:, None], np.asarray(counts)], axis=1)
+        base = int(rows.max(initial=0)) + 1
+        if rows.shape[1] * math.log2(max(base, 2)) >= 62:
+            raise AfpxError("too many atoms or templates to code (template, counts) rows")
+        return cls(np.unique(row_codes(rows.astype(np.int64), base)), base)
+
+    def contains(self, templates: np.ndarray, counts: np.ndarray) -> np.ndarray:
+        rows = np.concatenate([np.asarray(templates)[:, None], np.asarray(counts)], axis=1)
+        if self.codes.size == 0:
+            return np.zeros(rows.shape[0], dtype=bool)
+        inside = np.asarray((rows < self.base).all(axis=1))
+        codes = row_codes(np.where(inside[:, None], rows, 0).astype(np.int64), self.base)
+        pos = np.minimum(np.searchsorted(self.codes, codes), self.codes.size - 1)
+        return inside & (self.codes[pos] == codes)

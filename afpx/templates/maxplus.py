@@ -19,6 +19,7 @@ from typing import Final
 import numpy as np
 
 from afpx import AfpxError
+from afpx.templates.compositions import RowFilter
 from afpx.templates.result import CandidateResult
 from afpx.templates.util import index_ranges
 
@@ -152,7 +153,14 @@ def dp_block(
     return DPBlock(templates, slot, real, m, bound, tuple(shifts), total[templates])
 
 
-def maxplus_best(logl: np.ndarray, blk: DPBlock, k: int, *, assignments: bool) -> CandidateResult:
+def maxplus_best(
+    logl: np.ndarray,
+    blk: DPBlock,
+    k: int,
+    *,
+    assignments: bool,
+    only: RowFilter | None = None,
+) -> CandidateResult:
     """Max-plus programme over count vectors for a block of templates.
 
     Tables are state-major, shape ``(p + 1, ..., p + 1, T)`` (``k - 1`` count
@@ -162,6 +170,10 @@ def maxplus_best(logl: np.ndarray, blk: DPBlock, k: int, *, assignments: bool) -
     this step has another multiplicity take part with a log-likelihood of
     -inf, so one slice serves every template with that ``u``. Tables live in
     two reused buffers (or fresh arrays when kept for backtracking).
+
+    ``only`` (library templates, counts in reduced units) keeps just those
+    candidates (the others are dropped before backtracking, which then costs
+    only what the rows asked for).
     """
     d = k - 1
     T, npad = blk.slot.shape
@@ -201,6 +213,8 @@ def maxplus_best(logl: np.ndarray, blk: DPBlock, k: int, *, assignments: bool) -
     flat, tl, counts = _dp_states(blk, k, V.shape)
     score = V.reshape(-1)[flat]
     ok = np.isfinite(score)
+    if only is not None:
+        ok &= only.contains(blk.templates[tl], counts)
     if not ok.all():
         tl, counts, score = tl[ok], counts[ok], score[ok]
     assign = None
