@@ -378,6 +378,7 @@ def _backtrack(
 
     The forward pass computed each table entry as the maximum of exactly the
     float sums recomputed here, so an optimal predecessor matches with ``==``.
+    Predecessors are looked up by flat index, one count column at a time.
     """
     d = k - 1
     N = tl.size
@@ -387,27 +388,40 @@ def _backtrack(
     val = score.copy()
     for s in range(npad - 1, -1, -1):
         prev = tables[s]
+        flat_prev = prev.reshape(-1)
         p_prev = prev.shape[0] - 1 if d else 0
+        T = prev.shape[-1]
+        stride = [T * (p_prev + 1) ** (d - 1 - j) for j in range(d)]
+        ms = m[tl, s]
+        fits = [c[:, j] <= p_prev for j in range(d)]
+        flat = tl.copy()
+        for j in range(d):
+            flat += c[:, j] * stride[j]
         chosen = np.full(N, -1, dtype=np.int64)
         best_val = np.full(N, np.nan)
         # the forward pass's order: last element first
         for e in [d, *range(d)]:
-            cp = c.copy()
+            inside = np.ones(N, dtype=bool) if e < d else chosen < 0
+            for j in range(d):
+                if j != e:
+                    inside &= fits[j]
             if e < d:
-                cp[:, e] -= m[tl, s]
-            inside = (cp >= 0).all(axis=1) & (cp <= p_prev).all(axis=1)
-            todo = np.flatnonzero((chosen < 0) & inside)
+                col = c[:, e] - ms
+                inside &= (chosen < 0) & (col >= 0) & (col <= p_prev)
+            todo = np.flatnonzero(inside)
             if todo.size == 0:
                 continue
-            before = prev[(*cp[todo].T, tl[todo])]
-            hit = todo[before + L[s, e, tl[todo]] == val[todo]]
+            at = flat[todo] if e == d else flat[todo] - ms[todo] * stride[e]
+            before = flat_prev[at]
+            ok = before + L[s, e, tl[todo]] == val[todo]
+            hit = todo[ok]
             chosen[hit] = e
-            best_val[hit] = prev[(*cp[hit].T, tl[hit])]
+            best_val[hit] = before[ok]
         if np.any(chosen < 0):  # pragma: no cover - would be a bug in the forward pass
             raise AssertionError("backtracking found no optimal predecessor")
         move = np.flatnonzero(chosen < d)
         if d:
-            c[move, chosen[move]] -= m[tl[move], s]
+            c[move, chosen[move]] -= ms[move]
         val = best_val
         out[:, s] = chosen
     return out
