@@ -45,6 +45,7 @@ import numpy as np
 from afpx import AfpxError, __version__, schema
 from afpx.datasets import sha256_of
 from afpx.templates import LIKELIHOOD_FLOOR, TemplateGeometry, TemplateLibrary
+from afpx.templates.library import LazyLogLikelihood
 
 __all__ = [
     "DEFAULT_NAME",
@@ -57,11 +58,14 @@ __all__ = [
     "pack_default_library",
     "pack_default_model",
     "pack_library",
+    "repack_library",
 ]
 
 DEFAULT_NAME: Final = "default_library"
 FORMAT: Final = "afpx-template-library"
-FORMAT_VERSION: Final = 1
+FORMAT_VERSION: Final = 2
+#: npz member holding the log-likelihood column of atomic number z (format 2).
+COLUMN_NAME: Final = "log_likelihood_z{z:03d}"
 QUANTISATIONS: Final = ("float32", "float16", "uint16", "uint8")
 _REINSTALL: Final = "reinstall afpx (pip install --force-reinstall afpx)"
 #: Folder (inside the data folder) of the packed default model.
@@ -157,8 +161,8 @@ def _library_arrays(
     put("n_unique_sites", n_sites.astype(np.uint16), shuffle=True)
     put("multiplicity", library.multiplicity.astype(np.int32), shuffle=True)
     put("z", library.z.astype(np.uint8))
-    q, qinfo = _quantise(library.log_likelihood, quantise, floor, mantissa_bits)
-    put("log_likelihood", q, shuffle=True)
+    q, qinfo = _quantise(np.asarray(library.log_likelihood), quantise, floor, mantissa_bits)
+    qinfo.update(_put_columns(arrays, q))
     put("structure_id", _strings(library.structure_id))
     put("formula", _strings(library.formula))
     put("spacegroup", np.asarray(library.spacegroup).astype(np.int16), shuffle=True)
@@ -176,6 +180,20 @@ def _library_arrays(
         put("geometry_frac_coords", geo.frac_coords.astype(np.float32), shuffle=True)
         put("geometry_numbers", geo.numbers.astype(np.uint8))
     return arrays, {"arrays": layout, "log_likelihood": qinfo}
+
+
+def _put_columns(arrays: dict[str, np.ndarray], q: np.ndarray) -> dict[str, Any]:
+    """One byte-shuffled array per element column (format 2); its layout entries."""
+    shuffled = q.dtype.itemsize > 1
+    for z in range(1, schema.N_ELEMENTS + 1):
+        col = np.ascontiguousarray(q[:, z - 1])
+        arrays[COLUMN_NAME.format(z=z)] = _shuffle(col) if shuffled else col
+    return {
+        "columns": COLUMN_NAME,
+        "dtype": q.dtype.str,
+        "n_sites": int(q.shape[0]),
+        "shuffled": shuffled,
+    }
 
 
 def pack_library(
@@ -283,6 +301,73 @@ def pack_default_library(
     Keyword arguments go to :func:`pack_library`.
     """
     return pack_library(library, default_data_dir() if path is None else path, **kwargs)
+
+
+def repack_library(
+    manifest: str | os.PathLike[str], directory: str | os.PathLike[str] | None = None
+) -> dict[str, Any]:
+    """Rewrite a format-1 packed library in format 2, with the very same stored values.
+
+    Format 1 held the log-likelihoods as one (n_sites, 118) array that every
+    load decompressed whole; format 2 stores one array per element, so a
+    ranking reads only its elements' columns. The quantised values, the other
+    arrays, the provenance and the rank check are kept as they are; the
+    manifest gains ``repacked_from`` (the old format and SHA-256).
+
+    Parameters
+    ----------
+    manifest : path
+        The format-1 manifest (``<name>.json``); checksums are verified first.
+    directory : path, optional
+        Where to write ``<name>.npz`` and ``<name>.json`` (default: in place).
+
+    Returns
+    -------
+    dict
+        The new manifest.
+    """
+    path = Path(manifest)
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise AfpxError(f"cannot read manifest {os.fspath(path)!r}: {exc}") from exc
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise AfpxError(f"{os.fspath(path)!r} is not an afpx template library manifest")
+    if meta.get("format_version") != 1:
+        raise AfpxError(
+            f"{os.fspath(path)!r} has format version {meta.get('format_version')}; "
+            "only format 1 is repacked"
+        )
+    if meta.get(MANIFEST_DIGEST_KEY) != manifest_digest(meta):
+        raise AfpxError(f"manifest {os.fspath(path)!r} was changed since it was packed")
+    npz = _verified_npz(path, meta)
+    with np.load(npz, allow_pickle=False) as data:
+        raw = {k: data[k] for k in data.files}
+    layout = dict(meta["layout"]["arrays"])
+    lay = layout.pop("log_likelihood")
+    q = raw.pop("log_likelihood")
+    if lay["shuffled"]:
+        q = _unshuffle(q, lay["dtype"], lay["shape"])
+    qinfo = dict(meta["layout"]["log_likelihood"])
+    qinfo.update(_put_columns(raw, q))
+    out = path.parent if directory is None else Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    new_npz = out / npz.name
+    tmp = out / f".{npz.name}.tmp"
+    with open(tmp, "wb") as f:
+        np.savez_compressed(f, **raw)
+    os.replace(tmp, new_npz)
+    old_sha = meta["files"][npz.name]["sha256"]
+    new_meta = {k: v for k, v in meta.items() if k != MANIFEST_DIGEST_KEY}
+    new_meta["format_version"] = FORMAT_VERSION
+    new_meta["files"] = {
+        new_npz.name: {"sha256": sha256_of(new_npz), "bytes": new_npz.stat().st_size}
+    }
+    new_meta["layout"] = {"arrays": layout, "log_likelihood": qinfo}
+    new_meta["repacked_from"] = {"format_version": 1, "sha256": old_sha}
+    new_meta[MANIFEST_DIGEST_KEY] = manifest_digest(new_meta)
+    (out / path.name).write_text(json.dumps(new_meta, indent=1, sort_keys=True) + "\n")
+    return new_meta
 
 
 def _draw_sets(library: TemplateLibrary, n: int, seed: int) -> list[tuple[int, ...]]:
@@ -396,6 +481,13 @@ def load_library(manifest: str | os.PathLike[str]) -> TemplateLibrary:
         raise AfpxError(f"cannot read manifest {os.fspath(path)!r}: {exc}; {_REINSTALL}") from exc
     if not isinstance(meta, dict):
         raise AfpxError(f"manifest {os.fspath(path)!r} is not a JSON object; {_REINSTALL}")
+    if meta.get("format") == FORMAT and meta.get("format_version") == 1:
+        raise AfpxError(
+            f"{os.fspath(path)!r} is a template library of format version 1 (one likelihood "
+            f"array, read whole); this afpx reads format {FORMAT_VERSION} (one array per "
+            f'element). Repack it with the same data: python -c "import afpx.default; '
+            f"afpx.default.repack_library('{os.fspath(path)}')\", or {_REINSTALL}"
+        )
     if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
         raise AfpxError(
             f"{os.fspath(path)!r} is not an afpx template library of format version "
@@ -412,6 +504,11 @@ def load_library(manifest: str | os.PathLike[str]) -> TemplateLibrary:
             f"manifest {os.fspath(path)!r} was changed since it was packed (its"
             f" {MANIFEST_DIGEST_KEY} differs); {_REINSTALL}"
         )
+    return _load(_verified_npz(path, meta), meta)
+
+
+def _verified_npz(path: Path, meta: dict[str, Any]) -> Path:
+    """The manifest's one data file, its SHA-256 checked."""
     files = meta.get("files", {})
     if len(files) != 1:
         raise AfpxError(f"manifest {os.fspath(path)!r} must list exactly one data file")
@@ -426,19 +523,23 @@ def load_library(manifest: str | os.PathLike[str]) -> TemplateLibrary:
             f"{str(info.get('sha256'))[:12]}…): the file is corrupted or was changed; "
             f"{_REINSTALL}"
         )
-    return _load(npz, meta)
+    return npz
 
 
 def _load(npz: Path, meta: dict[str, Any]) -> TemplateLibrary:
     layout = meta["layout"]["arrays"]
+    qinfo = meta["layout"]["log_likelihood"]
+    columns = [qinfo["columns"].format(z=z) for z in range(1, schema.N_ELEMENTS + 1)]
     try:
         with np.load(npz, allow_pickle=False) as data:
-            raw = {k: data[k] for k in data.files}
+            present = set(data.files)
+            # the likelihood columns are read when an element set needs them
+            raw = {k: data[k] for k in layout if k in present}
     except Exception as exc:  # zipfile / numpy raise several types
         raise AfpxError(f"cannot read {os.fspath(npz)!r}: {exc}; {_REINSTALL}") from exc
-    missing = set(layout) - set(raw)
+    missing = (set(layout) | set(columns)) - present
     if missing:
-        raise AfpxError(f"{os.fspath(npz)!r} lacks {sorted(missing)}; {_REINSTALL}")
+        raise AfpxError(f"{os.fspath(npz)!r} lacks {sorted(missing)[:5]}; {_REINSTALL}")
 
     def get(name: str) -> np.ndarray:
         lay = layout[name]
@@ -451,9 +552,25 @@ def _load(npz: Path, meta: dict[str, Any]) -> TemplateLibrary:
         return get(name) if name in layout else None
 
     n = get("n_unique_sites").astype(np.int64)
-    logl = _dequantise(get("log_likelihood"), meta["layout"]["log_likelihood"])
-    if logl.shape[1:] != (schema.N_ELEMENTS,):
-        raise AfpxError(f"{os.fspath(npz)!r}: log_likelihood has shape {logl.shape}; {_REINSTALL}")
+    n_sites = int(n.sum())
+    if int(qinfo["n_sites"]) != n_sites:
+        raise AfpxError(
+            f"{os.fspath(npz)!r}: log_likelihood columns have {qinfo['n_sites']} sites, "
+            f"the templates {n_sites}; {_REINSTALL}"
+        )
+
+    def read_column(z: int) -> np.ndarray:
+        try:
+            with np.load(npz, allow_pickle=False) as data:
+                q = data[columns[z - 1]]
+        except Exception as exc:  # zipfile / numpy raise several types
+            raise AfpxError(f"cannot read {os.fspath(npz)!r}: {exc}; {_REINSTALL}") from exc
+        if qinfo["shuffled"]:
+            q = _unshuffle(q, qinfo["dtype"], [n_sites])
+        return _dequantise(q, qinfo)
+
+    dtype = np.float16 if qinfo["kind"] == "float16" else np.float32
+    logl = LazyLogLikelihood(n_sites, read_column, dtype=dtype)
     geometry = None
     if "geometry_lattice" in layout:
         counts = get("geometry_n_atoms").astype(np.int64)
@@ -471,7 +588,7 @@ def _load(npz: Path, meta: dict[str, Any]) -> TemplateLibrary:
         site_template=np.repeat(np.arange(n.size, dtype=np.int64), n),
         multiplicity=get("multiplicity").astype(np.int32),
         z=get("z").astype(np.int16),
-        log_likelihood=logl,
+        log_likelihood=logl,  # type: ignore[arg-type]  # read per column, see LazyLogLikelihood
         structure_id=get("structure_id").astype(object),
         formula=get("formula").astype(object),
         spacegroup=get("spacegroup").astype(np.int64),

@@ -58,8 +58,8 @@ from afpx.templates import (
     reduce_compositions,
     reduced_formulas,
 )
+from afpx.templates.pruning import top_candidates
 from afpx.templates.ties import DEFAULT_TIE_TOLERANCE, TIE_RULE, tie_ranks
-from afpx.templates.util import index_ranges
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -333,6 +333,72 @@ class RankTable:
 
         return pd.DataFrame(self.columns())
 
+    def json_rows(self) -> list[str]:
+        """Each row as compact JSON, exactly as ``json.JSONEncoder().encode(dict(row))``.
+
+        Encoded column by column (the per-row encoder was a third of a full
+        ternary list's time); numpy scalars left in object columns are written
+        as their Python value, other objects as their ``str``.
+        """
+        from json.encoder import encode_basestring_ascii
+
+        parts = []
+        for name, values in self.columns().items():
+            key = encode_basestring_ascii(name) + ": "
+            parts.append([key + v for v in _json_values(values)])
+        return ["{" + ", ".join(row) + "}" for row in zip(*parts, strict=True)]
+
+    def to_csv(self) -> str:
+        """The rows as CSV with a header, exactly as :func:`csv.writer` (``\\n`` line ends)."""
+        cols = self.columns()
+        parts = [[_csv_field(str(n)) for n in cols]]
+        body = [_csv_values(values) for values in cols.values()]
+        lines = [",".join(parts[0]), *(",".join(row) for row in zip(*body, strict=True))]
+        return "\n".join(lines) + "\n"
+
+
+def _json_values(values: np.ndarray) -> list[str]:
+    """JSON text of every value of a column (what the C encoder writes for each)."""
+    import json
+
+    items = values.tolist()
+    kinds = {type(v) for v in items}
+    if kinds <= {bool}:
+        return ["true" if v else "false" for v in items]
+    if kinds <= {int}:
+        return list(map(int.__repr__, items))
+    if kinds <= {float} and np.isfinite(np.asarray(values, dtype=np.float64)).all():
+        return list(map(float.__repr__, items))
+    if kinds <= {str}:
+        from json.encoder import encode_basestring_ascii
+
+        return list(map(encode_basestring_ascii, items))
+
+    def plain(value: Any) -> Any:
+        item = getattr(value, "item", None)
+        return item() if callable(item) else str(value)
+
+    encode = json.JSONEncoder(default=plain).encode
+    return [encode(v) for v in items]
+
+
+_CSV_SPECIAL: Final = frozenset(',"\r\n')
+
+
+def _csv_field(text: str) -> str:
+    if _CSV_SPECIAL.isdisjoint(text):
+        return text
+    return '"' + text.replace('"', '""') + '"'
+
+
+def _csv_values(values: np.ndarray) -> list[str]:
+    """CSV fields of a column as :func:`csv.writer` writes them (minimal quoting)."""
+    items = values.tolist()
+    kinds = {type(v) for v in items}
+    if kinds <= {int} or kinds <= {float} or kinds <= {bool}:
+        return list(map(str, items))
+    return [_csv_field("" if v is None else str(v)) for v in items]
+
 
 def _table_variables(
     lib: TemplateLibrary,
@@ -593,9 +659,17 @@ def rank_table(
     top: int | None = 20,
     known: bool = False,
     tie_tolerance: float = DEFAULT_TIE_TOLERANCE,
+    prune: bool = True,
     **options: Any,
 ) -> RankTable:
-    """:func:`rank` as plain arrays (:class:`RankTable`); imports neither xarray nor pandas."""
+    """:func:`rank` as plain arrays (:class:`RankTable`); imports neither xarray nor pandas.
+
+    With ``top``, only the templates whose upper bound can reach the rows
+    asked for are enumerated (:func:`afpx.templates.pruning.top_candidates`);
+    the number of compositions, ``n_templates`` and every rank shown stay
+    exact. ``prune=False`` enumerates every template (the same table; for
+    comparison). Safe to call from several threads on one library.
+    """
     zs = parse_elements(elements)
     lib = library if library is not None else load_library(cube)
     opts = _candidate_options(lib, len(zs), options)
@@ -613,7 +687,15 @@ def rank_table(
             ),
             stacklevel=2,
         )
-    result, selected = candidates(lib, za, opts, assignments=False)
+    if top is not None and top < 1:
+        raise AfpxError(f"top must be at least 1, got {top}")
+    pruned = None
+    if prune and top is not None:
+        pruned = top_candidates(lib, za, opts, top=top, tie_tolerance=tie_tolerance)
+    if pruned is not None:
+        result, selected = pruned.result, pruned.selected
+    else:
+        result, selected = candidates(lib, za, opts, assignments=False)
     if result.template.size == 0:
         raise AfpxError(
             f"no candidate uses every element: no template passes the options ({opts.to_attrs()})"
@@ -629,6 +711,12 @@ def rank_table(
         top=top,
         tie_tolerance=tie_tolerance,
     )
+    n_candidates = int(result.template.size)
+    if pruned is not None:
+        # the rows' ranks are exact; counts over templates not enumerated come from the census
+        rows["n_templates"] = pruned.n_templates(rows["counts"])
+        rows["n_compositions"] = np.asarray(pruned.n_compositions)
+        n_candidates = pruned.n_candidates
     cell = result.cell_counts(lib, rows["row"])
     assignment, score_again = best_assignments(
         lib, zs, rows["template"], cell, min_site_likelihood=opts.min_site_likelihood
@@ -646,8 +734,9 @@ def rank_table(
         {
             "n_compositions": int(rows["n_compositions"]),
             "elements": list(symbols),
-            "n_candidates": int(result.template.size),
+            "n_candidates": n_candidates,
             "n_templates": int(selected.size),
+            "n_templates_enumerated": int(selected.size if pruned is None else pruned.enumerated),
             "n_candidates_bruteforce": int(result.n_bruteforce),
             "n_dp_updates": int(result.n_dp_updates),
             "tie_rule": TIE_RULE.format(tol=tie_tolerance),
@@ -738,28 +827,28 @@ def to_frame(ranked: xr.Dataset) -> pd.DataFrame:
 def _assignment_text(
     lib: TemplateLibrary, templates: np.ndarray, assignment: np.ndarray, symbols: Sequence[str]
 ) -> np.ndarray:
-    """``"Mn 2a, Ge 4b"`` per row: element and site label of every unique site, in bulk."""
+    """``"Mn 2a, Ge 4b"`` per row: element and site label of every unique site, in bulk.
+
+    One format string per distinct template (its site labels), filled with
+    the element symbols of each of its rows.
+    """
     out = np.empty(templates.size, dtype=object)
     if templates.size == 0:
         return out
-    n = lib.n_unique_sites[templates]
-    rows = index_ranges(lib.site_start[templates], n)  # library site of every (row, site)
-    within = np.arange(rows.size) - np.repeat(np.cumsum(n) - n, n)
-    owner = np.repeat(np.arange(templates.size), n)
-    mult = lib.multiplicity[rows].astype(np.int64)
-    if lib.wyckoff is not None:
-        label = [f"{m}{w}" for m, w in zip(mult.tolist(), lib.wyckoff[rows].tolist(), strict=True)]
-    else:
-        label = [f"site{j + 1}×{m}" for j, m in zip(within.tolist(), mult.tolist(), strict=True)]
-    sym = np.asarray(list(symbols), dtype=object)[assignment[owner, within].astype(np.int64)]
-    last = np.zeros(rows.size, dtype=bool)
-    last[np.cumsum(n) - 1] = True
-    pieces = [
-        f"{e} {lab}" if end else f"{e} {lab}, "
-        for e, lab, end in zip(sym.tolist(), label, last.tolist(), strict=True)
-    ]
-    joined = np.add.reduceat(np.asarray(pieces, dtype=object), np.cumsum(n) - n)
-    out[:] = joined
+    sym = np.asarray(list(symbols), dtype=object)
+    order = np.argsort(templates, kind="stable")
+    cuts = np.flatnonzero(np.diff(templates[order])) + 1
+    for idx in np.split(order, cuts):
+        t = int(templates[idx[0]])
+        a, b = int(lib.site_start[t]), int(lib.site_start[t + 1])
+        mult = lib.multiplicity[a:b].tolist()
+        if lib.wyckoff is not None:
+            labels = [f"{m}{w}" for m, w in zip(mult, lib.wyckoff[a:b].tolist(), strict=True)]
+        else:
+            labels = [f"site{j + 1}×{m}" for j, m in enumerate(mult)]
+        fmt = ", ".join(f"%s {lab.replace('%', '%%')}" for lab in labels)
+        elements = sym[assignment[idx, : b - a].astype(np.int64)].tolist()
+        out[idx] = [fmt % tuple(row) for row in elements]
     return out
 
 

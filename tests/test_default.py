@@ -302,3 +302,115 @@ def test_shipped_default_ranks_li_mn_ge_from_the_command_line() -> None:
     # deeper in the top 100 are runs of compositions tied within the uint16 step)
     assert check["same_compositions"] and check["n_sets_top_changed"] <= 2
     assert check["max_rank_change_head"] <= 100
+
+
+# -----------------------------------------------------------------------------
+# format 2: one likelihood array per element, read when a ranking needs it
+# -----------------------------------------------------------------------------
+def _as_format_1(directory: Path) -> Path:
+    """Turn a packed (format 2) library into format 1: one (n_sites, 118) array."""
+    manifest = directory / "default_library.json"
+    meta = json.loads(manifest.read_text())
+    npz = directory / "default_library.npz"
+    qinfo = meta["layout"]["log_likelihood"]
+    with np.load(npz) as data:
+        raw = {k: data[k] for k in data.files}
+    cols = [raw.pop(qinfo["columns"].format(z=z)) for z in range(1, 119)]
+    if qinfo["shuffled"]:
+        cols = [afpx.default._unshuffle(c, qinfo["dtype"], [qinfo["n_sites"]]) for c in cols]
+    q = np.stack(cols, axis=1)
+    raw["log_likelihood"] = afpx.default._shuffle(q)
+    np.savez_compressed(npz, **raw)
+    meta["layout"]["arrays"]["log_likelihood"] = {
+        "dtype": q.dtype.str,
+        "shape": list(q.shape),
+        "shuffled": True,
+    }
+    meta["layout"]["log_likelihood"] = {
+        k: v for k, v in qinfo.items() if k not in ("columns", "dtype", "n_sites", "shuffled")
+    }
+    meta["format_version"] = 1
+    meta["files"] = {npz.name: {"sha256": afpx.datasets.sha256_of(npz), "bytes": 0}}
+    meta[MANIFEST_DIGEST_KEY] = manifest_digest(meta)
+    manifest.write_text(json.dumps(meta))
+    return manifest
+
+
+def test_format_1_is_refused_and_repacked_with_the_same_values(
+    library: TemplateLibrary, tmp_path: Path
+) -> None:
+    from afpx.default import repack_library
+
+    pack_library(library, tmp_path / "v2", quantise="uint16", check_sets=None)
+    want = np.asarray(load_library(tmp_path / "v2" / "default_library.json").log_likelihood)
+    pack_library(library, tmp_path / "v1", quantise="uint16", check_sets=None)
+    manifest = _as_format_1(tmp_path / "v1")
+    with pytest.raises(AfpxError, match=r"format version 1.*repack_library\("):
+        load_library(manifest)
+    meta = repack_library(manifest, tmp_path / "again")
+    assert meta["format_version"] == 2 and meta["repacked_from"]["format_version"] == 1
+    got = load_library(tmp_path / "again" / "default_library.json")
+    _same(library, got)
+    assert np.array_equal(np.asarray(got.log_likelihood), want)
+    # in place, and only format 1
+    repack_library(manifest)
+    load_library(manifest)
+    with pytest.raises(AfpxError, match="only format 1 is repacked"):
+        repack_library(manifest)
+    with pytest.raises(AfpxError, match="cannot read manifest"):
+        repack_library(tmp_path / "none.json")
+    (tmp_path / "x.json").write_text("[]")
+    with pytest.raises(AfpxError, match="not an afpx template library manifest"):
+        repack_library(tmp_path / "x.json")
+    meta = json.loads(manifest.read_text())
+    meta["format_version"] = 1
+    manifest.write_text(json.dumps(meta))
+    with pytest.raises(AfpxError, match="was changed since it was packed"):
+        repack_library(manifest)
+
+
+@pytest.mark.filterwarnings("ignore::afpx.AfpxWarning")  # elements the test library lacks
+def test_a_ranking_reads_only_its_elements_columns(
+    library: TemplateLibrary, tmp_path: Path
+) -> None:
+    from afpx.templates.library import LazyLogLikelihood
+
+    pack_library(library, tmp_path, quantise="uint16", check_sets=None)
+    loaded = load_library(tmp_path / "default_library.json")
+    lazy = loaded.log_likelihood
+    assert isinstance(lazy, LazyLogLikelihood) and lazy.shape == (loaded.n_sites, 118)
+    rank([MN, GE], library=loaded, top=3)
+    assert "columns read=2)" in repr(lazy)
+    # columns equal the same columns of the whole array, read once
+    part = lazy[:, [GE - 1, MN - 1]]
+    assert lazy[:, MN - 1].shape == (loaded.n_sites,)
+    whole = np.asarray(lazy)
+    assert np.array_equal(part, whole[:, [GE - 1, MN - 1]])
+    assert np.array_equal(lazy[3:5], whole[3:5]) and len(lazy) == loaded.n_sites
+    assert np.array_equal(lazy.astype(np.float64), whole.astype(np.float64))
+    assert np.array_equal(lazy - whole, np.zeros_like(whole))
+    assert np.array_equal(whole - lazy, np.zeros_like(whole))
+    assert "columns read=118" in repr(lazy)
+
+
+def test_bad_likelihood_columns_are_refused(library: TemplateLibrary, tmp_path: Path) -> None:
+    from afpx.templates.library import LazyLogLikelihood
+
+    short = LazyLogLikelihood(5, lambda z: np.zeros(4, dtype=np.float32))
+    with pytest.raises(AfpxError, match=r"column of Z = 3 has shape \(4,\), expected \(5,\)"):
+        short[:, 2]
+    pack_library(library, tmp_path, quantise="uint16", check_sets=None)
+    manifest = tmp_path / "default_library.json"
+    meta = json.loads(manifest.read_text())
+    meta["layout"]["log_likelihood"]["n_sites"] += 1
+    meta[MANIFEST_DIGEST_KEY] = manifest_digest(meta)
+    manifest.write_text(json.dumps(meta))
+    with pytest.raises(AfpxError, match="log_likelihood columns have"):
+        load_library(manifest)
+    # a column missing from the archive is named at load
+    meta["layout"]["log_likelihood"]["n_sites"] -= 1
+    meta["layout"]["log_likelihood"]["columns"] = "likelihood_of_{z}"
+    meta[MANIFEST_DIGEST_KEY] = manifest_digest(meta)
+    manifest.write_text(json.dumps(meta))
+    with pytest.raises(AfpxError, match=r"lacks \['likelihood_of_1"):
+        load_library(manifest)

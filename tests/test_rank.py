@@ -20,6 +20,7 @@ from _rank_helpers import (
     cube_with_likelihood,
     hand_library,
     library_from_sites,
+    random_library,
 )
 from click.testing import CliRunner
 from hypothesis import given, settings
@@ -28,11 +29,14 @@ from hypothesis import strategies as st
 from afpx import AfpxError, AfpxWarning
 from afpx.cli import main
 from afpx.rank import (
+    DEFAULT_TIE_TOLERANCE,
+    RankTable,
     candidate_structure,
     export_cifs,
     parse_elements,
     rank,
     rank_compositions,
+    rank_table,
     tie_ranks,
     to_frame,
 )
@@ -398,7 +402,7 @@ def test_export_more_errors(cod_library: TemplateLibrary) -> None:
 @given(seed=st.integers(0, 2**32 - 1))
 def test_rank_formula_equals_brute_force(seed: int) -> None:
     """Every template's best candidate of the composition, scored and ranked exactly."""
-    from _rank_helpers import naive_candidates, random_library
+    from _rank_helpers import naive_candidates
 
     from afpx.rank import rank_formula
     from afpx.templates import reduce_rows, tie_ranks
@@ -472,3 +476,110 @@ def test_an_empty_element_is_refused_not_skipped() -> None:
             parse_elements(bad)
     assert parse_elements("Li Mn Ge") == [3, 25, 32]
     assert parse_elements("Li, Mn, Ge") == [3, 25, 32]
+
+
+# -----------------------------------------------------------------------------
+# pruning by upper bounds: the same table as enumerating every template
+# -----------------------------------------------------------------------------
+def _same_table(a: RankTable, b: RankTable) -> None:
+    assert a.attrs["n_compositions"] == b.attrs["n_compositions"]
+    assert a.attrs["n_candidates"] == b.attrs["n_candidates"]
+    assert set(a.variables) == set(b.variables)
+    for name, (dims, values) in a.variables.items():
+        assert dims == b.variables[name][0], name
+        np.testing.assert_array_equal(values, b.variables[name][1], err_msg=name)
+
+
+@pytest.mark.filterwarnings("ignore::afpx.AfpxWarning")  # random z: untrained elements
+@settings(max_examples=25, deadline=None)
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    k=st.integers(2, 4),
+    top=st.integers(1, 8),
+    ties=st.booleans(),
+    tol=st.sampled_from([DEFAULT_TIE_TOLERANCE, 0.02, 0.1]),
+)
+def test_pruned_equals_unpruned(seed: int, k: int, top: int, ties: bool, tol: float) -> None:
+    from afpx.templates import pruning
+
+    rng = np.random.default_rng(seed)
+    lib = random_library(rng, 40, max_sites=6 if k < 4 else 5, ties=ties)
+    zs = rng.choice(np.arange(1, 119), k, replace=False).tolist()
+    full = rank_table(zs, library=lib, top=top, prune=False, tie_tolerance=tol)
+    # enumerate as few templates as possible first, so that pruning really prunes
+    saved = pruning.FIRST_BATCH, pruning.PER_ROW
+    pruning.FIRST_BATCH, pruning.PER_ROW = 1, 1  # type: ignore[misc]
+    try:
+        pruned = rank_table(zs, library=lib, top=top, tie_tolerance=tol)
+    finally:
+        pruning.FIRST_BATCH, pruning.PER_ROW = saved  # type: ignore[misc]
+    _same_table(pruned, full)
+    assert pruned.attrs["n_templates_enumerated"] <= full.attrs["n_templates_enumerated"]
+
+
+@pytest.mark.filterwarnings("ignore::afpx.AfpxWarning")  # random z: untrained elements
+def test_pruning_declines_options_that_filter_by_score() -> None:
+    from afpx.templates import CandidateOptions
+    from afpx.templates.pruning import prunable, top_candidates
+
+    rng = np.random.default_rng(5)
+    lib = random_library(rng, 30, max_sites=5)
+    zs = np.asarray([MN, GE, LI])
+    for opts in (
+        CandidateOptions(min_likelihood=1e-6),
+        CandidateOptions(min_site_likelihood=0.1),
+        CandidateOptions(exclude_own_formula=True),
+    ):
+        assert not prunable(opts)
+        assert top_candidates(lib, zs, opts, top=3, tie_tolerance=1e-9) is None
+    # asking for every row: nothing to prune
+    n = rank_table(zs.tolist(), library=lib, top=None).attrs["n_compositions"]
+    assert top_candidates(lib, zs, CandidateOptions(), top=n, tie_tolerance=1e-9) is None
+    assert top_candidates(lib, zs, CandidateOptions(), top=3, tie_tolerance=1e-9) is not None
+    # with such an option, the ranking is still exact (everything enumerated)
+    a = rank_table(zs.tolist(), library=lib, top=3, min_likelihood=1e-9)
+    b = rank_table(zs.tolist(), library=lib, top=3, min_likelihood=1e-9, prune=False)
+    _same_table(a, b)
+
+
+@pytest.mark.filterwarnings("ignore::afpx.AfpxWarning")  # random z: untrained elements
+def test_rank_table_is_thread_safe() -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    rng = np.random.default_rng(11)
+    lib = random_library(rng, 300, max_sites=5)
+    sets = [rng.choice(np.arange(1, 119), 3, replace=False).tolist() for _ in range(12)]
+    other = random_library(np.random.default_rng(11), 300, max_sites=5)  # a separate cache
+    alone = [rank_table(zs, library=other, top=5) for zs in sets]
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(lambda zs: rank_table(zs, library=lib, top=5), sets))
+    for a, b in zip(together, alone, strict=True):
+        _same_table(a, b)
+
+
+def test_csv_and_json_rows_equal_the_standard_writers(hand: TemplateLibrary) -> None:
+    import csv
+    import io
+
+    table = rank_table([MN, GE], library=hand, top=None, known=True)
+    # awkward values: quotes, commas, new lines, non-ASCII, a NaN and an infinity
+    ids = table.variables["structure_id"][1].copy()
+    ids[0], ids[-1] = 'a "quoted", id', "line\nbreak é"
+    table.variables["structure_id"] = (table.variables["structure_id"][0], ids)
+    score = table.variables["score"][1].astype(np.float64)
+    score[0], score[-1] = np.nan, np.inf
+    table.variables["score"] = (table.variables["score"][0], score)
+    cols = {n: v.tolist() for n, v in table.columns().items()}
+    rows = list(zip(*cols.values(), strict=True))
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(list(cols))
+    writer.writerows(rows)
+    assert table.to_csv() == buf.getvalue()
+    encode = json.JSONEncoder().encode
+    assert table.json_rows() == [encode(dict(zip(cols, r, strict=True))) for r in rows]
+    # object columns holding numpy scalars or other objects: their value, or their text
+    obj = np.asarray([np.int64(3), Path("x")], dtype=object)
+    odd = RankTable([MN, GE], ["Mn", "Ge"], {"rank": (("composition",), obj)})
+    assert odd.json_rows() == ['{"rank": 3}', '{"rank": "x"}']
+    assert odd.to_csv() == "rank\n3\nx\n"

@@ -587,3 +587,70 @@ def test_rank_path_imports_no_xarray_pandas_dask_pymatgen_or_torch() -> None:
         [sys.executable, "-c", script], capture_output=True, text=True, check=True
     ).stdout
     assert out.strip() == ""
+
+
+# -----------------------------------------------------------------------------
+# census and upper bounds (what pruning relies on)
+# -----------------------------------------------------------------------------
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), k=st.integers(1, 4))
+def test_census_equals_enumeration(seed: int, k: int) -> None:
+    from afpx.templates import reduce_compositions
+    from afpx.templates.census import census
+
+    rng = np.random.default_rng(seed)
+    lib = random_library(rng, 15, max_sites=6 if k < 4 else 5)
+    zs = rng.choice(np.arange(1, 119), k, replace=False).tolist()
+    ds = best_candidates(lib, zs, assignments=False)
+    cen = census(lib, k)
+    assert cen is not None and census(lib, k) is cen  # cached
+    templates = rng.permutation(lib.n_templates)[: rng.integers(1, lib.n_templates + 1)]
+    keep = np.isin(ds.template.values, templates)
+    counts = ds.counts.values[keep]
+    inverse, unique = reduce_compositions(counts)
+    assert cen.n_compositions(templates) == unique.shape[0]
+    assert cen.n_candidates(templates) == counts.shape[0]
+    per = np.bincount(inverse, minlength=unique.shape[0])
+    assert cen.n_templates(templates, unique).tolist() == per.tolist()
+    # a composition no template takes (too many atoms) counts zero templates
+    if k > 1:
+        absent = np.asarray([[10**6] + [1] * (k - 1)])
+        assert cen.n_templates(templates, absent).tolist() == [0]
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), k=st.integers(1, 4))
+def test_upper_bounds_bound_every_candidate(seed: int, k: int) -> None:
+    from afpx.templates import CandidateOptions
+    from afpx.templates.candidates import upper_bounds
+    from afpx.templates.plan import site_log_likelihood
+
+    rng = np.random.default_rng(seed)
+    lib = random_library(rng, 15, max_sites=6 if k < 4 else 5, ties=bool(seed % 2))
+    zs = rng.choice(np.arange(1, 119), k, replace=False)
+    ds = best_candidates(lib, zs.tolist(), assignments=False)
+    logl = site_log_likelihood(lib, zs, CandidateOptions().min_site_likelihood)
+    ub = upper_bounds(logl, lib, np.arange(lib.n_templates))
+    best = np.full(lib.n_templates, -np.inf)
+    np.maximum.at(best, ds.template.values, ds.log_score.values)
+    has = np.isfinite(best)
+    assert (best[has] <= ub[has]).all()
+    # the bound is reached when every element is best on a site of its own
+    assert upper_bounds(logl, lib, np.zeros(0, dtype=np.int64)).size == 0
+
+
+def test_row_filter() -> None:
+    from afpx.templates.compositions import RowFilter
+
+    keep = RowFilter.of(np.asarray([0, 2, 2]), np.asarray([[1, 2], [3, 1], [3, 1]]))
+    t = np.asarray([0, 2, 2, 1, 9])
+    c = np.asarray([[1, 2], [3, 1], [1, 3], [1, 2], [1, 2]])
+    assert keep.contains(t, c).tolist() == [True, True, False, False, False]
+    empty = RowFilter.of(np.zeros(0, dtype=np.int64), np.zeros((0, 2), dtype=np.int64))
+    assert not empty.contains(t, c).any()
+    # counts too large for one int64 code: a set of rows, the same answers
+    big = RowFilter.of(np.asarray([0, 5]), np.asarray([[2**40, 1], [1, 2]]))
+    assert big.rows is not None
+    t = np.asarray([0, 5, 0])
+    c = np.asarray([[2**40, 1], [1, 2], [1, 2]])
+    assert big.contains(t, c).tolist() == [True, True, False]

@@ -141,25 +141,16 @@ def rank_command(
 
 def render(table: Any, fmt: str) -> str:
     """A :class:`afpx.rank.RankTable` as text, CSV or JSON (no pandas: a fast cold start)."""
-    cols = {name: values.tolist() for name, values in table.columns().items()}
-    names = list(cols)
-    rows = list(zip(*cols.values(), strict=True))
     attrs = table.attrs
     if fmt == "csv":
-        import csv
-        import io
-
-        buf = io.StringIO()
-        writer = csv.writer(buf, lineterminator="\n")
-        writer.writerow(names)
-        writer.writerows(rows)
-        return buf.getvalue()
+        return str(table.to_csv())  # written column by column
     if fmt == "json":
-        # one compact row per line: the C encoder (an indent would use the slow Python one)
+        # one compact row per line, encoded column by column
         head = json.dumps({"elements": attrs["elements"], "attrs": _jsonable(attrs)}, indent=1)
-        encode = json.JSONEncoder(default=_json_default).encode
-        body = ",\n".join(encode(dict(zip(names, r, strict=True))) for r in rows)
+        body = ",\n".join(table.json_rows())
         return f'{head[:-2]},\n "rows": [\n{body}\n ]\n}}\n'
+    cols = {name: values.tolist() for name, values in table.columns().items()}
+    rows = list(zip(*cols.values(), strict=True))
 
     has_known = "known" in cols
     header = ["rank", "formula", "score", "template", "template formula", "sg"]
@@ -197,12 +188,6 @@ def render(table: Any, fmt: str) -> str:
         + ("template" if "formula" in attrs else "formula")
     )
     return "\n".join(out) + "\n"
-
-
-def _json_default(value: Any) -> Any:
-    # numpy scalars that tolist() left (object columns) and non-finite floats
-    item = getattr(value, "item", None)
-    return item() if callable(item) else str(value)
 
 
 def _jsonable(value: Any) -> Any:

@@ -17,7 +17,12 @@ Modules, each one thing:
 * :mod:`~afpx.templates.plan` — which template goes to which method, cached
   per (k, templates) and shared by every element set, model and baseline;
 * :mod:`~afpx.templates.candidates` — :func:`best_candidates`,
-  :func:`best_assignments` (what ``afpx rank`` calls);
+  :func:`best_assignments` (what ``afpx rank`` calls), per-template
+  :func:`upper_bounds`;
+* :mod:`~afpx.templates.census` — which compositions each template can take,
+  whatever the scores (:func:`census`);
+* :mod:`~afpx.templates.pruning` — :func:`top_candidates`: only the templates
+  that can reach the rows asked for, exactly;
 * :mod:`~afpx.templates.counting` — thresholded and counting variants
   (what ``afpx evaluate`` calls for Test 1 and Test 2);
 * :mod:`~afpx.templates.ties` — the one tie rule, :func:`tie_ranks`.
@@ -46,14 +51,25 @@ from afpx.templates.candidates import (
     best_assignments,
     best_candidates,
     candidates,
+    enumerate_candidates,
+    select_templates,
+    upper_bounds,
 )
+from afpx.templates.census import Census, census
 from afpx.templates.compositions import (
+    RowFilter,
     composition_index,
     reduce_compositions,
     reduce_rows,
     reduced_formulas,
 )
-from afpx.templates.library import LIKELIHOOD_FLOOR, TemplateGeometry, TemplateLibrary
+from afpx.templates.library import (
+    LIKELIHOOD_FLOOR,
+    LazyLogLikelihood,
+    TemplateGeometry,
+    TemplateLibrary,
+)
+from afpx.templates.pruning import TopCandidates, top_candidates
 from afpx.templates.result import CandidateResult
 from afpx.templates.ties import DEFAULT_TIE_TOLERANCE, TIE_RULE, TieRanks, tie_ranks, tie_width
 from afpx.templates.util import check_elements, element_symbol, element_symbols
@@ -78,19 +94,28 @@ __all__ = [
     "TIE_RULE",
     "CandidateOptions",
     "CandidateResult",
+    "Census",
+    "LazyLogLikelihood",
+    "RowFilter",
     "TemplateGeometry",
     "TemplateLibrary",
     "TieRanks",
+    "TopCandidates",
     "best_assignments",
     "best_candidates",
     "candidates",
+    "census",
     "check_elements",
     "composition_index",
     "element_symbol",
     "element_symbols",
+    "enumerate_candidates",
     "reduce_compositions",
     "reduce_rows",
     "reduced_formulas",
+    "select_templates",
     "tie_ranks",
     "tie_width",
+    "top_candidates",
+    "upper_bounds",
 ]

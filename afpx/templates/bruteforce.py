@@ -16,6 +16,7 @@ from typing import Final
 
 import numpy as np
 
+from afpx.templates.compositions import RowFilter
 from afpx.templates.result import CandidateResult
 
 __all__ = [
@@ -126,9 +127,17 @@ def bruteforce_group(
 
 
 def bruteforce_best(
-    logl: np.ndarray, grp: BruteForceGroup, k: int, *, assignments: bool
+    logl: np.ndarray,
+    grp: BruteForceGroup,
+    k: int,
+    *,
+    assignments: bool,
+    only: RowFilter | None = None,
 ) -> CandidateResult:
-    """Enumerate every surjective assignment of a group of templates."""
+    """Enumerate every surjective assignment of a group of templates.
+
+    ``only`` (library templates, counts in reduced units) keeps just those candidates.
+    """
     A = grp.assign
     T, n = grp.rows.shape
     L = logl[grp.rows]  # (T, n, k)
@@ -144,6 +153,8 @@ def bruteforce_best(
     seg_of = np.repeat(np.arange(grp.seg_start.size), seg_len)[pos]
     first = pos[np.r_[True, seg_of[1:] != seg_of[:-1]]]
     ok = np.isfinite(best)
+    if only is not None:
+        ok &= only.contains(grp.templates[grp.seg_template], grp.seg_counts)
     a = grp.perm[first[ok]] % A.shape[0]
     tl = grp.seg_template[ok]
     return CandidateResult(

@@ -19,17 +19,25 @@ import numpy as np
 
 from afpx import AfpxError, schema
 from afpx.templates.bruteforce import bruteforce_best
-from afpx.templates.compositions import reduce_compositions, reduced_formulas
+from afpx.templates.compositions import RowFilter, reduce_compositions, reduced_formulas
 from afpx.templates.library import TemplateLibrary, own_counts
 from afpx.templates.maxplus import maxplus_best
 from afpx.templates.plan import plan_for, site_log_likelihood
 from afpx.templates.result import CandidateResult
-from afpx.templates.util import check_elements, element_symbol, jsonable
+from afpx.templates.util import check_elements, element_symbol, index_ranges, jsonable
 
 if TYPE_CHECKING:
     import xarray as xr
 
-__all__ = ["CandidateOptions", "best_assignments", "best_candidates", "candidates"]
+__all__ = [
+    "CandidateOptions",
+    "best_assignments",
+    "best_candidates",
+    "candidates",
+    "enumerate_candidates",
+    "select_templates",
+    "upper_bounds",
+]
 
 # -- names of the candidate dataset (ranking output; not cube variables) ------
 CANDIDATE: Final = "candidate"
@@ -230,7 +238,16 @@ def best_assignments(
     c = np.asarray(counts, dtype=np.int64).reshape(t.size, zs.size)
     uniq = np.unique(t)
     opts = CandidateOptions(min_site_likelihood=min_site_likelihood)
-    res = _enumerate(library, zs, uniq, opts, assignments=True)
+    g = library.reduced_multiplicities[0][t]
+    if c.size and np.any(c % g[:, None]):
+        bad = int(np.flatnonzero((c % g[:, None]).any(axis=1))[0])
+        raise AfpxError(
+            f"template {int(t[bad])} has no candidate with counts {c[bad].tolist()} "
+            "that uses every element"
+        )
+    # backtrack only the rows asked for, in bulk
+    only = RowFilter.of(t, c // g[:, None])
+    res = enumerate_candidates(library, zs, uniq, opts, assignments=True, cache=False, only=only)
     width = int(library.n_unique_sites[uniq].max()) if uniq.size else 0
     out = np.full((t.size, width), -1, dtype=np.int8)
     score = np.full(t.size, np.nan)
@@ -267,8 +284,8 @@ def candidates(
     assignments: bool,
 ) -> tuple[CandidateResult, np.ndarray]:
     """Enumerate, then apply the candidate-level options; also return the templates used."""
-    selected = _select_templates(library, zs.size, opts)
-    result = _enumerate(library, zs, selected, opts, assignments=assignments)
+    selected = select_templates(library, zs.size, opts)
+    result = enumerate_candidates(library, zs, selected, opts, assignments=assignments)
     if opts.exclude_own_formula and result.template.size:
         own = own_counts(library, zs)[result.template]
         keep = ~(own == result.cell_counts(library)).all(axis=1)
@@ -281,7 +298,8 @@ def candidates(
     return result, selected
 
 
-def _select_templates(library: TemplateLibrary, k: int, opts: CandidateOptions) -> np.ndarray:
+def select_templates(library: TemplateLibrary, k: int, opts: CandidateOptions) -> np.ndarray:
+    """Library indices (ascending) of the templates that ``opts`` lets a set of k elements use."""
     keep = library.n_unique_sites >= k
     if opts.max_unique_sites is not None:
         keep &= library.n_unique_sites <= opts.max_unique_sites
@@ -302,21 +320,66 @@ def _normalise_formula(formula: str) -> str:
         raise AfpxError(f"cannot read formula {formula!r}: {exc}") from exc
 
 
-def _enumerate(
+def upper_bounds(logl: np.ndarray, library: TemplateLibrary, templates: np.ndarray) -> np.ndarray:
+    """An upper bound on the log score of every candidate of each template.
+
+    Every site taking its best element gives ``sum_s max_e log p_{s,e}``; every
+    element must also sit on a site of its own, which costs at least
+    ``min_s (max_e' log p_{s,e'} - log p_{s,e})`` per element (the sites are
+    distinct, the losses add up). The bound is that sum less those costs.
+
+    Parameters
+    ----------
+    logl : ndarray of shape (n_sites + 1, k)
+        From :func:`~afpx.templates.plan.site_log_likelihood` (every entry finite).
+    library : TemplateLibrary
+    templates : ndarray of shape (T,), int
+
+    Returns
+    -------
+    ndarray of shape (T,), float64
+        Raised by a relative 1e-9 so that the rounding of a candidate's sum
+        (taken in another order) never crosses it.
+    """
+    start, n = library.site_start, library.n_unique_sites
+    if templates.size == 0:
+        return np.zeros(0)
+    nt = n[templates]
+    rows = index_ranges(start[templates], nt)
+    sub = logl[rows]
+    best = sub.max(axis=1)
+    first = np.concatenate([[0], np.cumsum(nt)[:-1]])
+    loss = np.minimum.reduceat(best[:, None] - sub, first, axis=0)
+    ub = np.add.reduceat(best, first) - loss.sum(axis=1)
+    return ub + 1e-9 * np.maximum(1.0, np.abs(ub))
+
+
+def enumerate_candidates(
     library: TemplateLibrary,
     zs: np.ndarray,
     templates: np.ndarray,
     opts: CandidateOptions,
     *,
     assignments: bool,
+    cache: bool = True,
+    only: RowFilter | None = None,
 ) -> CandidateResult:
+    """Best candidate of every (template, counts) of ``templates`` (no candidate-level options).
+
+    ``cache=False`` builds the plan without keeping it (for one-off subsets of
+    templates); ``only`` (templates, counts in units of the template's
+    multiplicity gcd) keeps just those candidates, so that backtracking their
+    assignments costs only what was asked for.
+    """
     k = zs.size
-    plan = plan_for(library, k, templates)
+    plan = plan_for(library, k, templates, cache=cache)
     logl = site_log_likelihood(library, zs, opts.min_site_likelihood)
     width = int(library.n_unique_sites[templates].max()) if templates.size else 0
 
-    parts = [bruteforce_best(logl, grp, k, assignments=assignments) for grp in plan.bruteforce]
-    parts += [maxplus_best(logl, blk, k, assignments=assignments) for blk in plan.dp]
+    parts = [
+        bruteforce_best(logl, grp, k, assignments=assignments, only=only) for grp in plan.bruteforce
+    ]
+    parts += [maxplus_best(logl, blk, k, assignments=assignments, only=only) for blk in plan.dp]
     if not parts:
         return CandidateResult(
             np.zeros(0, np.int64),

@@ -395,3 +395,44 @@ def rank_candidates(
     group = np.repeat(np.arange(starts.size), sizes)[pos]
     first = pos[np.r_[True, group[1:] != group[:-1]]]
     return CompositionRanking(red[order[starts]], best, best_t, rows[order[first]])
+
+
+@dataclass(frozen=True, eq=False)
+class RowFilter:
+    """A set of (template, counts) rows, to keep just those candidates of an enumeration.
+
+    Build with :meth:`of`; :meth:`contains` tests many rows at once: one int64
+    code per row (template, then counts in base ``max count + 1``) and a
+    binary search, or a set of tuples when the codes would not fit 62 bits.
+    """
+
+    codes: np.ndarray  # sorted, unique
+    base: int
+    rows: frozenset[tuple[int, ...]] | None = None  # when codes do not fit
+
+    @classmethod
+    def of(cls, templates: np.ndarray, counts: np.ndarray) -> RowFilter:
+        t = np.asarray(templates, dtype=np.int64)
+        c = np.asarray(counts, dtype=np.int64)
+        c = c.reshape(t.size, c.shape[-1])
+        base = int(c.max(initial=0)) + 1
+        top = int(t.max(initial=0)) + 1
+        if math.log2(top) + c.shape[1] * math.log2(max(base, 2)) >= 62:
+            rows = np.concatenate([t[:, None], c], axis=1)
+            return cls(np.zeros(0, dtype=np.int64), base, frozenset(map(tuple, rows.tolist())))
+        codes = t * base ** c.shape[1] + row_codes(c, base)
+        return cls(np.unique(codes), base)
+
+    def contains(self, templates: np.ndarray, counts: np.ndarray) -> np.ndarray:
+        t = np.asarray(templates, dtype=np.int64)
+        c = np.asarray(counts, dtype=np.int64)
+        c = c.reshape(t.size, c.shape[-1])
+        if self.rows is not None:
+            rows = np.concatenate([t[:, None], c], axis=1).tolist()
+            return np.asarray([tuple(r) in self.rows for r in rows], dtype=bool)
+        if self.codes.size == 0:
+            return np.zeros(t.size, dtype=bool)
+        inside = np.asarray((c < self.base).all(axis=1))
+        codes = t * self.base ** c.shape[1] + row_codes(np.where(inside[:, None], c, 0), self.base)
+        pos = np.minimum(np.searchsorted(self.codes, codes), self.codes.size - 1)
+        return inside & (self.codes[pos] == codes)

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable, Mapping, Sequence
+import threading
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Final
 
@@ -16,7 +17,13 @@ from afpx.templates.util import check_elements, index_ranges, jsonable
 if TYPE_CHECKING:
     import xarray as xr
 
-__all__ = ["LIKELIHOOD_FLOOR", "TemplateGeometry", "TemplateLibrary", "own_counts"]
+__all__ = [
+    "LIKELIHOOD_FLOOR",
+    "LazyLogLikelihood",
+    "TemplateGeometry",
+    "TemplateLibrary",
+    "own_counts",
+]
 
 #: Likelihoods are clipped to at least this before taking logs (a float32
 #: sigmoid can underflow to exactly 0; the log of the floor is -69.1).
@@ -115,6 +122,94 @@ class TemplateGeometry:
             atom_start=np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
             frac_coords=np.concatenate(frac) if frac else np.zeros((0, 3)),
             numbers=np.concatenate(nums) if nums else np.zeros(0, dtype=np.int16),
+        )
+
+
+class LazyLogLikelihood:
+    """(n_sites, 118) log-likelihoods read one element column at a time, on first use.
+
+    What the packed default library hands to :class:`TemplateLibrary`: ranking
+    an element set reads only its k columns (``[:, columns]``); anything else
+    (``numpy.asarray``, other indexing, arithmetic) reads every column once and
+    keeps the whole array. Columns are cached; safe to share between threads.
+
+    Parameters
+    ----------
+    n_sites : int
+    read : callable
+        ``read(z) -> ndarray of shape (n_sites,)``: the column of atomic number z.
+    dtype : numpy dtype
+        What ``read`` returns.
+    """
+
+    def __init__(
+        self, n_sites: int, read: Callable[[int], np.ndarray], dtype: Any = np.float32
+    ) -> None:
+        self.shape: tuple[int, int] = (int(n_sites), schema.N_ELEMENTS)
+        self.dtype = np.dtype(dtype)
+        self.ndim = 2
+        self._read = read
+        self._columns: dict[int, np.ndarray] = {}
+        self._full: np.ndarray | None = None
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def columns(self, index: np.ndarray) -> np.ndarray:
+        """(n_sites, len(index)) the columns ``index`` (0-based, ``Z - 1``)."""
+        idx = np.asarray(index, dtype=np.int64).reshape(-1)
+        if self._full is not None:
+            return self._full[:, idx]
+        with self._lock:
+            for c in np.unique(idx).tolist():
+                if c not in self._columns:
+                    col = np.asarray(self._read(c + 1), dtype=self.dtype)
+                    if col.shape != (self.shape[0],):
+                        raise AfpxError(
+                            f"log-likelihood column of Z = {c + 1} has shape {col.shape}, "
+                            f"expected ({self.shape[0]},)"
+                        )
+                    self._columns[c] = col
+        out = np.empty((self.shape[0], idx.size), dtype=self.dtype)
+        for j, c in enumerate(idx.tolist()):
+            out[:, j] = self._columns[c]
+        return out
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        if (
+            isinstance(key, tuple)
+            and len(key) == 2
+            and isinstance(key[0], slice)
+            and key[0] == slice(None)
+        ):
+            picked = np.arange(schema.N_ELEMENTS)[key[1]]
+            if np.ndim(picked) == 0:
+                return self.columns(np.asarray([picked]))[:, 0]
+            return self.columns(picked)
+        return np.asarray(self)[key]
+
+    def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
+        if self._full is None:
+            full = self.columns(np.arange(schema.N_ELEMENTS))
+            with self._lock:
+                self._full = full
+                self._columns.clear()
+        return self._full if dtype is None else self._full.astype(dtype)
+
+    def astype(self, dtype: Any, **kwargs: Any) -> np.ndarray:
+        return np.asarray(self).astype(dtype, **kwargs)
+
+    def __sub__(self, other: Any) -> np.ndarray:
+        return np.asarray(self) - other
+
+    def __rsub__(self, other: Any) -> np.ndarray:
+        return other - np.asarray(self)
+
+    def __repr__(self) -> str:
+        return (
+            f"LazyLogLikelihood(shape={self.shape}, dtype={self.dtype}, "
+            f"columns read={len(self._columns) if self._full is None else self.shape[1]})"
         )
 
 

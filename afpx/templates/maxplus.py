@@ -19,6 +19,7 @@ from typing import Final
 import numpy as np
 
 from afpx import AfpxError
+from afpx.templates.compositions import RowFilter
 from afpx.templates.result import CandidateResult
 from afpx.templates.util import index_ranges
 
@@ -152,7 +153,14 @@ def dp_block(
     return DPBlock(templates, slot, real, m, bound, tuple(shifts), total[templates])
 
 
-def maxplus_best(logl: np.ndarray, blk: DPBlock, k: int, *, assignments: bool) -> CandidateResult:
+def maxplus_best(
+    logl: np.ndarray,
+    blk: DPBlock,
+    k: int,
+    *,
+    assignments: bool,
+    only: RowFilter | None = None,
+) -> CandidateResult:
     """Max-plus programme over count vectors for a block of templates.
 
     Tables are state-major, shape ``(p + 1, ..., p + 1, T)`` (``k - 1`` count
@@ -162,6 +170,10 @@ def maxplus_best(logl: np.ndarray, blk: DPBlock, k: int, *, assignments: bool) -
     this step has another multiplicity take part with a log-likelihood of
     -inf, so one slice serves every template with that ``u``. Tables live in
     two reused buffers (or fresh arrays when kept for backtracking).
+
+    ``only`` (library templates, counts in reduced units) keeps just those
+    candidates (the others are dropped before backtracking, which then costs
+    only what the rows asked for).
     """
     d = k - 1
     T, npad = blk.slot.shape
@@ -201,6 +213,8 @@ def maxplus_best(logl: np.ndarray, blk: DPBlock, k: int, *, assignments: bool) -
     flat, tl, counts = _dp_states(blk, k, V.shape)
     score = V.reshape(-1)[flat]
     ok = np.isfinite(score)
+    if only is not None:
+        ok &= only.contains(blk.templates[tl], counts)
     if not ok.all():
         tl, counts, score = tl[ok], counts[ok], score[ok]
     assign = None
@@ -364,6 +378,7 @@ def _backtrack(
 
     The forward pass computed each table entry as the maximum of exactly the
     float sums recomputed here, so an optimal predecessor matches with ``==``.
+    Predecessors are looked up by flat index, one count column at a time.
     """
     d = k - 1
     N = tl.size
@@ -373,27 +388,40 @@ def _backtrack(
     val = score.copy()
     for s in range(npad - 1, -1, -1):
         prev = tables[s]
+        flat_prev = prev.reshape(-1)
         p_prev = prev.shape[0] - 1 if d else 0
+        T = prev.shape[-1]
+        stride = [T * (p_prev + 1) ** (d - 1 - j) for j in range(d)]
+        ms = m[tl, s]
+        fits = [c[:, j] <= p_prev for j in range(d)]
+        flat = tl.copy()
+        for j in range(d):
+            flat += c[:, j] * stride[j]
         chosen = np.full(N, -1, dtype=np.int64)
         best_val = np.full(N, np.nan)
         # the forward pass's order: last element first
         for e in [d, *range(d)]:
-            cp = c.copy()
+            inside = np.ones(N, dtype=bool) if e < d else chosen < 0
+            for j in range(d):
+                if j != e:
+                    inside &= fits[j]
             if e < d:
-                cp[:, e] -= m[tl, s]
-            inside = (cp >= 0).all(axis=1) & (cp <= p_prev).all(axis=1)
-            todo = np.flatnonzero((chosen < 0) & inside)
+                col = c[:, e] - ms
+                inside &= (chosen < 0) & (col >= 0) & (col <= p_prev)
+            todo = np.flatnonzero(inside)
             if todo.size == 0:
                 continue
-            before = prev[(*cp[todo].T, tl[todo])]
-            hit = todo[before + L[s, e, tl[todo]] == val[todo]]
+            at = flat[todo] if e == d else flat[todo] - ms[todo] * stride[e]
+            before = flat_prev[at]
+            ok = before + L[s, e, tl[todo]] == val[todo]
+            hit = todo[ok]
             chosen[hit] = e
-            best_val[hit] = prev[(*cp[hit].T, tl[hit])]
+            best_val[hit] = before[ok]
         if np.any(chosen < 0):  # pragma: no cover - would be a bug in the forward pass
             raise AssertionError("backtracking found no optimal predecessor")
         move = np.flatnonzero(chosen < d)
         if d:
-            c[move, chosen[move]] -= m[tl[move], s]
+            c[move, chosen[move]] -= ms[move]
         val = best_val
         out[:, s] = chosen
     return out

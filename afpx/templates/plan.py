@@ -11,6 +11,7 @@ set's log-likelihood columns and one pass over the plan.
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
@@ -23,7 +24,17 @@ from afpx.templates.maxplus import DPBlock, dp_block, dp_blocks, dp_cost
 if TYPE_CHECKING:
     from afpx.templates.library import TemplateLibrary
 
-__all__ = ["BF_ADVANTAGE", "BF_MAX_ASSIGNMENTS", "Plan", "plan_for", "site_log_likelihood"]
+__all__ = [
+    "BF_ADVANTAGE",
+    "BF_MAX_ASSIGNMENTS",
+    "CACHE_LOCK",
+    "Plan",
+    "plan_for",
+    "site_log_likelihood",
+]
+
+#: Guards every access to a library's ``plan_cache`` (plans, censuses, log-likelihoods).
+CACHE_LOCK: Final = threading.RLock()
 
 #: Brute force is used when it costs at most this many times the programme's
 #: cell updates (a brute-force candidate is cheaper than a gathered DP update).
@@ -40,18 +51,28 @@ class Plan:
     dp: tuple[DPBlock, ...]
 
 
-def plan_for(library: TemplateLibrary, k: int, templates: np.ndarray) -> Plan:
+def plan_for(
+    library: TemplateLibrary, k: int, templates: np.ndarray, *, cache: bool = True
+) -> Plan:
+    """The plan of (k, templates), from the library's cache or built (and cached if ``cache``).
+
+    The cache is shared by threads (Dask tasks ranking several element sets
+    over one library): every access holds :data:`CACHE_LOCK`; a plan is built
+    outside the lock, so two threads may both build one, and one keeps it.
+    """
     key = (k, templates.size, hash(templates.tobytes()))
-    cache = library.plan_cache
-    plan = cache.get(key)
+    store = library.plan_cache
+    with CACHE_LOCK:
+        plan = store.get(key)
     if plan is None:
         plan = _make_plan(library, k, templates)
-        if templates.size < 256:  # cheap to rebuild; keep the big plans in the cache
+        if not cache or templates.size < 256:  # cheap to rebuild; keep the big plans
             return plan
-        plans = [c for c in cache if c[0] != "logl"]
-        if len(plans) >= 8:
-            del cache[plans[0]]
-        cache[key] = plan
+        with CACHE_LOCK:
+            plans = [c for c in store if isinstance(c[0], int)]
+            if len(plans) >= 8:
+                del store[plans[0]]
+            store[key] = plan
     return plan
 
 
@@ -90,7 +111,8 @@ def site_log_likelihood(
         raise AfpxError(f"min_site_likelihood must lie in (0, 1], got {min_site_likelihood}")
     key = (tuple(zs.tolist()), min_site_likelihood)
     cache = library.plan_cache
-    hit = cache.get(("logl", key))
+    with CACHE_LOCK:
+        hit = cache.get(("logl", key))
     if hit is not None:
         return hit
     logl = np.empty((library.n_sites + 1, zs.size))
@@ -99,7 +121,8 @@ def site_log_likelihood(
     if min_site_likelihood is not None:
         body = logl[:-1]
         body[body < math.log(min_site_likelihood)] = -np.inf
-    for old in [c for c in cache if c[0] == "logl"]:
-        del cache[old]
-    cache[("logl", key)] = logl
+    with CACHE_LOCK:
+        for old in [c for c in cache if c[0] == "logl"]:
+            del cache[old]
+        cache[("logl", key)] = logl
     return logl

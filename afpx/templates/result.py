@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -26,6 +27,36 @@ class CandidateResult:
     assignment: np.ndarray | None  # (N, width) int8, library site order
     n_bruteforce: int = 0
     n_dp_updates: int = 0
+
+    @classmethod
+    def concat(cls, parts: Sequence[CandidateResult], k: int) -> CandidateResult:
+        """The rows of ``parts`` one after the other (work counters summed)."""
+        if not parts:
+            return cls(
+                np.zeros(0, np.int64),
+                np.zeros((0, k), np.int64),
+                np.zeros(0),
+                np.zeros(0, np.int8),
+                None,
+            )
+        assign = None
+        if all(p.assignment is not None for p in parts):
+            width = max(p.assignment.shape[1] for p in parts if p.assignment is not None)
+            assign = np.full((sum(p.template.size for p in parts), width), -1, dtype=np.int8)
+            row = 0
+            for p in parts:
+                assert p.assignment is not None
+                assign[row : row + p.template.size, : p.assignment.shape[1]] = p.assignment
+                row += p.template.size
+        return cls(
+            np.concatenate([p.template for p in parts]),
+            np.concatenate([p.counts for p in parts]).reshape(-1, k),
+            np.concatenate([p.log_score for p in parts]),
+            np.concatenate([p.method for p in parts]),
+            assign,
+            n_bruteforce=sum(p.n_bruteforce for p in parts),
+            n_dp_updates=sum(p.n_dp_updates for p in parts),
+        )
 
     def take(self, idx: np.ndarray) -> CandidateResult:
         return CandidateResult(
