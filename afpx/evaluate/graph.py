@@ -200,6 +200,8 @@ def evaluate_set(state: EvaluationState, elements: tuple[int, ...]) -> SetResult
     test2: dict[str, dict[str, dict[str, float]]] = {v: {} for v in VARIANTS}
     pairs = _pair_cache(state, len(S))
 
+    c_start = time.thread_time()
+
     def add_time(key: str, t0: float) -> None:
         timing[key] = timing.get(key, 0.0) + time.perf_counter() - t0
 
@@ -240,6 +242,9 @@ def evaluate_set(state: EvaluationState, elements: tuple[int, ...]) -> SetResult
             add_time("test1_s", t0)
     if in_test2:
         res.test2 = test2
+    # CPU seconds of this set in this thread (wall time depends on the machine's load)
+    timing["sets_cpu_s"] = time.thread_time() - c_start
+    timing[f"sets_cpu_s[{len(S)}]"] = timing["sets_cpu_s"]
     return res
 
 

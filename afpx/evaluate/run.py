@@ -113,16 +113,19 @@ def evaluate(
     baseline_params = baseline_params or BaselineParams()
     check_evaluable(ds)
     t_start = time.perf_counter()
+    # CPU seconds of this process (its threads included) by phase; the sets' own
+    # CPU time is measured per thread in the tasks (load-independent, unlike wall time)
+    c_start = time.process_time()
     site_metrics, per_site = per_site_metrics(ds, bins=params.histogram_bins)
-    t_metrics = time.perf_counter()
+    t_metrics, c_metrics = time.perf_counter(), time.process_time()
     library = TemplateLibrary.from_cube(ds)
     sites = site_arrays(ds)
-    t_library = time.perf_counter()
+    t_library, c_library = time.perf_counter(), time.process_time()
     baseline_timing: dict[str, float] = {}
     libraries = scored_libraries(
         library, sites, params.baselines, baseline_params, ds=ds, timing=baseline_timing
     )
-    t_baselines = time.perf_counter()
+    t_baselines, c_baselines = time.perf_counter(), time.process_time()
     logger.info(
         "per-site metrics %.1f s, library %.1f s, baselines %.1f s",
         t_metrics - t_start,
@@ -172,6 +175,9 @@ def evaluate(
         "library_s": t_library - t_metrics,
         "baselines_s": t_baselines - t_library,
         **{f"baseline_{k}": v for k, v in baseline_timing.items()},
+        "per_site_metrics_cpu_s": c_metrics - c_start,
+        "library_cpu_s": c_library - c_metrics,
+        "baselines_cpu_s": c_baselines - c_library,
         "tables_s": 0.0,
         "test1_s": 0.0,
         "test2_s": 0.0,
@@ -195,10 +201,13 @@ def evaluate(
         test2_sets=frozenset(test2_sets),
     )
     graph_sets = sorted(set(test1_by_set) | set(test2_sets), key=lambda s: (len(s), s))
+    c0 = time.process_time()
+    timing["index_tables_cpu_s"] = c0 - c_baselines
     t0 = time.perf_counter()
     with threadpool_limits(1), use_scheduler(scheduler, workers=workers):
         results = evaluate_sets(state, graph_sets, sets_per_task=sets_per_task, progress=progress)
     timing["sets_wall_s"] = time.perf_counter() - t0
+    timing["sets_parent_cpu_s"] = time.process_time() - c0
     logger.info(
         "tables %.1f s, Test 1 and Test 2 of %d sets %.1f s",
         timing["tables_s"],
@@ -216,6 +225,7 @@ def evaluate(
                     test2_rows[variant][name].append(res.test2[variant][name])
         test1_candidates.update(res.test1_candidates)
     # the case study ranks whole lists with afpx rank's engine, here (a few sets)
+    c0 = time.process_time()
     for S in sorted(set(case_sets), key=lambda s: (len(s), s)):
         t0 = time.perf_counter()
         known = set_context(index, S, None, own_templates=by_set.get(S, [])).known
@@ -223,6 +233,8 @@ def evaluate(
             name: case_study(S, lib, known, params) for name, lib in libraries.items()
         }
         timing["case_study_s"] += time.perf_counter() - t0
+
+    timing["case_study_cpu_s"] = time.process_time() - c0
 
     # -- aggregate -----------------------------------------------------------------
     for variant in VARIANTS:
