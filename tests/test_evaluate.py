@@ -668,7 +668,17 @@ def test_cli_evaluate_writes_report(tmp_path) -> None:
     out = tmp_path / "report"
     res = CliRunner().invoke(
         main,
-        ["evaluate", str(cube), "-o", str(out), "--baselines", "constant,random", "--no-progress"],
+        [
+            "evaluate",
+            str(cube),
+            "-o",
+            str(out),
+            "--baselines",
+            "constant,random",
+            "--no-progress",
+            "--scheduler",
+            "synchronous",
+        ],
     )
     assert res.exit_code == 0, res.output
     assert "Test 1 top-1" in res.output and "constant" in res.output
@@ -696,6 +706,10 @@ def test_cli_evaluate_fails_clearly_without_likelihoods(tmp_path) -> None:
         main, ["evaluate", str(cube), "--case", ",", "-o", str(tmp_path / "r")]
     )
     assert res.exit_code == 2 and "--case expects" in res.output
+    res = CliRunner().invoke(
+        main, ["evaluate", str(cube), "--scheduler", "quick", "-o", str(tmp_path / "r")]
+    )
+    assert res.exit_code == 2 and "unknown scheduler 'quick'" in res.output
 
 
 # -- the engine: candidates above a score, composition tables ---------------------------

@@ -100,15 +100,34 @@ def evaluate(
     -------
     EvaluationReport
     """
+    if workers is not None and workers < 1:
+        raise AfpxError(f"workers must be at least 1, got {workers}")
+    if sets_per_task < 1:
+        raise AfpxError(f"sets_per_task must be at least 1, got {sets_per_task}")
+    # the scheduler first: a wrong address fails before any work
+    with use_scheduler(scheduler, workers=workers):
+        return _evaluate(
+            ds,
+            params=params,
+            baseline_params=baseline_params,
+            progress=progress,
+            sets_per_task=sets_per_task,
+        )
+
+
+def _evaluate(
+    ds: xr.Dataset,
+    *,
+    params: EvaluateParams | None,
+    baseline_params: BaselineParams | None,
+    progress: bool,
+    sets_per_task: int,
+) -> EvaluationReport:
     import xarray as xr
 
     from afpx.baselines import BaselineParams
     from afpx.templates import TemplateLibrary
 
-    if workers is not None and workers < 1:
-        raise AfpxError(f"workers must be at least 1, got {workers}")
-    if sets_per_task < 1:
-        raise AfpxError(f"sets_per_task must be at least 1, got {sets_per_task}")
     params = params or EvaluateParams()
     baseline_params = baseline_params or BaselineParams()
     check_evaluable(ds)
@@ -204,7 +223,7 @@ def evaluate(
     c0 = time.process_time()
     timing["index_tables_cpu_s"] = c0 - c_baselines
     t0 = time.perf_counter()
-    with threadpool_limits(1), use_scheduler(scheduler, workers=workers):
+    with threadpool_limits(1):
         results = evaluate_sets(state, graph_sets, sets_per_task=sets_per_task, progress=progress)
     timing["sets_wall_s"] = time.perf_counter() - t0
     timing["sets_parent_cpu_s"] = time.process_time() - c0
