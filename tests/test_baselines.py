@@ -133,6 +133,51 @@ def test_knn_finds_the_cluster_and_leaves_one_out() -> None:
     assert lone.argmax() + 1 != 79
 
 
+def _knn_brute_force(emb: np.ndarray, z: np.ndarray, is_train: np.ndarray, k: int) -> np.ndarray:
+    # the obvious k nearest training sites of every site, itself left out, and the votes
+    train = np.flatnonzero(is_train)
+    d = np.sqrt(((emb[:, None, :] - emb[None, train, :]) ** 2).sum(-1))
+    d[train, np.arange(train.size)] = np.inf
+    nn = np.argsort(d, axis=1, kind="stable")[:, :k]
+    dist = np.take_along_axis(d, nn, axis=1)
+    w = 1.0 / (dist + 1e-6)
+    w /= w.sum(1, keepdims=True)
+    prior = element_frequency(z[train])
+    votes = np.zeros((z.size, 118))
+    for i in range(z.size):
+        for j in range(k):
+            votes[i, z[train][nn[i, j]] - 1] += w[i, j]
+    return (votes + 0.1 * prior) / 1.1
+
+
+@pytest.mark.parametrize("components", [2, 4])
+def test_knn_equals_brute_force_neighbours(components: int) -> None:
+    def standardise(v: np.ndarray) -> np.ndarray:
+        std = v[is_train].std(0)
+        return (v - v[is_train].mean(0)) / np.where(std > 0, std, 1.0)
+
+    rng = np.random.default_rng(components)
+    n = 150
+    features = SiteFeatures(
+        rng.normal(size=(n, 12)), rng.uniform(1.5, 3.0, n), rng.uniform(0.8, 1.0, n)
+    )
+    z = rng.choice([3, 8, 25, 32], size=n)
+    is_train = rng.random(n) < 0.6
+    got = knn_likelihood(features, z, is_train, k=4, components=components, n_jobs=1)
+    # the embedding, written out again: PCs of the standardised AFP, scaled size features
+    x = features.matrix()
+    afp = standardise(x[:, :-2])
+    vt = np.linalg.svd(afp[np.flatnonzero(is_train)], full_matrices=False)[2]
+    pcs = afp @ vt[:components].T
+    emb = np.hstack([pcs, standardise(x[:, -2:]) * pcs[is_train, 0].std()])
+    want = _knn_brute_force(emb.astype(np.float32).astype(np.float64), z, is_train, 4)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+    # the number of query threads changes nothing
+    np.testing.assert_array_equal(
+        got, knn_likelihood(features, z, is_train, k=4, components=components, n_jobs=2)
+    )
+
+
 def test_mlp_baseline_learns_separable_sites() -> None:
     features, z, is_train = _clusters()
     params = BaselineParams(mlp_hidden=32, mlp_layers=2, mlp_epochs=30, mlp_batch_size=16)

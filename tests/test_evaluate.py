@@ -486,21 +486,99 @@ def test_evaluate_test2_and_case_study_on_handmade_cube() -> None:
     assert "verdict" in m and "model" in report.table()
 
 
-def test_evaluate_workers_give_the_same_report(tmp_path) -> None:
+def _same_report(one, two) -> None:
     import xarray as xr
 
+    for key in ("test1", "test2", "case_study", "softmax", "candidate_space"):
+        assert one.metrics[key] == two.metrics[key], key
+    xr.testing.assert_identical(one.arrays, two.arrays)
+
+
+@pytest.fixture(scope="module")
+def synthetic_cube(tmp_path_factory):
+    import xarray as xr
+
+    path = _synthetic_with_likelihood(tmp_path_factory.mktemp("eval"))
+    return xr.open_zarr(path, consolidated=False).load()
+
+
+def test_evaluate_is_the_same_on_every_scheduler(synthetic_cube) -> None:
+    # threads, synchronous and a 2-process distributed cluster, one set per task or
+    # many: bit-identical Test 1, Test 2, case study (and arrays)
+    distributed = pytest.importorskip("distributed")
     from afpx.evaluate import evaluate
 
-    cube = _synthetic_with_likelihood(tmp_path)
-    ds = xr.open_zarr(cube, consolidated=False).load()
-    params = EvaluateParams(baselines=("constant", "random"))
-    one = evaluate(ds, params=params)
-    two = evaluate(ds, params=params, workers=2)
-    for key in ("test1", "test2", "case_study", "softmax"):
-        assert one.metrics[key] == two.metrics[key]
-    xr.testing.assert_identical(one.arrays, two.arrays)
+    params = EvaluateParams(baselines=("constant", "random", "frequency"))
+    threads = evaluate(synthetic_cube, params=params, scheduler="threads", workers=2)
+    assert threads.metrics["test1"]["model"]["n_structures"] > 0
+    assert threads.metrics["test2"]["all_templates"]["model"]["all"]["n_sets"] > 0
+    sync = evaluate(synthetic_cube, params=params, scheduler="synchronous", sets_per_task=1)
+    _same_report(threads, sync)
+    with (
+        distributed.LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+        ) as cluster,
+        distributed.Client(cluster) as client,
+        distributed.get_task_stream(client) as stream,
+    ):
+        # the active client is respected: the sets run on its workers
+        on_cluster = evaluate(synthetic_cube, params=params, sets_per_task=2)
+    _same_report(threads, on_cluster)
+    keys = {str(t["key"]) for t in stream.data}
+    assert any("afpx-evaluate-sets" in k for k in keys)
+    assert len({t["worker"] for t in stream.data}) >= 1
+
+
+def test_evaluate_checks_its_scheduler_options(synthetic_cube) -> None:
+    from afpx.evaluate import evaluate
+
+    params = EvaluateParams(baselines=())
     with pytest.raises(AfpxError, match="workers must be at least 1"):
-        evaluate(ds, params=params, workers=0)
+        evaluate(synthetic_cube, params=params, workers=0)
+    with pytest.raises(AfpxError, match="sets_per_task must be at least 1"):
+        evaluate(synthetic_cube, params=params, sets_per_task=0)
+    with pytest.raises(AfpxError, match="unknown scheduler 'fast'"):
+        evaluate(synthetic_cube, params=params, scheduler="fast")
+
+
+def test_evaluation_graph_batches_sets_in_order() -> None:
+    from afpx.evaluate.graph import EvaluationState, evaluation_graph, set_batches
+
+    sets = [(1, 2), (1, 3), (2, 3), (1, 2, 3), (1, 2, 4)]
+    assert set_batches(sets, 2) == [[(1, 2), (1, 3)], [(2, 3), (1, 2, 3)], [(1, 2, 4)]]
+    assert set_batches(sets, 16) == [sets]
+    with pytest.raises(AfpxError, match="sets per task must be at least 1"):
+        set_batches(sets, 0)
+    # the state is one key that every task reads
+    state = EvaluationState(
+        index=None,
+        tables={},
+        columns={},
+        params=EvaluateParams(baselines=()),
+        by_set={},
+        test1_by_set={},
+        test2_sets=frozenset(),
+    )
+    graph = evaluation_graph(state, sets, sets_per_task=2)
+    assert len(graph) == 3
+    deps = [set(dict(d.dask)) - {d.key} for d in graph]
+    assert all(len(x) == 1 for x in deps) and deps[0] == deps[1] == deps[2]
+
+
+def test_true_scores_of_a_set_equal_the_full_arrays() -> None:
+    from afpx.evaluate.test1 import true_scores_of_set
+
+    lib = random_library(np.random.default_rng(4), n_templates=40)
+    index = TemplateIndex.from_arrays(lib.site_template, lib.z, lib.multiplicity)
+    tc = index.compositions
+    sets = [s for s in set(tc.element_set) if len(s) >= 2]
+    S = max(sets, key=lambda s: (sum(e == s for e in tc.element_set), s))
+    own = np.asarray([t for t, es in enumerate(tc.element_set) if es == S])
+    logl = np.asarray(lib.log_likelihood[:, np.asarray(S) - 1], dtype=np.float64)
+    got = true_scores_of_set(index, logl, own)
+    np.testing.assert_array_equal(got, index.true_scores(lib.log_likelihood, own))
+    with pytest.raises(AfpxError, match="exactly their element set"):
+        true_scores_of_set(index, logl[:, :1], own)
 
 
 def test_evaluate_refuses_cubes_without_likelihoods_or_splits() -> None:
@@ -590,7 +668,17 @@ def test_cli_evaluate_writes_report(tmp_path) -> None:
     out = tmp_path / "report"
     res = CliRunner().invoke(
         main,
-        ["evaluate", str(cube), "-o", str(out), "--baselines", "constant,random", "--no-progress"],
+        [
+            "evaluate",
+            str(cube),
+            "-o",
+            str(out),
+            "--baselines",
+            "constant,random",
+            "--no-progress",
+            "--scheduler",
+            "synchronous",
+        ],
     )
     assert res.exit_code == 0, res.output
     assert "Test 1 top-1" in res.output and "constant" in res.output
@@ -618,6 +706,10 @@ def test_cli_evaluate_fails_clearly_without_likelihoods(tmp_path) -> None:
         main, ["evaluate", str(cube), "--case", ",", "-o", str(tmp_path / "r")]
     )
     assert res.exit_code == 2 and "--case expects" in res.output
+    res = CliRunner().invoke(
+        main, ["evaluate", str(cube), "--scheduler", "quick", "-o", str(tmp_path / "r")]
+    )
+    assert res.exit_code == 2 and "unknown scheduler 'quick'" in res.output
 
 
 # -- the engine: candidates above a score, composition tables ---------------------------
@@ -969,3 +1061,32 @@ def test_evaluate_scores_the_fingerprint_baselines_and_the_likelihood_metrics(tm
     # always right with confidence 0.9: the ECE is exactly 0.1
     assert test["likelihood_ece"] == pytest.approx(0.1, abs=1e-6)
     assert sum(test["likelihood_reliability"]["count"]) == test["n_sites"]
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_surjective_upper_bound_bounds_every_candidate(k: int) -> None:
+    from afpx.evaluate.graph import set_columns, surjective_upper_bound
+    from afpx.templates.bruteforce import surjections
+
+    rng = np.random.default_rng(k)
+    lib = random_library(rng, n_templates=30, max_sites=5)
+    index = TemplateIndex.from_arrays(lib.site_template, lib.z, lib.multiplicity)
+    S = np.sort(rng.choice(np.arange(1, 119), k, replace=False))
+    columns = set_columns(lib.log_likelihood)[S - 1]
+    logl = np.ascontiguousarray(columns.T, dtype=np.float64)
+    bound = surjective_upper_bound(index, columns)
+    plain = index.upper_bound(logl)
+    assert np.all(bound <= plain)
+    tight = 0
+    for t in range(index.n_templates):
+        a, b = index.site_start[t], index.site_start[t + 1]
+        if b - a < k:
+            continue
+        A = surjections(k, int(b - a))
+        best = logl[np.arange(a, b)[None, :], A].sum(axis=1).max()
+        assert best <= bound[t]
+        tight += bound[t] < plain[t]
+    if k > 1:
+        assert tight > 0  # it does prune more than the plain bound
+    else:
+        np.testing.assert_array_equal(bound, plain)

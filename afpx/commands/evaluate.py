@@ -75,9 +75,17 @@ def _parse_case(items: tuple[str, ...]) -> tuple[tuple[str, ...], ...] | None:
 @click.option(
     "--workers",
     type=int,
-    default=1,
-    show_default=True,
-    help="Element sets evaluated in this many processes (results do not depend on it).",
+    default=None,
+    help="Start a local Dask cluster of N processes for the element sets "
+    "(with --scheduler threads|processes: N threads or processes). "
+    "Results do not depend on it.",
+)
+@click.option(
+    "--scheduler",
+    default=None,
+    metavar="NAME|ADDRESS",
+    help="Dask scheduler of Test 1 and Test 2: threads, processes, synchronous or "
+    "tcp://HOST:PORT (default: the current one).",
 )
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option(
@@ -94,7 +102,8 @@ def evaluate_command(
     cap: int,
     seed: int,
     test2_sets: int | None,
-    workers: int,
+    workers: int | None,
+    scheduler: str | None,
     device: str,
     progress: bool | None,
 ) -> None:
@@ -134,6 +143,7 @@ def evaluate_command(
         params=params,
         baseline_params=BaselineParams(seed=seed),
         progress=show,
+        scheduler=scheduler,
         workers=workers,
     )
     paths = write_report(report, output)

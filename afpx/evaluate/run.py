@@ -2,38 +2,35 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import time
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from afpx import AfpxError, schema
 from afpx.evaluate.case_study import case_study
+from afpx.evaluate.graph import SETS_PER_TASK, EvaluationState, evaluate_sets, set_columns
 from afpx.evaluate.metrics import as_str_array, per_site_metrics, site_arrays
 from afpx.evaluate.params import VARIANTS, EvaluateParams, set_label, size_label
 from afpx.evaluate.report import EvaluationReport, afpx_version, cube_summary, json_attrs, verdict
 from afpx.evaluate.scoring import scored_libraries
-from afpx.evaluate.test1 import TrueRank, arrays_of_test1, rank_true_candidates, summarise_test1
-from afpx.evaluate.test2 import (
-    arrays_of_test2,
-    optimality_of_set,
-    sample_sets,
-    set_context,
-    summarise_test2,
-)
-from afpx.templates.counting import CompositionTable, PairCache, TemplateIndex
+from afpx.evaluate.test1 import TrueRank, arrays_of_test1, summarise_test1
+from afpx.evaluate.test2 import arrays_of_test2, sample_sets, set_context, summarise_test2
+from afpx.scheduler import use_scheduler
+from afpx.templates.counting import CompositionTable, TemplateIndex
 from afpx.templates.util import element_symbols
 
 if TYPE_CHECKING:
     import xarray as xr
 
     from afpx.baselines import BaselineParams
-    from afpx.templates.library import TemplateLibrary
 
 __all__ = ["check_evaluable", "evaluate"]
+
+logger = logging.getLogger(__name__)
 
 
 def check_evaluable(ds: xr.Dataset) -> None:
@@ -62,154 +59,15 @@ def check_evaluable(ds: xr.Dataset) -> None:
         )
 
 
-@dataclass(frozen=True, eq=False)
-class _RunState:
-    """Everything the evaluation of one element set needs (shared by workers)."""
-
-    index: TemplateIndex
-    tables: dict[int, CompositionTable]
-    libraries: dict[str, TemplateLibrary]
-    params: EvaluateParams
-    by_set: dict[tuple[int, ...], list[int]]
-    test1_by_set: dict[tuple[int, ...], list[int]]
-    test2_sets: frozenset[tuple[int, ...]]
-    case_sets: frozenset[tuple[int, ...]]
-    #: likelihood-free (template, assignment) pairs by composition, shared by every
-    #: set of the same size, every model and baseline, Test 1 and Test 2 (per process)
-    pairs: dict[int, PairCache] = field(default_factory=dict)
-
-
-@dataclass
-class _SetResult:
-    elements: tuple[int, ...]
-    test1: dict[str, dict[int, TrueRank]]
-    test1_candidates: dict[int, float]
-    test2: dict[str, dict[str, dict[str, float]]] | None
-    case: dict[str, Any] | None
-    timing: dict[str, float]
-
-
-def _evaluate_set(state: _RunState, S: tuple[int, ...]) -> _SetResult:
-    """Test 1, Test 2 and the case study of one element set, for every model."""
-    params, index = state.params, state.index
-    k = len(S)
-    cols = np.asarray(S, dtype=np.int64) - 1
-    table = state.tables.get(k)
-    ctx = set_context(index, S, table, own_templates=state.by_set.get(S, []))
-    known_S, own_t = ctx.known, ctx.own_templates
-    timing: dict[str, float] = {}
-    res = _SetResult(S, {}, {}, None, None, timing)
-    in_test2 = S in state.test2_sets and table is not None
-    if in_test2:
-        res.test2 = {v: {} for v in VARIANTS}
-
-    pairs = state.pairs.setdefault(k, PairCache())
-
-    def add_time(key: str, t0: float) -> None:
-        timing[key] = timing.get(key, 0.0) + time.perf_counter() - t0
-
-    for name, lib in state.libraries.items():
-        logl = np.asarray(lib.log_likelihood[:, cols], dtype=np.float64)
-        ub = index.upper_bound(logl)
-        if in_test2 and res.test2 is not None and table is not None:
-            t0 = time.perf_counter()
-            rows = optimality_of_set(
-                index,
-                table,
-                logl,
-                ub,
-                ctx,
-                hit_k=params.hit_k,
-                tolerance=params.tie_tolerance,
-                timing=timing,
-                pairs=pairs,
-            )
-            for variant in VARIANTS:
-                res.test2[variant][name] = rows[variant]
-            add_time(f"test2_s[{name}]", t0)
-            add_time("test2_s", t0)
-        if S in state.test1_by_set:
-            t0 = time.perf_counter()
-            ranks, counted = rank_true_candidates(
-                index,
-                table,
-                lib.log_likelihood,
-                logl,
-                ub,
-                own_t,
-                state.test1_by_set[S],
-                params,
-                pairs=pairs,
-            )
-            res.test1.setdefault(name, {}).update(ranks)
-            res.test1_candidates.update(counted)
-            add_time(f"test1_s[{name}]", t0)
-            add_time("test1_s", t0)
-        if S in state.case_sets:
-            t0 = time.perf_counter()
-            if res.case is None:
-                res.case = {}
-            res.case[name] = case_study(S, lib, known_S, params)
-            add_time("case_study_s", t0)
-    return res
-
-
-_WORKER_STATE: _RunState | None = None
-
-
-def _worker_init(state: _RunState) -> None:
-    global _WORKER_STATE
-    _WORKER_STATE = state
-    try:  # one BLAS thread per worker process
-        from threadpoolctl import threadpool_limits
-
-        threadpool_limits(1)
-    except ImportError:  # pragma: no cover - threadpoolctl is a dependency
-        pass
-
-
-def _worker_run(S: tuple[int, ...]) -> _SetResult:
-    assert _WORKER_STATE is not None
-    return _evaluate_set(_WORKER_STATE, S)
-
-
-def _map_sets(
-    state: _RunState, sets: Sequence[tuple[int, ...]], *, workers: int, progress: bool
-) -> Iterable[_SetResult]:
-    """Evaluate element sets in order, in this process or in forked worker processes."""
-    import multiprocessing
-
-    bar: Any = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(sets), desc="element sets", unit="set")
-    try:
-        if workers > 1 and "fork" in multiprocessing.get_all_start_methods():
-            ctx = multiprocessing.get_context("fork")
-            with ctx.Pool(workers, initializer=_worker_init, initargs=(state,)) as pool:
-                for res in pool.imap(_worker_run, sets, chunksize=4):
-                    if bar is not None:
-                        bar.update()
-                    yield res
-        else:
-            for S in sets:
-                res = _evaluate_set(state, S)
-                if bar is not None:
-                    bar.update()
-                yield res
-    finally:
-        if bar is not None:
-            bar.close()
-
-
 def evaluate(
     ds: xr.Dataset,
     *,
     params: EvaluateParams | None = None,
     baseline_params: BaselineParams | None = None,
     progress: bool = False,
-    workers: int = 1,
+    scheduler: str | None = None,
+    workers: int | None = None,
+    sets_per_task: int = SETS_PER_TASK,
 ) -> EvaluationReport:
     """Run Test 1, Test 2, the softmax metrics and the case study, model and baselines.
 
@@ -223,31 +81,76 @@ def evaluate(
     baseline_params : BaselineParams, optional
         Parameters of the baselines (paper-free defaults).
     progress : bool
-        Show a progress bar over element sets.
-    workers : int
-        Element sets evaluated in this many forked processes (1: in this
-        process). The results do not depend on it.
+        Show a progress bar over the Dask tasks (batches of element sets).
+    scheduler : str, optional
+        Where Test 1 and Test 2 run (:func:`afpx.scheduler.use_scheduler`):
+        ``"threads"``, ``"processes"``, ``"synchronous"`` or the address of
+        a ``dask.distributed`` scheduler. None: the current scheduler (an
+        active ``distributed.Client`` is respected), or a local cluster of
+        ``workers`` processes when ``workers`` is given.
+    workers : int, optional
+        Threads or processes of a local scheduler, or worker processes of a
+        local cluster (see :func:`afpx.scheduler.use_scheduler`).
+    sets_per_task : int
+        Element sets per Dask task (:data:`afpx.evaluate.graph.SETS_PER_TASK`).
+
+    The results do not depend on the scheduler, the workers or the batching.
 
     Returns
     -------
     EvaluationReport
     """
+    if workers is not None and workers < 1:
+        raise AfpxError(f"workers must be at least 1, got {workers}")
+    if sets_per_task < 1:
+        raise AfpxError(f"sets_per_task must be at least 1, got {sets_per_task}")
+    # the scheduler first: a wrong address fails before any work
+    with use_scheduler(scheduler, workers=workers):
+        return _evaluate(
+            ds,
+            params=params,
+            baseline_params=baseline_params,
+            progress=progress,
+            sets_per_task=sets_per_task,
+        )
+
+
+def _evaluate(
+    ds: xr.Dataset,
+    *,
+    params: EvaluateParams | None,
+    baseline_params: BaselineParams | None,
+    progress: bool,
+    sets_per_task: int,
+) -> EvaluationReport:
     import xarray as xr
 
     from afpx.baselines import BaselineParams
     from afpx.templates import TemplateLibrary
 
-    if workers < 1:
-        raise AfpxError(f"workers must be at least 1, got {workers}")
     params = params or EvaluateParams()
     baseline_params = baseline_params or BaselineParams()
     check_evaluable(ds)
     t_start = time.perf_counter()
+    # CPU seconds of this process (its threads included) by phase; the sets' own
+    # CPU time is measured per thread in the tasks (load-independent, unlike wall time)
+    c_start = time.process_time()
     site_metrics, per_site = per_site_metrics(ds, bins=params.histogram_bins)
-
+    t_metrics, c_metrics = time.perf_counter(), time.process_time()
     library = TemplateLibrary.from_cube(ds)
     sites = site_arrays(ds)
-    libraries = scored_libraries(library, sites, params.baselines, baseline_params, ds=ds)
+    t_library, c_library = time.perf_counter(), time.process_time()
+    baseline_timing: dict[str, float] = {}
+    libraries = scored_libraries(
+        library, sites, params.baselines, baseline_params, ds=ds, timing=baseline_timing
+    )
+    t_baselines, c_baselines = time.perf_counter(), time.process_time()
+    logger.info(
+        "per-site metrics %.1f s, library %.1f s, baselines %.1f s",
+        t_metrics - t_start,
+        t_library - t_metrics,
+        t_baselines - t_library,
+    )
     models = list(libraries)
 
     index = TemplateIndex.from_arrays(library.site_template, library.z, library.multiplicity)
@@ -287,6 +190,13 @@ def evaluate(
     }
     case: dict[str, Any] = {}
     timing = {
+        "per_site_metrics_s": t_metrics - t_start,
+        "library_s": t_library - t_metrics,
+        "baselines_s": t_baselines - t_library,
+        **{f"baseline_{k}": v for k, v in baseline_timing.items()},
+        "per_site_metrics_cpu_s": c_metrics - c_start,
+        "library_cpu_s": c_library - c_metrics,
+        "baselines_cpu_s": c_baselines - c_library,
         "tables_s": 0.0,
         "test1_s": 0.0,
         "test2_s": 0.0,
@@ -300,17 +210,31 @@ def evaluate(
         t0 = time.perf_counter()
         tables[k] = CompositionTable.build(index, k)
         timing["tables_s"] += time.perf_counter() - t0
-    state = _RunState(
+    state = EvaluationState(
         index=index,
         tables=tables,
-        libraries=libraries,
+        columns={name: set_columns(lib.log_likelihood) for name, lib in libraries.items()},
         params=params,
         by_set=by_set,
         test1_by_set=test1_by_set,
         test2_sets=frozenset(test2_sets),
-        case_sets=frozenset(case_sets),
     )
-    for res in _map_sets(state, all_sets, workers=workers, progress=progress):
+    graph_sets = sorted(set(test1_by_set) | set(test2_sets), key=lambda s: (len(s), s))
+    c0 = time.process_time()
+    timing["index_tables_cpu_s"] = c0 - c_baselines
+    t0 = time.perf_counter()
+    with threadpool_limits(1):
+        results = evaluate_sets(state, graph_sets, sets_per_task=sets_per_task, progress=progress)
+    timing["sets_wall_s"] = time.perf_counter() - t0
+    timing["sets_parent_cpu_s"] = time.process_time() - c0
+    logger.info(
+        "tables %.1f s, Test 1 and Test 2 of %d sets %.1f s",
+        timing["tables_s"],
+        len(graph_sets),
+        timing["sets_wall_s"],
+    )
+    del state
+    for res in results:
         for key, value in res.timing.items():
             timing[key] = timing.get(key, 0.0) + value
         for name in models:
@@ -319,8 +243,17 @@ def evaluate(
                 if res.test2 is not None:
                     test2_rows[variant][name].append(res.test2[variant][name])
         test1_candidates.update(res.test1_candidates)
-        if res.case is not None:
-            case[set_label(res.elements)] = res.case
+    # the case study ranks whole lists with afpx rank's engine, here (a few sets)
+    c0 = time.process_time()
+    for S in sorted(set(case_sets), key=lambda s: (len(s), s)):
+        t0 = time.perf_counter()
+        known = set_context(index, S, None, own_templates=by_set.get(S, [])).known
+        case[set_label(S)] = {
+            name: case_study(S, lib, known, params) for name, lib in libraries.items()
+        }
+        timing["case_study_s"] += time.perf_counter() - t0
+
+    timing["case_study_cpu_s"] = time.process_time() - c0
 
     # -- aggregate -----------------------------------------------------------------
     for variant in VARIANTS:

@@ -6,6 +6,7 @@ This is the only evaluation module that loads a model (:func:`with_model_likelih
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -120,6 +121,8 @@ def scored_libraries(
     baselines: Sequence[str],
     baseline_params: BaselineParams,
     ds: xr.Dataset | None = None,
+    *,
+    timing: dict[str, float] | None = None,
 ) -> dict[str, TemplateLibrary]:
     """The model's library and one library per baseline, same templates, other likelihoods.
 
@@ -135,6 +138,9 @@ def scored_libraries(
     baseline_params : BaselineParams
     ds : xarray.Dataset, optional
         The cube: the ``knn`` and ``mlp`` baselines read its fingerprints.
+    timing : dict, optional
+        Filled with the seconds of reading the fingerprints (``features_s``)
+        and of each baseline (``<name>_s``).
 
     Returns
     -------
@@ -152,11 +158,14 @@ def scored_libraries(
         raise AfpxError("the coordination baseline needs `coordination`, which the cube lacks")
     coordination = sites.get("coordination", np.zeros_like(sites["z"]))[draw0]
     is_train = sites["split"][sites["structure"][draw0]] == "train"
+    t0 = time.perf_counter()
     features = (
         site_features(ds, draw0)
         if ds is not None and any(b in FEATURE_BASELINES for b in baselines)
         else None
     )
+    if timing is not None:
+        timing["features_s"] = time.perf_counter() - t0
     base = baseline_likelihoods(
         library.z,
         coordination,
@@ -164,6 +173,7 @@ def scored_libraries(
         names=tuple(baselines),
         params=baseline_params,
         features=features,
+        timing=timing,
     )
     libraries: dict[str, TemplateLibrary] = {"model": library}
     libraries.update({name: library.with_likelihood(lk) for name, lk in base.items()})

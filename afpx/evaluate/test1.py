@@ -39,6 +39,7 @@ __all__ = [
     "rank_true_candidates",
     "summarise_test1",
     "true_candidate_rank",
+    "true_scores_of_set",
 ]
 
 #: Edges of the Test 1 rank distribution (the last bin holds censored ranks).
@@ -208,7 +209,6 @@ def true_candidate_rank(
 def rank_true_candidates(
     index: TemplateIndex,
     table: CompositionTable | None,
-    log_likelihood_all: np.ndarray,
     log_likelihood: np.ndarray,
     upper_bound: np.ndarray,
     own_templates: np.ndarray,
@@ -224,11 +224,12 @@ def rank_true_candidates(
     index : TemplateIndex
     table : CompositionTable or None
         Of the set's size (None: candidates are not counted).
-    log_likelihood_all : ndarray of shape (n_sites_total, 118)
     log_likelihood : ndarray of shape (n_sites_total, k)
-        Its columns of the set's elements.
+        The log-likelihoods of the set's elements, in sorted element order.
     upper_bound : ndarray of shape (n_templates,)
-        :meth:`TemplateIndex.upper_bound` of ``log_likelihood``.
+        An upper bound of every template's best candidate:
+        :meth:`TemplateIndex.upper_bound` of ``log_likelihood`` or the
+        tighter :func:`afpx.evaluate.graph.surjective_upper_bound`.
     own_templates : ndarray of shape (n_own,), int
         Every template made of exactly the set.
     structures : sequence of int
@@ -247,7 +248,7 @@ def rank_true_candidates(
     """
     k = log_likelihood.shape[1]
     tc = index.compositions
-    own_true = index.true_scores(log_likelihood_all, own_templates)
+    own_true = true_scores_of_set(index, log_likelihood, own_templates)
     true_of = dict(zip(own_templates.tolist(), own_true.tolist(), strict=True))
     ranks: dict[int, TrueRank] = {}
     counted: dict[int, float] = {}
@@ -289,6 +290,47 @@ def rank_true_candidates(
         )
         counted[own] = n_candidates
     return ranks, counted
+
+
+def true_scores_of_set(
+    index: TemplateIndex, log_likelihood: np.ndarray, templates: np.ndarray
+) -> np.ndarray:
+    """Score of the true assignment of templates made of exactly one element set.
+
+    Parameters
+    ----------
+    index : TemplateIndex
+    log_likelihood : ndarray of shape (n_sites_total, k)
+        The set's columns, in sorted element order (the set is the templates'
+        elements: every given template is made of exactly it).
+    templates : ndarray of shape (n,), int
+
+    Returns
+    -------
+    ndarray of shape (n,), float64
+        Sites summed in order in float64, as :meth:`TemplateIndex.true_scores`
+        sums them from the full (n_sites_total, 118) array (equal bit for bit).
+    """
+    templates = np.asarray(templates, dtype=np.int64)
+    out = np.empty(templates.size)
+    if out.size == 0:
+        return out
+    start = index.site_start
+    rows = np.concatenate([np.arange(start[t], start[t + 1]) for t in templates.tolist()])
+    elements = np.unique(index.z[rows])
+    if elements.size != log_likelihood.shape[1]:
+        raise AfpxError(
+            f"templates made of {elements.size} elements scored with {log_likelihood.shape[1]} "
+            "columns: the log-likelihood must hold exactly their element set"
+        )
+    for i, t in enumerate(templates.tolist()):
+        a, b = int(start[t]), int(start[t + 1])
+        col = np.searchsorted(elements, index.z[a:b])
+        acc = 0.0
+        for v in np.asarray(log_likelihood[np.arange(a, b), col], dtype=np.float64).tolist():
+            acc += v
+        out[i] = acc
+    return out
 
 
 def rank_bins(ranks: np.ndarray, censored: np.ndarray, cap: int) -> dict[str, int]:

@@ -13,6 +13,7 @@ import numpy as np
 from afpx import AfpxError
 from afpx.evaluate.metrics import first_known_metrics, known_positions, optimality_score
 from afpx.evaluate.params import MODEL, TEST2_SET, VARIANT, VARIANTS, set_label
+from afpx.evaluate.test1 import true_scores_of_set
 from afpx.templates.compositions import match_rows, rank_candidates
 from afpx.templates.counting import (
     PAIRS_MIN_ELEMENTS,
@@ -163,29 +164,6 @@ def set_context(
     return SetContext(known, own_t, own_known, own_counts, reach)
 
 
-def own_scores(index: TemplateIndex, log_likelihood: np.ndarray, ctx: SetContext) -> np.ndarray:
-    """Score of the true assignment of each of the set's own templates (``ctx.own_templates``).
-
-    ``log_likelihood`` (n_sites_total, k) holds the set's columns in sorted
-    element order, as the set itself; sites are added in order.
-    """
-    out = np.empty(ctx.own_templates.size)
-    if out.size == 0:
-        return out
-    rows = np.concatenate(
-        [np.arange(index.site_start[t], index.site_start[t + 1]) for t in ctx.own_templates]
-    )
-    elements = np.unique(index.z[rows])  # the set: own templates are made of exactly it
-    for i, t in enumerate(ctx.own_templates.tolist()):
-        a, b = int(index.site_start[t]), int(index.site_start[t + 1])
-        col = np.searchsorted(elements, index.z[a:b])
-        acc = 0.0
-        for v in log_likelihood[np.arange(a, b), col].tolist():
-            acc += v
-        out[i] = acc
-    return out
-
-
 def optimality_of_set(
     index: TemplateIndex,
     table: CompositionTable,
@@ -210,7 +188,7 @@ def optimality_of_set(
     """
     known = ctx.known
     cache: dict[tuple[int, ...], CompositionPairs] = {} if pairs is None else pairs
-    own_true = own_scores(index, log_likelihood, ctx)
+    own_true = true_scores_of_set(index, log_likelihood, ctx.own_templates)
     # the exact best score of every known composition, with and without its own formula:
     # nothing below the lowest of them can move a known composition
     lowest = math.inf
