@@ -37,6 +37,7 @@ import logging
 import os
 import shutil
 import threading
+import uuid
 import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -518,18 +519,20 @@ def screen(
             ),
             stacklevel=2,
         )
+    # keys unique to this run: two screens on one cluster must not share tasks
+    tag = uuid.uuid4().hex
     source: Any = library if library is not None else options.cube
     if library is not None:
         # one graph key for the library, shared by every task
-        source = dask.delayed(library, name="afpx-screen-library")
+        source = dask.delayed(library, name=f"afpx-screen-library-{tag}")
     tasks = [
         dask.delayed(_write_batch, pure=False)(
             source,
-            os.fspath(path),
+            os.path.abspath(path),
             start,
             sets[start : start + batch_size],
             options,
-            dask_key_name=f"afpx-screen-batch-{start}",
+            dask_key_name=f"afpx-screen-{tag}-{start}",
         )
         for start in pending
     ]

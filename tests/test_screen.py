@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
-from _rank_helpers import GE, LI, MN, library_from_sites, random_library
+from _rank_helpers import GE, LI, MN, cube_with_likelihood, library_from_sites, random_library
 from click.testing import CliRunner
 
 import afpx.screen
@@ -270,3 +270,18 @@ def test_sigkill_then_resume_equals_one_shot(tmp_path: Path) -> None:
     one_shot = tmp_path / "one.zarr"
     screen(elements, 2, one_shot, top=5, batch_size=1)
     assert store_files(out) == store_files(one_shot)
+
+
+def test_a_cube_library_is_loaded_by_the_tasks(tmp_path: Path) -> None:
+    cube = cube_with_likelihood(tmp_path / "cube.zarr", n_structures=30)
+    with use_scheduler("threads", workers=2):
+        ds = screen("Li,O,Na,Mn", 2, tmp_path / "s.zarr", cube=cube, top=4, batch_size=2).load()
+    assert ds.attrs["afpx_screen"]["cube"] == os.path.abspath(cube)
+    for i, symbols in enumerate(element_sets(["Li", "O", "Na", "Mn"], 2)):
+        table = rank_table(list(symbols), cube=cube, top=4)
+        m = len(table)
+        assert (
+            ds["formula"].values[i, :m].astype(object).tolist()
+            == table.columns()["formula"].tolist()
+        )
+        np.testing.assert_array_equal(ds["score"].values[i, :m], table.columns()["score"])
