@@ -498,8 +498,19 @@ def screen(
                 f"{os.fspath(path)!r} exists: pass --resume to continue that screen "
                 "or --overwrite to replace it"
             )
-    if not path.exists():
-        _create_store(path, options, sets)
+    if path.exists():
+        # temporaries of chunk writes cut short by a kill (zarr writes a chunk
+        # to ``NAME.HEX.partial``, then renames it)
+        for leftover in path.rglob("*.partial"):
+            leftover.unlink()
+    else:
+        # made beside it and renamed: a kill while creating leaves no half store
+        partial = path.with_name(f".{path.name}.{uuid.uuid4().hex}.creating")
+        try:
+            _create_store(partial, options, sets)
+            partial.rename(path)
+        finally:
+            shutil.rmtree(partial, ignore_errors=True)
 
     import zarr
 

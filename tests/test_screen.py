@@ -122,6 +122,9 @@ def test_resume_after_a_failure_equals_one_shot_byte_for_byte(
     with use_scheduler("synchronous"), pytest.raises(RuntimeError, match="killed"):
         screen(ELEMENTS, 3, resumed, library=library, top=6, batch_size=3)
     assert zarr.open_array(resumed / "done")[:].sum() == 9  # three batches of three
+    # a chunk write cut short by a kill leaves zarr's temporary file behind
+    (resumed / "score" / "c" / "3").mkdir(parents=True, exist_ok=True)
+    (resumed / "score" / "c" / "3" / "0.0123abcd.partial").write_bytes(b"cut")
     calls.clear()
     with use_scheduler("threads", workers=2):
         screen(ELEMENTS, 3, resumed, library=library, top=6, batch_size=3, resume=True)
@@ -285,3 +288,18 @@ def test_a_cube_library_is_loaded_by_the_tasks(tmp_path: Path) -> None:
             == table.columns()["formula"].tolist()
         )
         np.testing.assert_array_equal(ds["score"].values[i, :m], table.columns()["score"])
+
+
+def test_a_store_cut_short_while_created_is_not_left(
+    library: TemplateLibrary, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    create = afpx.screen._create_store
+
+    def cut(path: Path, *args: object) -> None:
+        create(path, *args)  # type: ignore[arg-type]
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(afpx.screen, "_create_store", cut)
+    with pytest.raises(KeyboardInterrupt):
+        screen(ELEMENTS[:3], 2, tmp_path / "s.zarr", library=library)
+    assert list(tmp_path.iterdir()) == []
