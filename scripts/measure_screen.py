@@ -9,10 +9,13 @@ With the built-in template library (top 50):
 
 1. baseline — the sets ranked one after another in this process with
    :func:`afpx.rank.rank_table` (library loaded and plans built beforehand);
-2. ``afpx.screen.screen`` on a local ``distributed`` cluster of 1 and of 2
-   single-threaded worker processes (started before the clock; each worker
-   loads the library and builds its plans inside the timed run, as a real
-   screen does), in batches of 4 sets;
+2. ``afpx.screen.screen`` in this process (synchronous scheduler; library
+   and plans already there), then on a local ``distributed`` cluster of 1
+   and of 2 single-threaded worker processes (started before the clock;
+   each worker loads the library and builds its plans in the first timed
+   run, as a real screen does), in batches of 4 sets; besides wall time,
+   the CPU time spent (this process, or the sum over the workers: it does
+   not depend on how busy the machine is);
 3. one set's cost against its size (2, 3, 4 elements): the first call, which
    builds the enumeration plan for that size, and the median of the next
    ones on other sets.
@@ -25,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import statistics
 import tempfile
@@ -42,6 +46,12 @@ SIZE_SETS = {
 
 def _load() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def _cpu_seconds() -> float:
+    """User + system CPU time of this process (run on each worker by ``client.run``)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def main() -> None:
@@ -75,37 +85,50 @@ def main() -> None:
         for s in sets:
             rank_table(list(s), library=library, top=50)
 
-    def timed(fn: Any) -> list[float]:
-        times = []
+    def timed(fn: Any, client: Any = None) -> tuple[list[float], list[float]]:
+        """Wall times and CPU times (this process, or the sum over the workers)."""
+        times, cpu = [], []
         for _ in range(args.repeats):
+            c0 = sum(client.run(_cpu_seconds).values()) if client else _cpu_seconds()
             t = time.perf_counter()
             fn()
             times.append(time.perf_counter() - t)
-        return times
+            c1 = sum(client.run(_cpu_seconds).values()) if client else _cpu_seconds()
+            cpu.append(c1 - c0)
+        return times, cpu
 
-    rows: dict[str, list[float]] = {"in-process rank_table loop": timed(baseline)}
+    rows: dict[str, tuple[list[float], list[float]]] = {}
+    rows["in-process rank_table loop"] = timed(baseline)
     tmp = Path(tempfile.mkdtemp())
+    names = iter(tmp / f"s{i}.zarr" for i in range(10 * args.repeats))
+
+    def run() -> None:
+        screen(elements, args.size, next(names), batch_size=args.batch_size)
+
     try:
+        with use_scheduler("synchronous"):
+            rows["screen, in-process synchronous"] = timed(run)
         for workers in (1, 2):
             t = time.perf_counter()
-            with use_scheduler(workers=workers):
+            with use_scheduler(workers=workers) as client:
                 out[f"cluster_start_{workers}_s"] = time.perf_counter() - t
-                names = iter(tmp / f"w{workers}-{i}.zarr" for i in range(args.repeats))
-
-                def run(names: Any = names) -> None:
-                    screen(elements, args.size, next(names), batch_size=args.batch_size)
-
-                rows[f"screen, {workers} worker(s)"] = timed(run)
+                rows[f"screen, {workers} worker(s)"] = timed(run, client)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    base = statistics.median(rows["in-process rank_table loop"])
+    base = statistics.median(rows["in-process rank_table loop"][0])
     out["runs"] = {}
-    for name, times in rows.items():
-        med = statistics.median(times)
-        out["runs"][name] = {"times_s": times, "median_s": med, "sets_per_s": len(sets) / med}
+    for name, (times, cpu) in rows.items():
+        med, cpu_med = statistics.median(times), statistics.median(cpu)
+        out["runs"][name] = {
+            "times_s": times,
+            "cpu_s": cpu,
+            "median_s": med,
+            "sets_per_s": len(sets) / med,
+            "cpu_s_per_set": cpu_med / len(sets),
+        }
         print(
             f"{name:32s} median {med:7.2f} s  {len(sets) / med:6.2f} sets/s  "
-            f"x{base / med:.2f} of baseline"
+            f"x{base / med:.2f} of baseline  CPU {cpu_med / len(sets):5.2f} s/set"
         )
 
     out["set_cost"] = {}
