@@ -219,11 +219,13 @@ def chgnet_calculator(params: RelaxParams | None = None) -> Calculator:
     key = (params.model, params.device)
     with _MODELS_LOCK:
         model = _MODELS.get(key)
-        if model is None:
-            model = CHGNet.load(model_name=params.model, use_device=params.device, verbose=False)
-            _MODELS[key] = model
-        # the calculator prints its device on stdout, which may carry a CSV or JSON table
+        # CHGNet prints its size and device on stdout, which may carry a CSV or JSON table
         with contextlib.redirect_stdout(io.StringIO()):
+            if model is None:
+                model = CHGNet.load(
+                    model_name=params.model, use_device=params.device, verbose=False
+                )
+                _MODELS[key] = model
             return CHGNetCalculator(
                 model=model, use_device=params.device, on_isolated_atoms="ignore"
             )
@@ -627,6 +629,7 @@ def relax_ranking(
     params: RelaxParams | None = None,
     order: str = "likelihood",
     known_references: bool = True,
+    references: dict[str, dict[str, Any]] | None = None,
     scale: str = "dls",
     calculator: Callable[[], Calculator] | None = None,
     progress: bool = False,
@@ -649,6 +652,9 @@ def relax_ranking(
         Also relax the library's known compounds of the chemical system
         (every subset of the elements with two or more) and build the hull
         with them. Leave out for a leakage-free evaluation.
+    references : dict, optional
+        Elemental references already relaxed (:func:`element_references`,
+        same parameters and calculator), reused for the elements they name.
     scale : {"dls", "radii", "none"}
         Lattice scaling of the starting structures (as for CIF export).
     calculator : callable, optional
@@ -687,7 +693,10 @@ def relax_ranking(
     starts, start_errors = _row_structures(table, library, n, scale)
 
     # every structure of the run in one Dask computation: rows, elements, known compounds
-    elem = _element_candidates(library, zs, params)
+    given = dict(references or {})
+    elem = _element_candidates(
+        library, [z for z in zs if element_symbol(int(z)) not in given], params
+    )
     known_t: list[int] = []
     if known_references:
         geo = library.geometry
@@ -708,7 +717,8 @@ def relax_ranking(
             row_results.append(results[j])
             j += 1
     n_elem = sum(len(structures) for structures, _ in elem.values())
-    references = _pick_references(elem, results[j : j + n_elem])
+    references = {**_pick_references(elem, results[j : j + n_elem]), **given}
+    references = {sym: references[sym] for sym in symbols}
     known_results = results[j + n_elem :]
 
     above, hull = _hull(symbols, references, row_results, known_results)
