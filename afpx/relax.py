@@ -39,6 +39,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from afpx import AfpxError, schema
 from afpx.templates import TEMPLATE, element_symbol
@@ -275,7 +276,9 @@ def _relax_atoms(
                 raise _VolumeOutOfBounds(f"volume ratio {ratio:.3g}")
 
         opt.attach(check_volume, interval=1)
-        converged = bool(opt.run(fmax=params.fmax, steps=params.steps))
+        # BLAS threads on 3x3 cell algebra only oversubscribe the cores the tasks share
+        with threadpool_limits(limits=1):
+            converged = bool(opt.run(fmax=params.fmax, steps=params.steps))
         n_steps = int(opt.nsteps)
         energy = float(atoms.get_potential_energy())
     except _VolumeOutOfBounds as exc:
@@ -360,7 +363,8 @@ def relax_structures(
         saved = torch.get_num_threads()
         torch.set_num_threads(1)
     try:
-        (results,) = compute(tasks, progress=progress)
+        with threadpool_limits(limits=1):
+            (results,) = compute(tasks, progress=progress)
     finally:
         if saved is not None:
             import torch

@@ -202,6 +202,38 @@ def run(args: argparse.Namespace) -> None:
         )
 
 
+def timing(args: argparse.Namespace) -> None:
+    """Seconds per structure (one core) and per set (threads) on the built-in library."""
+    from afpx.rank import load_library, rank_table
+    from afpx.relax import RelaxParams, element_references, relax_ranking
+    from afpx.scheduler import use_scheduler
+
+    lib = load_library(args.cube)
+    params = RelaxParams(steps=args.steps, fmax=args.fmax, max_atoms=args.max_atoms)
+    n = args.top[0]
+    for elements in args.timing:
+        table = rank_table(elements, library=lib, top=n)
+        refs = element_references(lib, table.elements, params=params)
+        for scheduler, workers in (("synchronous", None), ("threads", 2)):
+            for repeat in range(args.repeats):
+                with use_scheduler(scheduler, workers=workers):
+                    res = relax_ranking(
+                        table, lib, n=n, params=params, known_references=False, references=refs
+                    )
+                ok = res.columns["relax_status"] == "ok"
+                secs = np.asarray(res.columns["relax_seconds"])[ok]
+                atoms = np.asarray(res.columns["n_atoms"])[ok]
+                steps = np.asarray(res.columns["n_steps"])[ok]
+                print(
+                    f"{elements} {scheduler}({workers or 1}) repeat {repeat}: "
+                    f"{ok.sum()}/{n} relaxed, set {res.attrs['wall_seconds']:.1f} s, "
+                    f"per structure median {np.median(secs):.2f} s "
+                    f"({np.median(atoms):g} atoms, {np.median(steps):g} steps), "
+                    f"per step-atom {1e3 * np.sum(secs) / np.sum(steps * atoms):.2f} ms",
+                    flush=True,
+                )
+
+
 def _metrics(first: list[float | None]) -> dict[str, float]:
     q = np.asarray([math.inf if v is None else v for v in first], dtype=np.float64)
     return {
@@ -266,8 +298,14 @@ def main() -> None:
     parser.add_argument("--fmax", type=float, default=0.1)
     parser.add_argument("--max-atoms", type=int, default=32)
     parser.add_argument("--summary", default=None, help="print the table of a finished run")
+    parser.add_argument(
+        "--timing", nargs="+", default=None, help="element sets to time, e.g. Mn,Ge Li,Mn,Ge"
+    )
+    parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
-    if args.summary:
+    if args.timing:
+        timing(args)
+    elif args.summary:
         summary(args.summary)
     else:
         run(args)
