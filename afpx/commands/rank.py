@@ -68,6 +68,40 @@ FORMATS = ("table", "csv", "json")
 @click.option(
     "--min-likelihood", type=float, default=None, help="Drop candidates with a lower likelihood."
 )
+@click.option(
+    "--relax",
+    "relax",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Relax the best candidate of the top N compositions with CHGNet and rank them by "
+    "stability (needs afpx[relax]; see docs/relax.md).",
+)
+@click.option(
+    "--order",
+    type=click.Choice(["likelihood", "hull"]),
+    default="likelihood",
+    show_default=True,
+    help="With --relax: order rows by likelihood rank or by hull energy.",
+)
+@click.option("--relax-steps", type=int, default=100, show_default=True, help="Most FIRE steps.")
+@click.option(
+    "--fmax", type=float, default=0.1, show_default=True, help="Relaxation force bound, eV/Å."
+)
+@click.option(
+    "--max-volume-ratio",
+    type=float,
+    default=2.0,
+    show_default=True,
+    help="Stop a relaxation whose volume changes by more than this factor.",
+)
+@click.option(
+    "--relax-max-atoms",
+    type=int,
+    default=48,
+    show_default=True,
+    help="Do not relax cells with more atoms.",
+)
 @library_errors
 def rank_command(
     elements: str | None,
@@ -82,6 +116,12 @@ def rank_command(
     sources: tuple[str, ...],
     exclude_own_formula: bool,
     min_likelihood: float | None,
+    relax: int,
+    order: str,
+    relax_steps: int,
+    fmax: float,
+    max_volume_ratio: float,
+    relax_max_atoms: int,
 ) -> None:
     """Rank the compositions an element set can take in the known structure templates.
 
@@ -96,6 +136,7 @@ def rank_command(
       afpx rank --elements Li,Mn,Ge --top 10 --known
       afpx rank --elements Li,Mn,Ge --cube cube.zarr --format csv > ranks.csv
       afpx rank --formula Li2MnGe --top 5 --export-cif cifs/
+      afpx rank --elements Mn,Ge --relax 10 --order hull --export-cif relaxed/
     """
     from afpx import AfpxError
     from afpx.rank import (
@@ -113,6 +154,13 @@ def rank_command(
         raise AfpxError("give either --elements (rank compositions) or --formula (rank structures)")
     # bad symbols or formulas fail before any loading
     zs = parse_elements(elements) if elements is not None else parse_formula(str(formula))[0]
+    if relax:
+        from afpx.relax import require_relax
+
+        if relax < 0 or formula is not None:
+            raise AfpxError("--relax takes a positive number of compositions, with --elements")
+        require_relax()
+        top = max(top, relax) if top else 0
     library = load_library(cube)
     if export_cif is not None and library.geometry is None:
         # checked before ranking, so that a failure leaves no empty output folder
@@ -133,6 +181,24 @@ def rank_command(
         table = rank_formula(formula, library=library, top=top or None, **options)
     else:
         table = rank_table(zs, library=library, top=top or None, known=known, **options)
+    if relax:
+        from afpx.commands.relax import relax_and_render
+
+        text = relax_and_render(
+            table,
+            library,
+            n=relax,
+            order=order,
+            steps=relax_steps,
+            fmax=fmax,
+            max_volume_ratio=max_volume_ratio,
+            max_atoms=relax_max_atoms,
+            scale=scale,
+            fmt=fmt,
+            export_cif=export_cif,
+        )
+        click.echo(text, nl=False)
+        return
     if export_cif is not None:
         paths = export_cifs(table.to_dataset(), library, export_cif, scale=scale)
         click.echo(f"wrote {len(paths)} CIF files to {export_cif}", err=True)
