@@ -228,7 +228,8 @@ def _compute_locally(collections: tuple[Any, ...], **kwargs: Any) -> tuple[Any, 
     import dask.threaded
     from dask.base import get_scheduler
 
-    if "pool" in kwargs or get_scheduler(collections=list(collections)) is not dask.threaded.get:
+    found = _dask_collections(collections)
+    if "pool" in kwargs or not found or get_scheduler(collections=found) is not dask.threaded.get:
         # Dask's process pool is shut down (waited for) after each compute
         return tuple(dask.compute(*collections, **kwargs))
     # Dask's threaded scheduler raises as soon as a task fails while the others
@@ -241,3 +242,20 @@ def _compute_locally(collections: tuple[Any, ...], **kwargs: Any) -> tuple[Any, 
         return tuple(dask.compute(*collections, pool=pool, **kwargs))
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _dask_collections(objects: Any) -> list[Any]:
+    """The Dask collections in ``objects``, inside lists, tuples and dicts as in dask.compute."""
+    import dask
+
+    found: list[Any] = []
+    stack = [objects]
+    while stack:
+        obj = stack.pop()
+        if dask.is_dask_collection(obj):
+            found.append(obj)
+        elif isinstance(obj, (list, tuple, set)):
+            stack.extend(obj)
+        elif isinstance(obj, dict):
+            stack.extend(obj.values())
+    return found

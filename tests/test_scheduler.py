@@ -114,3 +114,10 @@ def test_compute_waits_for_running_tasks_before_raising(tmp_path: object, where:
         with pytest.raises(RuntimeError, match="failed"):
             compute(*tasks)
         assert out.read_text() == "done"
+
+
+def test_compute_accepts_a_list_of_delayed_objects_as_dask_compute_does() -> None:
+    tasks = [dask.delayed(pow)(i, 2) for i in range(5)]
+    (squares,) = compute(tasks)
+    assert squares == [0, 1, 4, 9, 16]
+    assert compute({"a": tasks[:2]}, 7) == ({"a": [0, 1]}, 7)
