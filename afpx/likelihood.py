@@ -387,9 +387,9 @@ def predict(
 
     path = str(cube)
     remote = is_url(path)
-    m = _load(model, device)
     if not remote and not os.path.exists(path):
         raise AfpxError(f"cube {path!r} does not exist; build it with `afpx build-cube`")
+    m = _load(model, device)
     g = open_group(path)
     if not remote:
         from pathlib import Path

@@ -102,8 +102,9 @@ def main() -> None:
             "0",
             "--split-seed",
             "0",
-            # threads, not --workers: the threaded build peaks at 0.5 GB, the
-            # 2-process cluster at 18-20 GB (measured; see the model card)
+            # the current scheduler (threads): a 2-process cluster (--workers 2)
+            # gives the same cube and peaks as low (~0.5 GB), but used more CPU
+            # (277 s against 162 s on this corpus; docs/scaling.md)
             "--no-progress",
         ],
         cube,

@@ -109,3 +109,33 @@ def test_publish_reads_back_chunks_equal_to_the_fill_value(
 def test_unknown_protocol_is_a_clear_error() -> None:
     with pytest.raises(AfpxError, match="cannot open nosuch://x"):
         store.filesystem("nosuch://x")
+
+
+def test_local_refusals_of_the_store_helpers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ds = xr.Dataset({"v": ("i", da.arange(4, chunks=2))})
+    with pytest.raises(AfpxError, match="does not exist"):
+        store.publish(ds, tmp_path / "missing" / "v.zarr", complete_attr="done")
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "notes.txt").write_text("not zarr")
+    with pytest.raises(AfpxError, match="is not a readable zarr"):
+        store.open_group(tmp_path / "plain")
+    assert store.group_attrs(tmp_path / "plain") is None
+
+    def appeared(src: Path, dst: Path) -> None:
+        raise FileExistsError(dst)
+
+    monkeypatch.setattr(store, "rename_noreplace", appeared)
+    with pytest.raises(AfpxError, match="appeared while it was written; the new store is kept"):
+        store.publish(ds, tmp_path / "v.zarr", complete_attr="done")
+    (kept,) = tmp_path.glob(".v.zarr.partial-*")
+    assert store.group_attrs(kept) == {"done": True}
+
+
+def test_likelihood_of_a_missing_cube(tmp_path: Path) -> None:
+    pytest.importorskip("torch")
+    from afpx.likelihood import predict
+
+    with pytest.raises(AfpxError, match="does not exist; build it with `afpx build-cube`"):
+        predict(tmp_path / "none.zarr", tmp_path / "model")
