@@ -30,6 +30,7 @@ library and records how far every rank moved.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -559,18 +560,8 @@ def _load(npz: Path, meta: dict[str, Any]) -> TemplateLibrary:
             f"the templates {n_sites}; {_REINSTALL}"
         )
 
-    def read_column(z: int) -> np.ndarray:
-        try:
-            with np.load(npz, allow_pickle=False) as data:
-                q = data[columns[z - 1]]
-        except Exception as exc:  # zipfile / numpy raise several types
-            raise AfpxError(f"cannot read {os.fspath(npz)!r}: {exc}; {_REINSTALL}") from exc
-        if qinfo["shuffled"]:
-            q = _unshuffle(q, qinfo["dtype"], [n_sites])
-        return _dequantise(q, qinfo)
-
     dtype = np.float16 if qinfo["kind"] == "float16" else np.float32
-    logl = LazyLogLikelihood(n_sites, read_column, dtype=dtype)
+    logl = LazyLogLikelihood(n_sites, _ColumnReader(os.fspath(npz), qinfo, n_sites), dtype=dtype)
     geometry = None
     if "geometry_lattice" in layout:
         counts = get("geometry_n_atoms").astype(np.int64)
@@ -599,6 +590,25 @@ def _load(npz: Path, meta: dict[str, Any]) -> TemplateLibrary:
         geometry=geometry,
         attrs=attrs,
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class _ColumnReader:
+    """Reads the log-likelihood column of one element from a format-2 archive (picklable)."""
+
+    npz: str
+    qinfo: dict[str, Any]
+    n_sites: int
+
+    def __call__(self, z: int) -> np.ndarray:
+        try:
+            with np.load(self.npz, allow_pickle=False) as data:
+                q = data[self.qinfo["columns"].format(z=z)]
+        except Exception as exc:  # zipfile / numpy raise several types
+            raise AfpxError(f"cannot read {self.npz!r}: {exc}; {_REINSTALL}") from exc
+        if self.qinfo["shuffled"]:
+            q = _unshuffle(q, self.qinfo["dtype"], [self.n_sites])
+        return _dequantise(q, self.qinfo)
 
 
 @functools.lru_cache(maxsize=1)

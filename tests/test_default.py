@@ -393,6 +393,23 @@ def test_a_ranking_reads_only_its_elements_columns(
     assert "columns read=118" in repr(lazy)
 
 
+@pytest.mark.filterwarnings("ignore::afpx.AfpxWarning")  # elements the test library lacks
+def test_a_loaded_library_pickles_for_process_workers(
+    library: TemplateLibrary, tmp_path: Path
+) -> None:
+    import pickle
+
+    pack_library(library, tmp_path, quantise="uint16", check_sets=None)
+    loaded = load_library(tmp_path / "default_library.json")
+    rank([MN, GE], library=loaded, top=3)  # some columns read, some not
+    again = pickle.loads(pickle.dumps(loaded))
+    assert "columns read=2)" in repr(again.log_likelihood)
+    assert np.array_equal(np.asarray(again.log_likelihood), np.asarray(loaded.log_likelihood))
+    a = rank([MN, GE, OX], library=again, top=5)
+    b = rank([MN, GE, OX], library=loaded, top=5)
+    assert a.identical(b)
+
+
 def test_bad_likelihood_columns_are_refused(library: TemplateLibrary, tmp_path: Path) -> None:
     from afpx.templates.library import LazyLogLikelihood
 

@@ -156,6 +156,14 @@ class LazyLogLikelihood:
     def __len__(self) -> int:
         return self.shape[0]
 
+    def __getstate__(self) -> dict[str, Any]:
+        # picklable (Dask process workers) when ``read`` is: everything but the lock
+        return {k: v for k, v in self.__dict__.items() if k != "_lock"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
     def columns(self, index: np.ndarray) -> np.ndarray:
         """(n_sites, len(index)) the columns ``index`` (0-based, ``Z - 1``)."""
         idx = np.asarray(index, dtype=np.int64).reshape(-1)

@@ -273,18 +273,22 @@ def _median(fn: Any, repeat: int = 5, warm: bool = True) -> float:
     return float(np.median(wall))
 
 
+# VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent through fork and exec
 _PEAK = """
-import resource, sys, time
+import sys, time
 from threadpoolctl import threadpool_limits
 from afpx.rank import rank_table
 from afpx.default import load_default_library
+def hwm():
+    with open("/proc/self/status") as f:
+        return next(int(x.split()[1]) for x in f if x.startswith("VmHWM"))
 lib = load_default_library()
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+base = hwm()
 with threadpool_limits(1):
     t0 = time.perf_counter()
     rank_table(sys.argv[1].split(","), library=lib, prune=sys.argv[2] == "1")
     wall = time.perf_counter() - t0
-print(base, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, wall)
+print(base, hwm(), wall)
 """
 
 
