@@ -514,6 +514,8 @@ def test_evaluate_is_the_same_on_every_scheduler(synthetic_cube) -> None:
     assert threads.metrics["test2"]["all_templates"]["model"]["all"]["n_sets"] > 0
     sync = evaluate(synthetic_cube, params=params, scheduler="synchronous", sets_per_task=1)
     _same_report(threads, sync)
+    procs = evaluate(synthetic_cube, params=params, scheduler="processes", workers=2)
+    _same_report(threads, procs)
     with (
         distributed.LocalCluster(
             n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
