@@ -507,13 +507,24 @@ def test_evaluate_is_the_same_on_every_scheduler(synthetic_cube) -> None:
     # many: bit-identical Test 1, Test 2, case study (and arrays)
     distributed = pytest.importorskip("distributed")
     from afpx.evaluate import evaluate
+    from afpx.evaluate.metrics import as_str_array
 
     params = EvaluateParams(baselines=("constant", "random", "frequency"))
     threads = evaluate(synthetic_cube, params=params, scheduler="threads", workers=2)
     assert threads.metrics["test1"]["model"]["n_structures"] > 0
-    assert threads.metrics["test2"]["all_templates"]["model"]["all"]["n_sets"] > 0
+    # by default Test 2 covers every binary and ternary set of the test split
+    ds = synthetic_cube
+    structure = ds[schema.STRUCTURE_INDEX].values
+    is_test = as_str_array(ds[schema.SPLIT].values)[structure] == "test"
+    z = ds[schema.Z].values
+    test_sets = {tuple(sorted(set(z[structure == s]))) for s in np.unique(structure[is_test])}
+    n_sets = sum(len(S) in (2, 3) for S in test_sets)
+    assert n_sets > 0
+    assert threads.metrics["test2"]["all_templates"]["model"]["all"]["n_sets"] == n_sets
     sync = evaluate(synthetic_cube, params=params, scheduler="synchronous", sets_per_task=1)
     _same_report(threads, sync)
+    procs = evaluate(synthetic_cube, params=params, scheduler="processes", workers=2)
+    _same_report(threads, procs)
     with (
         distributed.LocalCluster(
             n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None

@@ -9,6 +9,8 @@ One job per module, all on the one enumeration engine :mod:`afpx.templates`:
   a model folder) and every baseline of :func:`afpx.baselines.baseline_likelihoods`;
 * :mod:`~afpx.evaluate.test1` — Test 1 of the test structures;
 * :mod:`~afpx.evaluate.test2` — Test 2 of the split's element sets;
+* :mod:`~afpx.evaluate.graph` — Test 1 and Test 2 of every set as a Dask
+  graph (batches of sets, one shared state) on :mod:`afpx.scheduler`;
 * :mod:`~afpx.evaluate.case_study` — ranked lists of a few sets, as ``afpx rank``;
 * :mod:`~afpx.evaluate.report` — verdict, summary table, ``metrics.json``,
   ``arrays.zarr``;

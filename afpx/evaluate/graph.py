@@ -10,8 +10,9 @@ layout). :func:`evaluate_sets` computes it on the current Dask scheduler
 (:func:`afpx.scheduler.compute`): threads, processes, synchronous or a
 ``distributed`` cluster. On a ``distributed`` client the state is scattered
 to every worker once (not shipped inside the graph); local schedulers share
-it by reference (the ``processes`` scheduler pickles it for every task, so a
-local cluster, ``use_scheduler(workers=N)``, is the multi-process choice).
+it by reference. The ``processes`` scheduler pickles it for every task, so there
+it gets :data:`PROCESS_TASKS_PER_WORKER` larger tasks per process; a local
+cluster (``use_scheduler(workers=N)``) is the better multi-process choice.
 
 Results never depend on the scheduler: every set is computed by the same
 code on the same arrays, with one BLAS thread, and caches hold only
@@ -37,6 +38,7 @@ from afpx.scheduler import active_client, compute
 from afpx.templates.counting import CompositionTable, PairCache, TemplateIndex
 
 __all__ = [
+    "PROCESS_TASKS_PER_WORKER",
     "SETS_PER_TASK",
     "EvaluationState",
     "SetResult",
@@ -48,6 +50,9 @@ __all__ = [
     "set_columns",
     "surjective_upper_bound",
 ]
+
+#: Tasks per process on Dask's ``processes`` scheduler (each pickles the state).
+PROCESS_TASKS_PER_WORKER: Final = 4
 
 #: Relative slack of :func:`surjective_upper_bound` (rounding of sums, far below a tie).
 SURJECTIVE_SLACK: Final = 1e-12
@@ -326,6 +331,15 @@ def evaluate_sets(
     """
     if not sets:
         return []
+    import dask
+
+    if dask.config.get("scheduler", None) in ("processes", "multiprocessing"):
+        # Dask's process pool pickles a task's inputs, the whole state included,
+        # for every task: a few large tasks per process instead of many small ones
+        import os
+
+        n_proc = int(dask.config.get("num_workers", None) or os.cpu_count() or 1)
+        sets_per_task = max(sets_per_task, -(-len(sets) // (PROCESS_TASKS_PER_WORKER * n_proc)))
     client = active_client()
     shared: Any = state
     if client is not None:
