@@ -220,11 +220,17 @@ def test_untrained_elements_warn_once_per_screen(tmp_path: Path) -> None:
 
 
 def test_two_process_cluster_equals_threads(library: TemplateLibrary, tmp_path: Path) -> None:
-    pytest.importorskip("distributed")
+    distributed = pytest.importorskip("distributed")
     with use_scheduler("threads", workers=2):
         screen(ELEMENTS, 3, tmp_path / "threads.zarr", library=library, top=5, batch_size=4)
-    with use_scheduler(workers=2) as client:
-        assert client is not None and len(client.scheduler_info()["workers"]) == 2
+    with (
+        distributed.LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=False
+        ) as cluster,
+        distributed.Client(cluster) as client,
+        use_scheduler() as current,  # the active client is used
+    ):
+        assert current is client and len(client.scheduler_info()["workers"]) == 2
         out = tmp_path / "cluster.zarr"
         screen(ELEMENTS, 3, out, library=library, top=5, batch_size=4, progress=True)
     assert store_files(tmp_path / "cluster.zarr") == store_files(tmp_path / "threads.zarr")
