@@ -302,3 +302,6 @@ def test_cli_relax_writes_table_and_cifs(monkeypatch: pytest.MonkeyPatch, tmp_pa
     assert "hull energy" in files[0].read_text()
     text = runner.invoke(main, ["rank", "-e", "Mn,Ge", "--relax", "2"])
     assert text.exit_code == 0 and "elemental references" in text.stdout
+    assert "known library compounds" in text.stdout
+    alone = runner.invoke(main, ["rank", "-e", "Mn,Ge", "--relax", "2", "--no-hull-known"])
+    assert alone.exit_code == 0 and "known library compounds" not in alone.stdout

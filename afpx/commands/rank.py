@@ -102,6 +102,13 @@ FORMATS = ("table", "csv", "json")
     show_default=True,
     help="Do not relax cells with more atoms.",
 )
+@click.option(
+    "--hull-known/--no-hull-known",
+    default=True,
+    show_default=True,
+    help="With --relax: also relax the library's known compounds of the element set's "
+    "chemical system and build the hull with them.",
+)
 @library_errors
 def rank_command(
     elements: str | None,
@@ -122,6 +129,7 @@ def rank_command(
     fmax: float,
     max_volume_ratio: float,
     relax_max_atoms: int,
+    hull_known: bool,
 ) -> None:
     """Rank the compositions an element set can take in the known structure templates.
 
@@ -193,6 +201,7 @@ def rank_command(
             fmax=fmax,
             max_volume_ratio=max_volume_ratio,
             max_atoms=relax_max_atoms,
+            known_references=hull_known,
             scale=scale,
             fmt=fmt,
             export_cif=export_cif,

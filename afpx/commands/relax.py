@@ -27,6 +27,7 @@ def relax_and_render(
     fmax: float,
     max_volume_ratio: float,
     max_atoms: int,
+    known_references: bool,
     scale: str,
     fmt: str,
     export_cif: str | None,
@@ -43,6 +44,7 @@ def relax_and_render(
         n=n,
         params=params,
         order=order,
+        known_references=known_references,
         scale=scale,
         progress=sys.stderr.isatty(),
     )
