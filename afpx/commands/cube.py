@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 import click
 
 from afpx.cli import library_errors
-from afpx.commands.ingest import echo_warnings, filter_options
+from afpx.commands.ingest import echo_warnings, filter_options, scheduler_option
 
 if TYPE_CHECKING:
     from afpx.structures import FilterParams
@@ -42,13 +42,7 @@ if TYPE_CHECKING:
     default=None,
     help="Start a local Dask cluster of N processes (and read with N processes).",
 )
-@click.option(
-    "--scheduler",
-    default=None,
-    metavar="NAME|ADDRESS",
-    help="Dask scheduler: threads, processes, synchronous or tcp://HOST:PORT "
-    "(default: the current one).",
-)
+@scheduler_option
 @click.option("--split-seed", type=int, default=0, show_default=True, help="Seed of the split.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing cube at --output.")
 @click.option(

@@ -297,6 +297,16 @@ def filter_options(func: F) -> F:
     return decorated
 
 
+#: ``--scheduler``, the same on every command that computes on Dask
+scheduler_option = click.option(
+    "--scheduler",
+    default=None,
+    metavar="NAME|ADDRESS",
+    help="Dask scheduler: threads, processes, synchronous or tcp://HOST:PORT "
+    "(default: the current one).",
+)
+
+
 @click.command("inspect")
 @click.argument("inputs", nargs=-1, required=True)
 @click.option("--summary", "summary_only", is_flag=True, help="Print only the counts.")
@@ -306,13 +316,7 @@ def filter_options(func: F) -> F:
     default=None,
     help="Read on a local Dask cluster of N processes.",
 )
-@click.option(
-    "--scheduler",
-    default=None,
-    metavar="NAME|ADDRESS",
-    help="Dask scheduler: threads, processes, synchronous or tcp://HOST:PORT "
-    "(default: the current one).",
-)
+@scheduler_option
 @click.option(
     "--report",
     type=click.Path(dir_okay=False),

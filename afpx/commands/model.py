@@ -9,6 +9,7 @@ import click
 
 from afpx import AfpxError
 from afpx.cli import library_errors, require_torch
+from afpx.commands.ingest import scheduler_option
 
 
 def _parse_overrides(items: tuple[str, ...]) -> dict[str, Any]:
@@ -211,13 +212,7 @@ def train_command(
     default=None,
     help="Score the blocks on a local Dask cluster of N processes.",
 )
-@click.option(
-    "--scheduler",
-    default=None,
-    metavar="NAME|ADDRESS",
-    help="Dask scheduler: threads, processes, synchronous or tcp://HOST:PORT "
-    "(default: the current one).",
-)
+@scheduler_option
 @click.option(
     "--progress/--no-progress", default=None, help="Progress bar (default: on a terminal)."
 )

@@ -8,7 +8,7 @@ from typing import Any
 import click
 
 from afpx.cli import library_errors
-from afpx.commands.ingest import echo_warnings
+from afpx.commands.ingest import echo_warnings, scheduler_option
 
 
 @click.command("screen")
@@ -49,13 +49,7 @@ from afpx.commands.ingest import echo_warnings
     default=None,
     help="Start a local Dask cluster of N single-threaded processes.",
 )
-@click.option(
-    "--scheduler",
-    default=None,
-    metavar="NAME|ADDRESS",
-    help="Dask scheduler: threads, processes, synchronous or tcp://HOST:PORT "
-    "(default: the current one).",
-)
+@scheduler_option
 @click.option("--overwrite", is_flag=True, help="Replace an existing screen at --output.")
 @click.option(
     "--resume",
