@@ -94,11 +94,13 @@ def evaluate(
     sets_per_task : int
         Element sets per Dask task (:data:`afpx.evaluate.graph.SETS_PER_TASK`).
 
-    The results do not depend on the scheduler, the workers or the batching.
-
     Returns
     -------
     EvaluationReport
+
+    Notes
+    -----
+    The results do not depend on the scheduler, the workers or the batching.
     """
     if workers is not None and workers < 1:
         raise AfpxError(f"workers must be at least 1, got {workers}")
