@@ -388,21 +388,10 @@ def enumerate_candidates(
             np.zeros(0, np.int8),
             np.zeros((0, width), np.int8) if assignments else None,
         )
-    assign = None
-    if assignments:
-        n_all = sum(p.template.size for p in parts)
-        assign = np.full((n_all, width), -1, dtype=np.int8)
-        row = 0
-        for p in parts:
-            assert p.assignment is not None
-            assign[row : row + p.template.size, : p.assignment.shape[1]] = p.assignment
-            row += p.template.size
-    return CandidateResult(
-        np.concatenate([p.template for p in parts]),
-        np.concatenate([p.counts for p in parts]).reshape(-1, k),
-        np.concatenate([p.log_score for p in parts]),
-        np.concatenate([p.method for p in parts]),
-        assign,
-        n_bruteforce=sum(p.n_bruteforce for p in parts),
-        n_dp_updates=sum(p.n_dp_updates for p in parts),
-    )
+    result = CandidateResult.concat(parts, k)
+    if assignments and result.assignment is not None and result.assignment.shape[1] < width:
+        # pad to the widest template asked for, as an empty result is
+        pad = np.full((result.assignment.shape[0], width), -1, dtype=np.int8)
+        pad[:, : result.assignment.shape[1]] = result.assignment
+        result.assignment = pad
+    return result
