@@ -265,6 +265,13 @@ class TrainedModel:
 
         return needs_context(self.net)
 
+    @property
+    def needs_shell(self) -> bool:
+        """Whether that context includes the coordination shell (``context_shell``)."""
+        from afpx.model import needs_shell
+
+        return needs_shell(self.net)
+
     def identity(self) -> dict[str, Any]:
         """JSON-able attributes that identify the model (for artefacts it produces)."""
         return {

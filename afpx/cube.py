@@ -308,6 +308,45 @@ def compute_fingerprints(
     return out
 
 
+def analyse_structures(
+    structures: Sequence[Any], *, symprec: float = 0.01, angle_tolerance: float = 5.0
+) -> list[AnalysedStructure]:
+    """Pymatgen structures as :class:`~afpx.structures.AnalysedStructure` (unique sites found).
+
+    Parameters
+    ----------
+    structures : sequence of pymatgen.core.Structure or AnalysedStructure
+        Ordered structures; analysed ones are passed through.
+    symprec, angle_tolerance : float
+        Symmetry tolerances (spglib).
+
+    Returns
+    -------
+    list of AnalysedStructure
+        ``structure_id`` is the position in the input for pymatgen structures.
+    """
+    from afpx.structures import AnalysedStructure, unique_sites
+
+    analysed = []
+    for i, s in enumerate(structures):
+        if isinstance(s, AnalysedStructure):
+            analysed.append(s)
+            continue
+        table = unique_sites(s, symprec=symprec, angle_tolerance=angle_tolerance)
+        analysed.append(
+            AnalysedStructure(
+                structure_id=str(i),
+                source="<memory>",
+                formula=s.composition.reduced_formula,
+                lattice=np.asarray(s.lattice.matrix, dtype=np.float64),
+                frac_coords=np.asarray(s.frac_coords, dtype=np.float64),
+                numbers=np.asarray([site.specie.Z for site in s], dtype=np.int16),
+                sites=table,
+            )
+        )
+    return analysed
+
+
 def fingerprint_structures(
     structures: Sequence[Any],
     *,
@@ -335,27 +374,8 @@ def fingerprint_structures(
     dict of str to ndarray
         As :func:`compute_fingerprints`; ``structure`` indexes the input list.
     """
-    from afpx.structures import AnalysedStructure, unique_sites
-
-    analysed = []
-    for i, s in enumerate(structures):
-        if isinstance(s, AnalysedStructure):
-            analysed.append(s)
-            continue
-        table = unique_sites(s, symprec=symprec, angle_tolerance=angle_tolerance)
-        analysed.append(
-            AnalysedStructure(
-                structure_id=str(i),
-                source="<memory>",
-                formula=s.composition.reduced_formula,
-                lattice=np.asarray(s.lattice.matrix, dtype=np.float64),
-                frac_coords=np.asarray(s.frac_coords, dtype=np.float64),
-                numbers=np.asarray([site.specie.Z for site in s], dtype=np.int16),
-                sites=table,
-            )
-        )
     return compute_fingerprints(
-        analysed,
+        analyse_structures(structures, symprec=symprec, angle_tolerance=angle_tolerance),
         params=params,
         draws=draws,
         seed=seed,

@@ -22,6 +22,19 @@ Two arrays per site, computed from the per-site variables of a cube (or of
     The multiplicity-weighted mean over the structure's sites of their
     perspective-averaged AFP: a fingerprint of the whole template.
 
+``shell`` (site, 4 + n_bins), for models that read it (``descriptor_input =
+"context_shell"``)
+    The site's first coordination shell as the other unique sites of the
+    template seen from it: over the atoms strictly closer than 1.2 × r0 (the
+    atoms counted by ``coordination``), the mean of their sites' ``log r0``,
+    ``log (r0_neighbour / r0)``, coordination number and ``log`` share of the
+    atoms of the cell, then the mean of their perspective-averaged AFPs. One
+    step of message passing over the template's own bonds: an anion learns
+    whether its cations sit in octahedra or tetrahedra. Which atom belongs to
+    which unique site comes from spglib's crystallographic orbits of the
+    stored geometry (:func:`afpx.structures.site_of_atoms`), with the
+    tolerances the sites were found with.
+
 Sites are grouped by ``(structure, draw)``, so each augmentation draw of a
 structure has its own context. This module is numpy only (no torch): training
 and inference compute the context with the same function.
@@ -49,6 +62,27 @@ DESCRIPTORS: Final = (
     "coordination",
 )
 N_DESCRIPTORS: Final = len(DESCRIPTORS)
+
+#: Names of the first columns of ``shell`` (the mean AFP of the shell follows).
+SHELL_DESCRIPTORS: Final = (
+    "shell_log_r0",
+    "shell_log_r0_relative",
+    "shell_coordination",
+    "shell_log_site_fraction",
+)
+N_SHELL_DESCRIPTORS: Final = len(SHELL_DESCRIPTORS)
+
+#: Radius of the coordination shell in units of the site's r0 (as ``coordination``).
+SHELL_FACTOR: Final = 1.2
+
+
+#: Cube variables the shell needs besides the per-site ones.
+SHELL_GEOMETRY: Final = ("site_index", "lattice", "n_atoms", "atom_frac_coords", "atom_z")
+
+
+def context_width(n_bins: int, *, shell: bool = False) -> int:
+    """Columns of :func:`site_context`: descriptors, structure AFP (and the shell)."""
+    return N_DESCRIPTORS + n_bins + ((N_SHELL_DESCRIPTORS + n_bins) if shell else 0)
 
 
 def context_groups(structure: np.ndarray, draw: np.ndarray | None = None) -> np.ndarray:
@@ -188,8 +222,9 @@ def site_context(
     coordination: np.ndarray,
     structure: np.ndarray,
     draw: np.ndarray | None = None,
+    shell_pairs: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Descriptors and structure AFP of every site, side by side.
+    """Descriptors and structure AFP of every site, side by side (and the shell).
 
     Parameters
     ----------
@@ -197,12 +232,17 @@ def site_context(
         Perspective-averaged AFP of each site.
     r0, dmin_ratio, multiplicity, coordination, structure : ndarray of shape (n,)
     draw : ndarray of shape (n,), optional
+    shell_pairs : ndarray of shape (n_pairs, 2), int, optional
+        ``[site, neighbour's site]`` rows, one per neighbour atom of the
+        coordination shell (:func:`shell_pairs`); with it the ``shell`` columns
+        are appended.
 
     Returns
     -------
-    ndarray of shape (n, 10 + n_bins) float32
-        ``descriptors`` then ``structure_afp``; all sites of a structure must
-        be present (the context of a partial structure would be wrong).
+    ndarray of shape (n, context_width(n_bins, shell=...)) float32
+        ``descriptors`` then ``structure_afp`` (then ``shell``); all sites of a
+        structure must be present (the context of a partial structure would be
+        wrong).
 
     Examples
     --------
@@ -217,39 +257,252 @@ def site_context(
     """
     group = context_groups(structure, draw)
     desc = site_descriptors(r0, dmin_ratio, multiplicity, coordination, group)
+    n_bins = np.asarray(afp_mean).shape[-1]
     if len(desc) == 0:
-        return np.zeros((0, N_DESCRIPTORS + np.asarray(afp_mean).shape[-1]), np.float32)
-    return np.hstack([desc, structure_afp(afp_mean, multiplicity, group)])
+        return np.zeros((0, context_width(n_bins, shell=shell_pairs is not None)), np.float32)
+    parts = [desc, structure_afp(afp_mean, multiplicity, group)]
+    if shell_pairs is not None:
+        parts.append(shell_context(afp_mean, r0, coordination, multiplicity, group, shell_pairs))
+    return np.hstack(parts)
 
 
-def context_from_store(group: Any, *, block_sites: int = 16384) -> np.ndarray:
+def shell_context(
+    afp_mean: np.ndarray,
+    r0: np.ndarray,
+    coordination: np.ndarray,
+    multiplicity: np.ndarray,
+    group: np.ndarray,
+    pairs: np.ndarray,
+) -> np.ndarray:
+    """The ``shell`` array (see the module docstring): means over each site's shell.
+
+    Parameters
+    ----------
+    afp_mean : ndarray of shape (n, n_bins)
+    r0, coordination, multiplicity : ndarray of shape (n,)
+    group : ndarray of shape (n,)
+        From :func:`context_groups` (for the share of the atoms of the cell).
+    pairs : ndarray of shape (n_pairs, 2), int
+        ``[site, neighbour's site]``, one row per neighbour atom (row indices
+        into the arrays above, both in the same group).
+
+    Returns
+    -------
+    ndarray of shape (n, 4 + n_bins) float32
+        Zeros for a site without a pair.
+    """
+    import scipy.sparse as sp
+
+    afp_mean = np.asarray(afp_mean, dtype=np.float64)
+    n = afp_mean.shape[0]
+    pairs = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
+    if pairs.size and (pairs.min() < 0 or pairs.max() >= n):
+        raise AfpxError(f"shell pairs index sites outside 0..{n - 1}")
+    group = np.asarray(group).reshape(-1)
+    if pairs.size and np.any(group[pairs[:, 0]] != group[pairs[:, 1]]):
+        raise AfpxError("a shell pair joins sites of two different structures or draws")
+    r0 = np.asarray(r0, dtype=np.float64).reshape(-1)
+    mult = np.asarray(multiplicity, dtype=np.float64).reshape(-1)
+    cell_atoms = np.bincount(group, weights=mult)
+    per_site = np.stack(
+        [
+            np.log(r0),
+            np.zeros(n),
+            np.asarray(coordination, dtype=np.float64).reshape(-1),
+            np.log(mult / cell_atoms[group]),
+        ],
+        axis=1,
+    )
+    shell = sp.csr_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(n, n))
+    size = np.asarray(shell.sum(axis=1)).reshape(-1)
+    out = np.hstack([shell @ per_site, shell @ afp_mean]) / np.maximum(size, 1)[:, None]
+    has = size > 0
+    out[has, 1] = out[has, 0] - np.log(r0[has])  # mean log(r0_neighbour / r0)
+    return out.astype(np.float32)
+
+
+def structure_shell_pairs(
+    lattice: np.ndarray,
+    frac_coords: np.ndarray,
+    numbers: np.ndarray,
+    representatives: np.ndarray,
+    *,
+    symprec: float = 0.01,
+    angle_tolerance: float = 5.0,
+    factor: float = SHELL_FACTOR,
+) -> np.ndarray:
+    """Coordination-shell pairs of the unique sites of one structure.
+
+    Parameters
+    ----------
+    lattice : ndarray of shape (3, 3)
+        Lattice vectors as rows (Å).
+    frac_coords : ndarray of shape (n_atoms, 3)
+    numbers : ndarray of shape (n_atoms,), int
+        Atomic numbers (they separate the orbits, as when the sites were found).
+    representatives : ndarray of shape (n_unique,), int
+        Representative atom of each unique site (``site_index``).
+    symprec, angle_tolerance : float
+        The tolerances the unique sites were found with.
+    factor : float
+        Shell radius in units of the site's nearest-neighbour distance.
+
+    Returns
+    -------
+    ndarray of shape (n_pairs, 2), int64
+        ``[unique site, neighbour's unique site]`` (positions in
+        ``representatives``), one row per neighbour atom strictly closer than
+        ``factor`` × r0, r0 measured on the same geometry.
+
+    Examples
+    --------
+    Rock salt: each site sees six atoms of the other site.
+
+    >>> from pymatgen.core import Lattice, Structure
+    >>> s = Structure.from_spacegroup("Fm-3m", Lattice.cubic(5.64), ["Na", "Cl"],
+    ...                               [[0, 0, 0], [0.5, 0.5, 0.5]])
+    >>> pairs = structure_shell_pairs(s.lattice.matrix, s.frac_coords,
+    ...                               s.atomic_numbers, np.array([0, 4]))
+    >>> np.bincount(pairs[:, 0] * 2 + pairs[:, 1], minlength=4).tolist()
+    [0, 6, 6, 0]
+    """
+    from afpx.neighbours import nearest_neighbour_distances, neighbour_atoms
+    from afpx.structures import site_of_atoms
+
+    reps = np.asarray(representatives, dtype=np.int64).reshape(-1)
+    site = site_of_atoms(
+        lattice, frac_coords, numbers, reps, symprec=symprec, angle_tolerance=angle_tolerance
+    )
+    r0 = nearest_neighbour_distances(lattice, frac_coords, reps)
+    pairs = neighbour_atoms(lattice, frac_coords, reps, factor * r0)
+    return np.stack([pairs[:, 0], site[pairs[:, 1]]], axis=1)
+
+
+def shell_pairs(
+    structure: np.ndarray,
+    site_index: np.ndarray,
+    draw: np.ndarray | None,
+    lattice: np.ndarray,
+    n_atoms: np.ndarray,
+    atom_frac_coords: np.ndarray,
+    atom_z: np.ndarray,
+    *,
+    symprec: float = 0.01,
+    angle_tolerance: float = 5.0,
+    factor: float = SHELL_FACTOR,
+    block_structures: int = 2048,
+) -> np.ndarray:
+    """Coordination-shell pairs of every site (row) of a cube, from its stored geometry.
+
+    Parameters
+    ----------
+    structure, site_index : ndarray of shape (n,), int
+        Structure and representative atom of each row.
+    draw : ndarray of shape (n,), int, optional
+        Augmentation draw of each row; each draw's rows pair among themselves.
+    lattice : ndarray of shape (n_structures, 3, 3)
+    n_atoms : ndarray of shape (n_structures,), int
+        Atoms of each structure's cell (they follow each other along ``atom``).
+    atom_frac_coords : ndarray of shape (n_total_atoms, 3)
+    atom_z : ndarray of shape (n_total_atoms,), int
+    symprec, angle_tolerance, factor
+        As for :func:`structure_shell_pairs`.
+    block_structures : int
+        Structures per Dask task (computed on the current scheduler).
+
+    Returns
+    -------
+    ndarray of shape (n_pairs, 2), int64
+        ``[row, neighbour's row]``.
+    """
+    import dask
+
+    from afpx.scheduler import compute
+
+    structure = np.asarray(structure, dtype=np.int64).reshape(-1)
+    site_index = np.asarray(site_index, dtype=np.int64).reshape(-1)
+    draw = (
+        np.zeros(structure.shape, np.int64)
+        if draw is None
+        else np.asarray(draw, dtype=np.int64).reshape(-1)
+    )
+    n_atoms = np.asarray(n_atoms, dtype=np.int64).reshape(-1)
+    atom_start = np.concatenate([[0], np.cumsum(n_atoms)])
+    if len(structure) and structure.max() >= len(n_atoms):
+        raise AfpxError(
+            f"sites refer to structure {int(structure.max())} but the geometry holds "
+            f"{len(n_atoms)} structures"
+        )
+    order = np.lexsort((draw, site_index, structure))
+    bounds = np.searchsorted(structure[order], np.arange(len(n_atoms) + 1))
+    present = np.flatnonzero(np.diff(bounds))
+    blocks = [present[a : a + block_structures] for a in range(0, len(present), block_structures)]
+
+    def block_pairs(ts: np.ndarray) -> np.ndarray:
+        out = []
+        for t in ts.tolist():
+            rows = order[bounds[t] : bounds[t + 1]]
+            reps, local = np.unique(site_index[rows], return_inverse=True)
+            a0, a1 = atom_start[t], atom_start[t + 1]
+            try:
+                pairs = structure_shell_pairs(
+                    lattice[t],
+                    atom_frac_coords[a0:a1],
+                    atom_z[a0:a1],
+                    reps,
+                    symprec=symprec,
+                    angle_tolerance=angle_tolerance,
+                    factor=factor,
+                )
+            except AfpxError as exc:
+                raise AfpxError(f"structure {t}: {exc}") from exc
+            # row of (unique site, draw); a missing draw of a site leaves -1
+            draws = np.unique(draw[rows])
+            table = np.full((len(reps), len(draws)), -1, dtype=np.int64)
+            table[local, np.searchsorted(draws, draw[rows])] = rows
+            a, b = table[pairs[:, 0]], table[pairs[:, 1]]
+            ok = (a >= 0) & (b >= 0)
+            out.append(np.stack([a[ok], b[ok]], axis=1))
+        return np.concatenate(out) if out else np.zeros((0, 2), np.int64)
+
+    tasks = [dask.delayed(block_pairs)(ts) for ts in blocks]
+    parts = compute(*tasks) if tasks else ()
+    return np.concatenate(parts) if parts else np.zeros((0, 2), np.int64)
+
+
+def context_from_store(group: Any, *, shell: bool = False, block_sites: int = 16384) -> np.ndarray:
     """:func:`site_context` of every site of a cube's zarr group.
 
     Reads ``afp`` once, block by block (memory bounded by ``block_sites``), and
-    the small per-site arrays.
+    the small per-site arrays; with ``shell``, the template geometry too.
 
     Parameters
     ----------
     group : zarr.Group
         An opened cube store (``afp``, ``r0``, ``dmin_ratio``, ``multiplicity``,
-        ``coordination``, ``structure``; ``draw`` optional).
+        ``coordination``, ``structure``; ``draw`` optional; with ``shell``,
+        ``site_index``, ``lattice``, ``n_atoms``, ``atom_frac_coords``, ``atom_z``).
+    shell : bool
+        Append the coordination-shell columns.
     block_sites : int
         Sites read at a time.
 
     Returns
     -------
-    ndarray of shape (n_sites, 10 + n_bins) float32
+    ndarray of shape (n_sites, context_width(n_bins, shell=shell)) float32
     """
     from afpx import schema
 
-    need = (
+    need = [
         schema.AFP,
         schema.R0,
         schema.DMIN_RATIO,
         schema.MULTIPLICITY,
         schema.COORDINATION,
         schema.STRUCTURE_INDEX,
-    )
+    ]
+    if shell:
+        need += list(SHELL_GEOMETRY)
     missing = [name for name in need if name not in group]
     if missing:
         raise AfpxError(
@@ -262,12 +515,28 @@ def context_from_store(group: Any, *, block_sites: int = 16384) -> np.ndarray:
     for a in range(0, n, block_sites):
         afp_mean[a : a + block_sites] = np.asarray(afp[a : a + block_sites]).mean(axis=1)
     draw = np.asarray(group[schema.DRAW][:]) if schema.DRAW in group else None
+    structure = np.asarray(group[schema.STRUCTURE_INDEX][:])
+    pairs = None
+    if shell:
+        filters = dict(group.attrs.get("filters", {}))
+        pairs = shell_pairs(
+            structure,
+            np.asarray(group[schema.SITE_INDEX][:]),
+            draw,
+            np.asarray(group[schema.LATTICE][:]),
+            np.asarray(group[schema.N_ATOMS][:]),
+            np.asarray(group[schema.ATOM_FRAC_COORDS][:]),
+            np.asarray(group[schema.ATOM_Z][:]),
+            symprec=float(filters.get("symprec", 0.01)),
+            angle_tolerance=float(filters.get("angle_tolerance", 5.0)),
+        )
     return site_context(
         afp_mean,
         np.asarray(group[schema.R0][:]),
         np.asarray(group[schema.DMIN_RATIO][:]),
         np.asarray(group[schema.MULTIPLICITY][:]),
         np.asarray(group[schema.COORDINATION][:]),
-        np.asarray(group[schema.STRUCTURE_INDEX][:]),
+        structure,
         draw,
+        pairs,
     )

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from afpx import AfpxError, schema
-from afpx.features import site_context
+from afpx.features import SHELL_GEOMETRY, context_width, shell_pairs, site_context
 
 if TYPE_CHECKING:
     import xarray as xr
@@ -73,9 +73,10 @@ def score_afp(
         A model folder written by ``afpx train``, or a loaded model.
     afp : ndarray of shape (n, 12, 256)
     r0, dmin_ratio : ndarray of shape (n,)
-    context : ndarray of shape (n, 10 + 256), optional
+    context : ndarray of shape (n, width), optional
         Template context of the sites (:func:`afpx.features.site_context`,
-        computed over whole structures); required by models that read it.
+        computed over whole structures, with ``shell_pairs`` for a
+        ``context_shell`` model); required by models that read it.
     batch_size : int
         Sites per forward pass.
     device : {"cpu", "cuda"}
@@ -110,6 +111,16 @@ def score_afp(
         context = np.ascontiguousarray(context, dtype=np.float32)
         if context.shape[0] != len(afp):
             raise AfpxError(f"context has {context.shape[0]} rows for {len(afp)} sites")
+        width = context_width(m.config.n_bins, shell=m.needs_shell)
+        if context.ndim != 2 or context.shape[1] != width:
+            raise AfpxError(
+                f"context has shape {context.shape}, this model reads {width} columns per site: "
+                + (
+                    "pass shell_pairs to site_context"
+                    if m.needs_shell
+                    else "call site_context without shell_pairs"
+                )
+            )
     dev = next(m.net.parameters()).device
     m.net.eval()
     lik = np.empty((len(afp), m.config.n_elements), np.float32)
@@ -134,12 +145,13 @@ def dataset_context(ds: xr.Dataset, model: TrainedModel) -> np.ndarray | None:
     Parameters
     ----------
     ds : xarray.Dataset
-        A cube (lazy is fine: the AFP is averaged over perspectives block by block).
+        A cube (lazy is fine: the AFP is averaged over perspectives block by block);
+        for a ``context_shell`` model, with its template geometry.
     model : TrainedModel
 
     Returns
     -------
-    ndarray of shape (n_sites, 10 + n_bins) float32, or None
+    ndarray of shape (n_sites, width) float32, or None
     """
     if not model.needs_context:
         return None
@@ -151,13 +163,31 @@ def dataset_context(ds: xr.Dataset, model: TrainedModel) -> np.ndarray | None:
         schema.COORDINATION,
         schema.STRUCTURE_INDEX,
     ]
+    shell = model.needs_shell
     schema.require_variables(
-        ds, names, what="the template context", fix="rebuild it with `afpx build-cube`"
+        ds,
+        names + (list(SHELL_GEOMETRY) if shell else []),
+        what="the template context",
+        fix="rebuild it with `afpx build-cube`",
     )
     afp_mean = np.asarray(ds[schema.AFP].mean(schema.PERSPECTIVE).values)
     r0, dmin, mult, cn, structure = (np.asarray(ds[n].values) for n in names[1:])
     draw = np.asarray(ds[schema.DRAW].values) if schema.DRAW in ds.variables else None
-    return site_context(afp_mean, r0, dmin, mult, cn, structure, draw)
+    pairs = None
+    if shell:
+        filters = dict(ds.attrs.get("filters", {}))
+        pairs = shell_pairs(
+            structure,
+            np.asarray(ds[schema.SITE_INDEX].values),
+            draw,
+            np.asarray(ds[schema.LATTICE].values),
+            np.asarray(ds[schema.N_ATOMS].values),
+            np.asarray(ds[schema.ATOM_FRAC_COORDS].values),
+            np.asarray(ds[schema.ATOM_Z].values),
+            symprec=float(filters.get("symprec", 0.01)),
+            angle_tolerance=float(filters.get("angle_tolerance", 5.0)),
+        )
+    return site_context(afp_mean, r0, dmin, mult, cn, structure, draw, pairs)
 
 
 def _block_ends(
@@ -411,7 +441,7 @@ def predict(
     r0_all = np.asarray(g[schema.R0][:], dtype=np.float32)
     dmin_all = np.asarray(g[schema.DMIN_RATIO][:], dtype=np.float32)
     # one pass over afp: the context of a site depends on its whole structure
-    context = context_from_store(g) if m.needs_context else None
+    context = context_from_store(g, shell=m.needs_shell) if m.needs_context else None
 
     # 1. one writer at a time (local cubes); leftovers of a killed run go
     with contextlib.nullcontext() if remote else _writer_lock(path):
@@ -604,27 +634,40 @@ def score_structures(
     import xarray as xr
 
     from afpx.checkpoint import check_fingerprint
-    from afpx.cube import FingerprintParams, fingerprint_structures
+    from afpx.cube import FingerprintParams, analyse_structures, fingerprint_structures
 
     m = _load(model, device)
     if params is None:
         params = FingerprintParams(**m.fingerprint) if m.fingerprint else FingerprintParams()
     check_fingerprint(m.fingerprint, params.to_attrs(), cube="the requested fingerprints")
-    fp = fingerprint_structures(list(structures), params=params, seed=seed)
+    analysed = analyse_structures(list(structures))
+    fp = fingerprint_structures(analysed, params=params, seed=seed)
     afp = np.asarray(fp[schema.AFP])
-    context = (
-        site_context(
+    context = None
+    if m.needs_context:
+        structure = np.asarray(fp[schema.STRUCTURE_INDEX])
+        draw = np.asarray(fp[schema.DRAW]) if schema.DRAW in fp else None
+        pairs = None
+        if m.needs_shell:
+            pairs = shell_pairs(
+                structure,
+                np.asarray(fp[schema.SITE_INDEX]),
+                draw,
+                np.stack([a.lattice for a in analysed]),
+                np.asarray([a.n_atoms for a in analysed]),
+                np.concatenate([np.reshape(a.frac_coords, (-1, 3)) for a in analysed]),
+                np.concatenate([np.reshape(a.numbers, -1) for a in analysed]),
+            )
+        context = site_context(
             afp.mean(axis=1),
             np.asarray(fp[schema.R0]),
             np.asarray(fp[schema.DMIN_RATIO]),
             np.asarray(fp[schema.MULTIPLICITY]),
             np.asarray(fp[schema.COORDINATION]),
-            np.asarray(fp[schema.STRUCTURE_INDEX]),
-            np.asarray(fp[schema.DRAW]) if schema.DRAW in fp else None,
+            structure,
+            draw,
+            pairs,
         )
-        if m.needs_context
-        else None
-    )
     lik, pred = score_afp(
         m, afp, np.asarray(fp[schema.R0]), np.asarray(fp[schema.DMIN_RATIO]), context=context
     )

@@ -38,7 +38,7 @@ from afpx.schema import N_BINS, N_ELEMENTS, N_PERSPECTIVES, config_from_dict
 PRESETS = ("paper", "small", "context")
 ARCHITECTURES = ("vae", "mlp")
 PERSPECTIVE_INPUTS = ("all", "mean", "first")
-DESCRIPTOR_INPUTS = ("dmin", "dmin_r0", "context", "context_relative")
+DESCRIPTOR_INPUTS = ("dmin", "dmin_r0", "context", "context_relative", "context_shell")
 
 
 @dataclass(frozen=True)
@@ -90,12 +90,14 @@ class ModelConfig:
     perspective_input : {"all", "mean", "first"}
         What a ``mlp`` network reads of the 12 × 256 AFP: all of it
         (flattened), the mean over the perspectives, or the first perspective.
-    descriptor_input : {"dmin", "dmin_r0", "context", "context_relative"}
+    descriptor_input : {"dmin", "dmin_r0", "context", "context_relative", "context_shell"}
         Descriptors a ``mlp`` network reads beside the AFP: ``dmin_ratio``
         only (as the paper's sigmoid classifier), ``dmin_ratio`` and ``log
         r0``, or the template context of :mod:`afpx.features` (descriptors and
         structure AFP); ``context_relative`` drops its three absolute sizes
-        (log r0 and the structure's smallest and largest r0).
+        (log r0 and the structure's smallest and largest r0);
+        ``context_shell`` adds the coordination shell (the mean descriptors
+        and AFP of the sites around the site).
     layer_norm : bool
         Layer normalisation after every hidden linear layer of a ``mlp`` network.
     activation : {"elu", "gelu"}
@@ -595,7 +597,7 @@ class SiteNet(nn.Module):
         super().__init__()
         if config.architecture != "mlp":
             raise AfpxError(f"SiteNet needs architecture 'mlp', got {config.architecture!r}")
-        from afpx.features import N_DESCRIPTORS
+        from afpx.features import N_DESCRIPTORS, context_width
 
         self.config = config
         afp_shape = (
@@ -608,6 +610,7 @@ class SiteNet(nn.Module):
             "dmin_r0": 2,
             "context": N_DESCRIPTORS + config.n_bins,
             "context_relative": N_DESCRIPTORS - len(_ABSOLUTE_DESCRIPTORS) + config.n_bins,
+            "context_shell": context_width(config.n_bins, shell=True),
         }[config.descriptor_input]
         self.afp_norm = Standardize(afp_shape)
         self.descriptor_norm = Standardize((n_desc,))
@@ -633,6 +636,11 @@ class SiteNet(nn.Module):
     def needs_context(self) -> bool:
         """Whether :meth:`forward` needs the template context."""
         return self.config.descriptor_input.startswith("context")
+
+    @property
+    def needs_shell(self) -> bool:
+        """Whether the context must carry the coordination-shell columns."""
+        return self.config.descriptor_input == "context_shell"
 
     def afp_input(self, afp: torch.Tensor) -> torch.Tensor:
         """What the trunk reads of the AFP (n, 12, 256), before standardisation."""
@@ -738,6 +746,11 @@ def build_net(config: ModelConfig) -> AFPNet | SiteNet:
 def needs_context(net: nn.Module) -> bool:
     """Whether ``net`` reads the template context of :mod:`afpx.features`."""
     return bool(getattr(net, "needs_context", False))
+
+
+def needs_shell(net: nn.Module) -> bool:
+    """Whether ``net``'s template context includes the coordination shell."""
+    return bool(getattr(net, "needs_shell", False))
 
 
 def count_layers(module: nn.Module) -> int:

@@ -197,3 +197,49 @@ def count_within(vectors: Any, counts: Any, radii: Any) -> np.ndarray:
     radii = np.broadcast_to(np.asarray(radii, dtype=np.float64), counts.shape)
     inside = np.linalg.norm(vectors, axis=1) < radii[owner]
     return np.bincount(owner[inside], minlength=len(counts)).astype(np.int64)
+
+
+def neighbour_atoms(lattice: Any, frac_coords: Any, centres: Any, radii: Any) -> np.ndarray:
+    """Atoms strictly closer to each centre than its radius, as (centre, atom) pairs.
+
+    The same shell as :func:`count_within` (distance ``< radius``, the centre
+    itself excluded, periodic images included, each image once).
+
+    Parameters
+    ----------
+    lattice : array_like of shape (3, 3)
+        Lattice vectors as rows (Å).
+    frac_coords : array_like of shape (n_atoms, 3)
+    centres : array_like of shape (n_centres,), int
+        Atom indices of the centres.
+    radii : array_like of shape (n_centres,)
+        Radius of each centre's shell (Å).
+
+    Returns
+    -------
+    ndarray of shape (n_pairs, 2), int64
+        ``[position in centres, neighbour atom index]``, sorted.
+
+    Examples
+    --------
+    Rock salt: six chlorines within 1.2 × 2.82 Å of the sodium.
+
+    >>> import numpy as np
+    >>> lattice = 5.64 * np.eye(3)
+    >>> frac = [[0, 0, 0], [0.5, 0.5, 0], [0.5, 0, 0.5], [0, 0.5, 0.5],
+    ...         [0.5, 0, 0], [0, 0.5, 0], [0, 0, 0.5], [0.5, 0.5, 0.5]]
+    >>> pairs = neighbour_atoms(lattice, frac, [0], [1.2 * 2.82])
+    >>> len(pairs), sorted(set(pairs[:, 1].tolist()))
+    (6, [4, 5, 6])
+    """
+    lat, cart = _prepare(lattice, frac_coords)
+    idx = np.asarray(centres, dtype=np.int64).reshape(-1)
+    radii = np.broadcast_to(np.asarray(radii, dtype=np.float64), idx.shape)
+    if idx.size == 0:
+        return np.zeros((0, 2), dtype=np.int64)
+    if not np.all(np.isfinite(radii)) or np.any(radii <= 0):
+        raise AfpxError(f"shell radii must be positive and finite, got {radii.tolist()}")
+    c, p, _, dist = _find(cart, np.ascontiguousarray(cart[idx]), float(radii.max()), lat)
+    keep = (dist > SELF_TOLERANCE) & (dist < radii[c])
+    pairs = np.stack([np.asarray(c, np.int64)[keep], np.asarray(p, np.int64)[keep]], axis=1)
+    return pairs[np.lexsort((pairs[:, 1], pairs[:, 0]))]

@@ -925,8 +925,9 @@ def candidate_structure(
     """
     import warnings
 
-    import spglib
     from pymatgen.core import Lattice, Structure
+
+    from afpx.structures import site_of_atoms
 
     if scale not in SCALE_RULES:
         raise AfpxError(f"unknown scale rule {scale!r}; choose one of {', '.join(SCALE_RULES)}")
@@ -951,26 +952,12 @@ def candidate_structure(
     numbers = np.asarray(geo.numbers[a0:a1], dtype=np.intc)
     s0, s1 = int(library.site_start[template]), int(library.site_start[template + 1])
     reps = np.asarray(library.site_index[s0:s1], dtype=np.int64)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        dataset = spglib.get_symmetry_dataset(
-            (lattice, frac, numbers),  # type: ignore[arg-type]
-            symprec=symprec,
-            angle_tolerance=angle,
-        )
-    if dataset is None:
-        raise AfpxError(
-            f"spglib found no space group for template {library.structure_id[template]}"
-        )
-    orbit = np.asarray(dataset.crystallographic_orbits)
-    site_of_rep = {int(r): j for j, r in enumerate(reps.tolist())}
     try:
-        site_of_atom = np.asarray([site_of_rep[int(o)] for o in orbit])
-    except KeyError as exc:
-        raise AfpxError(
-            f"template {library.structure_id[template]}: atoms do not map onto its unique "
-            "sites (symmetry tolerances differ from those of the library)"
-        ) from exc
+        site_of_atom = site_of_atoms(
+            lattice, frac, numbers, reps, symprec=symprec, angle_tolerance=angle
+        )
+    except AfpxError as exc:
+        raise AfpxError(f"template {library.structure_id[template]}: {exc}") from exc
     mult = np.bincount(site_of_atom, minlength=reps.size)
     if not np.array_equal(mult, library.multiplicity[s0:s1]):
         raise AfpxError(

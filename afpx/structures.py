@@ -433,19 +433,44 @@ def _closest_pair(lattice: np.ndarray, frac_coords: np.ndarray) -> tuple[int, in
         radius *= 2.0
 
 
-def _site_table(
-    lattice: np.ndarray,
-    frac_coords: np.ndarray,
-    numbers: np.ndarray,
-    dmin: float,
+def symmetry_dataset(
+    lattice: Any,
+    frac_coords: Any,
+    numbers: Any,
     *,
-    symprec: float,
-    angle_tolerance: float,
-) -> SiteTable:
-    """Unique sites from spglib's symmetry dataset (the cell pymatgen's analyser passes)."""
+    symprec: float = 0.01,
+    angle_tolerance: float = 5.0,
+) -> Any:
+    """spglib's symmetry dataset of a cell (the one call afpx makes to spglib).
+
+    Parameters
+    ----------
+    lattice : array_like of shape (3, 3)
+        Lattice vectors as rows (Å).
+    frac_coords : array_like of shape (n_atoms, 3)
+    numbers : array_like of shape (n_atoms,), int
+        Atomic numbers (any integer labels: atoms with equal labels may be equivalent).
+    symprec, angle_tolerance : float
+        spglib's distance (Å) and angle (degrees) tolerances.
+
+    Returns
+    -------
+    spglib.SpglibDataset
+        With ``crystallographic_orbits`` (the first atom of each atom's orbit under
+        the space group of the primitive cell), ``wyckoffs`` and ``number``.
+
+    Raises
+    ------
+    AfpxError
+        When spglib finds no space group.
+    """
     import spglib
 
-    cell = (np.asarray(lattice), np.asarray(frac_coords), np.asarray(numbers, dtype=np.intc))
+    cell = (
+        np.asarray(lattice, dtype=np.float64),
+        np.asarray(frac_coords, dtype=np.float64),
+        np.asarray(numbers, dtype=np.intc),
+    )
     with _WARNINGS_LOCK, warnings.catch_warnings():
         # spglib 2.x warns about its error-handling mode on every failure
         warnings.simplefilter("ignore", DeprecationWarning)
@@ -456,6 +481,22 @@ def _site_table(
         )
     if dataset is None:
         raise AfpxError(f"spglib found no space group (symprec={symprec}, angle={angle_tolerance})")
+    return dataset
+
+
+def _site_table(
+    lattice: np.ndarray,
+    frac_coords: np.ndarray,
+    numbers: np.ndarray,
+    dmin: float,
+    *,
+    symprec: float,
+    angle_tolerance: float,
+) -> SiteTable:
+    """Unique sites from spglib's symmetry dataset (the cell pymatgen's analyser passes)."""
+    dataset = symmetry_dataset(
+        lattice, frac_coords, numbers, symprec=symprec, angle_tolerance=angle_tolerance
+    )
     # crystallographic_orbits, not equivalent_atoms: the latter uses only the
     # operations that map the given cell onto itself, so a 2x1x1 supercell of a
     # cubic crystal would split one orbit into two
@@ -470,6 +511,61 @@ def _site_table(
         spacegroup=int(dataset.number),
         dmin=dmin,
     )
+
+
+def site_of_atoms(
+    lattice: Any,
+    frac_coords: Any,
+    numbers: Any,
+    representatives: Any,
+    *,
+    symprec: float = 0.01,
+    angle_tolerance: float = 5.0,
+) -> np.ndarray:
+    """The unique site of every atom of a cell, given the sites' representative atoms.
+
+    Atoms are mapped by spglib's crystallographic orbits with the given
+    tolerances, as :func:`unique_sites` found the sites.
+
+    Parameters
+    ----------
+    lattice, frac_coords, numbers
+        The cell, as for :func:`symmetry_dataset`.
+    representatives : array_like of shape (n_unique,), int
+        Atom index of the representative of each unique site (``SiteTable.index``,
+        the cube's ``site_index``).
+    symprec, angle_tolerance : float
+
+    Returns
+    -------
+    ndarray of shape (n_atoms,), int64
+        Position in ``representatives`` of each atom's site.
+
+    Raises
+    ------
+    AfpxError
+        When an orbit has no representative among ``representatives`` (the
+        tolerances differ from those the sites were found with).
+    """
+    dataset = symmetry_dataset(
+        lattice, frac_coords, numbers, symprec=symprec, angle_tolerance=angle_tolerance
+    )
+    orbit = np.asarray(dataset.crystallographic_orbits, dtype=np.int64)
+    reps = np.asarray(representatives, dtype=np.int64).reshape(-1)
+    lookup = np.full(orbit.size, -1, dtype=np.int64)
+    if reps.size and (reps.min() < 0 or reps.max() >= orbit.size):
+        raise AfpxError(
+            f"representative atoms {reps.tolist()} lie outside the cell's {orbit.size} atoms"
+        )
+    lookup[reps] = np.arange(reps.size)
+    site = lookup[orbit]
+    if np.any(site < 0):
+        missing = sorted(set(orbit[site < 0].tolist()))
+        raise AfpxError(
+            f"the orbits of atoms {missing} have no representative among {reps.tolist()}: "
+            "the symmetry tolerances differ from those the unique sites were found with"
+        )
+    return site
 
 
 def unique_sites(

@@ -355,7 +355,7 @@ class CubeIndex:
         Split (``train``/``holdout``/``test``) of each site's structure.
     fingerprint : dict
         ``attrs["fingerprint"]`` of the cube.
-    context : ndarray of shape (n_sites, 10 + n_bins) float32 or None
+    context : ndarray of shape (n_sites, width) float32 or None
         Template context of every site (:func:`afpx.features.site_context`),
         when loaded with ``context=True``.
     """
@@ -378,10 +378,13 @@ class CubeIndex:
         path: str | os.PathLike[str],
         *,
         context: bool = False,
+        shell: bool = False,
         split_protocol: str = "composition",
         seed: int = 0,
     ) -> CubeIndex:
         """Read the per-site arrays of the cube at ``path`` (and the template context).
+
+        ``shell`` adds the coordination-shell columns to the context.
 
         ``split_protocol="site"`` replaces the cube's split by a seeded random
         split of unique sites (the paper's protocol).
@@ -436,7 +439,7 @@ class CubeIndex:
             site_split=site_split,
             fingerprint=dict(attrs.get("fingerprint", {})),
             attrs=attrs,
-            context=context_from_store(g) if context else None,
+            context=context_from_store(g, shell=shell) if context else None,
         )
 
     def sites(self, split: str | None) -> np.ndarray:
@@ -869,10 +872,14 @@ def train(
 
     torch.manual_seed(tcfg.seed)
     net = build_net(mcfg)
-    from afpx.model import needs_context
+    from afpx.model import needs_context, needs_shell
 
     index = CubeIndex.load(
-        cube, context=needs_context(net), split_protocol=tcfg.split_protocol, seed=tcfg.seed
+        cube,
+        context=needs_context(net),
+        shell=needs_shell(net),
+        split_protocol=tcfg.split_protocol,
+        seed=tcfg.seed,
     )
     if resume:
         check_fingerprint(meta.get("fingerprint", {}), index.fingerprint, cube=str(cube))

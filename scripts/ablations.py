@@ -66,6 +66,23 @@ ROWS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
     # perspectives
     "context, first perspective only": ("context", {"perspective_input": "first"}, {}),
     "context, all 12 perspectives": ("context", {"perspective_input": "all"}, {}),
+    # the coordination shell (the sites around the site) in the context
+    "context + coordination shell": ("context", {"descriptor_input": "context_shell"}, {}),
+    "context + coordination shell, 4 x 1024": (
+        "context",
+        {"descriptor_input": "context_shell", "classifier_hidden": 1024, "classifier_layers": 5},
+        {},
+    ),
+    "context + coordination shell, paper protocol (random site split)": (
+        "context",
+        {"descriptor_input": "context_shell"},
+        {"split_protocol": "site"},
+    ),
+    "context + coordination shell, 4 x 1024, paper protocol (random site split)": (
+        "context",
+        {"descriptor_input": "context_shell", "classifier_hidden": 1024, "classifier_layers": 5},
+        {"split_protocol": "site"},
+    ),
     # the paper's protocol
     "context, paper protocol (random site split)": ("context", {}, {"split_protocol": "site"}),
     "context, 4 x 1024, paper protocol (random site split)": (
@@ -84,7 +101,13 @@ def test_metrics(model_dir: Path, cube: str, split_protocol: str, seed: int) -> 
     from afpx.train import AFPStream, CubeIndex
 
     m = load_model(model_dir)
-    index = CubeIndex.load(cube, context=m.needs_context, split_protocol=split_protocol, seed=seed)
+    index = CubeIndex.load(
+        cube,
+        context=m.needs_context,
+        shell=m.needs_shell,
+        split_protocol=split_protocol,
+        seed=seed,
+    )
     stream = AFPStream(cube, split="test", batch_size=4096, shuffle=False, index=index)
     sites, soft, sig1, sig5 = [], [], [], []
     with torch.no_grad():

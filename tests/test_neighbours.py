@@ -94,3 +94,21 @@ def test_count_within_is_strict() -> None:
 def test_bad_cells_raise(lattice: np.ndarray, frac: np.ndarray) -> None:
     with pytest.raises(AfpxError):
         nearest_neighbour_distances(lattice, frac, [0])
+
+
+def test_neighbour_atoms_is_the_coordination_shell() -> None:
+    from afpx.neighbours import count_within, neighbour_atoms, neighbour_shells
+
+    rng = np.random.default_rng(3)
+    lattice = np.diag([4.0, 5.0, 6.0]) + rng.normal(0, 0.2, (3, 3))
+    frac = rng.random((7, 3))
+    centres = np.array([0, 3, 5])
+    radii = np.array([2.5, 3.0, 3.5])
+    pairs = neighbour_atoms(lattice, frac, centres, radii)
+    vectors, counts = neighbour_shells(lattice, frac, centres, radii)
+    np.testing.assert_array_equal(
+        np.bincount(pairs[:, 0], minlength=3), count_within(vectors, counts, radii)
+    )
+    with pytest.raises(AfpxError, match="positive and finite"):
+        neighbour_atoms(lattice, frac, centres, [1.0, 0.0, 2.0])
+    assert neighbour_atoms(lattice, frac, [], []).shape == (0, 2)

@@ -828,3 +828,21 @@ def test_cif_id_is_the_database_code_the_file_states(
     assert structure.structure_id == expected
     assert structure.metadata.get("file_id", structure.structure_id) == "218"
     assert structure.source == str(tmp_path / "218.cif")  # provenance: the file it came from
+
+
+def test_site_of_atoms_maps_every_atom_to_its_orbit() -> None:
+    from pymatgen.core import Lattice, Structure
+
+    from afpx.structures import site_of_atoms, unique_sites
+
+    nacl = Structure.from_spacegroup(
+        "Fm-3m", Lattice.cubic(5.64), ["Na", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]]
+    )
+    table = unique_sites(nacl)
+    site = site_of_atoms(nacl.lattice.matrix, nacl.frac_coords, nacl.atomic_numbers, table.index)
+    assert site.tolist() == [0] * 4 + [1] * 4
+    np.testing.assert_array_equal(np.bincount(site), table.multiplicity)
+    with pytest.raises(AfpxError, match=r"the orbits of atoms \[4\] have no representative"):
+        site_of_atoms(nacl.lattice.matrix, nacl.frac_coords, nacl.atomic_numbers, [0])
+    with pytest.raises(AfpxError, match="lie outside the cell's 8 atoms"):
+        site_of_atoms(nacl.lattice.matrix, nacl.frac_coords, nacl.atomic_numbers, [0, 8])

@@ -422,6 +422,8 @@ def test_context_model_trains_keeps_best_and_scores(cube: Path, tmp_path: Path) 
         score_afp(m, afp, np.ones(3), np.ones(3))
     with pytest.raises(AfpxError, match="context has 2 rows for 3 sites"):
         score_afp(m, afp, np.ones(3), np.ones(3), context=np.zeros((2, 266), np.float32))
+    with pytest.raises(AfpxError, match="reads 266 columns per site: call site_context without"):
+        score_afp(m, afp, np.ones(3), np.ones(3), context=np.zeros((3, 526), np.float32))
     import shutil
 
     scored = tmp_path / "scored.zarr"
