@@ -204,7 +204,7 @@ class ModelConfig:
                 preset="context",
                 architecture="mlp",
                 perspective_input="mean",
-                descriptor_input="context",
+                descriptor_input="context_shell",
                 classifier_hidden=512,
                 classifier_layers=4,
                 dropout=0.1,

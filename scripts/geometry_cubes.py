@@ -12,7 +12,8 @@ rest (seed, split, filters) is as ``afpx build-cube`` uses by default, so the
 split is the same as the default cube's. Train and score on each cube with::
 
     python scripts/ablations.py --cube runs/geometry/<variant>.zarr \
-        --workdir runs/geometry/<variant> --epochs 8 --rows "context (default)" --no-baselines
+        --workdir runs/geometry/<variant> --epochs 8 --no-baselines \
+        --rows "context without the coordination shell (the previous default)"
 
 Printed: the geometry of each variant, with the smearing σ in units of r0
 (the window's standard deviation, measured from its samples), and the share

@@ -182,10 +182,11 @@ def test_context_preset_likelihoods_are_softmax_probabilities() -> None:
     cfg = ModelConfig.preset_config("context")
     net = build_net(cfg)
     assert isinstance(net, SiteNet) and net.sigmoid_head is None
+    assert net.needs_context and net.needs_shell  # the default reads the coordination shell
     assert any(isinstance(m, torch.nn.GELU) for m in net.modules())
     net.eval()
     x = torch.rand(6, 12, 256)
-    out = net(x, torch.rand(6) + 1.0, torch.rand(6) + 0.5, torch.rand(6, 266))
+    out = net(x, torch.rand(6) + 1.0, torch.rand(6) + 0.5, torch.rand(6, 10 + 256 + 4 + 256))
     p = torch.sigmoid(out.sigmoid_logits)
     torch.testing.assert_close(p, torch.softmax(out.softmax_logits, dim=1), atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(p.sum(1), torch.ones(6), atol=1e-4, rtol=0)
