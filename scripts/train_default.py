@@ -8,9 +8,11 @@ Each step is an ``afpx`` command (printed before it runs, so the sequence can
 be repeated by hand); a step whose output already exists is skipped, so an
 interrupted run continues where it stopped. The last step packs
 
-Training the ``context`` preset takes 16 epochs of ~15 s on one free core
-(about 5 minutes); the whole script runs in well under the 2 hours that a
-2-core machine allows for it (timings.json records each step).
+Training the ``context`` preset takes ~2 minutes for the coordination shells
+and 16 epochs of ~15 s on one free core (about 7 minutes); the whole script
+runs in well under the 2 hours that a 2-core machine allows for it
+(timings.json records each step). A cube or evaluation left by a run with
+another model is redone, not skipped (their recorded model SHA-256 is checked).
 
 - ``afpx/data/default_library.{npz,json}``: templates (unique sites,
   multiplicities, provenance, geometry for CIF export) and the per-site
@@ -30,6 +32,7 @@ rankings agree except where scores tie within that rounding.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -53,6 +56,44 @@ def step(name: str, cmd: list[str], done: Path, timings: dict[str, float]) -> No
     print(f"[{name}] {timings[name]} s", flush=True)
 
 
+def model_sha256(model: Path) -> str:
+    """SHA-256 of a model folder's weights (what likelihoods and evaluations record)."""
+    return hashlib.sha256((model / "model.pt").read_bytes()).hexdigest()
+
+
+def stale(name: str, path: Path, recorded: str | None, sha: str) -> Path:
+    """``path`` if it holds the current model's output; else remove it and return a missing path.
+
+    A cube copied from an earlier run keeps that run's likelihoods, and an
+    evaluation its metrics: skipping their steps would pack one model's
+    likelihoods with another model's weights.
+    """
+    if not path.exists() or recorded == sha:
+        return path
+    print(f"[{name}] {path} comes from another model ({recorded}); redoing it", flush=True)
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
+    return path
+
+
+def likelihood_model(cube: Path) -> str | None:
+    """The model SHA-256 that a cube's likelihoods record (None without likelihoods)."""
+    meta = cube / "likelihood" / "zarr.json"
+    if not meta.is_file():
+        return None
+    return json.loads(meta.read_text()).get("attributes", {}).get("model_sha256")
+
+
+def evaluation_model(report: Path) -> str | None:
+    """The model SHA-256 of the likelihoods an ``afpx evaluate`` report scored."""
+    metrics = report / "metrics.json"
+    if not metrics.is_file():
+        return None
+    return json.loads(metrics.read_text()).get("likelihood", {}).get("model_sha256")
+
+
 def pack(cube: Path, model: Path, out: Path) -> dict[str, object]:
     """Pack the template library with likelihoods, and the model, into ``out``."""
     from afpx.default import pack_default_library, pack_default_model
@@ -63,8 +104,8 @@ def pack(cube: Path, model: Path, out: Path) -> dict[str, object]:
     library.attrs.pop("cube", None)  # a local path: the package says "built-in default"
     if library.geometry is None:
         raise SystemExit(f"{cube} stores no structure geometry: rebuild it with afpx build-cube")
-    # uint16 log-likelihoods (steps of 2e-4 in log, floor 1e-6): 25.7 MB with
-    # the geometry, 29 MB with the model, and the top 20 of 39 of 40 sampled
+    # uint16 log-likelihoods (steps of 2e-4 in log, floor 1e-6): 25.6 MB with
+    # the geometry, 29.6 MB with the model, and the top 20 of all 40 sampled
     # element sets unchanged (float16 changed 16 of 40: its steps near log
     # 1e-4 are 0.008). The manifest's rank_check records the comparison.
     manifest = pack_default_library(library, out, quantise="uint16", floor=1e-6, check_sets=40)
@@ -128,10 +169,12 @@ def main() -> None:
         model / "model.pt",
         timings,
     )
+    sha = model_sha256(model)
     step(
         "likelihood",
         [*afpx, "likelihood", str(cube), "--model", str(model), "--no-progress"],
-        cube / "likelihood",
+        # the likelihoods of this model, not those of a cube copied from another run
+        cube / "likelihood" if likelihood_model(cube) == sha else work / ".no-such-file",
         timings,
     )
     step(
@@ -146,7 +189,7 @@ def main() -> None:
             str(args.threads),
             "--no-progress",
         ],
-        report / "metrics.json",
+        stale("evaluate", report, evaluation_model(report), sha) / "metrics.json",
         timings,
     )
 

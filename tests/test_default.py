@@ -431,3 +431,34 @@ def test_bad_likelihood_columns_are_refused(library: TemplateLibrary, tmp_path: 
     manifest.write_text(json.dumps(meta))
     with pytest.raises(AfpxError, match=r"lacks \['likelihood_of_1"):
         load_library(manifest)
+
+
+def test_train_default_redoes_outputs_of_another_model(tmp_path: Path) -> None:
+    """A cube or report left by another model's run is not skipped as done."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "train_default.py"
+    spec = importlib.util.spec_from_file_location("train_default", path)
+    assert spec is not None and spec.loader is not None
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "model.pt").write_bytes(b"weights")
+    sha = script.model_sha256(model)
+    cube = tmp_path / "cube.zarr"
+    assert script.likelihood_model(cube) is None
+    (cube / "likelihood").mkdir(parents=True)
+    meta = {"attributes": {"model_sha256": "old"}}
+    (cube / "likelihood" / "zarr.json").write_text(json.dumps(meta))
+    assert script.likelihood_model(cube) == "old" != sha
+    report = tmp_path / "evaluation"
+    report.mkdir()
+    (report / "metrics.json").write_text(json.dumps({"likelihood": {"model_sha256": sha}}))
+    # the current model's report stays
+    assert script.stale("evaluate", report, script.evaluation_model(report), sha).exists()
+    # another model's report is removed, so the step runs again
+    (report / "metrics.json").write_text(json.dumps({"likelihood": {"model_sha256": "old"}}))
+    assert not script.stale("evaluate", report, script.evaluation_model(report), sha).exists()
+    assert not report.exists()
