@@ -268,7 +268,7 @@ def summary(path: str) -> None:
             m = _metrics([r["random_first"] for r in group])
             sampled = sum(r["random_known_sampled"] > 0 for r in group)
             print(
-                f"| {name} | hull, random {len(group[0]['relax_seconds'])} "
+                f"| {name} | hull, random {sum(group[0]['random_statuses'].values())} "
                 f"(a known one drawn in {sampled} sets) | {m['hit@1']:.2f} | "
                 f"{m['hit@10']:.2f} | {m['mrr']:.3f} |"
             )
