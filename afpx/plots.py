@@ -576,18 +576,31 @@ def training_curves_figure(metrics: pd.DataFrame, *, source: str) -> Figure:
         ("learning rate", "learning rate", [("lr", "lr")], False),
         ("KL weight", "KL weight", [("kl_weight", "KL weight")], False),
     ]
+
+    def recorded(column: str) -> bool:
+        # a loss term the network does not have is logged as zeros: not a curve
+        if column not in metrics:
+            return False
+        values = metrics[column].to_numpy(dtype=np.float64)
+        return bool(np.any(np.isfinite(values) & (values != 0)))
+
+    has_kl = recorded("train_kl") or "train_kl" not in metrics
     fig = _figure(11, 7)
     axes = fig.subplots(2, 2, sharex=True).ravel()
     for ax, (title, ylabel, series, log) in zip(axes, panels, strict=True):
         drawn = False
         for column, label in series:
-            if column in metrics:
+            if column == "kl_weight" and not has_kl:
+                continue  # the schedule of a term the network does not have
+            if recorded(column):
                 values = metrics[column].to_numpy(dtype=np.float64)
                 style = "--" if column.startswith("val_") else "-"
                 ax.plot(epoch, values, style, marker=".", label=label)
                 drawn = True
         if not drawn:
-            ax.text(0.5, 0.5, "not recorded", transform=ax.transAxes, ha="center")
+            no_kl = title == "KL weight" and not has_kl
+            note = "no KL term (not a VAE)" if no_kl else "not recorded"
+            ax.text(0.5, 0.5, note, transform=ax.transAxes, ha="center")
         if log and drawn:
             ax.set_yscale("log")
         ax.set_title(title, fontsize=9)

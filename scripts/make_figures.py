@@ -53,11 +53,15 @@ def main(argv: list[str] | None = None) -> list[Path]:
     save(plots.tsne_figure(xy, source=f"{model_name}; perplexity 15, seed 0"), "tsne-elements.png")
 
     evaluation = args.evaluation or ROOT / MODEL_CARD_METRICS
-    label = args.evaluation.name if args.evaluation else f"model card ({MODEL_CARD_METRICS})"
+    label = (
+        f"afpx evaluate output {args.evaluation.name}/"
+        if args.evaluation
+        else f"model card ({MODEL_CARD_METRICS})"
+    )
     metrics = plots.read_evaluation_metrics(evaluation)
     split = metrics.get("params", {}).get("split", "?")
     curves, exact = plots.rank_curves(evaluation)
-    source = f"{split} split, evaluation of the {label}"
+    source = f"{split} split, {label}"
     save(plots.rank_curve_figure(curves, source=source, exact=exact), "test1-rank-curve.png")
     save(plots.test2_figure(plots.test2_summaries(metrics), source=source), "test2.png")
     if args.evaluation is not None:

@@ -267,6 +267,23 @@ def test_training_metrics_errors(tmp_path: Path) -> None:
         plots.training_curves_figure(pd.DataFrame({"lr": [1.0]}), source="x")
 
 
+def test_training_curves_leave_out_terms_the_network_lacks() -> None:
+    import pandas as pd
+
+    rows = {"epoch": [1, 2], "lr": [1e-3, 1e-4], "kl_weight": [0.5, 1.0],
+            "train_total": [2.0, 1.5], "val_total": [2.1, 1.8],
+            "train_reconstruction": [0.0, 0.0], "train_kl": [0.0, 0.0]}  # fmt: skip
+    fig = plots.training_curves_figure(pd.DataFrame(rows), source="x")
+    loss, _, _, kl = fig.axes[:4]
+    labels = [t.get_text() for t in loss.get_legend().get_texts()]
+    assert labels == ["train total", "holdout total"]  # no zero reconstruction curve
+    assert not kl.lines and "no KL term (not a VAE)" in [t.get_text() for t in kl.texts]
+    with_kl = plots.training_curves_figure(
+        pd.DataFrame({**rows, "train_kl": [3.0, 2.0]}), source="x"
+    )
+    assert len(with_kl.axes[3].lines) == 1
+
+
 def test_evaluation_reader_errors(tmp_path: Path, evaluation: Path) -> None:
     (tmp_path / "metrics.json").write_text("{not json")
     with pytest.raises(AfpxError, match="is not JSON"):
