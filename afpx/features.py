@@ -76,7 +76,7 @@ N_SHELL_DESCRIPTORS: Final = len(SHELL_DESCRIPTORS)
 SHELL_FACTOR: Final = 1.2
 
 
-#: Cube variables the shell needs besides the per-site ones.
+#: Cube variables the shell needs besides the per-site ones, in :func:`shell_pairs` order.
 SHELL_GEOMETRY: Final = ("site_index", "lattice", "n_atoms", "atom_frac_coords", "atom_z")
 
 
@@ -516,20 +516,7 @@ def context_from_store(group: Any, *, shell: bool = False, block_sites: int = 16
         afp_mean[a : a + block_sites] = np.asarray(afp[a : a + block_sites]).mean(axis=1)
     draw = np.asarray(group[schema.DRAW][:]) if schema.DRAW in group else None
     structure = np.asarray(group[schema.STRUCTURE_INDEX][:])
-    pairs = None
-    if shell:
-        filters = dict(group.attrs.get("filters", {}))
-        pairs = shell_pairs(
-            structure,
-            np.asarray(group[schema.SITE_INDEX][:]),
-            draw,
-            np.asarray(group[schema.LATTICE][:]),
-            np.asarray(group[schema.N_ATOMS][:]),
-            np.asarray(group[schema.ATOM_FRAC_COORDS][:]),
-            np.asarray(group[schema.ATOM_Z][:]),
-            symprec=float(filters.get("symprec", 0.01)),
-            angle_tolerance=float(filters.get("angle_tolerance", 5.0)),
-        )
+    pairs = stored_shell_pairs(group, structure, draw) if shell else None
     return site_context(
         afp_mean,
         np.asarray(group[schema.R0][:]),
@@ -539,4 +526,34 @@ def context_from_store(group: Any, *, shell: bool = False, block_sites: int = 16
         structure,
         draw,
         pairs,
+    )
+
+
+def stored_shell_pairs(cube: Any, structure: np.ndarray, draw: np.ndarray | None) -> np.ndarray:
+    """:func:`shell_pairs` of a cube, from its stored geometry and symmetry tolerances.
+
+    Parameters
+    ----------
+    cube : zarr.Group or xarray.Dataset
+        Holding :data:`SHELL_GEOMETRY` (checked by the caller) and the
+        ``filters`` attribute the sites were found with.
+    structure, draw : ndarray of shape (n,)
+        Structure and draw of each site (``draw`` may be None).
+
+    Returns
+    -------
+    ndarray of shape (n_pairs, 2), int64
+    """
+    filters = dict(cube.attrs.get("filters", {}))
+    site_index, lattice, n_atoms, frac, numbers = (np.asarray(cube[n]) for n in SHELL_GEOMETRY)
+    return shell_pairs(
+        structure,
+        site_index,
+        draw,
+        lattice,
+        n_atoms,
+        frac,
+        numbers,
+        symprec=float(filters.get("symprec", 0.01)),
+        angle_tolerance=float(filters.get("angle_tolerance", 5.0)),
     )

@@ -34,7 +34,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from afpx import AfpxError, schema
-from afpx.features import SHELL_GEOMETRY, context_width, shell_pairs, site_context
+from afpx.features import (
+    SHELL_GEOMETRY,
+    context_width,
+    shell_pairs,
+    site_context,
+    stored_shell_pairs,
+)
 
 if TYPE_CHECKING:
     import xarray as xr
@@ -173,20 +179,7 @@ def dataset_context(ds: xr.Dataset, model: TrainedModel) -> np.ndarray | None:
     afp_mean = np.asarray(ds[schema.AFP].mean(schema.PERSPECTIVE).values)
     r0, dmin, mult, cn, structure = (np.asarray(ds[n].values) for n in names[1:])
     draw = np.asarray(ds[schema.DRAW].values) if schema.DRAW in ds.variables else None
-    pairs = None
-    if shell:
-        filters = dict(ds.attrs.get("filters", {}))
-        pairs = shell_pairs(
-            structure,
-            np.asarray(ds[schema.SITE_INDEX].values),
-            draw,
-            np.asarray(ds[schema.LATTICE].values),
-            np.asarray(ds[schema.N_ATOMS].values),
-            np.asarray(ds[schema.ATOM_FRAC_COORDS].values),
-            np.asarray(ds[schema.ATOM_Z].values),
-            symprec=float(filters.get("symprec", 0.01)),
-            angle_tolerance=float(filters.get("angle_tolerance", 5.0)),
-        )
+    pairs = stored_shell_pairs(ds, structure, draw) if shell else None
     return site_context(afp_mean, r0, dmin, mult, cn, structure, draw, pairs)
 
 
