@@ -32,6 +32,7 @@ from afpx import AfpxError
 
 __all__ = [
     "LOCAL_SCHEDULERS",
+    "LOCAL_WORKER_MALLOC",
     "SCHEDULER_TIMEOUT",
     "active_client",
     "compute",
@@ -43,6 +44,17 @@ LOCAL_SCHEDULERS = ("threads", "processes", "synchronous")
 
 #: How long to wait for a remote scheduler before giving up.
 SCHEDULER_TIMEOUT = "10s"
+
+#: glibc malloc settings of the worker processes of afpx's own local cluster.
+#: ``distributed`` starts workers with ``MALLOC_TRIM_THRESHOLD_=65536``, which
+#: also freezes glibc's mmap threshold at 128 KiB: every temporary array above
+#: it is mapped, faulted in page by page and unmapped again. Evaluation makes
+#: millions of such arrays; with these settings its workers spend ~30 % less
+#: CPU (a third of it was system time). Workers keep at most the trim threshold
+#: of freed memory. Set only where the Dask configuration still has
+#: ``distributed``'s default (a user's own settings win).
+LOCAL_WORKER_MALLOC = {"MALLOC_MMAP_THRESHOLD_": 64 * 2**20, "MALLOC_TRIM_THRESHOLD_": 256 * 2**20}
+_DISTRIBUTED_TRIM_DEFAULT = 65536
 
 _DISTRIBUTED_HINT = "pip install 'afpx[distributed]'"
 
@@ -153,6 +165,7 @@ def use_scheduler(scheduler: str | None = None, *, workers: int | None = None) -
                 yield client
             return
         with (
+            dask.config.set(_local_worker_environ()),
             LocalCluster(
                 n_workers=workers,
                 threads_per_worker=1,
@@ -168,6 +181,18 @@ def use_scheduler(scheduler: str | None = None, *, workers: int | None = None) -
             yield client
     finally:
         dist_logger.setLevel(saved_level)
+
+
+def _local_worker_environ() -> dict[str, Any]:
+    """Dask configuration that gives local workers :data:`LOCAL_WORKER_MALLOC`."""
+    import dask
+
+    key = "distributed.nanny.pre-spawn-environ"
+    environ = dict(dask.config.get(key, default={}) or {})
+    trim = environ.get("MALLOC_TRIM_THRESHOLD_", _DISTRIBUTED_TRIM_DEFAULT)
+    if trim != _DISTRIBUTED_TRIM_DEFAULT or "MALLOC_MMAP_THRESHOLD_" in environ:
+        return {}  # configured by the user
+    return {key: {**environ, **LOCAL_WORKER_MALLOC}}
 
 
 def compute(*collections: Any, progress: bool = False, **kwargs: Any) -> tuple[Any, ...]:

@@ -121,3 +121,34 @@ def test_compute_accepts_a_list_of_delayed_objects_as_dask_compute_does() -> Non
     (squares,) = compute(tasks)
     assert squares == [0, 1, 4, 9, 16]
     assert compute({"a": tasks[:2]}, 7) == ({"a": [0, 1]}, 7)
+
+
+def _malloc_environ() -> dict[str, str | None]:
+    import os
+
+    return {name: os.environ.get(name) for name in afpx.scheduler.LOCAL_WORKER_MALLOC}
+
+
+def test_local_cluster_workers_keep_freed_memory_unless_configured(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # distributed's default (MALLOC_TRIM_THRESHOLD_=65536) pins glibc's mmap
+    # threshold at 128 KiB; afpx's own workers get larger thresholds ...
+    pytest.importorskip("distributed")
+
+    def clear() -> None:
+        # distributed copies the settings into this process's environment,
+        # where they win over the configuration of the next cluster
+        for name in afpx.scheduler.LOCAL_WORKER_MALLOC:
+            monkeypatch.delenv(name, raising=False)
+
+    clear()
+    with use_scheduler(workers=1) as client:
+        (seen,) = client.run(_malloc_environ).values()
+    assert seen == {k: str(v) for k, v in afpx.scheduler.LOCAL_WORKER_MALLOC.items()}
+    # ... unless the user configured them
+    key = "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_"
+    clear()
+    with dask.config.set({key: 12345}), use_scheduler(workers=1) as client:
+        (seen,) = client.run(_malloc_environ).values()
+    assert seen == {"MALLOC_MMAP_THRESHOLD_": None, "MALLOC_TRIM_THRESHOLD_": "12345"}
