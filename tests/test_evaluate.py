@@ -776,6 +776,40 @@ def test_candidates_above_equals_best_candidates(elements) -> None:
     assert table.row_template.size == len(pairs)
 
 
+@pytest.mark.parametrize("elements", [[25, 32], [3, 8, 32]])
+def test_uniform_templates_come_from_the_table_as_enumerated(elements) -> None:
+    from afpx.evaluate.graph import set_columns, uniform_templates
+
+    lib = _random_library()
+    index = TemplateIndex.from_arrays(lib.site_template, lib.z, lib.multiplicity)
+    assert uniform_templates(index, set_columns(lib.log_likelihood)) is None
+    # every other template: each site one likelihood for every element (differing by site)
+    logl_all = lib.log_likelihood.astype(np.float64)
+    flat = np.zeros(index.n_templates, dtype=bool)
+    flat[::2] = True
+    sites = np.repeat(flat, index.n_sites)
+    logl_all[sites] = logl_all[sites, :1]
+    uniform = uniform_templates(index, set_columns(logl_all))
+    assert uniform is not None and np.array_equal(uniform, flat & (index.n_sites > 0))
+    logl = logl_all[:, np.asarray(elements) - 1]
+    table = CompositionTable.build(index, len(elements))
+    for thr in (-np.inf, -6.0, -2.5):
+        plain = candidates_above(index, logl, thr)
+        fast = candidates_above(index, logl, thr, uniform=uniform, table=table)
+        key = lambda r: sorted(  # noqa: E731
+            zip(r[0].tolist(), map(tuple, r[1].tolist()), r[2].round(9).tolist(), strict=True)
+        )
+        assert key(fast) == key(plain)
+    with pytest.raises(AfpxError, match="composition table of 2 elements for 3"):
+        candidates_above(
+            index,
+            logl_all[:, [2, 7, 31]],
+            -np.inf,
+            uniform=uniform,
+            table=CompositionTable.build(index, 2),
+        )
+
+
 def test_composition_table_counts_assignments() -> None:
 
     # one template, sites of multiplicity 1, 1, 2 and two elements:

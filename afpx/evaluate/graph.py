@@ -48,6 +48,7 @@ __all__ = [
     "evaluation_graph",
     "set_batches",
     "set_columns",
+    "uniform_templates",
     "surjective_upper_bound",
 ]
 
@@ -101,6 +102,8 @@ class EvaluationState:
     test1_by_set: Mapping[tuple[int, ...], Sequence[int]]
     test2_sets: frozenset[tuple[int, ...]]
     token: str = field(default_factory=lambda: uuid.uuid4().hex)
+    #: model → templates of :func:`uniform_templates` (None: there are none)
+    uniform: Mapping[str, np.ndarray | None] = field(default_factory=dict)
 
     @property
     def models(self) -> list[str]:
@@ -119,6 +122,31 @@ class EvaluationState:
         block = self.columns[name][cols]
         logl = np.ascontiguousarray(block.T, dtype=np.float64)
         return logl, surjective_upper_bound(self.index, block)
+
+
+def uniform_templates(index: TemplateIndex, columns: np.ndarray) -> np.ndarray | None:
+    """Templates on whose every site all 118 elements are equally likely, or None if none.
+
+    Every candidate of such a template scores the same, for any element set
+    (:func:`~afpx.templates.counting.candidates_above` reads their
+    compositions from the composition table instead of enumerating them).
+
+    Parameters
+    ----------
+    index : TemplateIndex
+    columns : ndarray of shape (118, n_sites_total)
+        Log-likelihoods in :func:`set_columns` layout.
+    """
+    block = np.asarray(columns)
+    if not block.size:
+        return None
+    site = block.min(axis=0) == block.max(axis=0)
+    if not site.any():
+        return None
+    out = np.zeros(index.n_templates, dtype=bool)
+    has = index.n_sites > 0
+    out[has] = np.logical_and.reduceat(site, index.site_start[:-1][has])
+    return out if out.any() else None
 
 
 def surjective_upper_bound(index: TemplateIndex, columns: np.ndarray) -> np.ndarray:
@@ -224,6 +252,7 @@ def evaluate_set(state: EvaluationState, elements: tuple[int, ...]) -> SetResult
                 tolerance=params.tie_tolerance,
                 timing=timing,
                 pairs=pairs,
+                uniform=state.uniform.get(name),
             )
             for variant in VARIANTS:
                 test2[variant][name] = rows[variant]

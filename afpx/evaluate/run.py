@@ -12,7 +12,13 @@ from threadpoolctl import threadpool_limits
 
 from afpx import AfpxError, schema
 from afpx.evaluate.case_study import case_study
-from afpx.evaluate.graph import SETS_PER_TASK, EvaluationState, evaluate_sets, set_columns
+from afpx.evaluate.graph import (
+    SETS_PER_TASK,
+    EvaluationState,
+    evaluate_sets,
+    set_columns,
+    uniform_templates,
+)
 from afpx.evaluate.metrics import as_str_array, per_site_metrics, site_arrays
 from afpx.evaluate.params import VARIANTS, EvaluateParams, set_label, size_label
 from afpx.evaluate.report import EvaluationReport, afpx_version, cube_summary, json_attrs, verdict
@@ -212,14 +218,16 @@ def _evaluate(
         t0 = time.perf_counter()
         tables[k] = CompositionTable.build(index, k)
         timing["tables_s"] += time.perf_counter() - t0
+    columns = {name: set_columns(lib.log_likelihood) for name, lib in libraries.items()}
     state = EvaluationState(
         index=index,
         tables=tables,
-        columns={name: set_columns(lib.log_likelihood) for name, lib in libraries.items()},
+        columns=columns,
         params=params,
         by_set=by_set,
         test1_by_set=test1_by_set,
         test2_sets=frozenset(test2_sets),
+        uniform={name: uniform_templates(index, col) for name, col in columns.items()},
     )
     graph_sets = sorted(set(test1_by_set) | set(test2_sets), key=lambda s: (len(s), s))
     c0 = time.process_time()

@@ -175,6 +175,7 @@ def optimality_of_set(
     tolerance: float,
     timing: dict[str, float] | None = None,
     pairs: dict[tuple[int, ...], CompositionPairs] | None = None,
+    uniform: np.ndarray | None = None,
 ) -> dict[str, dict[str, float]]:
     """Test 2 of one element set and one model, both variants, exactly.
 
@@ -185,6 +186,9 @@ def optimality_of_set(
     so that one pass serves both variants. ``pairs`` caches the
     likelihood-free :func:`~afpx.templates.counting.composition_pairs` of the
     known compositions across the models of the set (filled here).
+    ``uniform`` marks templates whose candidates all score alike
+    (:func:`~afpx.evaluate.graph.uniform_templates`): their compositions come
+    from ``table`` instead of an enumeration.
     """
     known = ctx.known
     cache: dict[tuple[int, ...], CompositionPairs] = {} if pairs is None else pairs
@@ -223,7 +227,9 @@ def optimality_of_set(
         timing["test2_threshold_s"] = timing.get("test2_threshold_s", 0.0) + (
             time.perf_counter() - t0
         )
-    tm, red, sc = candidates_above(index, log_likelihood, thr, upper_bound=upper_bound)
+    tm, red, sc = candidates_above(
+        index, log_likelihood, thr, upper_bound=upper_bound, uniform=uniform, table=table
+    )
     own_row = (ctx.own_counts[tm] == red).all(axis=1) if tm.size else np.zeros(0, bool)
     out: dict[str, dict[str, float]] = {}
     for variant, keep in zip(VARIANTS, (None, ~own_row), strict=True):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, Final
 
 import numpy as np
@@ -200,12 +201,28 @@ def _grid_rows(V: np.ndarray, M: int, keep: np.ndarray) -> tuple[np.ndarray, np.
     return counts, V[idx][ok]
 
 
+def _ranges(start: np.ndarray, stop: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Concatenated ``arange(start[i], stop[i])`` and the i of each element."""
+    length = np.asarray(stop, dtype=np.int64) - np.asarray(start, dtype=np.int64)
+    owner = np.repeat(np.arange(length.size), length)
+    offset = np.cumsum(length) - length
+    return np.arange(int(length.sum())) - offset[owner] + np.asarray(start)[owner], owner
+
+
+def _template_sums(index: TemplateIndex, values: np.ndarray, templates: np.ndarray) -> np.ndarray:
+    """Sum of a per-site value over the sites of each template (templates with sites)."""
+    sites, owner = _ranges(index.site_start[templates], index.site_start[templates + 1])
+    return np.bincount(owner, weights=values[sites], minlength=templates.size)
+
+
 def candidates_above(
     index: TemplateIndex,
     log_likelihood: np.ndarray,
     threshold: float,
     *,
     upper_bound: np.ndarray | None = None,
+    uniform: np.ndarray | None = None,
+    table: CompositionTable | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The best candidate of every (template, composition) scoring at least ``threshold``.
 
@@ -218,6 +235,13 @@ def candidates_above(
         Candidates below it are not returned.
     upper_bound : ndarray of shape (n_templates,), optional
         :meth:`TemplateIndex.upper_bound` of ``log_likelihood`` (computed if absent).
+    uniform : ndarray of shape (n_templates,), bool, optional
+        Templates on whose every site each element is equally likely (e.g.
+        everywhere under constant likelihoods): every candidate of such a
+        template scores the same, so with ``table`` (the
+        :class:`CompositionTable` of k elements) its compositions are read
+        from the table instead of enumerated. Only a speed-up: the rows are
+        those the enumeration would give.
 
     Returns
     -------
@@ -238,13 +262,27 @@ def candidates_above(
     k = logl.shape[1]
     ub = index.upper_bound(logl) if upper_bound is None else upper_bound
     sel = np.flatnonzero((ub >= threshold) & (index.n_sites >= k))
+    out_t: list[np.ndarray] = []
+    out_c: list[np.ndarray] = []
+    out_s: list[np.ndarray] = []
+    if uniform is not None and table is not None and sel.size:
+        if table.k != k:
+            raise AfpxError(f"a composition table of {table.k} elements for {k} likelihood columns")
+        flat = np.asarray(uniform, dtype=bool)[sel]
+        if flat.any():
+            ts = sel[flat]
+            sel = sel[~flat]
+            # every candidate of a uniform template scores the sum of its sites
+            score = _template_sums(index, logl[:, 0], ts)
+            keep = score >= threshold
+            rows, owner = table.rows_of_templates(ts[keep])
+            out_t.append(ts[keep][owner])
+            out_c.append(table.compositions[table.row_composition[rows]])
+            out_s.append(score[keep][owner])
     n_sel = index.n_sites[sel]
     limit = bruteforce_limit(k)
     base = int(index.total.max(initial=0)) + 1
     span = base ** (k - 1)
-    out_t: list[np.ndarray] = []
-    out_c: list[np.ndarray] = []
-    out_s: list[np.ndarray] = []
     for n in np.unique(n_sel[n_sel <= limit]).tolist():
         ts = sel[n_sel == n]
         A, onehot, weight = assignment_tables(k, n, base)
@@ -333,6 +371,34 @@ class CompositionTable:
         pos = np.clip(np.searchsorted(self.keys, q), 0, self.keys.size - 1)
         out[inside] = np.where(self.keys[pos] == q, pos, -1)
         return out
+
+    @cached_property
+    def row_composition(self) -> np.ndarray:
+        """Composition (row of ``compositions``) of every (template, composition) pair."""
+        return np.repeat(np.arange(self.n_compositions), np.diff(self.row_start))
+
+    @cached_property
+    def _by_template(self) -> tuple[np.ndarray, np.ndarray]:
+        order = np.argsort(self.row_template, kind="stable")
+        return order, self.row_template[order]
+
+    def rows_of_templates(self, templates: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The (template, composition) pairs of the given templates.
+
+        Returns
+        -------
+        rows : ndarray of int64
+            Pair indices (into ``row_template`` and :attr:`row_composition`),
+            template by template.
+        owner : ndarray of int64
+            Position in ``templates`` of each pair's template.
+        """
+        order, sorted_template = self._by_template
+        t = np.asarray(templates, dtype=np.int64)
+        lo = np.searchsorted(sorted_template, t, side="left")
+        hi = np.searchsorted(sorted_template, t, side="right")
+        pos, owner = _ranges(lo, hi)
+        return order[pos], owner
 
     def templates_of(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         """Templates reaching composition i and their numbers of assignments."""
