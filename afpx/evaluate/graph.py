@@ -48,8 +48,8 @@ __all__ = [
     "evaluation_graph",
     "set_batches",
     "set_columns",
-    "uniform_templates",
     "surjective_upper_bound",
+    "uniform_templates",
 ]
 
 #: Tasks per process on Dask's ``processes`` scheduler (each pickles the state).
