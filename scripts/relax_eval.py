@@ -259,10 +259,21 @@ def summary(path: str) -> None:
         m = _metrics([r["likelihood_first"] for r in group])
         print(f"| {name} | likelihood | {m['hit@1']:.2f} | {m['hit@10']:.2f} | {m['mrr']:.3f} |")
         for n in tops:
-            m = _metrics([r.get(f"hull_first@{n}") for r in group])
+            # a file may join runs of different --top lists: each column on the sets it has
+            have = [r for r in group if f"hull_first@{n}" in r]
+            if not have:
+                continue
+            row = name
+            if len(have) < len(group):
+                row = f"{label} ({len(have)} of {len(group)})"
+                m = _metrics([r["likelihood_first"] for r in have])
+                print(
+                    f"| {row} | likelihood | {m['hit@1']:.2f} | {m['hit@10']:.2f} "
+                    f"| {m['mrr']:.3f} |"
+                )
+            m = _metrics([r[f"hull_first@{n}"] for r in have])
             print(
-                f"| {name} | hull, top {n} | {m['hit@1']:.2f} | {m['hit@10']:.2f} "
-                f"| {m['mrr']:.3f} |"
+                f"| {row} | hull, top {n} | {m['hit@1']:.2f} | {m['hit@10']:.2f} | {m['mrr']:.3f} |"
             )
         if all("random_first" in r for r in group):
             m = _metrics([r["random_first"] for r in group])
