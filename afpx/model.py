@@ -183,7 +183,7 @@ class ModelConfig:
         ``paper`` is the 42-layer VAE with five-layer classifiers; ``small`` is
         a CPU-friendly network of the same shape (a 10-layer VAE with strided
         convolutions, the same five-layer classifiers); ``context`` is the
-        shipped default: a 3 × 512 MLP on the perspective-averaged AFP and the
+        shipped default: a 4 × 1024 MLP on the perspective-averaged AFP and the
         template context, sigmoid and softmax heads side by side (see
         docs/model.md for the measurements behind it).
         """
@@ -205,8 +205,8 @@ class ModelConfig:
                 architecture="mlp",
                 perspective_input="mean",
                 descriptor_input="context_shell",
-                classifier_hidden=512,
-                classifier_layers=4,
+                classifier_hidden=1024,
+                classifier_layers=5,
                 dropout=0.1,
                 layer_norm=True,
                 activation="gelu",

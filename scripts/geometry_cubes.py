@@ -13,7 +13,7 @@ split is the same as the default cube's. Train and score on each cube with::
 
     python scripts/ablations.py --cube runs/geometry/<variant>.zarr \
         --workdir runs/geometry/<variant> --epochs 8 --no-baselines \
-        --rows "context without the coordination shell (the previous default)"
+        --rows "context without the coordination shell (3 x 512, the default before)"
 
 Printed: the geometry of each variant, with the smearing σ in units of r0
 (the window's standard deviation, measured from its samples), and the share

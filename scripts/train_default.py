@@ -8,10 +8,10 @@ Each step is an ``afpx`` command (printed before it runs, so the sequence can
 be repeated by hand); a step whose output already exists is skipped, so an
 interrupted run continues where it stopped. The last step packs
 
-Training the ``context`` preset takes ~2 minutes for the coordination shells
-and 16 epochs of ~15 s on one free core (about 7 minutes); the whole script
-runs in well under the 2 hours that a 2-core machine allows for it
-(timings.json records each step). A cube or evaluation left by a run with
+Training the ``context`` preset (4 x 1024) takes ~2 minutes for the
+coordination shells and 16 epochs of ~70 s on one free core (about 20
+minutes); the whole script runs within the 2 hours that a 2-core machine
+allows for it (timings.json records each step). A cube or evaluation left by a run with
 another model is redone, not skipped (their recorded model SHA-256 is checked).
 
 - ``afpx/data/default_library.{npz,json}``: templates (unique sites,
