@@ -49,7 +49,13 @@ from afpx.splits import SplitParams, assign_splits
 if TYPE_CHECKING:
     import xarray as xr
 
-    from afpx.structures import AnalysedStructure, FilterParams, ReadResult
+    from afpx.structures import (
+        AnalysedStructure,
+        FilterParams,
+        ReadResult,
+        StructureTable,
+        TableRead,
+    )
 
 logger = logging.getLogger(__name__)
 
@@ -92,29 +98,31 @@ _STRING = np.dtypes.StringDType()
 # -- the work of one block ---------------------------------------------------------------
 @dataclass(frozen=True)
 class _Block:
-    """Rows of one Dask block, the structures they come from packed into a few arrays.
+    """Rows ``start:stop`` of the cube and views of the structures they come from.
 
-    An opaque payload, never traversed by Dask. Structure ``i`` of the block
-    has atoms ``atom_start[i]:atom_start[i + 1]``, representative atoms
-    ``site_start[i]:site_start[i + 1]`` and rows ``row_start[i]:row_start[i + 1]``
-    (a handful of arrays per block, not per structure: the graph of a large
-    corpus stays small).
+    An opaque payload, never traversed by Dask. It holds structures
+    ``first, first + 1, ...`` of a :class:`~afpx.structures.StructureTable`
+    as views, not copies: the graph of a large corpus keeps no second copy of
+    its coordinates (a distributed scheduler gets each block's slices only).
+    Structure ``first + i`` has atoms ``atom_start[i]:atom_start[i + 1]`` and
+    unique sites ``site_start[i]:site_start[i + 1]``, offsets into the whole
+    table (``frac_coords`` begins at atom ``atom_start[0]``, ``atoms`` at
+    site ``site_start[0]``). Row ``r`` is draw ``r % draws`` of site ``r // draws``.
     """
 
-    index: np.ndarray  # (k,) structure index in the cube
+    first: int
+    start: int
+    stop: int
     lattice: np.ndarray  # (k, 3, 3)
     atom_start: np.ndarray  # (k + 1,)
     frac_coords: np.ndarray  # (n_atoms, 3)
     site_start: np.ndarray  # (k + 1,)
     atoms: np.ndarray  # representative atom of every unique site
     dmin: np.ndarray  # (k,)
-    row_start: np.ndarray  # (k + 1,)
-    row_unique: np.ndarray  # (n_rows,) unique-site number of each row
-    row_draw: np.ndarray  # (n_rows,) draw of each row
 
     @property
     def n_rows(self) -> int:
-        return int(self.row_unique.shape[0])
+        return self.stop - self.start
 
 
 @dataclass(frozen=True)
@@ -123,6 +131,7 @@ class _Options:
     seed: int
     deterministic: bool
     device: str
+    draws: int
 
 
 def _compute_block(block: _Block, options: _Options) -> dict[str, np.ndarray]:
@@ -135,13 +144,22 @@ def _compute_block(block: _Block, options: _Options) -> dict[str, np.ndarray]:
     coord_rows: list[np.ndarray] = []
     rotations: list[np.ndarray] = []
     jitter: list[np.ndarray] = []
-    for i in range(len(block.index)):
+    rows = np.arange(block.start, block.stop, dtype=np.int64)
+    site, draw_of_row = rows // options.draws, rows % options.draws
+    owner = np.searchsorted(block.site_start, site, side="right") - 1
+    bounds = np.searchsorted(owner, np.arange(len(block.dmin) + 1))
+    atom0, site0 = int(block.atom_start[0]), int(block.site_start[0])
+    for i in range(len(block.dmin)):
+        if bounds[i] == bounds[i + 1]:
+            continue  # a structure without unique sites has no rows
         lattice = block.lattice[i]
-        frac_coords = block.frac_coords[block.atom_start[i] : block.atom_start[i + 1]]
-        row_unique = block.row_unique[block.row_start[i] : block.row_start[i + 1]]
-        row_draw = block.row_draw[block.row_start[i] : block.row_start[i + 1]]
+        atoms_of = slice(block.atom_start[i] - atom0, block.atom_start[i + 1] - atom0)
+        frac_coords = block.frac_coords[atoms_of]
+        row_unique = site[bounds[i] : bounds[i + 1]] - block.site_start[i]
+        row_draw = draw_of_row[bounds[i] : bounds[i + 1]]
         unique, position = np.unique(row_unique, return_inverse=True)
-        atoms = block.atoms[block.site_start[i] : block.site_start[i + 1]][unique]
+        sites = block.atoms[block.site_start[i] - site0 : block.site_start[i + 1] - site0]
+        atoms = sites[unique].astype(np.int64)
         r0 = nearest_neighbour_distances(lattice, frac_coords, atoms)
         radii = [params.query_radius(float(r), deterministic=options.deterministic) for r in r0]
         vectors, n_neighbours = neighbour_shells(lattice, frac_coords, atoms, radii)
@@ -152,7 +170,7 @@ def _compute_block(block: _Block, options: _Options) -> dict[str, np.ndarray]:
             vec_parts.append(v)
             counts.append(len(v))
             if not options.deterministic:
-                rng = row_generator(options.seed, int(block.index[i]), int(unique[pos]), int(draw))
+                rng = row_generator(options.seed, block.first + i, int(unique[pos]), int(draw))
                 rotation, e = draw_augmentation(rng, len(v), sigma=params.jitter)
                 rotations.append(rotation)
                 jitter.append(e)
@@ -182,57 +200,46 @@ def _compute_block(block: _Block, options: _Options) -> dict[str, np.ndarray]:
 
 
 # -- row layout -------------------------------------------------------------------------------
-def _row_table(structures: Sequence[AnalysedStructure], draws: int) -> dict[str, np.ndarray]:
-    """Per-row identity: structure, unique site, draw, and the site's labels."""
-    n_unique = np.array([len(s.sites) for s in structures], dtype=np.int64)
-    structure = np.repeat(np.arange(len(structures), dtype=np.int64), n_unique * draws)
-    unique = np.concatenate(
-        [np.repeat(np.arange(n, dtype=np.int64), draws) for n in n_unique] or [np.zeros(0, int)]
-    )
-    draw = np.tile(np.arange(draws, dtype=np.int64), int(n_unique.sum()))
+def _row_table(table: StructureTable, draws: int) -> dict[str, np.ndarray]:
+    """Per-row identity: structure, draw, and the site's labels (the table's arrays at one draw)."""
+    n_unique = np.diff(table.site_start)
+    n_sites = int(table.site_start[-1])
 
-    def per_site(get: Any, dtype: Any) -> np.ndarray:
-        parts = [np.repeat(np.asarray(get(s.sites)), draws) for s in structures]
-        return np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype=dtype)
+    def per_site(values: np.ndarray, dtype: Any) -> np.ndarray:
+        # one draw: the table's own (read-only) array, not a copy
+        return (values if draws == 1 else np.repeat(values, draws)).astype(dtype, copy=False)
 
     return {
-        "unique": unique,
-        schema.STRUCTURE_INDEX: structure,
-        schema.DRAW: draw.astype(schema.DTYPES[schema.DRAW]),
-        schema.SITE_INDEX: per_site(lambda t: t.index, schema.DTYPES[schema.SITE_INDEX]),
-        schema.Z: per_site(lambda t: t.z, schema.DTYPES[schema.Z]),
-        schema.MULTIPLICITY: per_site(lambda t: t.multiplicity, schema.DTYPES[schema.MULTIPLICITY]),
-        schema.WYCKOFF: per_site(lambda t: np.asarray(t.wyckoff, dtype=str), _STRING),
+        schema.STRUCTURE_INDEX: np.repeat(np.arange(len(table), dtype=np.int64), n_unique * draws),
+        schema.DRAW: np.tile(np.arange(draws, dtype=schema.DTYPES[schema.DRAW]), n_sites),
+        schema.SITE_INDEX: per_site(table.site_index, schema.DTYPES[schema.SITE_INDEX]),
+        schema.Z: per_site(table.site_z, schema.DTYPES[schema.Z]),
+        schema.MULTIPLICITY: per_site(table.multiplicity, schema.DTYPES[schema.MULTIPLICITY]),
+        schema.WYCKOFF: per_site(table.wyckoff, _STRING),
     }
 
 
-def _blocks(
-    structures: Sequence[AnalysedStructure], rows: dict[str, np.ndarray], chunk_sites: int
-) -> list[_Block]:
-    structure, unique, draw = rows[schema.STRUCTURE_INDEX], rows["unique"], rows[schema.DRAW]
+def _blocks(table: StructureTable, draws: int, chunk_sites: int) -> list[_Block]:
+    """Blocks of ``chunk_sites`` rows (the last one shorter), as views of ``table``."""
+    n_rows = int(table.site_start[-1]) * draws
     blocks = []
-    for start in range(0, len(structure), chunk_sites):
-        stop = min(start + chunk_sites, len(structure))
-        s_block = structure[start:stop]
-        bounds = np.flatnonzero(np.diff(s_block)) + 1
-        row_start = np.r_[0, bounds, len(s_block)].astype(np.int64)
-        members = [structures[int(s_block[lo])] for lo in row_start[:-1]]
-        atom_counts = [len(s.frac_coords) for s in members]
-        site_counts = [len(s.sites.index) for s in members]
+    for start in range(0, n_rows, chunk_sites):
+        stop = min(start + chunk_sites, n_rows)
+        ends = [start // draws, (stop - 1) // draws]  # sites of the first and last row
+        first, last = np.searchsorted(table.site_start, ends, side="right") - 1
+        atoms = slice(table.atom_start[first], table.atom_start[last + 1])
+        sites = slice(table.site_start[first], table.site_start[last + 1])
         blocks.append(
             _Block(
-                index=s_block[row_start[:-1]].astype(np.int64),
-                lattice=np.array([s.lattice for s in members], dtype=np.float64).reshape(-1, 3, 3),
-                atom_start=np.r_[0, np.cumsum(atom_counts)].astype(np.int64),
-                frac_coords=np.concatenate(
-                    [np.reshape(s.frac_coords, (-1, 3)) for s in members], dtype=np.float64
-                ),
-                site_start=np.r_[0, np.cumsum(site_counts)].astype(np.int64),
-                atoms=np.concatenate([s.sites.index for s in members]).astype(np.int64),
-                dmin=np.array([s.sites.dmin for s in members], dtype=np.float64),
-                row_start=row_start,
-                row_unique=unique[start:stop].copy(),
-                row_draw=draw[start:stop].astype(np.int64),
+                first=int(first),
+                start=start,
+                stop=stop,
+                lattice=table.lattice[first : last + 1],
+                atom_start=table.atom_start[first : last + 2],
+                frac_coords=table.frac_coords[atoms],
+                site_start=table.site_start[first : last + 2],
+                atoms=table.site_index[sites],
+                dmin=table.dmin[first : last + 1],
             )
         )
     return blocks
@@ -286,10 +293,13 @@ def compute_fingerprints(
         ``draw``, ``site_index``, ``z``, ``multiplicity``, ``wyckoff``), with
         rows ordered (structure, unique site, draw).
     """
+    from afpx.structures import StructureTable
+
     _check_options(
         draws=draws, seed=seed, deterministic=deterministic, chunk_sites=1, device=device
     )
-    rows = _row_table(structures, draws)
+    table = StructureTable.from_structures(structures)
+    rows = _row_table(table, draws)
     n_rows = len(rows[schema.STRUCTURE_INDEX])
     if n_rows == 0:
         out: dict[str, np.ndarray] = {
@@ -300,11 +310,11 @@ def compute_fingerprints(
             schema.DMIN_RATIO: np.zeros(0, schema.DTYPES[schema.DMIN_RATIO]),
             schema.COORDINATION: np.zeros(0, schema.DTYPES[schema.COORDINATION]),
         }
-        out.update({k: v for k, v in rows.items() if k != "unique"})
+        out.update({name: np.array(values) for name, values in rows.items()})
         return out
-    (block,) = _blocks(structures, rows, n_rows)
-    out = _compute_block(block, _Options(params, int(seed), deterministic, device))
-    out.update({k: v for k, v in rows.items() if k != "unique"})
+    (block,) = _blocks(table, draws, n_rows)
+    out = _compute_block(block, _Options(params, int(seed), deterministic, device, draws))
+    out.update({name: np.array(values) for name, values in rows.items()})  # writable copies
     return out
 
 
@@ -421,7 +431,7 @@ def _pick(result: dict[str, np.ndarray], key: str) -> np.ndarray:
 
 
 def fingerprint_dataset(
-    read: ReadResult,
+    read: ReadResult | TableRead,
     *,
     params: FingerprintParams = DEFAULT_FINGERPRINT,
     draws: int = 1,
@@ -436,8 +446,9 @@ def fingerprint_dataset(
 
     Parameters
     ----------
-    read : ReadResult
-        Accepted structures and rejections from :func:`afpx.structures.read_structures`.
+    read : ReadResult or TableRead
+        Accepted structures and rejections from :func:`afpx.structures.read_structures`
+        or :func:`afpx.structures.read_table` (the same cube from either).
     params : FingerprintParams
     draws : int
         Augmented draws per unique site (consecutive along ``site``).
@@ -468,11 +479,16 @@ def fingerprint_dataset(
     """
     import xarray as xr
 
+    from afpx.structures import StructureTable, TableRead
+
     _check_options(
         draws=draws, seed=seed, deterministic=deterministic, chunk_sites=chunk_sites, device=device
     )
-    structures = read.structures
-    if not structures:
+    if isinstance(read, TableRead):
+        table = read.table
+    else:
+        table = StructureTable.from_structures(read.structures)
+    if not len(table):
         raise AfpxError(
             f"no structure was accepted ({read.n_read} read, {len(read.rejections)} rejected"
             + "".join(f"; {reason}: {n}" for reason, n in read.counts().items())
@@ -482,9 +498,9 @@ def fingerprint_dataset(
                 for r in read.rejections[:1]
             )
         )
-    rows = _row_table(structures, draws)
-    blocks = _blocks(structures, rows, chunk_sites)
-    computed = _lazy_computed(blocks, _Options(params, int(seed), deterministic, device))
+    rows = _row_table(table, draws)
+    blocks = _blocks(table, draws, chunk_sites)
+    computed = _lazy_computed(blocks, _Options(params, int(seed), deterministic, device, draws))
     S, T, R = schema.SITE, schema.STRUCTURE, schema.REJECT
 
     data: dict[str, Any] = {
@@ -502,30 +518,18 @@ def fingerprint_dataset(
         schema.DRAW,
     ):
         data[name] = (S, rows[name])
-    formula_list = [s.formula for s in structures]
-    formulas = np.array(formula_list, dtype=_STRING)
     data.update(
         {
-            schema.STRUCTURE_ID: (T, np.array([s.structure_id for s in structures], dtype=_STRING)),
-            schema.FORMULA: (T, formulas),
-            schema.SOURCE: (T, np.array([s.source for s in structures], dtype=_STRING)),
-            schema.SPACEGROUP: (
-                T,
-                np.array(
-                    [s.sites.spacegroup for s in structures], dtype=schema.DTYPES[schema.SPACEGROUP]
-                ),
-            ),
+            schema.STRUCTURE_ID: (T, table.structure_id),
+            schema.FORMULA: (T, table.formula),
+            schema.SOURCE: (T, table.source),
+            schema.SPACEGROUP: (T, table.spacegroup.astype(schema.DTYPES[schema.SPACEGROUP])),
             schema.N_UNIQUE_SITES: (
                 T,
-                np.array(
-                    [len(s.sites) for s in structures], dtype=schema.DTYPES[schema.N_UNIQUE_SITES]
-                ),
+                np.diff(table.site_start).astype(schema.DTYPES[schema.N_UNIQUE_SITES]),
             ),
-            schema.DMIN: (
-                T,
-                np.array([s.sites.dmin for s in structures], dtype=schema.DTYPES[schema.DMIN]),
-            ),
-            schema.SPLIT: (T, assign_splits(formula_list, params=split).astype(_STRING)),
+            schema.DMIN: (T, table.dmin.astype(schema.DTYPES[schema.DMIN])),
+            schema.SPLIT: (T, assign_splits(table.formula, params=split).astype(_STRING)),
             schema.REJECT_ID: (R, np.array([r.id for r in read.rejections], dtype=_STRING)),
             schema.REJECT_REASON: (R, np.array([r.reason for r in read.rejections], dtype=_STRING)),
             schema.REJECT_MESSAGE: (
@@ -537,9 +541,9 @@ def fingerprint_dataset(
             ),
         }
     )
-    data.update(_geometry_variables(structures))
+    data.update(_geometry_variables(table))
     if sources is None:
-        sources = sorted({s.source for s in structures})
+        sources = sorted(set(table.source.tolist()))
     attrs = {
         "fingerprint": params.to_attrs(),
         "fingerprint_conventions": conventions(params),
@@ -556,30 +560,20 @@ def fingerprint_dataset(
     return xr.Dataset(data, attrs=json.loads(json.dumps(attrs)))
 
 
-def _geometry_variables(structures: Sequence[AnalysedStructure]) -> dict[str, Any]:
+def _geometry_variables(table: StructureTable) -> dict[str, Any]:
     """Lattices and atoms of every structure: what exporting templates as CIFs needs."""
     T, A = schema.STRUCTURE, schema.ATOM
     return {
         schema.LATTICE: (
             (T, schema.VECTOR, schema.AXIS),
-            np.stack([s.lattice for s in structures]).astype(schema.DTYPES[schema.LATTICE]),
+            table.lattice.astype(schema.DTYPES[schema.LATTICE], copy=False),
         ),
-        schema.N_ATOMS: (
-            T,
-            np.array([s.n_atoms for s in structures], dtype=schema.DTYPES[schema.N_ATOMS]),
-        ),
+        schema.N_ATOMS: (T, np.diff(table.atom_start).astype(schema.DTYPES[schema.N_ATOMS])),
         schema.ATOM_FRAC_COORDS: (
             (A, schema.AXIS),
-            np.concatenate([np.reshape(s.frac_coords, (-1, 3)) for s in structures]).astype(
-                schema.DTYPES[schema.ATOM_FRAC_COORDS]
-            ),
+            table.frac_coords.astype(schema.DTYPES[schema.ATOM_FRAC_COORDS], copy=False),
         ),
-        schema.ATOM_Z: (
-            A,
-            np.concatenate([np.reshape(s.numbers, -1) for s in structures]).astype(
-                schema.DTYPES[schema.ATOM_Z]
-            ),
-        ),
+        schema.ATOM_Z: (A, table.numbers.astype(schema.DTYPES[schema.ATOM_Z], copy=False)),
     }
 
 
@@ -902,7 +896,7 @@ def _link_base(ds: xr.Dataset, base: Path, partial: Path) -> None:
 
 
 def build_cube(
-    inputs: ReadResult | Sequence[str | os.PathLike[str]] | str | os.PathLike[str],
+    inputs: ReadResult | TableRead | Sequence[str | os.PathLike[str]] | str | os.PathLike[str],
     path: str | os.PathLike[str],
     *,
     params: FingerprintParams = DEFAULT_FINGERPRINT,
@@ -924,10 +918,11 @@ def build_cube(
 
     Parameters
     ----------
-    inputs : ReadResult, or str / path / sequence of them
+    inputs : ReadResult or TableRead, or str / path / sequence of them
         Anything :func:`afpx.structures.read_structures` takes (CIF files,
         folders, JSON lines, ASE databases, dataset names such as
-        ``"oqmd-icsd"``), or an existing :class:`ReadResult`.
+        ``"oqmd-icsd"``), read with :func:`afpx.structures.read_table`; or
+        structures already read.
     path : str or path
         Output zarr store: a local path, or a URL such as
         ``s3://bucket/cube.zarr`` (written in place, complete once
@@ -964,7 +959,7 @@ def build_cube(
         For invalid options, an existing output, unreadable inputs, or when no
         structure is accepted. The output path is then untouched.
     """
-    from afpx.structures import MAX_FILE_MB, FilterParams, ReadResult, read_structures
+    from afpx.structures import MAX_FILE_MB, FilterParams, ReadResult, TableRead, read_table
 
     _check_options(
         draws=draws, seed=seed, deterministic=deterministic, chunk_sites=chunk_sites, device=device
@@ -976,22 +971,22 @@ def build_cube(
         _check_url_target(url, overwrite=overwrite, resume=resume)
     else:
         _check_target(target, overwrite=overwrite)
-    if not isinstance(inputs, ReadResult):
+    if not isinstance(inputs, ReadResult | TableRead):
         items = [inputs] if isinstance(inputs, str | os.PathLike) else list(inputs)
         for item in items:
             if Path(item).expanduser().absolute() == target:
                 raise AfpxError(f"the output {target} is also an input")
     with use_scheduler(scheduler, workers=workers) as client:
-        if isinstance(inputs, ReadResult):
+        read: ReadResult | TableRead
+        if isinstance(inputs, ReadResult | TableRead):
             read, sources = inputs, None
         else:
-            # read on the same scheduler as the fingerprints
-            read = read_structures(
+            # read on the same scheduler as the fingerprints; a table, not objects per structure
+            read = read_table(
                 items,
                 params=filters if filters is not None else FilterParams(),
                 progress=progress,
                 max_file_mb=MAX_FILE_MB if max_file_mb is None else max_file_mb,
-                metadata=False,
             )
             sources = [str(i) for i in items]
         logger.info("read: %s", read.summary().replace("\n", ", "))
@@ -1006,7 +1001,7 @@ def build_cube(
             split=split,
             sources=sources,
         )
-        del read  # the dataset holds what the cube needs
+        del read  # the dataset holds what the cube needs (a table's arrays, not copies)
         return write_cube(
             ds,
             target if url is None else url,
@@ -1059,7 +1054,7 @@ def append_to_cube(
         sources, its sources cannot be read any more or now give other
         structures (then rebuild it), or nothing new is accepted.
     """
-    from afpx.structures import MAX_FILE_MB, FilterParams, read_structures
+    from afpx.structures import MAX_FILE_MB, FilterParams, read_table
 
     if store.is_url(path):
         raise AfpxError(
@@ -1090,12 +1085,11 @@ def append_to_cube(
         fractions=tuple(float(split_attrs["fractions"][k]) for k in schema.SPLITS),  # type: ignore[arg-type]
     )
     with use_scheduler(scheduler, workers=workers) as client:
-        read = read_structures(
+        read = read_table(
             [*old_sources, *items],
             params=filters,
             progress=progress,
             max_file_mb=MAX_FILE_MB if max_file_mb is None else max_file_mb,
-            metadata=False,
         )
         ds = fingerprint_dataset(
             read,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -43,7 +44,17 @@ from afpx.cube import (
 )
 from afpx.kernels import FingerprintParams
 from afpx.splits import SplitParams, assign_splits
-from afpx.structures import AnalysedStructure, FilterParams, ReadResult, Rejection, unique_sites
+from afpx.structures import (
+    AnalysedStructure,
+    FilterParams,
+    ReadResult,
+    Rejection,
+    SiteTable,
+    StructureTable,
+    TableRead,
+    read_structures,
+    unique_sites,
+)
 
 COD = Path(__file__).parent / "data" / "cod"
 
@@ -162,6 +173,63 @@ def test_chunking_does_not_change_the_cube(read: ReadResult, chunk_sites: int) -
     ref = fingerprint_dataset(read, draws=2, seed=11, chunk_sites=7)[schema.AFP].values
     got = fingerprint_dataset(read, draws=2, seed=11, chunk_sites=chunk_sites)[schema.AFP].values
     np.testing.assert_array_equal(got, ref)
+
+
+def test_blocks_of_many_structures_equal_one_structure_at_a_time(read: ReadResult) -> None:
+    # blocks hold views with offsets into the whole table; one structure alone has none
+    alone = [compute_fingerprints([s], deterministic=True) for s in read.structures]
+    for chunk_sites in (3, 8):
+        ds = fingerprint_dataset(read, deterministic=True, chunk_sites=chunk_sites)
+        for name in (schema.AFP, schema.R0, schema.DMIN_RATIO, schema.COORDINATION):
+            expected = np.concatenate([fp[name] for fp in alone])
+            np.testing.assert_array_equal(ds[name].values, expected, err_msg=name)
+
+
+def test_a_structure_without_unique_sites_has_no_rows(read: ReadResult) -> None:
+    a, b = read.structures[0], read.structures[2]
+    nothing = SiteTable(
+        np.zeros(0, np.int32),
+        np.zeros(0, np.int16),
+        np.zeros(0, np.int32),
+        np.zeros(0, str),
+        1,
+        1.0,
+    )
+    between = dataclasses.replace(a, structure_id="none", sites=nothing)
+    without = compute_fingerprints([a, b], deterministic=True)
+    with_it = compute_fingerprints([a, between, b], deterministic=True)
+    np.testing.assert_array_equal(with_it[schema.AFP], without[schema.AFP])
+    assert set(with_it[schema.STRUCTURE_INDEX].tolist()) == {0, 2}
+    # blocks that end, or begin, next to it
+    three = ReadResult([a, between, b], [], 3, FilterParams())
+    ds = fingerprint_dataset(three, deterministic=True, chunk_sites=len(a.sites))
+    np.testing.assert_array_equal(ds[schema.AFP].values, without[schema.AFP])
+    assert ds[schema.N_UNIQUE_SITES].values.tolist() == [len(a.sites), 0, len(b.sites)]
+
+
+def test_the_cube_and_its_tasks_share_the_table(read: ReadResult) -> None:
+    # one copy of the coordinates in memory: the Dataset's and the blocks' are the table's
+    table = StructureTable.from_structures(read.structures)
+    ds = fingerprint_dataset(TableRead(table, read.rejections, read.n_read, read.params))
+    assert np.shares_memory(ds[schema.ATOM_FRAC_COORDS].values, table.frac_coords)
+    assert np.shares_memory(ds[schema.SITE_INDEX].values, table.site_index)
+    blocks = afpx.cube._blocks(table, 2, 5)
+    assert sum(block.n_rows for block in blocks) == n_sites(read, 2)
+    for block in blocks:
+        assert np.shares_memory(block.frac_coords, table.frac_coords)
+        assert np.shares_memory(block.atoms, table.site_index)
+
+
+@pytest.mark.parametrize("draws", [1, 2])
+def test_cube_read_as_a_table_equals_cube_read_as_structures(tmp_path: Path, draws: int) -> None:
+    # build_cube reads files with read_table; structures read as objects give the same cube
+    inputs = [str(p) for p in sorted(COD.glob("*.cif"))[:6]]
+    table = open_cube(build_cube(inputs, tmp_path / "t.zarr", draws=draws, chunk_sites=3))
+    read = read_structures(inputs)
+    objects = open_cube(build_cube(read, tmp_path / "o.zarr", draws=draws, chunk_sites=3))
+    assert table.attrs.pop("sources") == inputs
+    assert objects.attrs.pop("sources") == sorted({s.source for s in read.structures})
+    xr.testing.assert_identical(table.load(), objects.load())
 
 
 def test_seeds(read: ReadResult) -> None:

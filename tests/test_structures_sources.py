@@ -13,8 +13,16 @@ from click.testing import CliRunner
 from pymatgen.core import Lattice, Structure
 
 import afpx.structures as structures_module
+from afpx import AfpxWarning
 from afpx.cli import main
-from afpx.structures import FilterParams, ReadResult, read_structures
+from afpx.structures import (
+    AnalysedStructure,
+    FilterParams,
+    ReadResult,
+    StructureTable,
+    read_structures,
+    read_table,
+)
 
 DATA = Path(__file__).parent / "data"
 COD = DATA / "cod"
@@ -272,6 +280,101 @@ def test_duplicates_are_per_source(tmp_path: Path, small_db: Path) -> None:
     result = read_structures([first, second])
     assert sum(r.reason == "duplicate" for r in result.rejections) == 2
     assert len(result.structures) == 8
+
+
+def test_read_table_keeps_what_read_structures_accepts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, small_db: Path, jsonl_lines: list[str]
+) -> None:
+    # duplicates, renamed ids, rejections that repeat, a warning, records over several tasks
+    db = ase_db(tmp_path / "small.db", small_db)
+    inputs = [db, write_jsonl(tmp_path / "s.jsonl", jsonl_lines), *sorted(COD.glob("*.cif"))[:3]]
+    inputs += [DATA / "bad" / "hydrogen_missing.cif", db]  # the database again: all repeats
+    monkeypatch.setattr(structures_module, "_ROWS_PER_TASK", 2)
+    monkeypatch.setattr(structures_module, "_FILES_PER_TASK", 2)
+    with pytest.warns(AfpxWarning, match="hydrogen") as warned:
+        full = read_structures(inputs)
+    with pytest.warns(AfpxWarning, match="hydrogen") as warned_too:
+        read = read_table(inputs)
+    assert [str(w.message) for w in warned_too] == [str(w.message) for w in warned]
+    assert read.rejections == full.rejections
+    assert sum(r.reason == "duplicate" for r in read.rejections) == 11
+    assert (read.n_read, read.summary(), read.counts()) == (
+        full.n_read,
+        full.summary(),
+        full.counts(),
+    )
+    assert len(read.table) == len(full.structures)
+    assert "nacl@8" in read.table.structure_id.tolist()
+    for i, expected in enumerate(full.structures):
+        assert_same_structure(read.table.structure(i), expected)
+
+
+def assert_same_structure(got: AnalysedStructure, expected: AnalysedStructure) -> None:
+    assert (got.structure_id, got.source, got.formula) == (
+        expected.structure_id,
+        expected.source,
+        expected.formula,
+    )
+    for name in ("lattice", "frac_coords", "numbers"):
+        np.testing.assert_array_equal(getattr(got, name), getattr(expected, name), err_msg=name)
+    for name in ("index", "z", "multiplicity", "wyckoff"):
+        np.testing.assert_array_equal(
+            getattr(got.sites, name), getattr(expected.sites, name), err_msg=name
+        )
+    assert (got.sites.spacegroup, got.sites.dmin) == (
+        expected.sites.spacegroup,
+        expected.sites.dmin,
+    )
+    assert bool(got.metadata.get("hydrogen_missing")) == bool(
+        expected.metadata.get("hydrogen_missing")
+    )
+
+
+def test_duplicate_keys_are_dropped_once_their_source_is_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, small_db: Path
+) -> None:
+    a = ase_db(tmp_path / "a.db", small_db)
+    b = ase_db(tmp_path / "b.db", small_db)
+    forgotten: list[tuple[int, list[str]]] = []
+    forget = structures_module._Duplicates.forget
+
+    def record(self: structures_module._Duplicates, sources: list[str]) -> None:
+        forgotten.append((sum(map(len, self._first.values())), list(sources)))
+        forget(self, sources)
+
+    monkeypatch.setattr(structures_module._Duplicates, "forget", record)
+    monkeypatch.setattr(structures_module, "_ROWS_PER_TASK", 3)  # three chunks per database
+    read_table([a, b])
+    # 8 distinct records in a.db (row 2 repeats row 1)
+    assert [(n, s) for n, s in forgotten if s] == [(8, [str(a)]), (8, [str(b)])]
+    forgotten.clear()
+    read_table([a, b, a])  # a.db again: its keys are kept to the end
+    assert [(n, s) for n, s in forgotten if s] == [(16, [str(b)]), (8, [str(a)])]
+
+
+def test_structure_table_round_trip_and_read_only(tmp_path: Path, small_db: Path) -> None:
+    structures = read_structures([ase_db(tmp_path / "small.db", small_db)]).structures
+    table = StructureTable.from_structures(structures)
+    assert len(table) == len(structures) == 4
+    assert table.atom_start.tolist() == [0, 8, 10, 18, 20]
+    for i, expected in enumerate(structures):
+        assert_same_structure(table.structure(i), expected)
+    with pytest.raises(ValueError, match="read-only"):
+        table.frac_coords[0, 0] = 0.5  # shared with a cube's variables and Dask tasks
+    empty = StructureTable.from_structures([])
+    assert len(empty) == 0
+    assert empty.lattice.shape == (0, 3, 3)
+    assert empty.frac_coords.shape == (0, 3)
+    assert empty.site_start.tolist() == [0]
+
+
+def test_read_table_on_workers(tmp_path: Path, small_db: Path) -> None:
+    db = ase_db(tmp_path / "small.db", small_db)
+    one = read_table([db], scheduler="synchronous")
+    two = read_table([db], workers=2)  # the columns travel between processes
+    assert two.rejections == one.rejections
+    for name in ("structure_id", "formula", "frac_coords", "wyckoff", "site_start"):
+        np.testing.assert_array_equal(getattr(two.table, name), getattr(one.table, name))
 
 
 # -- afpx inspect -----------------------------------------------------------------------
