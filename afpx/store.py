@@ -38,7 +38,6 @@ import socket
 import sys
 import uuid
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
@@ -54,7 +53,6 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "CHECKSUMS_GROUP",
-    "ChunkWriter",
     "build_key",
     "check_chunks",
     "chunk_tasks",
@@ -300,69 +298,77 @@ def done_chunks(partial: Path) -> set[tuple[str, int]]:
     return done
 
 
-@dataclass(frozen=True)
-class ChunkWriter:
-    """A ``dask.array.store`` target writing chosen chunks of one variable, then their marks.
+def _write_chunks(
+    store: str, index: int, names: tuple[str, ...], rows: tuple[int, int], *values: np.ndarray
+) -> None:
+    """Write chunk ``index`` (rows ``rows[0]:rows[1]``) of each variable, each then marked done."""
+    import zarr
 
-    ``chunks`` holds (first row, last row + 1, chunk number) of every chunk
-    the source array provides, in order; the source's rows are those chunks
-    concatenated.
-    """
-
-    store: str
-    name: str
-    ndim: int
-    chunks: tuple[tuple[int, int, int], ...]
-
-    def __setitem__(self, key: tuple[slice, ...], value: np.ndarray) -> None:
-        import zarr
-
-        start = key[0].start or 0
-        offsets = np.cumsum([0] + [hi - lo for lo, hi, _ in self.chunks])
-        position = int(np.searchsorted(offsets, start))
-        if position >= len(self.chunks) or offsets[position] != start:  # pragma: no cover
-            raise RuntimeError(f"no chunk of {self.name} starts at row {start}")
-        lo, hi, index = self.chunks[position]
-        if value.shape[0] != hi - lo:  # pragma: no cover - dask hands whole chunks
-            raise RuntimeError(f"chunk {index} of {self.name} has {value.shape[0]} rows")
-        store = Path(self.store)
-        array = zarr.open_array(store / self.name, mode="r+", config={"write_empty_chunks": True})
+    root = Path(store)
+    lo, hi = rows
+    for name, value in zip(names, values, strict=True):
+        if value.shape[0] != hi - lo:  # pragma: no cover - Dask hands whole chunks
+            raise RuntimeError(f"chunk {index} of {name} has {value.shape[0]} rows, not {hi - lo}")
+        array = zarr.open_array(root / name, mode="r+", config={"write_empty_chunks": True})
         array[lo:hi] = value
-        chunk = _chunk_file(store, self.name, index, self.ndim)
+        chunk = _chunk_file(root, name, index, value.ndim)
         record = {
-            "file": chunk.relative_to(store).as_posix(),
+            "file": chunk.relative_to(root).as_posix(),
             "size": chunk.stat().st_size,
             "sha256": sha256_of(chunk),
         }
-        (store / _MARKS / self.name).mkdir(parents=True, exist_ok=True)
-        _write_atomic(store / _MARKS / self.name / str(index), json.dumps(record))
+        (root / _MARKS / name).mkdir(parents=True, exist_ok=True)
+        _write_atomic(root / _MARKS / name / str(index), json.dumps(record))
+
+
+def _written(*done: None) -> None:
+    return None
 
 
 def chunk_tasks(ds: xr.Dataset, partial: Path, done: set[tuple[str, int]]) -> list[Any]:
     """Delayed writes of every chunk of every lazy variable not in ``done``.
 
     Chunks are along the first dimension; a lazy variable must be in one
-    chunk along every other dimension (as the stores afpx writes are).
+    chunk along every other dimension (as the stores afpx writes are). One
+    task writes chunk ``i`` of every variable chunked alike along the first
+    dimension: Dask's own state costs about 3 KB per task while it computes,
+    and a task per variable and chunk (as ``dask.array.store`` makes) would
+    more than double that on a large cube.
     """
-    import dask.array as da
+    import functools
 
-    tasks = []
+    from dask.delayed import Delayed
+    from dask.highlevelgraph import HighLevelGraph
+
+    alike: dict[tuple[int, ...], list[tuple[str, Any]]] = {}
     for name in lazy_names(ds):
         array = ds[name].data
         if any(len(c) > 1 for c in array.chunks[1:]):
             array = array.rechunk(dict.fromkeys(range(1, array.ndim), -1))
-        bounds = np.concatenate([[0], np.cumsum(array.chunks[0])]).astype(int)
-        missing = [i for i in range(len(array.chunks[0])) if (name, i) not in done]
-        if not missing:
+        alike.setdefault(tuple(array.chunks[0]), []).append((name, array))
+    tasks = []
+    for rows, members in alike.items():
+        bounds = np.concatenate([[0], np.cumsum(rows)]).astype(int)
+        name = f"afpx-write-{uuid.uuid4().hex}"
+        layer: dict[Any, Any] = {}
+        for i in range(len(rows)):
+            todo = [(var, array) for var, array in members if (var, i) not in done]
+            if not todo:
+                continue
+            write = functools.partial(
+                _write_chunks,
+                str(partial),
+                i,
+                tuple(var for var, _ in todo),
+                (int(bounds[i]), int(bounds[i + 1])),
+            )
+            sources = [(array.name, i) + (0,) * (array.ndim - 1) for _, array in todo]
+            layer[(name, i)] = (write, *sources)
+        if not layer:
             continue
-        source = array.blocks[(missing,) + (slice(None),) * (array.ndim - 1)]
-        writer = ChunkWriter(
-            str(partial),
-            name,
-            array.ndim,
-            tuple((int(bounds[i]), int(bounds[i + 1]), i) for i in missing),
-        )
-        tasks.append(da.store(source, writer, lock=False, compute=False))  # type: ignore[arg-type]
+        layer[name] = (_written, *layer)
+        graph = HighLevelGraph.from_collections(name, layer, dependencies=[a for _, a in members])
+        tasks.append(Delayed(name, graph))
     return tasks
 
 
