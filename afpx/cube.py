@@ -43,7 +43,7 @@ from afpx.kernels import (
 )
 from afpx.neighbours import count_within, nearest_neighbour_distances, neighbour_shells
 from afpx.scheduler import compute as scheduler_compute
-from afpx.scheduler import use_scheduler
+from afpx.scheduler import trim_memory, use_scheduler
 from afpx.splits import SplitParams, assign_splits
 
 if TYPE_CHECKING:
@@ -206,8 +206,9 @@ def _row_table(table: StructureTable, draws: int) -> dict[str, np.ndarray]:
     n_sites = int(table.site_start[-1])
 
     def per_site(values: np.ndarray, dtype: Any) -> np.ndarray:
-        # one draw: the table's own (read-only) array, not a copy
-        return (values if draws == 1 else np.repeat(values, draws)).astype(dtype, copy=False)
+        # one draw: the table's own (read-only) array, not a copy (astype copies StringDType)
+        values = values if draws == 1 else np.repeat(values, draws)
+        return values if values.dtype == dtype else values.astype(dtype)
 
     return {
         schema.STRUCTURE_INDEX: np.repeat(np.arange(len(table), dtype=np.int64), n_unique * draws),
@@ -822,6 +823,9 @@ def _write(
                 _link_base(ds, base, partial)
         tasks = store.chunk_tasks(ds, partial, store.done_chunks(partial))
         if tasks:
+            # what reading and the in-memory variables freed would otherwise stay resident
+            # under the fingerprints' own working memory: the peak of a build
+            trim_memory()
             with client.as_current() if client is not None else contextlib.nullcontext():
                 scheduler_compute(dask.delayed(tasks), progress=bool(progress))
         store.finish(partial)

@@ -36,6 +36,7 @@ __all__ = [
     "SCHEDULER_TIMEOUT",
     "active_client",
     "compute",
+    "trim_memory",
     "use_scheduler",
 ]
 
@@ -193,6 +194,32 @@ def _local_worker_environ() -> dict[str, Any]:
     if trim != _DISTRIBUTED_TRIM_DEFAULT or "MALLOC_MMAP_THRESHOLD_" in environ:
         return {}  # configured by the user
     return {key: {**environ, **LOCAL_WORKER_MALLOC}}
+
+
+def trim_memory() -> bool:
+    """Hand the free memory of this process's malloc arenas back to the system.
+
+    glibc keeps memory freed inside its heaps resident (the arenas of Dask's
+    worker threads are not reused by the main thread, nor the other way
+    round), so a long step starts from the high-water mark of the steps
+    before it rather than from what is live. ``malloc_trim(0)`` releases
+    every free page of every arena; nothing that is allocated moves.
+
+    Returns
+    -------
+    bool
+        False where the C library has no ``malloc_trim`` (not glibc), and
+        nothing was done.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        malloc_trim = ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim
+    except (OSError, AttributeError, TypeError):
+        return False
+    malloc_trim(0)
+    return True
 
 
 def compute(*collections: Any, progress: bool = False, **kwargs: Any) -> tuple[Any, ...]:

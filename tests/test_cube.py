@@ -213,6 +213,7 @@ def test_the_cube_and_its_tasks_share_the_table(read: ReadResult) -> None:
     ds = fingerprint_dataset(TableRead(table, read.rejections, read.n_read, read.params))
     assert np.shares_memory(ds[schema.ATOM_FRAC_COORDS].values, table.frac_coords)
     assert np.shares_memory(ds[schema.SITE_INDEX].values, table.site_index)
+    assert np.shares_memory(ds[schema.WYCKOFF].values, table.wyckoff)
     blocks = afpx.cube._blocks(table, 2, 5)
     assert sum(block.n_rows for block in blocks) == n_sites(read, 2)
     for block in blocks:

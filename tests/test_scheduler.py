@@ -152,3 +152,12 @@ def test_local_cluster_workers_keep_freed_memory_unless_configured(
     with dask.config.set({key: 12345}), use_scheduler(workers=1) as client:
         (seen,) = client.run(_malloc_environ).values()
     assert seen == {"MALLOC_MMAP_THRESHOLD_": None, "MALLOC_TRIM_THRESHOLD_": "12345"}
+
+
+def test_trim_memory_where_glibc_can(monkeypatch: pytest.MonkeyPatch) -> None:
+    import ctypes
+
+    assert afpx.scheduler.trim_memory() is (sys.platform == "linux")  # glibc (not musl) here
+    # another C library: nothing to call, nothing happens
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: object())
+    assert afpx.scheduler.trim_memory() is False
