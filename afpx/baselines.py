@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Final
@@ -234,7 +235,6 @@ def mlp_likelihood(
     """
     try:
         import torch
-        from torch import nn
     except ImportError as exc:  # pragma: no cover - torch is installed in tests
         raise AfpxError(
             'the mlp baseline needs torch: pip install "afpx[train]" (or leave out "mlp")'
@@ -244,6 +244,26 @@ def mlp_likelihood(
     train = np.flatnonzero(is_train)
     if train.size == 0:
         raise AfpxError("the mlp baseline needs training sites, and none are marked train")
+    threads = torch.get_num_threads()
+    # one thread: the same weights on every scheduler and core count (a local
+    # cluster's workers have one); restored after
+    torch.set_num_threads(1)
+    try:
+        return _train_mlp(features, z, train, is_train, p)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train_mlp(
+    features: SiteFeatures,
+    z: np.ndarray,
+    train: np.ndarray,
+    is_train: np.ndarray,
+    p: BaselineParams,
+) -> np.ndarray:
+    import torch
+    from torch import nn
+
     target = torch.from_numpy(_check_z(np.asarray(z)[train]) - 1)
     x = torch.from_numpy(_standardise(features.matrix(), is_train).astype(np.float32))
     gen = torch.Generator().manual_seed(p.seed)
@@ -458,7 +478,15 @@ def baseline_likelihoods(
         The sites' fingerprints and descriptors, needed by ``knn`` and ``mlp``.
     timing : dict, optional
         Filled with the seconds each baseline took (``"<name>_s"``) and the
-        CPU seconds of this process meanwhile (``"<name>_cpu_s"``).
+        CPU seconds of the thread that computed it (``"<name>_cpu_s"``; the
+        threads of knn's tree query are not counted).
+
+    Notes
+    -----
+    Each baseline is one Dask task on the current scheduler
+    (:func:`afpx.scheduler.compute`), so knn and mlp, the slow ones, run side
+    by side. Every task uses one BLAS thread and mlp one torch thread: the
+    likelihoods are the same on every scheduler and machine.
 
     Returns
     -------
@@ -472,7 +500,6 @@ def baseline_likelihoods(
     z = np.asarray(z)
     coordination = np.asarray(coordination)
     is_train = np.asarray(is_train, dtype=bool)
-    n_sites = z.size
     if not is_train.any() and any(n != "constant" and n != "random" for n in names):
         raise AfpxError("the learned baselines need training sites, and none are marked train")
     wanted = [n for n in names if n in FEATURE_BASELINES]
@@ -481,20 +508,61 @@ def baseline_likelihoods(
             f"the {', '.join(wanted)} baseline(s) read the fingerprints: pass features="
             "SiteFeatures(afp_mean, r0, dmin_ratio)"
         )
+    import dask
+    from threadpoolctl import threadpool_limits
+
+    from afpx.scheduler import compute
+
+    # one task per baseline on the current scheduler: knn and mlp, the slow ones,
+    # run side by side (on a local cluster each in its own worker). One BLAS thread
+    # in the caller and in every task, so that the numbers are the same everywhere.
+    run = uuid.uuid4().hex  # keys of their own: another run on the same cluster may be going
+    tasks = {
+        name: dask.delayed(_one_baseline, pure=False)(
+            name,
+            z,
+            coordination,
+            is_train,
+            params,
+            features,
+            dask_key_name=f"baseline-{name}-{run}",
+        )
+        for name in names
+    }
+    with threadpool_limits(1):
+        (results,) = compute(tasks)
     out: dict[str, np.ndarray] = {}
     for name in names:
-        t0, c0 = time.perf_counter(), time.process_time()
+        out[name], seconds, cpu = results[name]
+        logger.info("baseline %s: %.1f s (%.1f s CPU)", name, seconds, cpu)
+        if timing is not None:
+            timing[f"{name}_s"] = seconds
+            timing[f"{name}_cpu_s"] = cpu
+    return out
+
+
+def _one_baseline(
+    name: str,
+    z: np.ndarray,
+    coordination: np.ndarray,
+    is_train: np.ndarray,
+    params: BaselineParams,
+    features: SiteFeatures | None,
+) -> tuple[np.ndarray, float, float]:
+    """One baseline's likelihoods, its wall seconds and the CPU seconds of its thread."""
+    from afpx.scheduler import one_blas_thread
+
+    t0, c0 = time.perf_counter(), time.thread_time()
+    with one_blas_thread():
         if name == "constant":
-            out[name] = constant_likelihood(n_sites, value=params.constant)
+            out = constant_likelihood(z.size, value=params.constant)
         elif name == "random":
-            out[name] = random_likelihood(n_sites, rng=np.random.default_rng(params.seed))
+            out = random_likelihood(z.size, rng=np.random.default_rng(params.seed))
         elif name == "frequency":
-            out[name] = frequency_likelihood(
-                n_sites, element_frequency(z[is_train], alpha=params.alpha)
-            )
+            out = frequency_likelihood(z.size, element_frequency(z[is_train], alpha=params.alpha))
         elif name == "knn":
             assert features is not None
-            out[name] = knn_likelihood(
+            out = knn_likelihood(
                 features,
                 z,
                 is_train,
@@ -505,15 +573,10 @@ def baseline_likelihoods(
             )
         elif name == "mlp":
             assert features is not None
-            out[name] = mlp_likelihood(features, z, is_train, params=params)
+            out = mlp_likelihood(features, z, is_train, params=params)
         else:
             table, prior = coordination_frequency(
                 z[is_train], coordination[is_train], alpha=params.alpha, beta=params.beta
             )
-            out[name] = coordination_likelihood(coordination, table, prior)
-        seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
-        logger.info("baseline %s: %.1f s (%.1f s CPU)", name, seconds, cpu)
-        if timing is not None:
-            timing[f"{name}_s"] = seconds
-            timing[f"{name}_cpu_s"] = cpu
-    return out
+            out = coordination_likelihood(coordination, table, prior)
+    return out, time.perf_counter() - t0, time.thread_time() - c0

@@ -36,6 +36,7 @@ __all__ = [
     "SCHEDULER_TIMEOUT",
     "active_client",
     "compute",
+    "one_blas_thread",
     "trim_memory",
     "use_scheduler",
 ]
@@ -194,6 +195,27 @@ def _local_worker_environ() -> dict[str, Any]:
     if trim != _DISTRIBUTED_TRIM_DEFAULT or "MALLOC_MMAP_THRESHOLD_" in environ:
         return {}  # configured by the user
     return {key: {**environ, **LOCAL_WORKER_MALLOC}}
+
+
+@contextlib.contextmanager
+def one_blas_thread() -> Iterator[None]:
+    """Limit the BLAS/OpenMP thread pools of this process to one thread inside the block.
+
+    Numbers that go through BLAS (matrix products, SVDs) can differ in their
+    last bits with the number of threads; a task run under this gives the same
+    result on every scheduler and core count. The limit is process-wide, so it
+    is not re-entered where every pool already has one thread (a caller that
+    limits them around a threaded compute, or a local cluster's single-threaded
+    workers): concurrent tasks would otherwise undo each other's limits.
+    """
+    from threadpoolctl import ThreadpoolController
+
+    controller = ThreadpoolController()
+    if all(lib.num_threads == 1 for lib in controller.lib_controllers):
+        yield
+        return
+    with controller.limit(limits=1):
+        yield
 
 
 def trim_memory() -> bool:

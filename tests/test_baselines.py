@@ -189,6 +189,40 @@ def test_mlp_baseline_learns_separable_sites() -> None:
     np.testing.assert_array_equal(lik, again)  # seeded
 
 
+def test_baselines_are_tasks_and_the_same_on_every_scheduler() -> None:
+    # one Dask task per baseline (knn and mlp side by side); one BLAS and one torch
+    # thread in each: a 2-process cluster gives the threaded scheduler's numbers bit
+    # for bit, and the caller's torch threads are left as they were
+    distributed = pytest.importorskip("distributed")
+    torch = pytest.importorskip("torch")
+    from afpx.scheduler import use_scheduler
+
+    features, z, is_train = _clusters()
+    cn = np.where(z == 8, 2, 6)
+    params = BaselineParams(mlp_hidden=16, mlp_layers=1, mlp_epochs=3, mlp_batch_size=16)
+    torch.set_num_threads(2)
+    timing: dict[str, float] = {}
+    with use_scheduler("threads", workers=2):
+        threads = baseline_likelihoods(
+            z, cn, is_train, params=params, features=features, timing=timing
+        )
+    assert torch.get_num_threads() == 2
+    assert tuple(threads) == BASELINES
+    assert set(timing) == {f"{b}_{t}" for b in BASELINES for t in ("s", "cpu_s")}
+    with (
+        distributed.LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+        ) as cluster,
+        distributed.Client(cluster) as client,
+        distributed.get_task_stream(client) as stream,
+    ):
+        on_cluster = baseline_likelihoods(z, cn, is_train, params=params, features=features)
+    keys = {str(t["key"]).rsplit("-", 1)[0] for t in stream.data}
+    assert keys >= {f"baseline-{b}" for b in BASELINES}
+    for name in BASELINES:
+        np.testing.assert_array_equal(threads[name], on_cluster[name], err_msg=name)
+
+
 def test_fingerprint_baseline_errors() -> None:
     features, z, is_train = _clusters()
     with pytest.raises(AfpxError, match="read the fingerprints"):

@@ -21,11 +21,10 @@ likelihood-free values (tested bit for bit).
 
 from __future__ import annotations
 
-import contextlib
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -34,7 +33,7 @@ import numpy as np
 from afpx.evaluate.params import VARIANTS, EvaluateParams
 from afpx.evaluate.test1 import TrueRank, rank_true_candidates
 from afpx.evaluate.test2 import optimality_of_set, set_context
-from afpx.scheduler import active_client, compute
+from afpx.scheduler import active_client, compute, one_blas_thread
 from afpx.templates.counting import CompositionTable, PairCache, TemplateIndex
 
 __all__ = [
@@ -282,24 +281,9 @@ def evaluate_set(state: EvaluationState, elements: tuple[int, ...]) -> SetResult
     return res
 
 
-@contextlib.contextmanager
-def _one_blas_thread() -> Iterator[None]:
-    # the same BLAS threading on every scheduler; not re-entered where a
-    # caller (evaluate, for local schedulers) already limits it, since
-    # threadpoolctl's limits are process-wide and threads would undo each other
-    from threadpoolctl import ThreadpoolController
-
-    controller = ThreadpoolController()
-    if all(lib.num_threads == 1 for lib in controller.lib_controllers):
-        yield
-        return
-    with controller.limit(limits=1):
-        yield
-
-
 def evaluate_batch(state: EvaluationState, sets: Sequence[tuple[int, ...]]) -> list[SetResult]:
     """:func:`evaluate_set` of each set, in order, with one BLAS thread (one Dask task)."""
-    with _one_blas_thread():
+    with one_blas_thread():
         return [evaluate_set(state, S) for S in sets]
 
 
