@@ -545,13 +545,21 @@ def parse_formula(formula: str) -> tuple[list[int], np.ndarray]:
                 f"formula {formula!r} gives {symbol} the amount {amount}; "
                 "drop the element or give it a positive amount, e.g. Li2MnGe"
             )
+    # pymatgen reads an unknown symbol as a dummy species ("Q" -> Q0+) or fails on
+    # it with its own words: name it as written
+    known = set(element_symbols())
+    unknown = sorted({sym for sym in re.findall(r"[A-Z][a-z]?", formula) if sym not in known})
+    if unknown:
+        raise AfpxError(
+            f"cannot read formula {formula!r}: unknown element symbol(s) {', '.join(unknown)}; "
+            "write elements as symbols with amounts, e.g. Li2MnGe"
+        )
     try:
         comp = Composition(formula)
     except Exception as exc:  # pymatgen raises several types for bad formulas
         raise AfpxError(f"cannot read formula {formula!r}: {exc}") from exc
-    unknown = [str(el) for el in comp.elements if not 1 <= int(el.Z) <= schema.N_ELEMENTS]
-    if unknown or not comp.elements:
-        raise AfpxError(f"cannot read formula {formula!r}: unknown element(s) {unknown}")
+    if not comp.elements:
+        raise AfpxError(f"formula {formula!r} names no element; write e.g. Li2MnGe")
     amounts = [float(a) for a in comp.values()]
     if any(a <= 0 or abs(a - round(a)) > 1e-8 for a in amounts):
         raise AfpxError(f"formula {formula!r} must have whole, positive amounts, e.g. Li2MnGe")

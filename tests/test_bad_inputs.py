@@ -165,7 +165,9 @@ VALUE_CASES = {
     "negative_top": Case(("rank", "--elements", "Mn,Ge", "--top", "-1"), "got -1"),
     "zero_amount": Case(("rank", "--formula", "Li2Mn0Ge"), "gives Mn the amount 0"),
     "negative_amount": Case(("rank", "--formula", "Li-2Ge"), "cannot read formula 'Li-2Ge'"),
-    "unknown_in_formula": Case(("rank", "--formula", "Xx2Ge"), "cannot read formula 'Xx2Ge'"),
+    "unknown_in_formula": Case(
+        ("rank", "--formula", "Xx2Ge"), "cannot read formula 'Xx2Ge': unknown element symbol(s) Xx"
+    ),
     "nan_likelihood": Case(("rank", "--elements", "Mn,Ge", "--min-likelihood", "nan"), "got nan"),
     "symprec": Case(("inspect", "{lime}", "--symprec", "-1"), "-1"),
     "min_distance": Case(("inspect", "{lime}", "--min-distance", "nan"), "nan"),
