@@ -333,46 +333,89 @@ class RankTable:
 
         return pd.DataFrame(self.columns())
 
+    def _text_columns(self) -> dict[str, np.ndarray]:
+        """:meth:`columns`, checked to hold one value per row (for the writers)."""
+        cols = self.columns()
+        for name, values in cols.items():
+            if values.shape[:1] != (len(self),):
+                raise AfpxError(
+                    f"column {name!r} has shape {values.shape} in a table of {len(self)} rows; "
+                    "give every column of a RankTable one value per row"
+                )
+        return cols
+
     def json_rows(self) -> list[str]:
         """Each row as compact JSON, exactly as ``json.JSONEncoder().encode(dict(row))``.
 
-        Encoded column by column (the per-row encoder was a third of a full
-        ternary list's time); numpy scalars left in object columns are written
-        as their Python value, other objects as their ``str``.
+        Encoded column by column (see :meth:`json_text`).
+        """
+        if len(self) == 0:
+            return []
+        # ASCII JSON never holds a raw line break, so the rows split back apart
+        return self.json_text("\n").split("\n")
+
+    def json_text(self, separator: str = ",\n") -> str:
+        """The rows of :meth:`json_rows` joined by ``separator``, built in one join.
+
+        Every column is encoded at once (the per-row encoder was a third of a
+        full ternary list's time); the rows are then one interleaving of keys
+        and values, with no Python work per row. Numpy scalars left in object
+        columns are written as their Python value, other objects as their
+        ``str``.
         """
         from json.encoder import encode_basestring_ascii
 
-        parts = []
-        for name, values in self.columns().items():
-            key = encode_basestring_ascii(name) + ": "
-            parts.append([key + v for v in _json_values(values)])
-        return ["{" + ", ".join(row) + "}" for row in zip(*parts, strict=True)]
+        cols = self._text_columns()
+        lead = "{"
+        pieces: list[tuple[str, list[str]]] = []
+        for name, values in cols.items():
+            pieces.append((lead + encode_basestring_ascii(name) + ": ", _json_values(values)))
+            lead = ", "
+        return _interleave(pieces, "}" + separator, len(self))[: -len(separator) or None]
 
     def to_csv(self) -> str:
         """The rows as CSV with a header, exactly as :func:`csv.writer` (``\\n`` line ends)."""
-        cols = self.columns()
-        parts = [[_csv_field(str(n)) for n in cols]]
-        body = [_csv_values(values) for values in cols.values()]
-        lines = [",".join(parts[0]), *(",".join(row) for row in zip(*body, strict=True))]
-        return "\n".join(lines) + "\n"
+        cols = self._text_columns()
+        header = ",".join(_csv_field(str(n)) for n in cols) + "\n"
+        pieces = [("," if i else "", _csv_values(v)) for i, v in enumerate(cols.values())]
+        return header + _interleave(pieces, "\n", len(self))
+
+
+def _interleave(pieces: Sequence[tuple[str, list[str]]], end: str, n: int) -> str:
+    """Row ``i`` is ``lead_1 + values_1[i] + lead_2 + values_2[i] + ... + end``, all rows joined.
+
+    One flat list filled by strided slice assignments and one ``str.join``:
+    C loops only, whatever the number of rows.
+    """
+    if n == 0 or not pieces:
+        return ""
+    stride = 2 * len(pieces) + 1
+    flat: list[str] = [end] * (n * stride)
+    for j, (lead, values) in enumerate(pieces):
+        flat[2 * j :: stride] = [lead] * n
+        flat[2 * j + 1 :: stride] = values
+    return "".join(flat)
 
 
 def _json_values(values: np.ndarray) -> list[str]:
     """JSON text of every value of a column (what the C encoder writes for each)."""
     import json
 
+    kind = values.dtype.kind
+    if kind == "b":
+        return ["true" if v else "false" for v in values.tolist()]
+    if kind in "iu":
+        return list(map(int.__repr__, values.tolist()))
+    if kind == "f" and np.isfinite(values).all():
+        return list(map(float.__repr__, values.tolist()))
     items = values.tolist()
-    kinds = {type(v) for v in items}
-    if kinds <= {bool}:
-        return ["true" if v else "false" for v in items]
-    if kinds <= {int}:
-        return list(map(int.__repr__, items))
-    if kinds <= {float} and np.isfinite(np.asarray(values, dtype=np.float64)).all():
-        return list(map(float.__repr__, items))
+    kinds = set(map(type, items))
     if kinds <= {str}:
         from json.encoder import encode_basestring_ascii
 
         return list(map(encode_basestring_ascii, items))
+    if kinds <= {int}:
+        return list(map(int.__repr__, items))
 
     def plain(value: Any) -> Any:
         item = getattr(value, "item", None)
@@ -393,10 +436,19 @@ def _csv_field(text: str) -> str:
 
 def _csv_values(values: np.ndarray) -> list[str]:
     """CSV fields of a column as :func:`csv.writer` writes them (minimal quoting)."""
+    if values.dtype.kind in "biuf":
+        return list(map(str, values.tolist()))
     items = values.tolist()
-    kinds = {type(v) for v in items}
+    kinds = set(map(type, items))
     if kinds <= {int} or kinds <= {float} or kinds <= {bool}:
         return list(map(str, items))
+    if kinds <= {str}:
+        joined = "".join(items)
+        if _CSV_SPECIAL.isdisjoint(joined):
+            return items  # nothing to quote: no work per field
+        if '"' not in joined and "\r" not in joined and "\n" not in joined:
+            # only commas (assignment texts): quote the fields holding one, nothing to escape
+            return [f'"{v}"' if "," in v else v for v in items]
     return [_csv_field("" if v is None else str(v)) for v in items]
 
 

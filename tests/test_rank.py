@@ -583,3 +583,41 @@ def test_csv_and_json_rows_equal_the_standard_writers(hand: TemplateLibrary) -> 
     odd = RankTable([MN, GE], ["Mn", "Ge"], {"rank": (("composition",), obj)})
     assert odd.json_rows() == ['{"rank": 3}', '{"rank": "x"}']
     assert odd.to_csv() == "rank\n3\nx\n"
+
+
+def test_writers_join_rows_as_the_per_row_writers_do(hand: TemplateLibrary) -> None:
+    import csv
+    import io
+
+    table = rank_table([MN, GE], library=hand, top=None)
+    rows = table.json_rows()
+    assert len(rows) == len(table) > 1
+    assert table.json_text() == ",\n".join(rows)
+    assert table.json_text("") == "".join(rows)
+    one = RankTable(
+        [MN, GE], ["Mn", "Ge"], {n: (d, v[:1]) for n, (d, v) in table.variables.items()}
+    )
+    assert one.json_rows() == rows[:1] and one.json_text() == rows[0]
+    # a field needing quotes in a column that otherwise needs none, and one row only
+    text = table.variables["assignment_text"][1].copy()
+    text[:] = "Mn 1a"
+    text[-1] = 'Mn "1a"\r'
+    table.variables["assignment_text"] = (table.variables["assignment_text"][0], text)
+    cols = {n: v.tolist() for n, v in table.columns().items()}
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerows([list(cols), *zip(*cols.values(), strict=True)])
+    assert table.to_csv() == buf.getvalue()
+    empty = RankTable([MN, GE], ["Mn", "Ge"], {"rank": (("composition",), np.zeros(0))})
+    assert (empty.json_rows(), empty.json_text(), empty.to_csv()) == ([], "", "rank\n")
+
+
+def test_writers_refuse_a_column_of_another_length() -> None:
+    ragged = RankTable(
+        [MN, GE],
+        ["Mn", "Ge"],
+        {"rank": (("composition",), np.ones(3)), "formula": (("composition",), np.ones(2))},
+    )
+    with pytest.raises(AfpxError, match="column 'formula' has shape \\(2,\\) in a table of 3"):
+        ragged.json_text()
+    with pytest.raises(AfpxError, match="one value per row"):
+        ragged.to_csv()
