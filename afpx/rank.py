@@ -24,6 +24,7 @@ display order (the ranks of the rows shown still count the whole group).
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import sys
@@ -60,6 +61,7 @@ from afpx.templates import (
 )
 from afpx.templates.pruning import top_candidates
 from afpx.templates.ties import DEFAULT_TIE_TOLERANCE, TIE_RULE, tie_ranks
+from afpx.templates.util import index_ranges
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -208,7 +210,7 @@ def rank_rows(
         last = int(group[order[top - 1]])
         order = order[group[order] <= last]
     formulas = reduced_formulas(unique[order], symbols)
-    by_formula = np.lexsort((formulas.astype(str), group[order]))
+    by_formula = _by_formula_within_groups(group[order], formulas)
     order, formulas = order[by_formula], formulas[by_formula]
     if top is not None:
         order, formulas = order[:top], formulas[:top]
@@ -227,6 +229,25 @@ def rank_rows(
         "n_best_templates": n_best[order],
         "n_compositions": np.asarray(U),
     }
+
+
+def _by_formula_within_groups(group: np.ndarray, formulas: np.ndarray) -> np.ndarray:
+    """The permutation listing rows sorted by ``group`` (non-decreasing) by formula within a group.
+
+    Only rows of tie groups of two or more move: a string sort of those alone,
+    equal to ``np.lexsort((formulas.astype(str), group))``.
+    """
+    perm = np.arange(group.size)
+    if group.size == 0:
+        return perm
+    first = np.r_[True, group[1:] != group[:-1]]
+    size = np.diff(np.r_[np.flatnonzero(first), group.size])
+    tied = np.flatnonzero(np.repeat(size > 1, size))
+    if tied.size:
+        rows = zip(group[tied].tolist(), formulas[tied].tolist(), tied.tolist(), strict=True)
+        keyed = sorted(rows)
+        perm[tied] = [row for _, _, row in keyed]
+    return perm
 
 
 def _ranking_vars(
@@ -881,26 +902,41 @@ def _assignment_text(
 ) -> np.ndarray:
     """``"Mn 2a, Ge 4b"`` per row: element and site label of every unique site, in bulk.
 
-    One format string per distinct template (its site labels), filled with
-    the element symbols of each of its rows.
+    Each (site, element) piece of text is written once; the rows are one
+    gather of pieces, one join, and a slice per row at the summed lengths.
     """
     out = np.empty(templates.size, dtype=object)
     if templates.size == 0:
         return out
-    sym = np.asarray(list(symbols), dtype=object)
-    order = np.argsort(templates, kind="stable")
-    cuts = np.flatnonzero(np.diff(templates[order])) + 1
-    for idx in np.split(order, cuts):
-        t = int(templates[idx[0]])
-        a, b = int(lib.site_start[t]), int(lib.site_start[t + 1])
-        mult = lib.multiplicity[a:b].tolist()
-        if lib.wyckoff is not None:
-            labels = [f"{m}{w}" for m, w in zip(mult, lib.wyckoff[a:b].tolist(), strict=True)]
-        else:
-            labels = [f"site{j + 1}×{m}" for j, m in enumerate(mult)]
-        fmt = ", ".join(f"%s {lab.replace('%', '%%')}" for lab in labels)
-        elements = sym[assignment[idx, : b - a].astype(np.int64)].tolist()
-        out[idx] = [fmt % tuple(row) for row in elements]
+    k = len(symbols)
+    uniq, inv = np.unique(np.asarray(templates, dtype=np.int64), return_inverse=True)
+    inv = inv.reshape(-1)
+    n_u = lib.site_start[uniq + 1] - lib.site_start[uniq]
+    sites = index_ranges(lib.site_start[uniq], n_u)  # library rows of the sites of uniq
+    first_u = np.cumsum(n_u) - n_u  # where each template's sites start in `sites`
+    within = np.arange(sites.size) - np.repeat(first_u, n_u)
+    mult = lib.multiplicity[sites].tolist()
+    if lib.wyckoff is not None:
+        labels = [f"{m}{w}" for m, w in zip(mult, lib.wyckoff[sites].tolist(), strict=True)]
+    else:
+        labels = [f"site{j + 1}×{m}" for j, m in zip(within.tolist(), mult, strict=True)]
+    last = (within == np.repeat(n_u, n_u) - 1).tolist()
+    # piece (site position p, element e) at p * k + e
+    pieces = [
+        f"{sym} {lab}" if end else f"{sym} {lab}, "
+        for lab, end in zip(labels, last, strict=True)
+        for sym in symbols
+    ]
+    table = np.asarray(pieces, dtype=object)
+    size = np.fromiter(map(len, pieces), dtype=np.int64, count=len(pieces))
+    n_r = n_u[inv]
+    row_of = np.repeat(np.arange(templates.size), n_r)
+    j = np.arange(row_of.size) - np.repeat(np.cumsum(n_r) - n_r, n_r)
+    idx = (first_u[inv][row_of] + j) * k + assignment[row_of, j].astype(np.int64)
+    text = "".join(table[idx].tolist())
+    end = np.cumsum(np.bincount(row_of, weights=size[idx], minlength=templates.size))
+    bounds = np.r_[0, end.astype(np.int64)].tolist()
+    out[:] = [text[a:b] for a, b in itertools.pairwise(bounds)]
     return out
 
 

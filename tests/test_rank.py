@@ -621,3 +621,101 @@ def test_writers_refuse_a_column_of_another_length() -> None:
         ragged.json_text()
     with pytest.raises(AfpxError, match="one value per row"):
         ragged.to_csv()
+
+
+@pytest.mark.filterwarnings("ignore::afpx.AfpxWarning")  # random z: untrained elements
+@settings(max_examples=20, deadline=None)
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    k=st.integers(2, 4),
+    ties=st.booleans(),
+    wyckoff=st.booleans(),
+)
+def test_full_list_equals_obvious_grouping_order_and_text(
+    seed: int, k: int, ties: bool, wyckoff: bool
+) -> None:
+    """The full list against plain Python: best per composition, display order, text, prefix."""
+    import dataclasses
+
+    from afpx.templates import CandidateOptions, candidates, check_elements, reduced_formulas
+
+    rng = np.random.default_rng(seed)
+    lib = random_library(rng, 60, max_sites=6 if k < 4 else 5, ties=ties)
+    if wyckoff:
+        letters = rng.choice(np.asarray(list("abcdefg%"), dtype=object), lib.n_sites)
+        lib = dataclasses.replace(lib, wyckoff=letters)
+    zs = rng.choice(np.arange(1, 119), k, replace=False).tolist()
+    table = rank_table(zs, library=lib, top=None)
+    cols = {n: v.tolist() for n, v in table.columns().items()}
+    symbols = table.symbols
+    # best candidate per reduced composition, by a dict over the engine's candidates
+    result, _ = candidates(lib, check_elements(zs), CandidateOptions(), assignments=False)
+    groups: dict[tuple[int, ...], list[tuple[float, int]]] = {}
+    rows = (result.template.tolist(), result.counts.tolist(), result.log_score.tolist())
+    for t, c, s in zip(*rows, strict=True):
+        g = math.gcd(*c)
+        groups.setdefault(tuple(x // g for x in c), []).append((s, t))
+    comps = list(groups)
+    formulas = reduced_formulas(np.asarray(comps), symbols).tolist()
+    expected = {}
+    for comp, name in zip(comps, formulas, strict=True):
+        best = max(s for s, _ in groups[comp])
+        top_t = [t for s, t in groups[comp] if s == best]
+        expected[name] = (best, min(top_t), len(groups[comp]), len(top_t))
+    got = {
+        f: (s, t, n, nb)
+        for f, s, t, n, nb in zip(
+            cols["formula"],
+            cols["log_score"],
+            cols["template"],
+            cols["n_templates"],
+            cols["n_best_templates"],
+            strict=True,
+        )
+    }
+    assert got == expected and len(table) == len(expected)
+    # listed by tie group (optimistic rank), then by formula
+    keys = list(zip(cols["rank_optimistic"], cols["formula"], strict=True))
+    assert keys == sorted(keys)
+    # the assignment text, one row at a time; the assignment reproduces the score
+    assignment = table.variables["assignment"][1]
+    logl = lib.log_likelihood[:, np.asarray(zs) - 1].astype(np.float64)
+    for i, t in enumerate(cols["template"]):
+        a, b = int(lib.site_start[t]), int(lib.site_start[t + 1])
+        labels = [
+            f"{m}{lib.wyckoff[a + j]}" if wyckoff else f"site{j + 1}×{m}"
+            for j, m in enumerate(lib.multiplicity[a:b].tolist())
+        ]
+        row = assignment[i, : b - a].tolist()
+        text = ", ".join(f"{symbols[e]} {lab}" for e, lab in zip(row, labels, strict=True))
+        assert cols["assignment_text"][i] == text
+        score = sum(logl[a + j, e] for j, e in enumerate(row))
+        assert score == pytest.approx(cols["log_score"][i], abs=1e-9)
+    # any top is the head of the full list, cut inside tie groups by formula too
+    n = int(rng.integers(1, len(table) + 1))
+    head = rank_table(zs, library=lib, top=n, prune=False)
+    for name, (_, values) in head.variables.items():
+        full = table.variables[name][1][:n]
+        if name == "assignment":
+            full = full[:, : values.shape[1]]
+        np.testing.assert_array_equal(values, full, err_msg=name)
+
+
+def test_formulas_of_many_rows_match_pymatgen() -> None:
+    """One call over many rows of mixed element patterns, polyanions among them."""
+    from pymatgen.core import Composition
+
+    from afpx.templates import reduced_formulas
+
+    rng = np.random.default_rng(3)
+    for symbols in (["Li", "Mn", "P", "O"], ["K", "Na", "S", "O"], ["Li", "O"], ["Mn", "Ge", "Li"]):
+        counts = rng.integers(0, 9, (400, len(symbols))) * rng.choice([1, 2, 4], (400, 1))
+        counts = counts[counts.sum(axis=1) > 0]
+        got = reduced_formulas(counts, symbols).tolist()
+        want = [
+            Composition({s: int(c) for s, c in zip(symbols, row, strict=True) if c}).reduced_formula
+            for row in counts.tolist()
+        ]
+        assert got == want
+        if len(symbols) > 2:  # P-O, S-O, Mn-Ge: polyanions (AB)n
+            assert any("(" in f for f in got)

@@ -19,7 +19,12 @@ import numpy as np
 
 from afpx import AfpxError, schema
 from afpx.templates.bruteforce import bruteforce_best
-from afpx.templates.compositions import RowFilter, reduce_compositions, reduced_formulas
+from afpx.templates.compositions import (
+    RowFilter,
+    match_rows,
+    reduce_compositions,
+    reduced_formulas,
+)
 from afpx.templates.library import TemplateLibrary, own_counts
 from afpx.templates.maxplus import maxplus_best
 from afpx.templates.plan import plan_for, site_log_likelihood
@@ -256,15 +261,9 @@ def best_assignments(
             raise AfpxError("no candidate of the requested templates uses every element")
         return out, score
     assert res.assignment is not None
-    # match (template, counts) rows by a sort on a combined key
+    # match (template, counts) rows: one int64 code per row and a binary search
     key_res = np.concatenate([res.template[:, None], res.cell_counts(library)], axis=1)
-    key_req = np.concatenate([t[:, None], c], axis=1)
-    both = np.concatenate([key_res, key_req])
-    _, inv = np.unique(both, axis=0, return_inverse=True)
-    inv = inv.reshape(-1)
-    lookup = np.full(int(inv.max()) + 1, -1, dtype=np.int64)
-    lookup[inv[: key_res.shape[0]]] = np.arange(key_res.shape[0])
-    found = lookup[inv[key_res.shape[0] :]]
+    found = match_rows(key_res, np.concatenate([t[:, None], c], axis=1))
     if np.any(found < 0):
         bad = int(np.flatnonzero(found < 0)[0])
         raise AfpxError(
