@@ -392,7 +392,7 @@ class RankTable:
         for name, values in cols.items():
             pieces.append((lead + encode_basestring_ascii(name) + ": ", _json_values(values)))
             lead = ", "
-        return _interleave(pieces, "}" + separator, len(self))[: -len(separator) or None]
+        return _interleave(pieces, "}" + separator, len(self), last="}")
 
     def to_csv(self) -> str:
         """The rows as CSV with a header, exactly as :func:`csv.writer` (``\\n`` line ends)."""
@@ -402,11 +402,14 @@ class RankTable:
         return header + _interleave(pieces, "\n", len(self))
 
 
-def _interleave(pieces: Sequence[tuple[str, list[str]]], end: str, n: int) -> str:
+def _interleave(
+    pieces: Sequence[tuple[str, list[str]]], end: str, n: int, *, last: str | None = None
+) -> str:
     """Row ``i`` is ``lead_1 + values_1[i] + lead_2 + values_2[i] + ... + end``, all rows joined.
 
-    One flat list filled by strided slice assignments and one ``str.join``:
-    C loops only, whatever the number of rows.
+    The last row ends with ``last`` when given. One flat list filled by
+    strided slice assignments and one ``str.join``: C loops only, whatever
+    the number of rows.
     """
     if n == 0 or not pieces:
         return ""
@@ -415,7 +418,21 @@ def _interleave(pieces: Sequence[tuple[str, list[str]]], end: str, n: int) -> st
     for j, (lead, values) in enumerate(pieces):
         flat[2 * j :: stride] = [lead] * n
         flat[2 * j + 1 :: stride] = values
+    if last is not None:
+        flat[-1] = last
     return "".join(flat)
+
+
+def _int_texts(values: np.ndarray) -> list[str]:
+    """Decimal text of an integer column; small non-negative values from a table of texts."""
+    if values.size == 0:
+        return []
+    low, high = int(values.min()), int(values.max())
+    if low < 0 or high >= values.size // 2:
+        return list(map(int.__repr__, values.tolist()))
+    # counts, space groups, template indices: fewer distinct texts than rows
+    texts = np.asarray(list(map(str, range(high + 1))), dtype=object)
+    return list(texts[values].tolist())
 
 
 def _json_values(values: np.ndarray) -> list[str]:
@@ -426,7 +443,7 @@ def _json_values(values: np.ndarray) -> list[str]:
     if kind == "b":
         return ["true" if v else "false" for v in values.tolist()]
     if kind in "iu":
-        return list(map(int.__repr__, values.tolist()))
+        return _int_texts(values)
     if kind == "f" and np.isfinite(values).all():
         return list(map(float.__repr__, values.tolist()))
     items = values.tolist()
@@ -457,7 +474,9 @@ def _csv_field(text: str) -> str:
 
 def _csv_values(values: np.ndarray) -> list[str]:
     """CSV fields of a column as :func:`csv.writer` writes them (minimal quoting)."""
-    if values.dtype.kind in "biuf":
+    if values.dtype.kind in "iu":
+        return _int_texts(values)
+    if values.dtype.kind in "bf":
         return list(map(str, values.tolist()))
     items = values.tolist()
     kinds = set(map(type, items))

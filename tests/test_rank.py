@@ -607,6 +607,12 @@ def test_writers_join_rows_as_the_per_row_writers_do(hand: TemplateLibrary) -> N
     buf = io.StringIO()
     csv.writer(buf, lineterminator="\n").writerows([list(cols), *zip(*cols.values(), strict=True)])
     assert table.to_csv() == buf.getvalue()
+    # integer columns: small counts (written from a table of texts), negatives, large values
+    rng = np.random.default_rng(0)
+    for ints in (rng.integers(0, 7, 50), np.r_[rng.integers(0, 7, 50), -3], np.r_[0, 2**40, 7]):
+        col = RankTable([MN, GE], ["Mn", "Ge"], {"rank": (("composition",), ints)})
+        assert col.json_rows() == [json.dumps({"rank": v}) for v in ints.tolist()]
+        assert col.to_csv() == "rank\n" + "".join(f"{v}\n" for v in ints.tolist())
     empty = RankTable([MN, GE], ["Mn", "Ge"], {"rank": (("composition",), np.zeros(0))})
     assert (empty.json_rows(), empty.json_text(), empty.to_csv()) == ([], "", "rank\n")
 
