@@ -714,9 +714,11 @@ def test_full_list_equals_obvious_grouping_order_and_text(
 
 def test_formulas_of_many_rows_match_pymatgen() -> None:
     """One call over many rows of mixed element patterns, polyanions among them."""
+    import warnings
+
     from pymatgen.core import Composition
 
-    from afpx.templates import reduced_formulas
+    from afpx.templates import element_symbols, reduced_formulas
 
     rng = np.random.default_rng(3)
     for symbols in (["Li", "Mn", "P", "O"], ["K", "Na", "S", "O"], ["Li", "O"], ["Mn", "Ge", "Li"]):
@@ -730,3 +732,19 @@ def test_formulas_of_many_rows_match_pymatgen() -> None:
         assert got == want
         if len(symbols) > 2:  # P-O, S-O, Mn-Ge: polyanions (AB)n
             assert any("(" in f for f in got)
+    # more elements than bits in an int64 code: the rows' patterns by a sort instead
+    many = element_symbols()[:70]
+    counts = rng.integers(0, 3, (6, 70))
+    counts[:, -1] = 1
+    counts[0, :-1] = 0  # the same pattern as row 1 in the first 64 elements only
+    counts[1, :-1] = 0
+    counts[1, 0] = 1
+    counts[0, 0] = 1
+    counts[0, 66] = 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pymatgen: no electronegativity for noble gases
+        want = [
+            Composition({s: int(c) for s, c in zip(many, row, strict=True) if c}).reduced_formula
+            for row in counts.tolist()
+        ]
+    assert reduced_formulas(counts, many).tolist() == want
