@@ -922,7 +922,7 @@ def _assignment_text(
     """``"Mn 2a, Ge 4b"`` per row: element and site label of every unique site, in bulk.
 
     Each (site, element) piece of text is written once; the rows are one
-    gather of pieces, one join, and a slice per row at the summed lengths.
+    gather of pieces (and a separator after each row), one join and one split.
     """
     out = np.empty(templates.size, dtype=object)
     if templates.size == 0:
@@ -946,16 +946,18 @@ def _assignment_text(
         for lab, end in zip(labels, last, strict=True)
         for sym in symbols
     ]
-    table = np.asarray(pieces, dtype=object)
-    size = np.fromiter(map(len, pieces), dtype=np.int64, count=len(pieces))
+    # rows end with a character no piece holds, so that one split cuts them apart
+    alphabet = set("".join(pieces))
+    sep = next(chr(i) for i in itertools.count() if chr(i) not in alphabet)
+    table = np.asarray([*pieces, sep], dtype=object)
     n_r = n_u[inv]
     row_of = np.repeat(np.arange(templates.size), n_r)
     j = np.arange(row_of.size) - np.repeat(np.cumsum(n_r) - n_r, n_r)
-    idx = (first_u[inv][row_of] + j) * k + assignment[row_of, j].astype(np.int64)
-    text = "".join(table[idx].tolist())
-    end = np.cumsum(np.bincount(row_of, weights=size[idx], minlength=templates.size))
-    bounds = np.r_[0, end.astype(np.int64)].tolist()
-    out[:] = [text[a:b] for a, b in itertools.pairwise(bounds)]
+    idx = np.full(row_of.size + templates.size, len(pieces), dtype=np.int64)
+    body = np.ones(idx.size, dtype=bool)
+    body[np.cumsum(n_r + 1) - 1] = False
+    idx[body] = (first_u[inv][row_of] + j) * k + assignment[row_of, j].astype(np.int64)
+    out[:] = "".join(table[idx].tolist()).split(sep)[:-1]
     return out
 
 
