@@ -787,7 +787,8 @@ def rank_table(
     if pruned is not None:
         result, selected = pruned.result, pruned.selected
     else:
-        result, selected = candidates(lib, za, opts, assignments=False)
+        # the full list: keep the programme's tables, backtrack the rows shown from them
+        result, selected = candidates(lib, za, opts, assignments=False, keep_tables=top is None)
     if result.template.size == 0:
         raise AfpxError(
             f"no candidate uses every element: no template passes the options ({opts.to_attrs()})"
@@ -810,11 +811,15 @@ def rank_table(
         rows["n_compositions"] = np.asarray(pruned.n_compositions)
         n_candidates = pruned.n_candidates
     cell = result.cell_counts(lib, rows["row"])
-    assignment, score_again = best_assignments(
-        lib, zs, rows["template"], cell, min_site_likelihood=opts.min_site_likelihood
-    )
-    if not np.allclose(score_again, rows["log_score"], rtol=0, atol=1e-9):  # pragma: no cover
-        raise AssertionError("re-enumerated assignments do not reproduce the scores")
+    if result.deferred is not None:
+        width = int(lib.n_unique_sites[rows["template"]].max())
+        assignment = result.deferred(rows["row"], width)
+    else:
+        assignment, score_again = best_assignments(
+            lib, zs, rows["template"], cell, min_site_likelihood=opts.min_site_likelihood
+        )
+        if not np.allclose(score_again, rows["log_score"], rtol=0, atol=1e-9):  # pragma: no cover
+            raise AssertionError("re-enumerated assignments do not reproduce the scores")
     variables = _table_variables(lib, rows, cell, assignment, symbols)
     if known:
         known_rows = lib.known_compositions(zs)

@@ -749,3 +749,28 @@ def test_formulas_of_many_rows_match_pymatgen() -> None:
             for row in counts.tolist()
         ]
     assert reduced_formulas(counts, many).tolist() == want
+
+
+@pytest.mark.filterwarnings("ignore::afpx.AfpxWarning")  # random z: untrained elements
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_full_list_from_kept_tables_equals_a_second_pass(
+    seed: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The full list backtracks from the first pass's tables; beyond the budget, re-runs them."""
+    import importlib
+
+    candidates_module = importlib.import_module("afpx.templates.candidates")
+    rng = np.random.default_rng(seed)
+    lib = random_library(rng, 60, max_sites=10)
+    zs = rng.choice(np.arange(1, 119), 3, replace=False).tolist()
+    options = [
+        {},
+        {"exclude_own_formula": True, "min_likelihood": 1e-5},
+        {"min_site_likelihood": 0.05},
+    ]
+    kept = [rank_table(zs, library=lib, top=None, **o) for o in options]
+    monkeypatch.setattr(candidates_module, "KEEP_TABLE_BYTES", 0)
+    again = [rank_table(zs, library=lib, top=None, **o) for o in options]
+    for a, b in zip(kept, again, strict=True):
+        _same_table(a, b)
+        assert len(a) > 10
