@@ -24,6 +24,7 @@ display order (the ranks of the rows shown still count the whole group).
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import sys
@@ -60,6 +61,7 @@ from afpx.templates import (
 )
 from afpx.templates.pruning import top_candidates
 from afpx.templates.ties import DEFAULT_TIE_TOLERANCE, TIE_RULE, tie_ranks
+from afpx.templates.util import index_ranges
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -208,7 +210,7 @@ def rank_rows(
         last = int(group[order[top - 1]])
         order = order[group[order] <= last]
     formulas = reduced_formulas(unique[order], symbols)
-    by_formula = np.lexsort((formulas.astype(str), group[order]))
+    by_formula = _by_formula_within_groups(group[order], formulas)
     order, formulas = order[by_formula], formulas[by_formula]
     if top is not None:
         order, formulas = order[:top], formulas[:top]
@@ -227,6 +229,25 @@ def rank_rows(
         "n_best_templates": n_best[order],
         "n_compositions": np.asarray(U),
     }
+
+
+def _by_formula_within_groups(group: np.ndarray, formulas: np.ndarray) -> np.ndarray:
+    """The permutation listing rows sorted by ``group`` (non-decreasing) by formula within a group.
+
+    Only rows of tie groups of two or more move: a string sort of those alone,
+    equal to ``np.lexsort((formulas.astype(str), group))``.
+    """
+    perm = np.arange(group.size)
+    if group.size == 0:
+        return perm
+    first = np.r_[True, group[1:] != group[:-1]]
+    size = np.diff(np.r_[np.flatnonzero(first), group.size])
+    tied = np.flatnonzero(np.repeat(size > 1, size))
+    if tied.size:
+        rows = zip(group[tied].tolist(), formulas[tied].tolist(), tied.tolist(), strict=True)
+        keyed = sorted(rows)
+        perm[tied] = [row for _, _, row in keyed]
+    return perm
 
 
 def _ranking_vars(
@@ -333,46 +354,106 @@ class RankTable:
 
         return pd.DataFrame(self.columns())
 
+    def _text_columns(self) -> dict[str, np.ndarray]:
+        """:meth:`columns`, checked to hold one value per row (for the writers)."""
+        cols = self.columns()
+        for name, values in cols.items():
+            if values.shape[:1] != (len(self),):
+                raise AfpxError(
+                    f"column {name!r} has shape {values.shape} in a table of {len(self)} rows; "
+                    "give every column of a RankTable one value per row"
+                )
+        return cols
+
     def json_rows(self) -> list[str]:
         """Each row as compact JSON, exactly as ``json.JSONEncoder().encode(dict(row))``.
 
-        Encoded column by column (the per-row encoder was a third of a full
-        ternary list's time); numpy scalars left in object columns are written
-        as their Python value, other objects as their ``str``.
+        Encoded column by column (see :meth:`json_text`).
+        """
+        if len(self) == 0:
+            return []
+        # ASCII JSON never holds a raw line break, so the rows split back apart
+        return self.json_text("\n").split("\n")
+
+    def json_text(self, separator: str = ",\n") -> str:
+        """The rows of :meth:`json_rows` joined by ``separator``, built in one join.
+
+        Every column is encoded at once (the per-row encoder was a third of a
+        full ternary list's time); the rows are then one interleaving of keys
+        and values, with no Python work per row. Numpy scalars left in object
+        columns are written as their Python value, other objects as their
+        ``str``.
         """
         from json.encoder import encode_basestring_ascii
 
-        parts = []
-        for name, values in self.columns().items():
-            key = encode_basestring_ascii(name) + ": "
-            parts.append([key + v for v in _json_values(values)])
-        return ["{" + ", ".join(row) + "}" for row in zip(*parts, strict=True)]
+        cols = self._text_columns()
+        lead = "{"
+        pieces: list[tuple[str, list[str]]] = []
+        for name, values in cols.items():
+            pieces.append((lead + encode_basestring_ascii(name) + ": ", _json_values(values)))
+            lead = ", "
+        return _interleave(pieces, "}" + separator, len(self), last="}")
 
     def to_csv(self) -> str:
         """The rows as CSV with a header, exactly as :func:`csv.writer` (``\\n`` line ends)."""
-        cols = self.columns()
-        parts = [[_csv_field(str(n)) for n in cols]]
-        body = [_csv_values(values) for values in cols.values()]
-        lines = [",".join(parts[0]), *(",".join(row) for row in zip(*body, strict=True))]
-        return "\n".join(lines) + "\n"
+        cols = self._text_columns()
+        header = ",".join(_csv_field(str(n)) for n in cols) + "\n"
+        pieces = [("," if i else "", _csv_values(v)) for i, v in enumerate(cols.values())]
+        return header + _interleave(pieces, "\n", len(self))
+
+
+def _interleave(
+    pieces: Sequence[tuple[str, list[str]]], end: str, n: int, *, last: str | None = None
+) -> str:
+    """Row ``i`` is ``lead_1 + values_1[i] + lead_2 + values_2[i] + ... + end``, all rows joined.
+
+    The last row ends with ``last`` when given. One flat list filled by
+    strided slice assignments and one ``str.join``: C loops only, whatever
+    the number of rows.
+    """
+    if n == 0 or not pieces:
+        return ""
+    stride = 2 * len(pieces) + 1
+    flat: list[str] = [end] * (n * stride)
+    for j, (lead, values) in enumerate(pieces):
+        flat[2 * j :: stride] = [lead] * n
+        flat[2 * j + 1 :: stride] = values
+    if last is not None:
+        flat[-1] = last
+    return "".join(flat)
+
+
+def _int_texts(values: np.ndarray) -> list[str]:
+    """Decimal text of an integer column; small non-negative values from a table of texts."""
+    if values.size == 0:
+        return []
+    low, high = int(values.min()), int(values.max())
+    if low < 0 or high >= values.size // 2:
+        return list(map(int.__repr__, values.tolist()))
+    # counts, space groups, template indices: fewer distinct texts than rows
+    texts = np.asarray(list(map(str, range(high + 1))), dtype=object)
+    return list(texts[values].tolist())
 
 
 def _json_values(values: np.ndarray) -> list[str]:
     """JSON text of every value of a column (what the C encoder writes for each)."""
     import json
 
+    kind = values.dtype.kind
+    if kind == "b":
+        return ["true" if v else "false" for v in values.tolist()]
+    if kind in "iu":
+        return _int_texts(values)
+    if kind == "f" and np.isfinite(values).all():
+        return list(map(float.__repr__, values.tolist()))
     items = values.tolist()
-    kinds = {type(v) for v in items}
-    if kinds <= {bool}:
-        return ["true" if v else "false" for v in items]
-    if kinds <= {int}:
-        return list(map(int.__repr__, items))
-    if kinds <= {float} and np.isfinite(np.asarray(values, dtype=np.float64)).all():
-        return list(map(float.__repr__, items))
+    kinds = set(map(type, items))
     if kinds <= {str}:
         from json.encoder import encode_basestring_ascii
 
         return list(map(encode_basestring_ascii, items))
+    if kinds <= {int}:
+        return list(map(int.__repr__, items))
 
     def plain(value: Any) -> Any:
         item = getattr(value, "item", None)
@@ -393,10 +474,21 @@ def _csv_field(text: str) -> str:
 
 def _csv_values(values: np.ndarray) -> list[str]:
     """CSV fields of a column as :func:`csv.writer` writes them (minimal quoting)."""
+    if values.dtype.kind in "iu":
+        return _int_texts(values)
+    if values.dtype.kind in "bf":
+        return list(map(str, values.tolist()))
     items = values.tolist()
-    kinds = {type(v) for v in items}
+    kinds = set(map(type, items))
     if kinds <= {int} or kinds <= {float} or kinds <= {bool}:
         return list(map(str, items))
+    if kinds <= {str}:
+        joined = "".join(items)
+        if _CSV_SPECIAL.isdisjoint(joined):
+            return items  # nothing to quote: no work per field
+        if '"' not in joined and "\r" not in joined and "\n" not in joined:
+            # only commas (assignment texts): quote the fields holding one, nothing to escape
+            return [f'"{v}"' if "," in v else v for v in items]
     return [_csv_field("" if v is None else str(v)) for v in items]
 
 
@@ -703,7 +795,8 @@ def rank_table(
     if pruned is not None:
         result, selected = pruned.result, pruned.selected
     else:
-        result, selected = candidates(lib, za, opts, assignments=False)
+        # the full list: keep the programme's tables, backtrack the rows shown from them
+        result, selected = candidates(lib, za, opts, assignments=False, keep_tables=top is None)
     if result.template.size == 0:
         raise AfpxError(
             f"no candidate uses every element: no template passes the options ({opts.to_attrs()})"
@@ -726,11 +819,15 @@ def rank_table(
         rows["n_compositions"] = np.asarray(pruned.n_compositions)
         n_candidates = pruned.n_candidates
     cell = result.cell_counts(lib, rows["row"])
-    assignment, score_again = best_assignments(
-        lib, zs, rows["template"], cell, min_site_likelihood=opts.min_site_likelihood
-    )
-    if not np.allclose(score_again, rows["log_score"], rtol=0, atol=1e-9):  # pragma: no cover
-        raise AssertionError("re-enumerated assignments do not reproduce the scores")
+    if result.deferred is not None:
+        width = int(lib.n_unique_sites[rows["template"]].max())
+        assignment = result.deferred(rows["row"], width)
+    else:
+        assignment, score_again = best_assignments(
+            lib, zs, rows["template"], cell, min_site_likelihood=opts.min_site_likelihood
+        )
+        if not np.allclose(score_again, rows["log_score"], rtol=0, atol=1e-9):  # pragma: no cover
+            raise AssertionError("re-enumerated assignments do not reproduce the scores")
     variables = _table_variables(lib, rows, cell, assignment, symbols)
     if known:
         known_rows = lib.known_compositions(zs)
@@ -837,26 +934,43 @@ def _assignment_text(
 ) -> np.ndarray:
     """``"Mn 2a, Ge 4b"`` per row: element and site label of every unique site, in bulk.
 
-    One format string per distinct template (its site labels), filled with
-    the element symbols of each of its rows.
+    Each (site, element) piece of text is written once; the rows are one
+    gather of pieces (and a separator after each row), one join and one split.
     """
     out = np.empty(templates.size, dtype=object)
     if templates.size == 0:
         return out
-    sym = np.asarray(list(symbols), dtype=object)
-    order = np.argsort(templates, kind="stable")
-    cuts = np.flatnonzero(np.diff(templates[order])) + 1
-    for idx in np.split(order, cuts):
-        t = int(templates[idx[0]])
-        a, b = int(lib.site_start[t]), int(lib.site_start[t + 1])
-        mult = lib.multiplicity[a:b].tolist()
-        if lib.wyckoff is not None:
-            labels = [f"{m}{w}" for m, w in zip(mult, lib.wyckoff[a:b].tolist(), strict=True)]
-        else:
-            labels = [f"site{j + 1}×{m}" for j, m in enumerate(mult)]
-        fmt = ", ".join(f"%s {lab.replace('%', '%%')}" for lab in labels)
-        elements = sym[assignment[idx, : b - a].astype(np.int64)].tolist()
-        out[idx] = [fmt % tuple(row) for row in elements]
+    k = len(symbols)
+    uniq, inv = np.unique(np.asarray(templates, dtype=np.int64), return_inverse=True)
+    inv = inv.reshape(-1)
+    n_u = lib.site_start[uniq + 1] - lib.site_start[uniq]
+    sites = index_ranges(lib.site_start[uniq], n_u)  # library rows of the sites of uniq
+    first_u = np.cumsum(n_u) - n_u  # where each template's sites start in `sites`
+    within = np.arange(sites.size) - np.repeat(first_u, n_u)
+    mult = lib.multiplicity[sites].tolist()
+    if lib.wyckoff is not None:
+        labels = [f"{m}{w}" for m, w in zip(mult, lib.wyckoff[sites].tolist(), strict=True)]
+    else:
+        labels = [f"site{j + 1}×{m}" for j, m in zip(within.tolist(), mult, strict=True)]
+    last = (within == np.repeat(n_u, n_u) - 1).tolist()
+    # piece (site position p, element e) at p * k + e
+    pieces = [
+        f"{sym} {lab}" if end else f"{sym} {lab}, "
+        for lab, end in zip(labels, last, strict=True)
+        for sym in symbols
+    ]
+    # rows end with a character no piece holds, so that one split cuts them apart
+    alphabet = set("".join(pieces))
+    sep = next(chr(i) for i in itertools.count() if chr(i) not in alphabet)
+    table = np.asarray([*pieces, sep], dtype=object)
+    n_r = n_u[inv]
+    row_of = np.repeat(np.arange(templates.size), n_r)
+    j = np.arange(row_of.size) - np.repeat(np.cumsum(n_r) - n_r, n_r)
+    idx = np.full(row_of.size + templates.size, len(pieces), dtype=np.int64)
+    body = np.ones(idx.size, dtype=bool)
+    body[np.cumsum(n_r + 1) - 1] = False
+    idx[body] = (first_u[inv][row_of] + j) * k + assignment[row_of, j].astype(np.int64)
+    out[:] = "".join(table[idx].tolist()).split(sep)[:-1]
     return out
 
 

@@ -584,3 +584,194 @@ def test_csv_and_json_rows_equal_the_standard_writers(hand: TemplateLibrary) -> 
     odd = RankTable([MN, GE], ["Mn", "Ge"], {"rank": (("composition",), obj)})
     assert odd.json_rows() == ['{"rank": 3}', '{"rank": "x"}']
     assert odd.to_csv() == "rank\n3\nx\n"
+
+
+def test_writers_join_rows_as_the_per_row_writers_do(hand: TemplateLibrary) -> None:
+    import csv
+    import io
+
+    table = rank_table([MN, GE], library=hand, top=None)
+    rows = table.json_rows()
+    assert len(rows) == len(table) > 1
+    assert table.json_text() == ",\n".join(rows)
+    assert table.json_text("") == "".join(rows)
+    one = RankTable(
+        [MN, GE], ["Mn", "Ge"], {n: (d, v[:1]) for n, (d, v) in table.variables.items()}
+    )
+    assert one.json_rows() == rows[:1] and one.json_text() == rows[0]
+    # a field needing quotes in a column that otherwise needs none, and one row only
+    text = table.variables["assignment_text"][1].copy()
+    text[:] = "Mn 1a"
+    text[-1] = 'Mn "1a"\r'
+    table.variables["assignment_text"] = (table.variables["assignment_text"][0], text)
+    cols = {n: v.tolist() for n, v in table.columns().items()}
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerows([list(cols), *zip(*cols.values(), strict=True)])
+    assert table.to_csv() == buf.getvalue()
+    # integer columns: small counts (written from a table of texts), negatives, large values
+    rng = np.random.default_rng(0)
+    for ints in (rng.integers(0, 7, 50), np.r_[rng.integers(0, 7, 50), -3], np.r_[0, 2**40, 7]):
+        col = RankTable([MN, GE], ["Mn", "Ge"], {"rank": (("composition",), ints)})
+        assert col.json_rows() == [json.dumps({"rank": v}) for v in ints.tolist()]
+        assert col.to_csv() == "rank\n" + "".join(f"{v}\n" for v in ints.tolist())
+    # text columns: plain ASCII, or with something to escape in one field
+    for texts in (["Mn 2a, Ge 4b", "x"], ["a\\b", "x"], ["del\x7f", "x"], ['"q"', "x"], ["é", "x"]):
+        col = RankTable([MN, GE], ["Mn", "Ge"], {"formula": (("composition",), np.asarray(texts))})
+        col.variables["rank"] = (("composition",), np.ones(2))
+        assert col.json_rows() == [json.dumps({"rank": 1.0, "formula": v}) for v in texts]
+    empty = RankTable([MN, GE], ["Mn", "Ge"], {"rank": (("composition",), np.zeros(0))})
+    assert (empty.json_rows(), empty.json_text(), empty.to_csv()) == ([], "", "rank\n")
+
+
+def test_writers_refuse_a_column_of_another_length() -> None:
+    ragged = RankTable(
+        [MN, GE],
+        ["Mn", "Ge"],
+        {"rank": (("composition",), np.ones(3)), "formula": (("composition",), np.ones(2))},
+    )
+    with pytest.raises(AfpxError, match="column 'formula' has shape \\(2,\\) in a table of 3"):
+        ragged.json_text()
+    with pytest.raises(AfpxError, match="one value per row"):
+        ragged.to_csv()
+
+
+@pytest.mark.filterwarnings("ignore::afpx.AfpxWarning")  # random z: untrained elements
+@settings(max_examples=20, deadline=None)
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    k=st.integers(2, 4),
+    ties=st.booleans(),
+    wyckoff=st.booleans(),
+)
+def test_full_list_equals_obvious_grouping_order_and_text(
+    seed: int, k: int, ties: bool, wyckoff: bool
+) -> None:
+    """The full list against plain Python: best per composition, display order, text, prefix."""
+    import dataclasses
+
+    from afpx.templates import CandidateOptions, candidates, check_elements, reduced_formulas
+
+    rng = np.random.default_rng(seed)
+    lib = random_library(rng, 60, max_sites=6 if k < 4 else 5, ties=ties)
+    if wyckoff:
+        # "%" and NUL: no format string, no row separator may take them for its own
+        letters = rng.choice(np.asarray([*"abcdefg%", "\0"], dtype=object), lib.n_sites)
+        lib = dataclasses.replace(lib, wyckoff=letters)
+    zs = rng.choice(np.arange(1, 119), k, replace=False).tolist()
+    table = rank_table(zs, library=lib, top=None)
+    cols = {n: v.tolist() for n, v in table.columns().items()}
+    symbols = table.symbols
+    # best candidate per reduced composition, by a dict over the engine's candidates
+    result, _ = candidates(lib, check_elements(zs), CandidateOptions(), assignments=False)
+    groups: dict[tuple[int, ...], list[tuple[float, int]]] = {}
+    rows = (result.template.tolist(), result.counts.tolist(), result.log_score.tolist())
+    for t, c, s in zip(*rows, strict=True):
+        g = math.gcd(*c)
+        groups.setdefault(tuple(x // g for x in c), []).append((s, t))
+    comps = list(groups)
+    formulas = reduced_formulas(np.asarray(comps), symbols).tolist()
+    expected = {}
+    for comp, name in zip(comps, formulas, strict=True):
+        best = max(s for s, _ in groups[comp])
+        top_t = [t for s, t in groups[comp] if s == best]
+        expected[name] = (best, min(top_t), len(groups[comp]), len(top_t))
+    got = {
+        f: (s, t, n, nb)
+        for f, s, t, n, nb in zip(
+            cols["formula"],
+            cols["log_score"],
+            cols["template"],
+            cols["n_templates"],
+            cols["n_best_templates"],
+            strict=True,
+        )
+    }
+    assert got == expected and len(table) == len(expected)
+    # listed by tie group (optimistic rank), then by formula
+    keys = list(zip(cols["rank_optimistic"], cols["formula"], strict=True))
+    assert keys == sorted(keys)
+    # the assignment text, one row at a time; the assignment reproduces the score
+    assignment = table.variables["assignment"][1]
+    logl = lib.log_likelihood[:, np.asarray(zs) - 1].astype(np.float64)
+    for i, t in enumerate(cols["template"]):
+        a, b = int(lib.site_start[t]), int(lib.site_start[t + 1])
+        labels = [
+            f"{m}{lib.wyckoff[a + j]}" if wyckoff else f"site{j + 1}×{m}"
+            for j, m in enumerate(lib.multiplicity[a:b].tolist())
+        ]
+        row = assignment[i, : b - a].tolist()
+        text = ", ".join(f"{symbols[e]} {lab}" for e, lab in zip(row, labels, strict=True))
+        assert cols["assignment_text"][i] == text
+        score = sum(logl[a + j, e] for j, e in enumerate(row))
+        assert score == pytest.approx(cols["log_score"][i], abs=1e-9)
+    # any top is the head of the full list, cut inside tie groups by formula too
+    n = int(rng.integers(1, len(table) + 1))
+    head = rank_table(zs, library=lib, top=n, prune=False)
+    for name, (_, values) in head.variables.items():
+        full = table.variables[name][1][:n]
+        if name == "assignment":
+            full = full[:, : values.shape[1]]
+        np.testing.assert_array_equal(values, full, err_msg=name)
+
+
+def test_formulas_of_many_rows_match_pymatgen() -> None:
+    """One call over many rows of mixed element patterns, polyanions among them."""
+    import warnings
+
+    from pymatgen.core import Composition
+
+    from afpx.templates import element_symbols, reduced_formulas
+
+    rng = np.random.default_rng(3)
+    for symbols in (["Li", "Mn", "P", "O"], ["K", "Na", "S", "O"], ["Li", "O"], ["Mn", "Ge", "Li"]):
+        counts = rng.integers(0, 9, (400, len(symbols))) * rng.choice([1, 2, 4], (400, 1))
+        counts = counts[counts.sum(axis=1) > 0]
+        got = reduced_formulas(counts, symbols).tolist()
+        want = [
+            Composition({s: int(c) for s, c in zip(symbols, row, strict=True) if c}).reduced_formula
+            for row in counts.tolist()
+        ]
+        assert got == want
+        if len(symbols) > 2:  # P-O, S-O, Mn-Ge: polyanions (AB)n
+            assert any("(" in f for f in got)
+    # more elements than bits in an int64 code: the rows' patterns by a sort instead
+    many = element_symbols()[:70]
+    counts = rng.integers(0, 3, (6, 70))
+    counts[:, -1] = 1
+    counts[0, :-1] = 0  # the same pattern as row 1 in the first 64 elements only
+    counts[1, :-1] = 0
+    counts[1, 0] = 1
+    counts[0, 0] = 1
+    counts[0, 66] = 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pymatgen: no electronegativity for noble gases
+        want = [
+            Composition({s: int(c) for s, c in zip(many, row, strict=True) if c}).reduced_formula
+            for row in counts.tolist()
+        ]
+    assert reduced_formulas(counts, many).tolist() == want
+
+
+@pytest.mark.filterwarnings("ignore::afpx.AfpxWarning")  # random z: untrained elements
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_full_list_from_kept_tables_equals_a_second_pass(
+    seed: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The full list backtracks from the first pass's tables; beyond the budget, re-runs them."""
+    import importlib
+
+    candidates_module = importlib.import_module("afpx.templates.candidates")
+    rng = np.random.default_rng(seed)
+    lib = random_library(rng, 60, max_sites=10)
+    zs = rng.choice(np.arange(1, 119), 3, replace=False).tolist()
+    options = [
+        {},
+        {"exclude_own_formula": True, "min_likelihood": 1e-5},
+        {"min_site_likelihood": 0.05},
+    ]
+    kept = [rank_table(zs, library=lib, top=None, **o) for o in options]
+    monkeypatch.setattr(candidates_module, "KEEP_TABLE_BYTES", 0)
+    again = [rank_table(zs, library=lib, top=None, **o) for o in options]
+    for a, b in zip(kept, again, strict=True):
+        _same_table(a, b)
+        assert len(a) > 10

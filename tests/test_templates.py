@@ -654,3 +654,55 @@ def test_row_filter() -> None:
     t = np.asarray([0, 5, 0])
     c = np.asarray([[2**40, 1], [1, 2], [1, 2]])
     assert big.contains(t, c).tolist() == [True, True, False]
+
+
+@pytest.mark.filterwarnings("ignore::afpx.AfpxWarning")
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), k=st.integers(2, 4))
+def test_kept_tables_give_the_assignments_of_a_full_backtrack(seed: int, k: int) -> None:
+    """Assignments worked out later from kept tables equal those of ``assignments=True``."""
+    from afpx.templates import CandidateOptions, candidates, enumerate_candidates, select_templates
+
+    rng = np.random.default_rng(seed)
+    lib = random_library(rng, 30, max_sites=12 if k == 2 else 9)  # brute force and programme
+    zs = check_elements(rng.choice(np.arange(1, 119), k, replace=False).tolist())
+    opts = CandidateOptions()
+    sel = select_templates(lib, k, opts)
+    full = enumerate_candidates(lib, zs, sel, opts, assignments=True)
+    kept = enumerate_candidates(lib, zs, sel, opts, assignments=False, keep_tables=True)
+    assert full.assignment is not None and kept.deferred is not None
+    assert kept.assignment is None
+    np.testing.assert_array_equal(kept.template, full.template)
+    np.testing.assert_array_equal(kept.counts, full.counts)
+    np.testing.assert_array_equal(kept.log_score, full.log_score)
+    rows = rng.permutation(full.template.size)[: max(1, full.template.size // 3)]
+    width = full.assignment.shape[1]
+    np.testing.assert_array_equal(kept.deferred(rows, width), full.assignment[rows])
+    # filtered by the candidate options: rows of the result map back to the enumeration
+    opts = CandidateOptions(exclude_own_formula=True, min_likelihood=1e-6)
+    a, _ = candidates(lib, zs, opts, assignments=True)
+    b, _ = candidates(lib, zs, opts, assignments=False, keep_tables=True)
+    assert a.assignment is not None and b.deferred is not None
+    np.testing.assert_array_equal(b.template, a.template)
+    if a.template.size:
+        got = b.deferred(np.arange(a.template.size), a.assignment.shape[1])
+        np.testing.assert_array_equal(got, a.assignment)
+
+
+def test_tables_beyond_the_budget_are_not_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib
+
+    from afpx.templates import CandidateOptions, candidates
+
+    # the module, not the function of the same name that afpx.templates exports
+    candidates_module = importlib.import_module("afpx.templates.candidates")
+
+    rng = np.random.default_rng(1)
+    lib = random_library(rng, 30, max_sites=9)
+    zs = check_elements([MN, GE, 3])
+    kept, _ = candidates(lib, zs, CandidateOptions(), assignments=False, keep_tables=True)
+    assert kept.deferred is not None
+    monkeypatch.setattr(candidates_module, "KEEP_TABLE_BYTES", 0)
+    plain, _ = candidates(lib, zs, CandidateOptions(), assignments=False, keep_tables=True)
+    assert plain.deferred is None and plain.assignment is None
+    np.testing.assert_array_equal(plain.log_score, kept.log_score)

@@ -222,7 +222,7 @@ def render(table: Any, fmt: str) -> str:
     if fmt == "json":
         # one compact row per line, encoded column by column
         head = json.dumps({"elements": attrs["elements"], "attrs": _jsonable(attrs)}, indent=1)
-        body = ",\n".join(table.json_rows())
+        body = table.json_text(",\n")
         return f'{head[:-2]},\n "rows": [\n{body}\n ]\n}}\n'
     cols = {name: values.tolist() for name, values in table.columns().items()}
     rows = list(zip(*cols.values(), strict=True))

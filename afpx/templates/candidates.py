@@ -19,17 +19,23 @@ import numpy as np
 
 from afpx import AfpxError, schema
 from afpx.templates.bruteforce import bruteforce_best
-from afpx.templates.compositions import RowFilter, reduce_compositions, reduced_formulas
+from afpx.templates.compositions import (
+    RowFilter,
+    match_rows,
+    reduce_compositions,
+    reduced_formulas,
+)
 from afpx.templates.library import TemplateLibrary, own_counts
-from afpx.templates.maxplus import maxplus_best
+from afpx.templates.maxplus import KeptTables, kept_table_bytes, maxplus_best, maxplus_forward
 from afpx.templates.plan import plan_for, site_log_likelihood
-from afpx.templates.result import CandidateResult
+from afpx.templates.result import CandidateResult, DeferredAssignments
 from afpx.templates.util import check_elements, element_symbol, index_ranges, jsonable
 
 if TYPE_CHECKING:
     import xarray as xr
 
 __all__ = [
+    "KEEP_TABLE_BYTES",
     "CandidateOptions",
     "best_assignments",
     "best_candidates",
@@ -38,6 +44,10 @@ __all__ = [
     "select_templates",
     "upper_bounds",
 ]
+
+#: Tables of the programme that :func:`enumerate_candidates` keeps for a later
+#: backtrack at most (beyond, a caller re-runs the templates it needs).
+KEEP_TABLE_BYTES: Final = 256 * 2**20
 
 # -- names of the candidate dataset (ranking output; not cube variables) ------
 CANDIDATE: Final = "candidate"
@@ -256,15 +266,9 @@ def best_assignments(
             raise AfpxError("no candidate of the requested templates uses every element")
         return out, score
     assert res.assignment is not None
-    # match (template, counts) rows by a sort on a combined key
+    # match (template, counts) rows: one int64 code per row and a binary search
     key_res = np.concatenate([res.template[:, None], res.cell_counts(library)], axis=1)
-    key_req = np.concatenate([t[:, None], c], axis=1)
-    both = np.concatenate([key_res, key_req])
-    _, inv = np.unique(both, axis=0, return_inverse=True)
-    inv = inv.reshape(-1)
-    lookup = np.full(int(inv.max()) + 1, -1, dtype=np.int64)
-    lookup[inv[: key_res.shape[0]]] = np.arange(key_res.shape[0])
-    found = lookup[inv[key_res.shape[0] :]]
+    found = match_rows(key_res, np.concatenate([t[:, None], c], axis=1))
     if np.any(found < 0):
         bad = int(np.flatnonzero(found < 0)[0])
         raise AfpxError(
@@ -282,10 +286,16 @@ def candidates(
     opts: CandidateOptions,
     *,
     assignments: bool,
+    keep_tables: bool = False,
 ) -> tuple[CandidateResult, np.ndarray]:
-    """Enumerate, then apply the candidate-level options; also return the templates used."""
+    """Enumerate, then apply the candidate-level options; also return the templates used.
+
+    ``keep_tables``: see :func:`enumerate_candidates`.
+    """
     selected = select_templates(library, zs.size, opts)
-    result = enumerate_candidates(library, zs, selected, opts, assignments=assignments)
+    result = enumerate_candidates(
+        library, zs, selected, opts, assignments=assignments, keep_tables=keep_tables
+    )
     if opts.exclude_own_formula and result.template.size:
         own = own_counts(library, zs)[result.template]
         keep = ~(own == result.cell_counts(library)).all(axis=1)
@@ -363,6 +373,7 @@ def enumerate_candidates(
     assignments: bool,
     cache: bool = True,
     only: RowFilter | None = None,
+    keep_tables: bool = False,
 ) -> CandidateResult:
     """Best candidate of every (template, counts) of ``templates`` (no candidate-level options).
 
@@ -370,16 +381,44 @@ def enumerate_candidates(
     templates); ``only`` (templates, counts in units of the template's
     multiplicity gcd) keeps just those candidates, so that backtracking their
     assignments costs only what was asked for.
+
+    ``keep_tables`` (with ``assignments=False``) keeps the programme's tables
+    when they take at most :data:`KEEP_TABLE_BYTES`, so that the
+    ``deferred`` of the result gives the assignment of any candidate later
+    without a second pass (a full ranking list: 170 MB for three elements over
+    the default library); ``deferred`` is None when they would take more.
     """
     k = zs.size
     plan = plan_for(library, k, templates, cache=cache)
     logl = site_log_likelihood(library, zs, opts.min_site_likelihood)
     width = int(library.n_unique_sites[templates].max()) if templates.size else 0
+    keep = keep_tables and not assignments
+    keep = keep and sum(kept_table_bytes(blk, k) for blk in plan.dp) <= KEEP_TABLE_BYTES
 
     parts = [
-        bruteforce_best(logl, grp, k, assignments=assignments, only=only) for grp in plan.bruteforce
+        bruteforce_best(logl, grp, k, assignments=assignments or keep, only=only)
+        for grp in plan.bruteforce
     ]
-    parts += [maxplus_best(logl, blk, k, assignments=assignments, only=only) for blk in plan.dp]
+    kept: list[KeptTables] = []
+    for blk in plan.dp:
+        if keep:
+            part, tables = maxplus_forward(logl, blk, k, keep_tables=True, only=only)
+            assert tables is not None
+            parts.append(part)
+            kept.append(tables)
+        else:
+            parts.append(maxplus_best(logl, blk, k, assignments=assignments, only=only))
+    if keep and parts:
+        known: list[np.ndarray] = []
+        for p in parts[: len(plan.bruteforce)]:
+            assert p.assignment is not None  # brute force keeps them all
+            known.append(p.assignment)
+        starts = np.cumsum([0, *(p.template.size for p in parts)])
+        deferred = DeferredAssignments(starts, (*known, *kept))
+        result = CandidateResult.concat(parts, k)
+        result.assignment = None
+        result.deferred = deferred
+        return result
     if not parts:
         return CandidateResult(
             np.zeros(0, np.int64),

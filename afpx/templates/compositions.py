@@ -181,32 +181,50 @@ def reduced_formulas(reduced: np.ndarray, symbols: Sequence[str]) -> np.ndarray:
         for i in range(k)
     ]
     special: Mapping[str, str] = SPECIAL_FORMULAS
-    present = r > 0
-    patterns, pinv = np.unique(present, axis=0, return_inverse=True)
-    pinv = pinv.reshape(-1)
+    # rows grouped by which elements they hold
+    patterns, pinv = _presence_patterns(r > 0)
+    number = None
     for pi, pat in enumerate(patterns):
-        rows = np.flatnonzero(pinv == pi) if patterns.shape[0] > 1 else np.arange(U)
+        rows = np.flatnonzero(pinv == pi) if len(patterns) > 1 else np.arange(U)
         syms = [i for i in order if pat[i]]
         sub = r[rows]
-        poly = np.zeros(rows.size, dtype=bool)
-        if len(syms) >= 3:
-            a, b = syms[-2], syms[-1]
-            if xs[b] - xs[a] < 1.65:  # NaN compares False, as in pymatgen
-                poly = np.gcd(sub[:, a], sub[:, b]) != 1
         text = np.full(rows.size, "", dtype=object)
         for i in syms:
             text = text + piece[i][sub[:, i]]
-        for j in np.flatnonzero(poly):
+        if len(syms) >= 3 and xs[syms[-1]] - xs[syms[-2]] < 1.65:  # NaN compares False
             # pymatgen writes a polyanion of the last two elements as (AB)n
             a, b = syms[-2], syms[-1]
-            f = math.gcd(int(sub[j, a]), int(sub[j, b]))
-            head = "".join(piece[i][sub[j, i]] for i in syms[:-2])
-            inner = piece[a][sub[j, a] // f] + piece[b][sub[j, b] // f]
-            text[j] = f"{head}({inner}){f}"
+            f = np.gcd(sub[:, a], sub[:, b])
+            poly = np.flatnonzero(f != 1)
+            if poly.size:
+                if number is None:
+                    number = np.asarray([str(n) for n in range(top + 1)], dtype=object)
+                sp, fp = sub[poly], f[poly]
+                head = np.full(poly.size, "", dtype=object)
+                for i in syms[:-2]:
+                    head = head + piece[i][sp[:, i]]
+                inner = piece[a][sp[:, a] // fp] + piece[b][sp[:, b] // fp]
+                text[poly] = head + "(" + inner + ")" + number[fp]
         if len(syms) <= 2 and {symbols[i] for i in syms} <= _special_symbols(special):
             text = np.asarray([special.get(f, f) for f in text], dtype=object)
         out[rows] = text
     return out
+
+
+def _presence_patterns(present: np.ndarray) -> tuple[list[list[bool]], np.ndarray]:
+    """Distinct rows of a (U, k) bool array and the pattern of each row.
+
+    One int64 code per row (a bit per element) when k allows, else a sort of the rows.
+    """
+    k = present.shape[1]
+    if k > 62:
+        patterns, inverse = np.unique(present, axis=0, return_inverse=True)
+        return patterns.tolist(), inverse.reshape(-1)
+    code = np.zeros(present.shape[0], dtype=np.int64)
+    for i in range(k):
+        code |= present[:, i].astype(np.int64) << i
+    codes, inverse = np.unique(code, return_inverse=True)
+    return [[bool(c >> i & 1) for i in range(k)] for c in codes.tolist()], inverse.reshape(-1)
 
 
 @functools.lru_cache(maxsize=1)

@@ -28,10 +28,13 @@ __all__ = [
     "BAND_MIN_DIMS",
     "MAX_TABLE_BYTES",
     "DPBlock",
+    "KeptTables",
     "dp_block",
     "dp_blocks",
     "dp_cost",
+    "kept_table_bytes",
     "maxplus_best",
+    "maxplus_forward",
 ]
 
 LIKELIHOOD_FLOOR: Final = 1e-30
@@ -175,21 +178,80 @@ def maxplus_best(
     candidates (the others are dropped before backtracking, which then costs
     only what the rows asked for).
     """
+    result, kept = maxplus_forward(logl, blk, k, keep_tables=assignments, only=only)
+    if kept is not None:
+        result.assignment = kept.assignments(np.arange(result.template.size))
+    return result
+
+
+@dataclass(frozen=True, eq=False)
+class KeptTables:
+    """The tables of one block's forward pass, kept to backtrack chosen candidates later.
+
+    Row ``i`` is candidate ``i`` of the :class:`CandidateResult` the pass
+    returned (block-local template ``tl[i]``, counts ``counts[i]``).
+    """
+
+    blk: DPBlock
+    L: np.ndarray  # (npad, k, T) log-likelihoods of each step
+    tables: list[np.ndarray]  # the table before each step, and the last one
+    tl: np.ndarray  # (n,) block-local template of each candidate
+    counts: np.ndarray  # (n, k) counts of each candidate
+    score: np.ndarray  # (n,) its score
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tables)
+
+    def assignments(self, rows: np.ndarray) -> np.ndarray:
+        """Assignments of candidates ``rows``: (len(rows), most sites) int8, library site order."""
+        blk, k = self.blk, self.counts.shape[1]
+        tl = self.tl[rows]
+        padded = _backtrack(
+            self.tables, self.L, blk.m, tl, self.counts[rows, : k - 1], self.score[rows], k
+        )
+        # from padded, multiplicity-sorted slots back to library site order
+        n_t = blk.real.sum(axis=1)
+        lib_assign = np.full((tl.size, int(n_t.max())), -1, dtype=np.int8)
+        first_row = np.where(blk.real, blk.slot, np.iinfo(np.int64).max).min(axis=1)
+        r, cpos = np.nonzero(blk.real[tl])
+        lib_assign[r, blk.slot[tl[r], cpos] - first_row[tl[r]]] = padded[r, cpos]
+        return lib_assign
+
+
+def kept_table_bytes(blk: DPBlock, k: int) -> float:
+    """Bytes of the tables a forward pass over ``blk`` keeps for backtracking."""
+    return 8.0 * blk.slot.shape[0] * float(((blk.bound.astype(np.float64) + 1) ** (k - 1)).sum())
+
+
+def maxplus_forward(
+    logl: np.ndarray,
+    blk: DPBlock,
+    k: int,
+    *,
+    keep_tables: bool,
+    only: RowFilter | None = None,
+) -> tuple[CandidateResult, KeptTables | None]:
+    """The forward pass of :func:`maxplus_best`: candidates, and its tables if ``keep_tables``.
+
+    With the tables kept, any of the candidates can be backtracked later
+    (:meth:`KeptTables.assignments`), once it is known which are wanted.
+    """
     d = k - 1
     T, npad = blk.slot.shape
     # (npad, k, T): each step's likelihoods contiguous along templates
     L = np.ascontiguousarray(logl[blk.slot.T].transpose(0, 2, 1))
     p_last = int(blk.bound[-1])
     size = T * (p_last + 1) ** d
-    if assignments:
-        kept = 8.0 * T * float(((blk.bound.astype(np.float64) + 1) ** d).sum())
+    if keep_tables:
+        kept = kept_table_bytes(blk, k)
         if kept > MAX_TABLE_BYTES:
             raise AfpxError(
                 f"backtracking the assignments of {T} template(s) with {npad} unique sites "
                 f"and {k} elements needs {kept / 2**30:.1f} GiB of tables; ask for scores "
                 "only (assignments=False) or use fewer elements"
             )
-    bufs = (np.empty(size), np.empty(size)) if not assignments else ()
+    bufs = (np.empty(size), np.empty(size)) if not keep_tables else ()
     tmp = np.empty(size)
     V = np.zeros((1,) * d + (T,))  # before any site: all counts zero, score 0
     tables: list[np.ndarray] = [V]
@@ -206,7 +268,7 @@ def maxplus_best(
             _step(V, out, L[s], blk.shifts[s], tmp, pp, p, d)
         updates += n_out * k
         V = out
-        if assignments:
+        if keep_tables:
             tables.append(V)
 
     # candidates: every count positive, the implied last count positive
@@ -217,24 +279,15 @@ def maxplus_best(
         ok &= only.contains(blk.templates[tl], counts)
     if not ok.all():
         tl, counts, score = tl[ok], counts[ok], score[ok]
-    assign = None
-    if assignments:
-        padded = _backtrack(tables, L, blk.m, tl, counts[:, :d], score, k)
-        # from padded, multiplicity-sorted slots back to library site order
-        n_t = blk.real.sum(axis=1)
-        lib_assign = np.full((tl.size, int(n_t.max())), -1, dtype=np.int8)
-        first_row = np.where(blk.real, blk.slot, np.iinfo(np.int64).max).min(axis=1)
-        r, cpos = np.nonzero(blk.real[tl])
-        lib_assign[r, blk.slot[tl[r], cpos] - first_row[tl[r]]] = padded[r, cpos]
-        assign = lib_assign
-    return CandidateResult(
+    result = CandidateResult(
         template=blk.templates[tl],
         counts=counts,
         log_score=score,
         method=np.ones(tl.size, dtype=np.int8),
-        assignment=assign,
+        assignment=None,
         n_dp_updates=updates,
     )
+    return result, KeptTables(blk, L, tables, tl, counts, score) if keep_tables else None
 
 
 def _step(

@@ -23,9 +23,11 @@ Timed (top 20, library loaded, caches warmed by a first call, unless said):
   a cold ``python -c "import numpy"``;
 * :class:`Formula` — ``afpx rank --formula Li2MnGe`` (top 20).
 
-``python asv_bench/benchmarks/bench_rank.py [out.json]`` prints (and writes)
-medians of the same measurements without asv, peak memory from fresh
-processes.
+``python asv_bench/benchmarks/bench_rank.py [out.json] [--full-list]`` prints
+(and writes) medians of the same measurements without asv, peak memory from
+fresh processes (``--full-list``: the full ternary list and the top-20 calls
+only). It imports the installed afpx (it prints which); to measure a checkout,
+run it with ``PYTHONPATH`` set to the checkout.
 """
 
 from __future__ import annotations
@@ -307,10 +309,57 @@ def peak_memory(elements: list[str], prune: bool = True) -> dict[str, float]:
     }
 
 
+def _timed(fn: Any) -> tuple[float, float]:
+    """Wall and CPU (this process) seconds of one call of ``fn``."""
+    t0, c0 = time.perf_counter(), time.process_time()
+    fn()
+    return time.perf_counter() - t0, time.process_time() - c0
+
+
+def full_list(lib: TemplateLibrary, note: Any, repeat: int = 5) -> None:
+    """Medians of the full ternary list (JSON, CSV) and of the top-20 calls, in one run.
+
+    Wall and CPU time: on a shared machine the CPU time of this (one-thread)
+    process is the steadier of the two.
+    """
+    els = SETS["ternary"]
+    calls = {
+        "top20_json": lambda: render(rank_table(els, library=lib), "json"),
+        "top20_unpruned_json": lambda: render(rank_table(els, library=lib, prune=False), "json"),
+        "full_json": lambda: render(rank_table(els, library=lib, top=None), "json"),
+        "full_csv": lambda: render(rank_table(els, library=lib, top=None), "csv"),
+    }
+    for fn in calls.values():  # warm
+        fn()
+    # interleaved rounds, so that a change of load hits every call alike
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in calls}
+    for _ in range(repeat):
+        for name, fn in calls.items():
+            times[name].append(_timed(fn))
+    med = {name: tuple(np.median(np.asarray(t), axis=0).tolist()) for name, t in times.items()}
+    top, top_u = med["top20_json"], med["top20_unpruned_json"]
+    for name, (wall, cpu) in med.items():
+        text = f"ternary {name}: wall {wall:.3f} s, cpu {cpu:.3f} s"
+        if name.startswith("full"):
+            text += (
+                f" = {wall / top_u[0]:.2f}x (wall) / {cpu / top_u[1]:.2f}x (cpu) the unpruned "
+                f"top 20, {wall / top[0]:.1f}x / {cpu / top[1]:.1f}x the pruned top 20"
+            )
+        note(f"ternary.{name}_s", {"wall": wall, "cpu": cpu}, text)
+
+
 def main() -> None:  # pragma: no cover - a script for quick numbers without asv
-    """Print (and write to ``sys.argv[1]`` as JSON) medians of the measurements above."""
-    results: dict[str, Any] = {"load_before": os.getloadavg()}
+    """Print (and write to the first argument as JSON) medians of the measurements above.
+
+    ``--full-list`` measures the full ternary list and the top-20 calls only.
+    """
+    import afpx
+
+    args = [a for a in sys.argv[1:] if a != "--full-list"]
+    only_full = len(args) < len(sys.argv) - 1
+    results: dict[str, Any] = {"load_before": os.getloadavg(), "afpx": afpx.__file__}
     lib = library()
+    print(f"afpx from {afpx.__file__}")
     print(f"library: {lib.n_templates} templates, {lib.n_sites} unique sites")
 
     def note(key: str, value: Any, text: str) -> None:
@@ -318,43 +367,36 @@ def main() -> None:  # pragma: no cover - a script for quick numbers without asv
         print(text, flush=True)
 
     with threadpool_limits(1):
-        for name, els in SETS.items():
-            pruned = _median(lambda e=els: rank_table(e, library=lib))
-            enumerated = rank_table(els, library=lib).attrs["n_templates_enumerated"]
-            note(f"{name}.pruned_s", pruned, f"{name}: pruned {pruned:.3f} s ({enumerated} tmpl)")
-            if name != "quinary":
-                reps = 3 if name == "quaternary" else 5
-                full = _median(lambda e=els: rank_table(e, library=lib, prune=False), reps)
-                note(f"{name}.unpruned_s", full, f"  unpruned {full:.3f} s: {full / pruned:.1f}x")
-            mem = peak_memory(els)
-            note(f"{name}.memory", mem, f"  fresh process: {mem}")
-        top = _median(lambda: render(rank_table(SETS["ternary"], library=lib), "json"))
-        top_u = _median(
-            lambda: render(rank_table(SETS["ternary"], library=lib, prune=False), "json")
-        )
-        note("ternary.top20_json_s", top, f"top 20 json: pruned {top:.3f} s, unpruned {top_u:.3f}")
-        results["ternary.top20_unpruned_json_s"] = top_u
-        for fmt in ("json", "csv"):
-            full = _median(
-                lambda f=fmt: render(rank_table(SETS["ternary"], library=lib, top=None), f), 3
-            )
-            note(
-                f"ternary.full_{fmt}_s",
-                full,
-                f"full ternary list {fmt}: {full:.3f} s = {full / top:.1f}x pruned top 20, "
-                f"{full / top_u:.2f}x unpruned top 20",
-            )
-        form = _median(lambda: rank_formula("Li2MnGe", library=lib))
-        note("formula_s", form, f"rank --formula Li2MnGe: {form:.3f} s")
-    cold = ColdCli()
-    cli = _median(cold.time_cold_rank_cli, 7)
-    npy = _median(cold.time_import_numpy_baseline, 7)
-    note("cold_cli_s", cli, f"cold afpx rank --elements Mn,Ge: {cli:.3f} s")
-    note("import_numpy_s", npy, f"cold import numpy: {npy:.3f} s ({cli / npy:.1f}x)")
+        if only_full:
+            full_list(lib, note, repeat=7)
+        else:
+            for name, els in SETS.items():
+                pruned = _median(lambda e=els: rank_table(e, library=lib))
+                enumerated = rank_table(els, library=lib).attrs["n_templates_enumerated"]
+                note(
+                    f"{name}.pruned_s", pruned, f"{name}: pruned {pruned:.3f} s ({enumerated} tmpl)"
+                )
+                if name != "quinary":
+                    reps = 3 if name == "quaternary" else 5
+                    full = _median(lambda e=els: rank_table(e, library=lib, prune=False), reps)
+                    note(
+                        f"{name}.unpruned_s", full, f"  unpruned {full:.3f} s: {full / pruned:.1f}x"
+                    )
+                mem = peak_memory(els)
+                note(f"{name}.memory", mem, f"  fresh process: {mem}")
+            full_list(lib, note, repeat=3)
+            form = _median(lambda: rank_formula("Li2MnGe", library=lib))
+            note("formula_s", form, f"rank --formula Li2MnGe: {form:.3f} s")
+    if not only_full:
+        cold = ColdCli()
+        cli = _median(cold.time_cold_rank_cli, 7)
+        npy = _median(cold.time_import_numpy_baseline, 7)
+        note("cold_cli_s", cli, f"cold afpx rank --elements Mn,Ge: {cli:.3f} s")
+        note("import_numpy_s", npy, f"cold import numpy: {npy:.3f} s ({cli / npy:.1f}x)")
     results["load_after"] = os.getloadavg()
     print(f"load average before {results['load_before']}, after {results['load_after']}")
-    if len(sys.argv) > 1:
-        Path(sys.argv[1]).write_text(json.dumps(results, indent=1))
+    if args:
+        Path(args[0]).write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":  # pragma: no cover
