@@ -63,16 +63,19 @@ __all__ = [
     "filesystem",
     "finish",
     "group_attrs",
+    "is_lazy",
     "is_url",
     "let_go",
     "link_chunks",
     "new_partial",
+    "new_spill",
     "open_group",
     "partials",
     "publish",
     "release",
     "remove",
     "remove_partial",
+    "remove_stale_spills",
     "rename_noreplace",
     "stale_partial",
     "start_store",
@@ -152,6 +155,36 @@ def new_partial(target: Path, key: str) -> Path:
     return partial
 
 
+def new_spill(target: Path) -> Path:
+    """A fresh hidden folder next to ``target`` for a build's temporary files.
+
+    ``.NAME.spill-XXXXXXXX``, owned like a partial (its owner file is
+    written first): removed with :func:`remove_partial` and :func:`let_go`
+    when the build ends, or by :func:`remove_stale_spills` once its process
+    is gone.
+    """
+    spill = target.with_name(f".{target.name}.spill-{uuid.uuid4().hex[:8]}")
+    owner = {"host": socket.gethostname(), "pid": os.getpid()}
+    _write_atomic(_owner_file(spill), json.dumps(owner))
+    _ACTIVE.add(spill)
+    spill.mkdir()
+    return spill
+
+
+def remove_stale_spills(target: Path) -> None:
+    """Remove the spill folders of ``target`` whose builds are gone (see :func:`new_spill`)."""
+    if not target.parent.is_dir():
+        return
+    found = {
+        p.with_name(p.name.removesuffix(_OWNER_SUFFIX))
+        for p in target.parent.glob(f".{target.name}.spill-*")
+        if ".tmp-" not in p.name
+    }
+    for spill in sorted(found):
+        if stale_partial(spill):
+            remove_partial(spill)
+
+
 def let_go(partial: Path) -> None:
     """This process no longer writes ``partial`` (it failed, or it was published)."""
     _ACTIVE.discard(partial)
@@ -208,13 +241,14 @@ def stale_partial(partial: Path) -> bool:
 
 
 # -- the build key ---------------------------------------------------------------------------
-def _is_lazy(data: Any) -> bool:
+def is_lazy(data: Any) -> bool:
+    """Whether ``data`` is a Dask array (written chunk by chunk, not up front)."""
     return hasattr(data, "dask") and hasattr(data, "chunks")
 
 
 def lazy_names(ds: xr.Dataset) -> list[str]:
     """Variables of ``ds`` backed by Dask, sorted."""
-    return sorted(str(n) for n, v in ds.variables.items() if _is_lazy(v.data))
+    return sorted(str(n) for n, v in ds.variables.items() if is_lazy(v.data))
 
 
 def build_key(ds: xr.Dataset) -> str:
@@ -223,7 +257,7 @@ def build_key(ds: xr.Dataset) -> str:
     for name in sorted(str(n) for n in ds.variables):
         var = ds.variables[name]
         h.update(f"\0{name}\0{var.dims}\0{var.shape}\0{var.dtype}\0".encode())
-        if _is_lazy(var.data):
+        if is_lazy(var.data):
             h.update(repr(var.data.chunks).encode())
             continue
         values = np.asarray(var.values)
@@ -309,7 +343,9 @@ def _write_chunks(
     for name, value in zip(names, values, strict=True):
         if value.shape[0] != hi - lo:  # pragma: no cover - Dask hands whole chunks
             raise RuntimeError(f"chunk {index} of {name} has {value.shape[0]} rows, not {hi - lo}")
-        array = zarr.open_array(root / name, mode="r+", config={"write_empty_chunks": True})
+        # open_array drops a config for an existing array: a chunk equal to the fill value
+        # (all draws 0) would not be written, and the cube would differ from one written at once
+        array = zarr.open_array(root / name, mode="r+").with_config({"write_empty_chunks": True})
         array[lo:hi] = value
         chunk = _chunk_file(root, name, index, value.ndim)
         record = {
