@@ -500,20 +500,16 @@ def _lazy_computed(
         chunks: tuple[tuple[int, ...], ...]
         if tail == "perspective_bin":
             chunks = (*site_chunks, (params.n_perspectives,), (params.n_bins,))
-            keys = {(var_name, b, 0, 0): (_pick, (name, b), var) for b in range(len(blocks))}
+            keys = {(var_name, b, 0, 0): (store.pick, (name, b), var) for b in range(len(blocks))}
         else:
             chunks = site_chunks
-            keys = {(var_name, b): (_pick, (name, b), var) for b in range(len(blocks))}
+            keys = {(var_name, b): (store.pick, (name, b), var) for b in range(len(blocks))}
         graph = HighLevelGraph(
             {**base.layers, var_name: keys},
             {**base.dependencies, var_name: {name}},
         )
         arrays[var] = da.Array(graph, var_name, chunks, dtype=dtype)
     return arrays
-
-
-def _pick(result: dict[str, np.ndarray], key: str) -> np.ndarray:
-    return result[key]
 
 
 def fingerprint_dataset(

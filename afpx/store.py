@@ -71,6 +71,7 @@ __all__ = [
     "new_spill",
     "open_group",
     "partials",
+    "pick",
     "publish",
     "release",
     "remove",
@@ -332,14 +333,34 @@ def done_chunks(partial: Path) -> set[tuple[str, int]]:
     return done
 
 
+def pick(result: dict[str, Any], key: str) -> Any:
+    """Item ``key`` of a task's result: a chunk of one of several variables computed together.
+
+    A Dask array whose chunk ``i`` is the task ``(pick, source, key)`` is
+    written by :func:`chunk_tasks` straight from ``source``: the picks never
+    become tasks of their own.
+    """
+    return result[key]
+
+
 def _write_chunks(
-    store: str, index: int, names: tuple[str, ...], rows: tuple[int, int], *values: np.ndarray
+    store: str,
+    index: int,
+    names: tuple[str, ...],
+    rows: tuple[int, int],
+    keys: tuple[str | None, ...],
+    *values: Any,
 ) -> None:
-    """Write chunk ``index`` (rows ``rows[0]:rows[1]``) of each variable, each then marked done."""
+    """Write chunk ``index`` (rows ``rows[0]:rows[1]``) of each variable, each then marked done.
+
+    ``values[k]`` is the chunk of ``names[k]``, or, where ``keys[k]`` is not
+    None, the result its chunk is picked from (see :func:`pick`).
+    """
     import zarr
 
     root = Path(store)
     lo, hi = rows
+    values = tuple(v if k is None else pick(v, k) for k, v in zip(keys, values, strict=True))
     for name, value in zip(names, values, strict=True):
         if value.shape[0] != hi - lo:  # pragma: no cover - Dask hands whole chunks
             raise RuntimeError(f"chunk {index} of {name} has {value.shape[0]} rows, not {hi - lo}")
@@ -391,21 +412,37 @@ def chunk_tasks(ds: xr.Dataset, partial: Path, done: set[tuple[str, int]]) -> li
             todo = [(var, array) for var, array in members if (var, i) not in done]
             if not todo:
                 continue
+            sources = [_source(a, (a.name, i) + (0,) * (a.ndim - 1)) for _, a in todo]
             write = functools.partial(
                 _write_chunks,
                 str(partial),
                 i,
                 tuple(var for var, _ in todo),
                 (int(bounds[i]), int(bounds[i + 1])),
+                tuple(key for _, key in sources),
             )
-            sources = [(array.name, i) + (0,) * (array.ndim - 1) for _, array in todo]
-            layer[(name, i)] = (write, *sources)
+            layer[(name, i)] = (write, *(source for source, _ in sources))
         if not layer:
             continue
         layer[name] = (_written, *layer)
         graph = HighLevelGraph.from_collections(name, layer, dependencies=[a for _, a in members])
         tasks.append(Delayed(name, graph))
     return tasks
+
+
+def _source(array: Any, key: tuple[Any, ...]) -> tuple[Any, str | None]:
+    """The key to write chunk ``key`` of ``array`` from, and what to pick from its result.
+
+    A chunk made by :func:`pick` is written from the task it picks from; any
+    other chunk from itself (None: nothing to pick).
+    """
+    from dask.highlevelgraph import MaterializedLayer
+
+    layer = array.dask.layers.get(array.name)
+    task = layer.mapping.get(key) if isinstance(layer, MaterializedLayer) else None
+    if isinstance(task, tuple) and len(task) == 3 and task[0] is pick:
+        return task[1], task[2]
+    return key, None
 
 
 def link_chunks(old: Path, partial: Path, name: str, ndim: int, indices: Iterable[int]) -> None:
