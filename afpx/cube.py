@@ -5,7 +5,11 @@
 block of ``chunk_sites`` rows (site draws) is one task that runs the neighbour
 query and the kernels for its rows. :func:`build_cube` reads the inputs, builds
 that graph, and computes it once while writing it to zarr (v3), into a hidden
-sibling of the target that is renamed into place only when complete.
+sibling of the target that is renamed into place only when complete. It keeps
+the structures read on disk (:func:`afpx.structures.read_spilled`, in a hidden
+``.NAME.spill-XXXXXXXX`` next to the target), and every task reads back the
+structures it needs: memory does not grow with the corpus beyond its
+per-structure labels.
 :func:`open_cube` opens a cube lazily with its small per-site and
 per-structure variables in memory, so that selections (:func:`select_sites`)
 never read the fingerprints.
@@ -529,8 +533,9 @@ def fingerprint_dataset(
     Parameters
     ----------
     read : ReadResult or TableRead
-        Accepted structures and rejections from :func:`afpx.structures.read_structures`
-        or :func:`afpx.structures.read_table` (the same cube from either).
+        Accepted structures and rejections from :func:`afpx.structures.read_structures`,
+        :func:`afpx.structures.read_table` or :func:`afpx.structures.read_spilled`
+        (the same cube from each).
     params : FingerprintParams
     draws : int
         Augmented draws per unique site (consecutive along ``site``).
@@ -552,7 +557,11 @@ def fingerprint_dataset(
     -------
     xarray.Dataset
         ``afp``, ``r0``, ``dmin_ratio`` and ``coordination`` are Dask arrays
-        chunked by ``chunk_sites``; everything else is in memory.
+        chunked by ``chunk_sites``; everything else is in memory, but for a
+        spilled table: then every per-site variable comes from the same
+        tasks as the fingerprints, and the lattices and atoms are Dask arrays
+        reading the table's files (chunked as zarr chunks them), so that
+        only per-structure and per-rejection variables are in memory.
 
     Raises
     ------

@@ -63,6 +63,7 @@ import math
 import os
 import re
 import threading
+import uuid
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -522,9 +523,11 @@ def _take(columns: dict[str, np.ndarray], keep: np.ndarray) -> dict[str, np.ndar
         )
 
     atoms, sites = rows(columns["n_atoms"]), rows(columns["n_sites"])
-    out = {name: columns[name][keep] for name in (*_PER_STRUCTURE, "n_atoms", "n_sites")}
-    out.update({name: columns[name][atoms] for name in _PER_ATOM})
-    out.update({name: columns[name][sites] for name in _PER_SITE})
+    per_structure = (*_PER_STRUCTURE, "n_atoms", "n_sites")
+    # the columns present: a spilled part, or the labels of one, has only some
+    out = {name: columns[name][keep] for name in per_structure if name in columns}
+    out.update({name: columns[name][atoms] for name in _PER_ATOM if name in columns})
+    out.update({name: columns[name][sites] for name in _PER_SITE if name in columns})
     return out
 
 
@@ -2249,20 +2252,31 @@ def read_spilled(
     rejections: list[Rejection] = []
     duplicates = _Duplicates()
     n_read = 0
-    run = functools.partial(_run_chunk_table, params=params)
+    # each reading task writes its structures to a file: only labels come back
+    run = functools.partial(_run_chunk_spill, params=params, folder=os.fspath(folder))
     chunks = _read_chunks(
         inputs, run, progress=progress, scheduler=None, workers=None, max_file_mb=max_file_mb
     )
     for chunk, finished in chunks:
         n_read += len(chunk.outcomes)
-        part = _accept(chunk, rejections, duplicates)
+        labels, keep = _accept_keep(chunk, rejections, duplicates)
         duplicates.forget(finished)
-        if not len(part["lattice"]):
+        if chunk.part is None:
             continue
-        _save_part(_part_file(os.fspath(folder), len(part_sizes)), part)
-        part_sizes.append(len(part["lattice"]))
+        final = _part_file(os.fspath(folder), len(part_sizes))
+        if not len(labels["structure_id"]):
+            os.unlink(chunk.part)  # every structure of the task repeated an earlier one
+            continue
+        if keep is not None:  # duplicates dropped: the part without them
+            with np.load(chunk.part) as npz:
+                whole = {name: npz[name] for name in _SPILLED}
+            _save_part(final, _take(whole, keep))
+            os.unlink(chunk.part)
+        else:
+            os.replace(chunk.part, final)
+        part_sizes.append(len(labels["structure_id"]))
         for name, values in columns.items():
-            values.append(part[name])
+            values.append(labels[name])
     empty = {"spacegroup": np.int16, "dmin": np.float64, "hydrogen_missing": bool}
     joined = {
         name: np.concatenate(values) if values else np.zeros(0, empty.get(name, np.int64))
@@ -2353,6 +2367,7 @@ class _TableChunk:
     outcomes: list[tuple[Rejection | None, str | None]]
     blocks: list[str | None]
     columns: dict[str, np.ndarray]
+    part: str | None = None  # the file the task wrote its columns to, labels aside
 
 
 def _run_chunk_table(tasks: list[_Task], params: FilterParams) -> _TableChunk:
@@ -2365,10 +2380,45 @@ def _run_chunk_table(tasks: list[_Task], params: FilterParams) -> _TableChunk:
     )
 
 
+#: Columns of a spilled table kept in memory (per structure).
+_LABELS: Final = (
+    "structure_id",
+    "source",
+    "formula",
+    "spacegroup",
+    "dmin",
+    "hydrogen_missing",
+    "n_atoms",
+    "n_sites",
+)
+
+
+def _run_chunk_spill(tasks: list[_Task], params: FilterParams, folder: str) -> _TableChunk:
+    """:func:`_run_chunk_table` that writes its columns to a file in ``folder``.
+
+    Only the outcomes and the per-structure labels travel back: what a wave
+    of reading tasks holds in memory does not carry the atoms.
+    """
+    chunk = _run_chunk_table(tasks, params)
+    if not len(chunk.columns["structure_id"]):
+        return chunk
+    part = os.path.join(folder, f"read-{uuid.uuid4().hex}.npz")
+    _save_part(part, chunk.columns)
+    labels = {name: chunk.columns[name] for name in _LABELS}
+    return _TableChunk(chunk.outcomes, chunk.blocks, labels, part)
+
+
 def _accept(
     chunk: _TableChunk, rejections: list[Rejection], duplicates: _Duplicates
 ) -> dict[str, np.ndarray]:
     """The columns of a chunk less its duplicates, which join ``rejections`` with the rest."""
+    return _accept_keep(chunk, rejections, duplicates)[0]
+
+
+def _accept_keep(
+    chunk: _TableChunk, rejections: list[Rejection], duplicates: _Duplicates
+) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+    """:func:`_accept`, and the positions kept where duplicates were dropped (else None)."""
     columns = dict(chunk.columns)
     keep: list[int] = []
     renamed: dict[int, str] = {}
@@ -2396,9 +2446,10 @@ def _accept(
         for k, new_id in renamed.items():
             ids[k] = new_id
         columns["structure_id"] = ids
-    if len(keep) < len(columns["lattice"]):
-        columns = _take(columns, np.asarray(keep, dtype=np.int64))
-    return columns
+    if len(keep) < len(columns["structure_id"]):
+        kept = np.asarray(keep, dtype=np.int64)
+        return _take(columns, kept), kept
+    return columns, None
 
 
 class _Duplicates:

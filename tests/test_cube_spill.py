@@ -100,6 +100,22 @@ def test_read_spilled_equals_read_table(tmp_path: Path) -> None:
     )
 
 
+def test_duplicates_dropped_from_a_spilled_part(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # row 2 of the database repeats row 1: the reading task wrote both, the part keeps one
+    from test_structures_sources import make_ase_db
+
+    db = str(make_ase_db(tmp_path / "small.db"))
+    monkeypatch.setattr(afpx.structures, "_ROWS_PER_TASK", 3)
+    spilled = build_cube([db], tmp_path / "spilled.zarr", chunk_sites=3, progress=False)
+    ds = fingerprint_dataset(read_table([db]), sources=[db], chunk_sites=3)
+    in_memory = write_cube(ds, tmp_path / "memory.zarr", progress=False)
+    assert "duplicate" in open_cube(spilled)[schema.REJECT_REASON].values.tolist()
+    a, b = digests(Path(spilled)), digests(Path(in_memory))
+    assert a == b
+
+
 def test_the_spill_is_there_during_the_build_and_gone_after(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
