@@ -270,8 +270,19 @@ def build_key(ds: xr.Dataset) -> str:
 
 
 def start_store(ds: xr.Dataset, partial: Path, encoding: dict[str, dict[str, Any]]) -> None:
-    """Write the metadata and the in-memory variables, then say so in the owner file."""
-    ds.to_zarr(
+    """Write the metadata and the in-memory variables, then say so in the owner file.
+
+    Each lazy variable must have its zarr chunks in ``encoding``: xarray
+    sees a one-chunk stand-in of it, so that no graph of its chunks is made
+    here (``to_zarr(compute=False)`` would build one, to be thrown away).
+    """
+    import dask.array as da
+
+    stand_ins = {
+        name: ds[name].copy(data=da.empty(ds[name].shape, dtype=ds[name].dtype, chunks=-1))
+        for name in lazy_names(ds)
+    }
+    ds.assign(stand_ins).to_zarr(
         partial,
         mode="w-",
         zarr_format=3,
@@ -279,6 +290,7 @@ def start_store(ds: xr.Dataset, partial: Path, encoding: dict[str, dict[str, Any
         encoding=encoding,
         compute=False,
         write_empty_chunks=True,
+        safe_chunks=False,
     )
     (partial / _MARKS).mkdir()
     owner = _owner(partial) or {}
@@ -395,7 +407,7 @@ def chunk_tasks(ds: xr.Dataset, partial: Path, done: set[tuple[str, int]]) -> li
     import functools
 
     from dask.delayed import Delayed
-    from dask.highlevelgraph import HighLevelGraph
+    from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
 
     alike: dict[tuple[int, ...], list[tuple[str, Any]]] = {}
     for name in lazy_names(ds):
@@ -424,8 +436,15 @@ def chunk_tasks(ds: xr.Dataset, partial: Path, done: set[tuple[str, int]]) -> li
             layer[(name, i)] = (write, *(source for source, _ in sources))
         if not layer:
             continue
+        needed = {source for task in layer.values() for source in task[1:]}
         layer[name] = (_written, *layer)
-        graph = HighLevelGraph.from_collections(name, layer, dependencies=[a for _, a in members])
+        # only the layers that the writes need: not the picks, which Dask would otherwise
+        # convert, one task object each, before culling them
+        base = HighLevelGraph.merge(*(a.dask for _, a in members)).cull(needed)
+        graph = HighLevelGraph(
+            {**base.layers, name: MaterializedLayer(layer)},
+            {**base.dependencies, name: set(base.layers)},
+        )
         tasks.append(Delayed(name, graph))
     return tasks
 
