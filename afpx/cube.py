@@ -223,7 +223,7 @@ class _SpilledBlock:
 
 
 #: Per-site variables that a spilled block's task returns beside the fingerprints.
-_LABELS = {
+_LABELS: dict[str, tuple[tuple[()], Any]] = {
     schema.STRUCTURE_INDEX: ((), np.dtype(np.int64)),
     schema.DRAW: ((), schema.DTYPES[schema.DRAW]),
     schema.SITE_INDEX: ((), schema.DTYPES[schema.SITE_INDEX]),
@@ -711,7 +711,7 @@ def _lazy_geometry(table: SpilledTable) -> dict[str, Any]:
         step = _zarr_chunks((n, *tail), dtype)[0]
         bounds = [*range(0, n, step), n]
         name = f"afpx-{var}-{token}"
-        layer = {
+        layer: dict[Any, Any] = {
             (name, i) + (0,) * len(tail): (
                 _load_rows,
                 _SpilledRows(table.pieces(lo, hi, along=along), column, dtype),
@@ -1159,18 +1159,17 @@ def build_cube(
         if isinstance(inputs, ReadResult | TableRead):
             read, sources = inputs, None
         else:
-            options = {
-                "params": filters if filters is not None else FilterParams(),
-                "progress": progress,
-                "max_file_mb": MAX_FILE_MB if max_file_mb is None else max_file_mb,
-            }
+            quality = filters if filters is not None else FilterParams()
+            cap = MAX_FILE_MB if max_file_mb is None else max_file_mb
             # read on the same scheduler as the fingerprints
             if workers_on_this_host(client):
                 # the bulk goes to disk as it is read, and each task reads back its rows
                 folder = stack.enter_context(_spill_folder(target, local=url is None))
-                read = read_spilled(items, folder, **options)
+                read = read_spilled(
+                    items, folder, params=quality, progress=progress, max_file_mb=cap
+                )
             else:  # the workers cannot see this machine's disk: the tasks carry their rows
-                read = read_table(items, **options)
+                read = read_table(items, params=quality, progress=progress, max_file_mb=cap)
             sources = [str(i) for i in items]
         logger.info("read: %s", read.summary().replace("\n", ", "))
         ds = fingerprint_dataset(

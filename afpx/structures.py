@@ -671,7 +671,7 @@ def _save_part(path: str, columns: dict[str, np.ndarray]) -> None:
     arrays = {name: columns[name] for name in _SPILLED}
     # fixed-width unicode: np.savez cannot store StringDType without pickle
     arrays["wyckoff"] = np.asarray(arrays["wyckoff"].tolist(), dtype=str)
-    np.savez(path, **arrays)
+    np.savez(path, **arrays)  # type: ignore[arg-type]  # numpy's stub: any name may be allow_pickle
 
 
 def load_spilled_column(pieces: Sequence[tuple[str, int, int]], column: str) -> np.ndarray:
