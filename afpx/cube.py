@@ -5,7 +5,11 @@
 block of ``chunk_sites`` rows (site draws) is one task that runs the neighbour
 query and the kernels for its rows. :func:`build_cube` reads the inputs, builds
 that graph, and computes it once while writing it to zarr (v3), into a hidden
-sibling of the target that is renamed into place only when complete.
+sibling of the target that is renamed into place only when complete. It keeps
+the structures read on disk (:func:`afpx.structures.read_spilled`, in a hidden
+``.NAME.spill-XXXXXXXX`` next to the target), and every task reads back the
+structures it needs: memory does not grow with the corpus beyond its
+per-structure labels.
 :func:`open_cube` opens a cube lazily with its small per-site and
 per-structure variables in memory, so that selections (:func:`select_sites`)
 never read the fingerprints.
@@ -20,12 +24,15 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
+import itertools
 import json
 import logging
 import os
+import shutil
 import sys
+import tempfile
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -43,7 +50,7 @@ from afpx.kernels import (
 )
 from afpx.neighbours import count_within, nearest_neighbour_distances, neighbour_shells
 from afpx.scheduler import compute as scheduler_compute
-from afpx.scheduler import trim_memory, use_scheduler
+from afpx.scheduler import trim_memory, use_scheduler, workers_on_this_host
 from afpx.splits import SplitParams, assign_splits
 
 if TYPE_CHECKING:
@@ -53,6 +60,7 @@ if TYPE_CHECKING:
         AnalysedStructure,
         FilterParams,
         ReadResult,
+        SpilledTable,
         StructureTable,
         TableRead,
     )
@@ -197,6 +205,80 @@ def _compute_block(block: _Block, options: _Options) -> dict[str, np.ndarray]:
             schema.DTYPES[schema.COORDINATION]
         ),
     }
+
+
+@dataclass(frozen=True)
+class _SpilledBlock:
+    """Rows of a cube whose structures are read back from a spilled table (a task's payload).
+
+    Structures ``first, first + 1, ...`` are rows ``pieces`` of the table's
+    parts (:meth:`afpx.structures.SpilledTable.pieces`); ``start:stop`` are
+    the block's rows counted from the first row of structure ``first``.
+    """
+
+    first: int
+    start: int
+    stop: int
+    pieces: tuple[tuple[str, int, int], ...]
+
+
+#: Per-site variables that a spilled block's task returns beside the fingerprints.
+_LABELS: dict[str, tuple[tuple[()], Any]] = {
+    schema.STRUCTURE_INDEX: ((), np.dtype(np.int64)),
+    schema.DRAW: ((), schema.DTYPES[schema.DRAW]),
+    schema.SITE_INDEX: ((), schema.DTYPES[schema.SITE_INDEX]),
+    schema.Z: ((), schema.DTYPES[schema.Z]),
+    schema.MULTIPLICITY: ((), schema.DTYPES[schema.MULTIPLICITY]),
+    schema.WYCKOFF: ((), _STRING),
+}
+
+
+def _compute_spilled(spilled: _SpilledBlock, options: _Options) -> dict[str, np.ndarray]:
+    """:func:`_compute_block` of rows read back from disk, and the rows' labels."""
+    from afpx.structures import load_spilled
+
+    table = load_spilled(spilled.pieces)
+    block = _Block(
+        first=spilled.first,
+        start=spilled.start,
+        stop=spilled.stop,
+        lattice=table.lattice,
+        atom_start=table.atom_start,
+        frac_coords=table.frac_coords,
+        site_start=table.site_start,
+        atoms=table.site_index,
+        dmin=table.dmin,
+    )
+    out = _compute_block(block, options)
+    rows = np.arange(spilled.start, spilled.stop, dtype=np.int64)
+    site = rows // options.draws
+    owner = np.searchsorted(table.site_start, site, side="right") - 1
+    labels = {
+        schema.STRUCTURE_INDEX: spilled.first + owner,
+        schema.DRAW: rows % options.draws,
+        schema.SITE_INDEX: table.site_index[site],
+        schema.Z: table.site_z[site],
+        schema.MULTIPLICITY: table.multiplicity[site],
+        schema.WYCKOFF: table.wyckoff[site],
+    }
+    for name, (_, dtype) in _LABELS.items():
+        out[name] = labels[name].astype(dtype, copy=False)
+    return out
+
+
+@dataclass(frozen=True)
+class _SpilledRows:
+    """Rows of one spilled column (a task's payload)."""
+
+    pieces: tuple[tuple[str, int, int], ...]
+    column: str
+    dtype: Any
+
+
+def _load_rows(rows: _SpilledRows) -> np.ndarray:
+    from afpx.structures import load_spilled_column
+
+    return load_spilled_column(rows.pieces, rows.column).astype(rows.dtype, copy=False)
 
 
 # -- row layout -------------------------------------------------------------------------------
@@ -395,8 +477,14 @@ def fingerprint_structures(
     )
 
 
-def _lazy_computed(blocks: list[_Block], options: _Options) -> dict[str, Any]:
-    """One Dask array per computed variable, all sharing one task per block."""
+def _lazy_computed(
+    blocks: Sequence[_Block | _SpilledBlock], options: _Options, *, spilled: bool = False
+) -> dict[str, Any]:
+    """One Dask array per computed variable, all sharing one task per block.
+
+    ``spilled``: the blocks are :class:`_SpilledBlock` and their tasks also
+    give the per-site labels (:data:`_LABELS`).
+    """
     import dask.array as da
     from dask.highlevelgraph import HighLevelGraph
 
@@ -404,31 +492,28 @@ def _lazy_computed(blocks: list[_Block], options: _Options) -> dict[str, Any]:
     # a fresh name per graph: a distributed client must never reuse another build's results
     token = uuid.uuid4().hex
     name = f"afpx-fingerprint-{token}"
-    compute = functools.partial(_compute_block, options=options)
+    compute = functools.partial(_compute_spilled if spilled else _compute_block, options=options)
     layer: dict[Any, Any] = {(name, b): (compute, block) for b, block in enumerate(blocks)}
     base = HighLevelGraph.from_collections(name, layer, dependencies=())
-    site_chunks = (tuple(b.n_rows for b in blocks),)
+    site_chunks = (tuple(b.stop - b.start for b in blocks),)
     arrays: dict[str, Any] = {}
-    for var, (tail, dtype) in _COMPUTED.items():
+    variables = {**_COMPUTED, **_LABELS} if spilled else _COMPUTED
+    for var, (tail, dtype) in variables.items():
         var_name = f"afpx-{var}-{token}"
         keys: dict[Any, Any]
         chunks: tuple[tuple[int, ...], ...]
         if tail == "perspective_bin":
             chunks = (*site_chunks, (params.n_perspectives,), (params.n_bins,))
-            keys = {(var_name, b, 0, 0): (_pick, (name, b), var) for b in range(len(blocks))}
+            keys = {(var_name, b, 0, 0): (store.pick, (name, b), var) for b in range(len(blocks))}
         else:
             chunks = site_chunks
-            keys = {(var_name, b): (_pick, (name, b), var) for b in range(len(blocks))}
+            keys = {(var_name, b): (store.pick, (name, b), var) for b in range(len(blocks))}
         graph = HighLevelGraph(
             {**base.layers, var_name: keys},
             {**base.dependencies, var_name: {name}},
         )
         arrays[var] = da.Array(graph, var_name, chunks, dtype=dtype)
     return arrays
-
-
-def _pick(result: dict[str, np.ndarray], key: str) -> np.ndarray:
-    return result[key]
 
 
 def fingerprint_dataset(
@@ -448,8 +533,9 @@ def fingerprint_dataset(
     Parameters
     ----------
     read : ReadResult or TableRead
-        Accepted structures and rejections from :func:`afpx.structures.read_structures`
-        or :func:`afpx.structures.read_table` (the same cube from either).
+        Accepted structures and rejections from :func:`afpx.structures.read_structures`,
+        :func:`afpx.structures.read_table` or :func:`afpx.structures.read_spilled`
+        (the same cube from each).
     params : FingerprintParams
     draws : int
         Augmented draws per unique site (consecutive along ``site``).
@@ -471,7 +557,11 @@ def fingerprint_dataset(
     -------
     xarray.Dataset
         ``afp``, ``r0``, ``dmin_ratio`` and ``coordination`` are Dask arrays
-        chunked by ``chunk_sites``; everything else is in memory.
+        chunked by ``chunk_sites``; everything else is in memory, but for a
+        spilled table: then every per-site variable comes from the same
+        tasks as the fingerprints, and the lattices and atoms are Dask arrays
+        reading the table's files (chunked as zarr chunks them), so that
+        only per-structure and per-rejection variables are in memory.
 
     Raises
     ------
@@ -480,11 +570,12 @@ def fingerprint_dataset(
     """
     import xarray as xr
 
-    from afpx.structures import StructureTable, TableRead
+    from afpx.structures import SpilledTable, StructureTable, TableRead
 
     _check_options(
         draws=draws, seed=seed, deterministic=deterministic, chunk_sites=chunk_sites, device=device
     )
+    table: StructureTable | SpilledTable
     if isinstance(read, TableRead):
         table = read.table
     else:
@@ -499,9 +590,17 @@ def fingerprint_dataset(
                 for r in read.rejections[:1]
             )
         )
-    rows = _row_table(table, draws)
-    blocks = _blocks(table, draws, chunk_sites)
-    computed = _lazy_computed(blocks, _Options(params, int(seed), deterministic, device, draws))
+    options = _Options(params, int(seed), deterministic, device, draws)
+    if isinstance(table, SpilledTable):
+        # every per-site and per-atom variable is read back from disk by the tasks
+        rows = computed = _lazy_computed(
+            _spilled_blocks(table, draws, chunk_sites), options, spilled=True
+        )
+        geometry = _lazy_geometry(table)
+    else:
+        rows = _row_table(table, draws)
+        computed = _lazy_computed(_blocks(table, draws, chunk_sites), options)
+        geometry = _geometry_variables(table)
     S, T, R = schema.SITE, schema.STRUCTURE, schema.REJECT
 
     data: dict[str, Any] = {
@@ -542,7 +641,7 @@ def fingerprint_dataset(
             ),
         }
     )
-    data.update(_geometry_variables(table))
+    data.update(geometry)
     if sources is None:
         sources = sorted(set(table.source.tolist()))
     attrs = {
@@ -559,6 +658,70 @@ def fingerprint_dataset(
         "chunk_sites": int(chunk_sites),
     }
     return xr.Dataset(data, attrs=json.loads(json.dumps(attrs)))
+
+
+def _spilled_blocks(table: SpilledTable, draws: int, chunk_sites: int) -> list[_SpilledBlock]:
+    """Blocks of ``chunk_sites`` rows (the last one shorter) of a spilled table."""
+    n_rows = int(table.site_start[-1]) * draws
+    blocks = []
+    for start in range(0, n_rows, chunk_sites):
+        stop = min(start + chunk_sites, n_rows)
+        ends = [start // draws, (stop - 1) // draws]  # sites of the first and last row
+        first, last = np.searchsorted(table.site_start, ends, side="right") - 1
+        row0 = int(table.site_start[first]) * draws
+        blocks.append(
+            _SpilledBlock(
+                first=int(first),
+                start=start - row0,
+                stop=stop - row0,
+                pieces=table.pieces(int(first), int(last) + 1),
+            )
+        )
+    return blocks
+
+
+def _zarr_chunks(shape: tuple[int, ...], dtype: Any) -> tuple[int, ...]:
+    """The chunks zarr chooses for an array written without any (as in-memory variables are)."""
+    import zarr
+    from zarr.storage import MemoryStore
+
+    return tuple(zarr.create_array(MemoryStore(), shape=shape, dtype=dtype, zarr_format=3).chunks)
+
+
+def _lazy_geometry(table: SpilledTable) -> dict[str, Any]:
+    """:func:`_geometry_variables` of a spilled table: Dask arrays that read it back."""
+    import dask.array as da
+    from dask.highlevelgraph import HighLevelGraph
+
+    T, A = schema.STRUCTURE, schema.ATOM
+    n_structures, n_atoms = len(table), int(table.atom_start[-1])
+    token = uuid.uuid4().hex
+    wanted = {
+        schema.LATTICE: ((T, schema.VECTOR, schema.AXIS), "lattice", "structure", (3, 3)),
+        schema.ATOM_FRAC_COORDS: ((A, schema.AXIS), "frac_coords", "atom", (3,)),
+        schema.ATOM_Z: ((A,), "numbers", "atom", ()),
+    }
+    out: dict[str, Any] = {
+        schema.N_ATOMS: (T, np.diff(table.atom_start).astype(schema.DTYPES[schema.N_ATOMS])),
+    }
+    for var, (dims, column, along, tail) in wanted.items():
+        dtype = schema.DTYPES[var]
+        n = n_structures if along == "structure" else n_atoms
+        # Dask chunks along the first dim as zarr's own choice: each task writes whole chunks
+        step = _zarr_chunks((n, *tail), dtype)[0]
+        bounds = [*range(0, n, step), n]
+        name = f"afpx-{var}-{token}"
+        layer: dict[Any, Any] = {
+            (name, i) + (0,) * len(tail): (
+                _load_rows,
+                _SpilledRows(table.pieces(lo, hi, along=along), column, dtype),
+            )
+            for i, (lo, hi) in enumerate(itertools.pairwise(bounds))
+        }
+        graph = HighLevelGraph.from_collections(name, layer, dependencies=())
+        chunks = (tuple(np.diff(bounds).tolist()), *((t,) for t in tail))
+        out[var] = (dims, da.Array(graph, name, chunks, dtype=dtype))
+    return out
 
 
 def _geometry_variables(table: StructureTable) -> dict[str, Any]:
@@ -634,6 +797,9 @@ def _encoding(ds: xr.Dataset, chunk_sites: int) -> dict[str, dict[str, Any]]:
             enc["chunks"] = tuple(
                 chunk_sites if d == schema.SITE else var.sizes[d] for d in var.dims
             )
+        elif store.is_lazy(var.data):
+            # as zarr chunks the same variable written from memory: the same cube either way
+            enc["chunks"] = _zarr_chunks(var.shape, var.dtype)
         if var.dtype.kind in "fiu":
             # lz4 + byte shuffle: ~1.5x on smooth float32 fingerprints, and fast
             enc["compressors"] = (
@@ -963,7 +1129,14 @@ def build_cube(
         For invalid options, an existing output, unreadable inputs, or when no
         structure is accepted. The output path is then untouched.
     """
-    from afpx.structures import MAX_FILE_MB, FilterParams, ReadResult, TableRead, read_table
+    from afpx.structures import (
+        MAX_FILE_MB,
+        FilterParams,
+        ReadResult,
+        TableRead,
+        read_spilled,
+        read_table,
+    )
 
     _check_options(
         draws=draws, seed=seed, deterministic=deterministic, chunk_sites=chunk_sites, device=device
@@ -980,18 +1153,23 @@ def build_cube(
         for item in items:
             if Path(item).expanduser().absolute() == target:
                 raise AfpxError(f"the output {target} is also an input")
-    with use_scheduler(scheduler, workers=workers) as client:
+    with contextlib.ExitStack() as stack:
+        client = stack.enter_context(use_scheduler(scheduler, workers=workers))
         read: ReadResult | TableRead
         if isinstance(inputs, ReadResult | TableRead):
             read, sources = inputs, None
         else:
-            # read on the same scheduler as the fingerprints; a table, not objects per structure
-            read = read_table(
-                items,
-                params=filters if filters is not None else FilterParams(),
-                progress=progress,
-                max_file_mb=MAX_FILE_MB if max_file_mb is None else max_file_mb,
-            )
+            quality = filters if filters is not None else FilterParams()
+            cap = MAX_FILE_MB if max_file_mb is None else max_file_mb
+            # read on the same scheduler as the fingerprints
+            if workers_on_this_host(client):
+                # the bulk goes to disk as it is read, and each task reads back its rows
+                folder = stack.enter_context(_spill_folder(target, local=url is None))
+                read = read_spilled(
+                    items, folder, params=quality, progress=progress, max_file_mb=cap
+                )
+            else:  # the workers cannot see this machine's disk: the tasks carry their rows
+                read = read_table(items, params=quality, progress=progress, max_file_mb=cap)
             sources = [str(i) for i in items]
         logger.info("read: %s", read.summary().replace("\n", ", "))
         ds = fingerprint_dataset(
@@ -1014,6 +1192,30 @@ def build_cube(
             client=client,
             resume=resume,
         )
+    raise AssertionError("unreachable")  # pragma: no cover - ExitStack swallows nothing
+
+
+@contextlib.contextmanager
+def _spill_folder(target: Path, *, local: bool) -> Iterator[Path]:
+    """A folder for the structures read, next to a local target (else a temporary one).
+
+    Removed when the build ends, whatever the outcome; one left by a killed
+    build of the same target is removed by the next build (see
+    :func:`afpx.store.new_spill`).
+    """
+    if local:
+        store.remove_stale_spills(target)
+        folder = store.new_spill(target)
+    else:
+        folder = Path(tempfile.mkdtemp(prefix="afpx-spill-"))
+    try:
+        yield folder
+    finally:
+        if local:
+            store.remove_partial(folder)
+            store.let_go(folder)
+        else:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def append_to_cube(

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import socket
 import sys
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -39,6 +40,7 @@ __all__ = [
     "one_blas_thread",
     "trim_memory",
     "use_scheduler",
+    "workers_on_this_host",
 ]
 
 #: Dask's local schedulers, by the names ``dask.config`` uses.
@@ -216,6 +218,23 @@ def one_blas_thread() -> Iterator[None]:
         return
     with controller.limit(limits=1):
         yield
+
+
+def workers_on_this_host(client: Any) -> bool:
+    """Whether every worker of ``client`` runs on this machine (True for no client).
+
+    Such workers can read files this process writes (a build's temporary files).
+
+    Parameters
+    ----------
+    client : distributed.Client or None
+        As yielded by :func:`use_scheduler`.
+    """
+    if client is None:
+        return True
+    here = socket.gethostname()
+    hosts = client.run(socket.gethostname)
+    return bool(hosts) and all(host == here for host in hosts.values())
 
 
 def trim_memory() -> bool:

@@ -63,16 +63,20 @@ __all__ = [
     "filesystem",
     "finish",
     "group_attrs",
+    "is_lazy",
     "is_url",
     "let_go",
     "link_chunks",
     "new_partial",
+    "new_spill",
     "open_group",
     "partials",
+    "pick",
     "publish",
     "release",
     "remove",
     "remove_partial",
+    "remove_stale_spills",
     "rename_noreplace",
     "stale_partial",
     "start_store",
@@ -152,6 +156,36 @@ def new_partial(target: Path, key: str) -> Path:
     return partial
 
 
+def new_spill(target: Path) -> Path:
+    """A fresh hidden folder next to ``target`` for a build's temporary files.
+
+    ``.NAME.spill-XXXXXXXX``, owned like a partial (its owner file is
+    written first): removed with :func:`remove_partial` and :func:`let_go`
+    when the build ends, or by :func:`remove_stale_spills` once its process
+    is gone.
+    """
+    spill = target.with_name(f".{target.name}.spill-{uuid.uuid4().hex[:8]}")
+    owner = {"host": socket.gethostname(), "pid": os.getpid()}
+    _write_atomic(_owner_file(spill), json.dumps(owner))
+    _ACTIVE.add(spill)
+    spill.mkdir()
+    return spill
+
+
+def remove_stale_spills(target: Path) -> None:
+    """Remove the spill folders of ``target`` whose builds are gone (see :func:`new_spill`)."""
+    if not target.parent.is_dir():
+        return
+    found = {
+        p.with_name(p.name.removesuffix(_OWNER_SUFFIX))
+        for p in target.parent.glob(f".{target.name}.spill-*")
+        if ".tmp-" not in p.name
+    }
+    for spill in sorted(found):
+        if stale_partial(spill):
+            remove_partial(spill)
+
+
 def let_go(partial: Path) -> None:
     """This process no longer writes ``partial`` (it failed, or it was published)."""
     _ACTIVE.discard(partial)
@@ -208,13 +242,14 @@ def stale_partial(partial: Path) -> bool:
 
 
 # -- the build key ---------------------------------------------------------------------------
-def _is_lazy(data: Any) -> bool:
+def is_lazy(data: Any) -> bool:
+    """Whether ``data`` is a Dask array (written chunk by chunk, not up front)."""
     return hasattr(data, "dask") and hasattr(data, "chunks")
 
 
 def lazy_names(ds: xr.Dataset) -> list[str]:
     """Variables of ``ds`` backed by Dask, sorted."""
-    return sorted(str(n) for n, v in ds.variables.items() if _is_lazy(v.data))
+    return sorted(str(n) for n, v in ds.variables.items() if is_lazy(v.data))
 
 
 def build_key(ds: xr.Dataset) -> str:
@@ -223,7 +258,7 @@ def build_key(ds: xr.Dataset) -> str:
     for name in sorted(str(n) for n in ds.variables):
         var = ds.variables[name]
         h.update(f"\0{name}\0{var.dims}\0{var.shape}\0{var.dtype}\0".encode())
-        if _is_lazy(var.data):
+        if is_lazy(var.data):
             h.update(repr(var.data.chunks).encode())
             continue
         values = np.asarray(var.values)
@@ -235,8 +270,19 @@ def build_key(ds: xr.Dataset) -> str:
 
 
 def start_store(ds: xr.Dataset, partial: Path, encoding: dict[str, dict[str, Any]]) -> None:
-    """Write the metadata and the in-memory variables, then say so in the owner file."""
-    ds.to_zarr(
+    """Write the metadata and the in-memory variables, then say so in the owner file.
+
+    Each lazy variable must have its zarr chunks in ``encoding``: xarray
+    sees a one-chunk stand-in of it, so that no graph of its chunks is made
+    here (``to_zarr(compute=False)`` would build one, to be thrown away).
+    """
+    import dask.array as da
+
+    stand_ins = {
+        name: ds[name].copy(data=da.empty(ds[name].shape, dtype=ds[name].dtype, chunks=-1))
+        for name in lazy_names(ds)
+    }
+    ds.assign(stand_ins).to_zarr(
         partial,
         mode="w-",
         zarr_format=3,
@@ -244,6 +290,7 @@ def start_store(ds: xr.Dataset, partial: Path, encoding: dict[str, dict[str, Any
         encoding=encoding,
         compute=False,
         write_empty_chunks=True,
+        safe_chunks=False,
     )
     (partial / _MARKS).mkdir()
     owner = _owner(partial) or {}
@@ -298,18 +345,40 @@ def done_chunks(partial: Path) -> set[tuple[str, int]]:
     return done
 
 
+def pick(result: dict[str, Any], key: str) -> Any:
+    """Item ``key`` of a task's result: a chunk of one of several variables computed together.
+
+    A Dask array whose chunk ``i`` is the task ``(pick, source, key)`` is
+    written by :func:`chunk_tasks` straight from ``source``: the picks never
+    become tasks of their own.
+    """
+    return result[key]
+
+
 def _write_chunks(
-    store: str, index: int, names: tuple[str, ...], rows: tuple[int, int], *values: np.ndarray
+    store: str,
+    index: int,
+    names: tuple[str, ...],
+    rows: tuple[int, int],
+    keys: tuple[str | None, ...],
+    *values: Any,
 ) -> None:
-    """Write chunk ``index`` (rows ``rows[0]:rows[1]``) of each variable, each then marked done."""
+    """Write chunk ``index`` (rows ``rows[0]:rows[1]``) of each variable, each then marked done.
+
+    ``values[k]`` is the chunk of ``names[k]``, or, where ``keys[k]`` is not
+    None, the result its chunk is picked from (see :func:`pick`).
+    """
     import zarr
 
     root = Path(store)
     lo, hi = rows
+    values = tuple(v if k is None else pick(v, k) for k, v in zip(keys, values, strict=True))
     for name, value in zip(names, values, strict=True):
         if value.shape[0] != hi - lo:  # pragma: no cover - Dask hands whole chunks
             raise RuntimeError(f"chunk {index} of {name} has {value.shape[0]} rows, not {hi - lo}")
-        array = zarr.open_array(root / name, mode="r+", config={"write_empty_chunks": True})
+        # open_array drops a config for an existing array: a chunk equal to the fill value
+        # (all draws 0) would not be written, and the cube would differ from one written at once
+        array = zarr.open_array(root / name, mode="r+").with_config({"write_empty_chunks": True})
         array[lo:hi] = value
         chunk = _chunk_file(root, name, index, value.ndim)
         record = {
@@ -338,7 +407,7 @@ def chunk_tasks(ds: xr.Dataset, partial: Path, done: set[tuple[str, int]]) -> li
     import functools
 
     from dask.delayed import Delayed
-    from dask.highlevelgraph import HighLevelGraph
+    from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
 
     alike: dict[tuple[int, ...], list[tuple[str, Any]]] = {}
     for name in lazy_names(ds):
@@ -355,21 +424,44 @@ def chunk_tasks(ds: xr.Dataset, partial: Path, done: set[tuple[str, int]]) -> li
             todo = [(var, array) for var, array in members if (var, i) not in done]
             if not todo:
                 continue
+            sources = [_source(a, (a.name, i) + (0,) * (a.ndim - 1)) for _, a in todo]
             write = functools.partial(
                 _write_chunks,
                 str(partial),
                 i,
                 tuple(var for var, _ in todo),
                 (int(bounds[i]), int(bounds[i + 1])),
+                tuple(key for _, key in sources),
             )
-            sources = [(array.name, i) + (0,) * (array.ndim - 1) for _, array in todo]
-            layer[(name, i)] = (write, *sources)
+            layer[(name, i)] = (write, *(source for source, _ in sources))
         if not layer:
             continue
+        needed = {source for task in layer.values() for source in task[1:]}
         layer[name] = (_written, *layer)
-        graph = HighLevelGraph.from_collections(name, layer, dependencies=[a for _, a in members])
+        # only the layers that the writes need: not the picks, which Dask would otherwise
+        # convert, one task object each, before culling them
+        base = HighLevelGraph.merge(*(a.dask for _, a in members)).cull(needed)
+        graph = HighLevelGraph(
+            {**base.layers, name: MaterializedLayer(layer)},
+            {**base.dependencies, name: set(base.layers)},
+        )
         tasks.append(Delayed(name, graph))
     return tasks
+
+
+def _source(array: Any, key: tuple[Any, ...]) -> tuple[Any, str | None]:
+    """The key to write chunk ``key`` of ``array`` from, and what to pick from its result.
+
+    A chunk made by :func:`pick` is written from the task it picks from; any
+    other chunk from itself (None: nothing to pick).
+    """
+    from dask.highlevelgraph import MaterializedLayer
+
+    layer = array.dask.layers.get(array.name)
+    task = layer.mapping.get(key) if isinstance(layer, MaterializedLayer) else None
+    if isinstance(task, tuple) and len(task) == 3 and task[0] is pick:
+        return task[1], task[2]
+    return key, None
 
 
 def link_chunks(old: Path, partial: Path, name: str, ndim: int, indices: Iterable[int]) -> None:

@@ -63,6 +63,7 @@ import math
 import os
 import re
 import threading
+import uuid
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -88,10 +89,14 @@ __all__ = [
     "ReadResult",
     "Rejection",
     "SiteTable",
+    "SpilledTable",
     "StructureTable",
     "TableRead",
     "element_symbol",
+    "load_spilled",
+    "load_spilled_column",
     "parse_formula_sum",
+    "read_spilled",
     "read_structures",
     "read_table",
     "shortest_distance",
@@ -518,9 +523,11 @@ def _take(columns: dict[str, np.ndarray], keep: np.ndarray) -> dict[str, np.ndar
         )
 
     atoms, sites = rows(columns["n_atoms"]), rows(columns["n_sites"])
-    out = {name: columns[name][keep] for name in (*_PER_STRUCTURE, "n_atoms", "n_sites")}
-    out.update({name: columns[name][atoms] for name in _PER_ATOM})
-    out.update({name: columns[name][sites] for name in _PER_SITE})
+    per_structure = (*_PER_STRUCTURE, "n_atoms", "n_sites")
+    # the columns present: a spilled part, or the labels of one, has only some
+    out = {name: columns[name][keep] for name in per_structure if name in columns}
+    out.update({name: columns[name][atoms] for name in _PER_ATOM if name in columns})
+    out.update({name: columns[name][sites] for name in _PER_SITE if name in columns})
     return out
 
 
@@ -549,8 +556,9 @@ class TableRead:
 
     Attributes
     ----------
-    table : StructureTable
-        Accepted structures, in input order.
+    table : StructureTable or SpilledTable
+        Accepted structures, in input order (a :class:`SpilledTable` from
+        :func:`read_spilled`).
     rejections : list of Rejection
         Rejected records, in input order.
     n_read : int
@@ -559,7 +567,7 @@ class TableRead:
         The filters used.
     """
 
-    table: StructureTable
+    table: StructureTable | SpilledTable
     rejections: list[Rejection]
     n_read: int
     params: FilterParams
@@ -572,6 +580,154 @@ class TableRead:
         """As :meth:`ReadResult.summary`."""
         n_h = int(np.count_nonzero(self.table.hydrogen_missing))
         return _summary(self.n_read, len(self.table), self.rejections, n_h)
+
+
+#: Columns of a :class:`SpilledTable` kept on disk, part by part (the rest stays in memory).
+_SPILLED: Final = (
+    "lattice",
+    "n_atoms",
+    "frac_coords",
+    "numbers",
+    "n_sites",
+    "site_index",
+    "site_z",
+    "multiplicity",
+    "wyckoff",
+    "dmin",
+)
+
+
+@dataclass(frozen=True)
+class SpilledTable:
+    """A :class:`StructureTable` whose bulky columns are kept on disk, one file per part.
+
+    What :func:`read_spilled` hands to ``build_cube``: the per-structure
+    labels stay in memory (a few tens of bytes per structure), while the
+    lattices, the atoms and the unique sites are written to ``folder`` as
+    they are read, one ``part-NNNNNN.npz`` per reading task, and read back
+    by the tasks that need them (:func:`load_spilled`). Structures
+    ``part_start[k]:part_start[k + 1]`` are in part ``k``.
+
+    Attributes
+    ----------
+    folder : str
+        Where the parts are.
+    structure_id, source, formula : ndarray of shape (n_structures,), StringDType
+    spacegroup : ndarray of shape (n_structures,), int16
+    dmin : ndarray of shape (n_structures,), float64
+    hydrogen_missing : ndarray of shape (n_structures,), bool
+    atom_start, site_start : ndarray of shape (n_structures + 1,), int64
+        As in :class:`StructureTable`.
+    part_start : ndarray of shape (n_parts + 1,), int64
+        First structure of every part.
+    """
+
+    folder: str
+    structure_id: np.ndarray
+    source: np.ndarray
+    formula: np.ndarray
+    spacegroup: np.ndarray
+    dmin: np.ndarray
+    hydrogen_missing: np.ndarray
+    atom_start: np.ndarray
+    site_start: np.ndarray
+    part_start: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.structure_id.shape[0])
+
+    def part_file(self, k: int) -> str:
+        """The file of part ``k``."""
+        return _part_file(self.folder, k)
+
+    def pieces(self, lo: int, hi: int, *, along: str = "structure") -> tuple[Any, ...]:
+        """Parts holding rows ``lo:hi`` of ``along`` ("structure", "atom" or "site").
+
+        Returns ``(file, first, stop)`` per part: rows ``first:stop`` of that
+        part's arrays along ``along``. Small and picklable: what a task needs
+        to load its rows (:func:`load_spilled`, :func:`load_spilled_column`).
+        """
+        starts = {"structure": None, "atom": self.atom_start, "site": self.site_start}[along]
+        bounds = self.part_start if starts is None else starts[self.part_start]
+        if hi <= lo:
+            return ()
+        k0 = int(np.searchsorted(bounds, lo, side="right")) - 1
+        k1 = int(np.searchsorted(bounds, hi - 1, side="right")) - 1
+        return tuple(
+            (
+                self.part_file(k),
+                max(lo, int(bounds[k])) - int(bounds[k]),
+                min(hi, int(bounds[k + 1])) - int(bounds[k]),
+            )
+            for k in range(k0, k1 + 1)
+        )
+
+
+def _part_file(folder: str, k: int) -> str:
+    return os.path.join(folder, f"part-{k:06d}.npz")
+
+
+def _save_part(path: str, columns: dict[str, np.ndarray]) -> None:
+    arrays = {name: columns[name] for name in _SPILLED}
+    # fixed-width unicode: np.savez cannot store StringDType without pickle
+    arrays["wyckoff"] = np.asarray(arrays["wyckoff"].tolist(), dtype=str)
+    np.savez(path, **arrays)  # type: ignore[arg-type]  # numpy's stub: any name may be allow_pickle
+
+
+def load_spilled_column(pieces: Sequence[tuple[str, int, int]], column: str) -> np.ndarray:
+    """Rows of one spilled column (``lattice``, ``frac_coords``, ``numbers``...) from its parts.
+
+    Parameters
+    ----------
+    pieces : sequence of (str, int, int)
+        From :meth:`SpilledTable.pieces` along the column's own axis.
+    column : str
+        A column of :class:`StructureTable` kept on disk.
+
+    Returns
+    -------
+    ndarray
+    """
+    parts = []
+    for path, lo, hi in pieces:
+        with np.load(path) as npz:
+            parts.append(npz[column][lo:hi])
+    out = parts[0] if len(parts) == 1 else np.concatenate(parts)
+    return out.astype(_STRING) if column == "wyckoff" else out
+
+
+def load_spilled(pieces: Sequence[tuple[str, int, int]]) -> StructureTable:
+    """Structures of a :class:`SpilledTable` as a :class:`StructureTable` (offsets from 0).
+
+    Parameters
+    ----------
+    pieces : sequence of (str, int, int)
+        From :meth:`SpilledTable.pieces` along ``"structure"``.
+
+    Returns
+    -------
+    StructureTable
+        Geometry and unique sites; the labels (ids, sources, formulas,
+        space groups) are empty strings and zeros: they stay with the
+        :class:`SpilledTable`.
+    """
+    parts = []
+    for path, lo, hi in pieces:
+        with np.load(path) as npz:
+            columns = {name: npz[name] for name in _SPILLED}
+        columns["wyckoff"] = columns["wyckoff"].astype(_STRING)
+        n = len(columns["lattice"])
+        columns.update(
+            structure_id=np.full(n, "", dtype=_STRING),
+            source=np.full(n, "", dtype=_STRING),
+            formula=np.full(n, "", dtype=_STRING),
+            spacegroup=np.zeros(n, np.int16),
+            hydrogen_missing=np.zeros(n, bool),
+        )
+        if (lo, hi) != (0, n):
+            columns = _take(columns, np.arange(lo, hi, dtype=np.int64))
+        parts.append(columns)
+    return _assemble(parts)
 
 
 # -- unique sites ---------------------------------------------------------------
@@ -2052,6 +2208,100 @@ def read_table(
     return TableRead(table, rejections, n_read, params)
 
 
+def read_spilled(
+    inputs: Sequence[str | os.PathLike[str]] | str | os.PathLike[str],
+    folder: str | os.PathLike[str],
+    *,
+    params: FilterParams = FilterParams(),
+    progress: bool | None = None,
+    max_file_mb: float = MAX_FILE_MB,
+) -> TableRead:
+    """As :func:`read_table`, but the bulky columns go to ``folder`` as they are read.
+
+    Reads on the current Dask scheduler. Every reading task's accepted
+    structures (duplicates dropped) are written to one file in ``folder``;
+    only the per-structure labels and offsets are kept in memory, so that
+    memory does not grow with the corpus beyond a few tens of bytes per
+    structure. The caller owns ``folder`` (and removes it).
+
+    Parameters
+    ----------
+    inputs, params, progress, max_file_mb
+        As for :func:`read_table`.
+    folder : str or path
+        An existing, empty folder.
+
+    Returns
+    -------
+    TableRead
+        Its ``table`` is a :class:`SpilledTable`.
+
+    Raises
+    ------
+    AfpxError
+        As :func:`read_structures`.
+
+    Warns
+    -----
+    AfpxWarning
+        As :func:`read_structures`.
+    """
+    kept = ("structure_id", "source", "formula", "spacegroup", "dmin", "hydrogen_missing")
+    columns: dict[str, list[np.ndarray]] = {name: [] for name in (*kept, "n_atoms", "n_sites")}
+    part_sizes: list[int] = []
+    rejections: list[Rejection] = []
+    duplicates = _Duplicates()
+    n_read = 0
+    # each reading task writes its structures to a file: only labels come back
+    run = functools.partial(_run_chunk_spill, params=params, folder=os.fspath(folder))
+    chunks = _read_chunks(
+        inputs, run, progress=progress, scheduler=None, workers=None, max_file_mb=max_file_mb
+    )
+    for chunk, finished in chunks:
+        n_read += len(chunk.outcomes)
+        labels, keep = _accept_keep(chunk, rejections, duplicates)
+        duplicates.forget(finished)
+        if chunk.part is None:
+            continue
+        final = _part_file(os.fspath(folder), len(part_sizes))
+        if not len(labels["structure_id"]):
+            os.unlink(chunk.part)  # every structure of the task repeated an earlier one
+            continue
+        if keep is not None:  # duplicates dropped: the part without them
+            with np.load(chunk.part) as npz:
+                whole = {name: npz[name] for name in _SPILLED}
+            _save_part(final, _take(whole, keep))
+            os.unlink(chunk.part)
+        else:
+            os.replace(chunk.part, final)
+        part_sizes.append(len(labels["structure_id"]))
+        for name, values in columns.items():
+            values.append(labels[name])
+    empty = {"spacegroup": np.int16, "dmin": np.float64, "hydrogen_missing": bool}
+    joined = {
+        name: np.concatenate(values) if values else np.zeros(0, empty.get(name, np.int64))
+        for name, values in columns.items()
+    }
+    for name in ("structure_id", "source", "formula"):
+        joined[name] = joined[name].astype(_STRING, copy=False)
+
+    def offsets(counts: Sequence[int] | np.ndarray) -> np.ndarray:
+        return np.concatenate([[0], np.cumsum(counts, dtype=np.int64)]).astype(np.int64)
+
+    table = SpilledTable(
+        folder=os.fspath(folder),
+        **{name: joined[name] for name in kept},
+        atom_start=offsets(joined["n_atoms"]),
+        site_start=offsets(joined["n_sites"]),
+        part_start=offsets(part_sizes),
+    )
+    missing = np.flatnonzero(table.hydrogen_missing)
+    if missing.size:
+        first = int(missing[0])
+        _warn_hydrogen(missing.size, str(table.structure_id[first]), str(table.source[first]))
+    return TableRead(table, rejections, n_read, params)
+
+
 def _warn_hydrogen(n: int, structure_id: str, source: str) -> None:
     warnings.warn(
         f"{n} accepted structure(s) state hydrogen in _chemical_formula_sum but"
@@ -2117,6 +2367,7 @@ class _TableChunk:
     outcomes: list[tuple[Rejection | None, str | None]]
     blocks: list[str | None]
     columns: dict[str, np.ndarray]
+    part: str | None = None  # the file the task wrote its columns to, labels aside
 
 
 def _run_chunk_table(tasks: list[_Task], params: FilterParams) -> _TableChunk:
@@ -2129,10 +2380,45 @@ def _run_chunk_table(tasks: list[_Task], params: FilterParams) -> _TableChunk:
     )
 
 
+#: Columns of a spilled table kept in memory (per structure).
+_LABELS: Final = (
+    "structure_id",
+    "source",
+    "formula",
+    "spacegroup",
+    "dmin",
+    "hydrogen_missing",
+    "n_atoms",
+    "n_sites",
+)
+
+
+def _run_chunk_spill(tasks: list[_Task], params: FilterParams, folder: str) -> _TableChunk:
+    """:func:`_run_chunk_table` that writes its columns to a file in ``folder``.
+
+    Only the outcomes and the per-structure labels travel back: what a wave
+    of reading tasks holds in memory does not carry the atoms.
+    """
+    chunk = _run_chunk_table(tasks, params)
+    if not len(chunk.columns["structure_id"]):
+        return chunk
+    part = os.path.join(folder, f"read-{uuid.uuid4().hex}.npz")
+    _save_part(part, chunk.columns)
+    labels = {name: chunk.columns[name] for name in _LABELS}
+    return _TableChunk(chunk.outcomes, chunk.blocks, labels, part)
+
+
 def _accept(
     chunk: _TableChunk, rejections: list[Rejection], duplicates: _Duplicates
 ) -> dict[str, np.ndarray]:
     """The columns of a chunk less its duplicates, which join ``rejections`` with the rest."""
+    return _accept_keep(chunk, rejections, duplicates)[0]
+
+
+def _accept_keep(
+    chunk: _TableChunk, rejections: list[Rejection], duplicates: _Duplicates
+) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+    """:func:`_accept`, and the positions kept where duplicates were dropped (else None)."""
     columns = dict(chunk.columns)
     keep: list[int] = []
     renamed: dict[int, str] = {}
@@ -2160,9 +2446,10 @@ def _accept(
         for k, new_id in renamed.items():
             ids[k] = new_id
         columns["structure_id"] = ids
-    if len(keep) < len(columns["lattice"]):
-        columns = _take(columns, np.asarray(keep, dtype=np.int64))
-    return columns
+    if len(keep) < len(columns["structure_id"]):
+        kept = np.asarray(keep, dtype=np.int64)
+        return _take(columns, kept), kept
+    return columns, None
 
 
 class _Duplicates:

@@ -35,8 +35,13 @@ import time
 from pathlib import Path
 
 
-def make_copy(source: Path, target: Path, k: int, displacement: float) -> Path:
-    """The database ``source`` with every position moved by up to ``displacement`` Å."""
+def make_copy(
+    source: Path, target: Path, k: int, displacement: float, rows: int | None = None
+) -> Path:
+    """The database ``source`` with every position moved by up to ``displacement`` Å.
+
+    ``rows``: only the first so many rows; ``k = 0`` copies them unmoved.
+    """
     import ase.db
     import numpy as np
 
@@ -49,10 +54,11 @@ def make_copy(source: Path, target: Path, k: int, displacement: float) -> Path:
         ase.db.connect(str(source), type="db") as src,
         ase.db.connect(str(partial), type="db", append=False) as dst,
     ):
-        for row in src.select():
+        for row in src.select(limit=rows):
             atoms = row.toatoms()
-            shift = rng.uniform(-displacement, displacement, size=atoms.positions.shape)
-            atoms.positions = atoms.positions + shift
+            if k:
+                shift = rng.uniform(-displacement, displacement, size=atoms.positions.shape)
+                atoms.positions = atoms.positions + shift
             dst.write(atoms, key_value_pairs=dict(row.key_value_pairs))
     partial.rename(target)
     return target
@@ -97,15 +103,23 @@ def main() -> None:
     parser.add_argument("--displacement", type=float, default=1e-4, help="Å")
     parser.add_argument("--keep", action="store_true", help="Keep the cubes built.")
     parser.add_argument("--prepare", action="store_true", help="Only make the copies.")
+    parser.add_argument(
+        "--rows", type=int, help="Only the first ROWS rows of the database (a quick trend)."
+    )
     args = parser.parse_args()
 
     from afpx import datasets
 
     original = Path(datasets.fetch("oqmd-icsd"))
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.rows is not None:
+        original = make_copy(original, args.out / f"head{args.rows}.db", 0, 0.0, args.rows)
+    stem = "copy" if args.rows is None else f"head{args.rows}-copy"
     databases = [original]
     for k in range(1, max(args.copies)):
-        databases.append(make_copy(original, args.out / f"copy{k}.db", k, args.displacement))
+        databases.append(
+            make_copy(original, args.out / f"{stem}{k}.db", k, args.displacement, args.rows)
+        )
     if args.prepare:
         return
 

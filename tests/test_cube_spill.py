@@ -1,0 +1,181 @@
+"""build-cube with the structures read spilled to disk (issue 14: memory flat in the corpus)."""
+
+from __future__ import annotations
+
+import hashlib
+import socket
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import xarray as xr
+
+import afpx.cube
+import afpx.structures
+from afpx import schema
+from afpx.cube import build_cube, fingerprint_dataset, open_cube, write_cube
+from afpx.scheduler import workers_on_this_host
+from afpx.structures import SpilledTable, load_spilled, read_spilled, read_table
+
+COD = Path(__file__).parent / "data" / "cod"
+FILES = sorted(str(p) for p in COD.glob("*.cif"))
+
+
+@pytest.fixture
+def small_parts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Three files per reading task: several parts, and blocks that span two of them."""
+    monkeypatch.setattr(afpx.structures, "_FILES_PER_TASK", 3)
+
+
+def digests(root: Path) -> dict[str, str]:
+    """sha256 of every file of a store, by relative path."""
+    return {
+        p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in root.rglob("*")
+        if p.is_file()
+    }
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"draws": 2, "chunk_sites": 5},
+        {"chunk_sites": 7, "deterministic": True},
+        {"chunk_sites": 256, "seed": 3},
+    ],
+)
+@pytest.mark.usefixtures("small_parts")
+def test_spilled_build_equals_the_in_memory_cube_byte_for_byte(
+    tmp_path: Path, options: dict[str, Any]
+) -> None:
+    spilled = build_cube(FILES, tmp_path / "spilled.zarr", progress=False, **options)
+    ds = fingerprint_dataset(read_table(FILES), sources=FILES, **options)
+    in_memory = write_cube(ds, tmp_path / "memory.zarr", progress=False)
+    a, b = digests(Path(spilled)), digests(Path(in_memory))
+    assert sorted(a) == sorted(b)
+    assert [name for name in a if a[name] != b[name]] == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["memory.zarr", "spilled.zarr"]
+
+
+@pytest.mark.parametrize(
+    ("shape", "dtype"), [((60_000, 3), "float64"), ((40_000, 3, 3), "float64"), ((9,), "int16")]
+)
+def test_lazy_geometry_gets_the_chunks_zarr_gives_an_array_in_memory(
+    tmp_path: Path, shape: tuple[int, ...], dtype: str
+) -> None:
+    # the spilled build writes lattices and atoms from Dask, with these chunks
+    import zarr
+
+    xr.Dataset({"x": (tuple(f"d{i}" for i in range(len(shape))), np.zeros(shape, dtype))}).to_zarr(
+        tmp_path / "s.zarr", zarr_format=3, consolidated=False
+    )
+    written = zarr.open_array(tmp_path / "s.zarr" / "x", mode="r").chunks
+    assert afpx.cube._zarr_chunks(shape, np.dtype(dtype)) == written
+
+
+@pytest.mark.usefixtures("small_parts")
+def test_read_spilled_equals_read_table(tmp_path: Path) -> None:
+    table = read_table(FILES)
+    (tmp_path / "spill").mkdir()
+    spilled = read_spilled(FILES, tmp_path / "spill")
+    assert isinstance(spilled.table, SpilledTable)
+    assert spilled.rejections == table.rejections and spilled.n_read == table.n_read
+    assert spilled.summary() == table.summary()
+    n = len(table.table)
+    assert len(spilled.table) == n and len(spilled.table.part_start) > 2  # several parts
+    back = load_spilled(spilled.table.pieces(0, n))
+    for name in ("lattice", "frac_coords", "numbers", "site_index", "site_z", "multiplicity"):
+        np.testing.assert_array_equal(getattr(back, name), getattr(table.table, name))
+    assert back.wyckoff.tolist() == table.table.wyckoff.tolist()
+    for name in ("atom_start", "site_start", "spacegroup", "dmin"):
+        np.testing.assert_array_equal(getattr(spilled.table, name), getattr(table.table, name))
+    for name in ("structure_id", "source", "formula"):
+        assert getattr(spilled.table, name).tolist() == getattr(table.table, name).tolist()
+    # any range of structures, across parts
+    middle = load_spilled(spilled.table.pieces(1, n - 1))
+    np.testing.assert_array_equal(middle.lattice, table.table.lattice[1 : n - 1])
+    np.testing.assert_array_equal(
+        middle.site_start, table.table.site_start[1:n] - table.table.site_start[1]
+    )
+
+
+def test_duplicates_dropped_from_a_spilled_part(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # row 2 of the database repeats row 1: the reading task wrote both, the part keeps one
+    from test_structures_sources import make_ase_db
+
+    db = str(make_ase_db(tmp_path / "small.db"))
+    monkeypatch.setattr(afpx.structures, "_ROWS_PER_TASK", 3)
+    spilled = build_cube([db], tmp_path / "spilled.zarr", chunk_sites=3, progress=False)
+    ds = fingerprint_dataset(read_table([db]), sources=[db], chunk_sites=3)
+    in_memory = write_cube(ds, tmp_path / "memory.zarr", progress=False)
+    assert "duplicate" in open_cube(spilled)[schema.REJECT_REASON].values.tolist()
+    a, b = digests(Path(spilled)), digests(Path(in_memory))
+    assert a == b
+
+
+def test_the_spill_is_there_during_the_build_and_gone_after(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    target = tmp_path / "cube.zarr"
+    original = afpx.cube._compute_block
+    seen: list[list[str]] = []
+
+    def compute(block: Any, options: Any) -> Any:
+        seen.append(sorted(p.name for p in tmp_path.glob(".cube.zarr.spill-*/part-*.npz")))
+        return original(block, options)
+
+    monkeypatch.setattr(afpx.cube, "_compute_block", compute)
+    build_cube(FILES, target, chunk_sites=16, progress=False)
+    assert seen and all(names and names[0] == "part-000000.npz" for names in seen)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cube.zarr"]
+
+
+def test_a_failed_build_removes_its_spill(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def failing(block: Any, options: Any) -> Any:
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(afpx.cube, "_compute_block", failing)
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        build_cube(FILES, tmp_path / "cube.zarr", progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_spill_left_by_a_killed_build_is_removed(tmp_path: Path) -> None:
+    import json
+
+    left = tmp_path / ".cube.zarr.spill-0123abcd"
+    left.mkdir()
+    (left / "part-000000.npz").write_bytes(b"old")
+    owner = {"host": socket.gethostname(), "pid": 2**22 + 1}  # no such process
+    (tmp_path / ".cube.zarr.spill-0123abcd.owner.json").write_text(json.dumps(owner))
+    running = tmp_path / ".cube.zarr.spill-4567cdef"  # another machine's build: kept
+    running.mkdir()
+    other = {"host": "elsewhere", "pid": 1}
+    (tmp_path / ".cube.zarr.spill-4567cdef.owner.json").write_text(json.dumps(other))
+    build_cube(FILES[:3], tmp_path / "cube.zarr", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        ".cube.zarr.spill-4567cdef",
+        ".cube.zarr.spill-4567cdef.owner.json",
+        "cube.zarr",
+    ]
+    assert open_cube(tmp_path / "cube.zarr").sizes[schema.STRUCTURE] > 0
+
+
+class _Client:
+    def __init__(self, hosts: list[str]) -> None:
+        self.hosts = hosts
+
+    def run(self, function: Any) -> dict[str, str]:
+        assert function is socket.gethostname
+        return {f"tcp://w{i}:1": host for i, host in enumerate(self.hosts)}
+
+
+def test_spill_only_where_every_worker_sees_this_disk() -> None:
+    here = socket.gethostname()
+    assert workers_on_this_host(None)
+    assert workers_on_this_host(_Client([here, here]))
+    assert not workers_on_this_host(_Client([here, "elsewhere"]))
+    assert not workers_on_this_host(_Client([]))
