@@ -511,26 +511,29 @@ def baseline_likelihoods(
     import dask
     from threadpoolctl import threadpool_limits
 
-    from afpx.scheduler import compute
+    from afpx.scheduler import active_client, compute
 
     # one task per baseline on the current scheduler: knn and mlp, the slow ones,
     # run side by side (on a local cluster each in its own worker). One BLAS thread
     # in the caller and in every task, so that the numbers are the same everywhere.
     run = uuid.uuid4().hex  # keys of their own: another run on the same cluster may be going
+    inputs: Any = _Inputs(z, coordination, is_train, features)
+    client = active_client()
+    if client is not None:
+        # sent once to the workers, not embedded in every task (~30 MB of fingerprints)
+        inputs = client.scatter(inputs, hash=False)
     tasks = {
         name: dask.delayed(_one_baseline, pure=False)(
-            name,
-            z,
-            coordination,
-            is_train,
-            params,
-            features,
-            dask_key_name=f"baseline-{name}-{run}",
+            name, inputs, params, dask_key_name=f"baseline-{name}-{run}"
         )
         for name in names
     }
-    with threadpool_limits(1):
-        (results,) = compute(tasks)
+    try:
+        with threadpool_limits(1):
+            (results,) = compute(tasks)
+    finally:
+        if client is not None:
+            inputs.release()
     out: dict[str, np.ndarray] = {}
     for name in names:
         out[name], seconds, cpu = results[name]
@@ -541,16 +544,28 @@ def baseline_likelihoods(
     return out
 
 
+@dataclass(frozen=True)
+class _Inputs:
+    """What every baseline task reads (one object, sent once to a cluster)."""
+
+    z: np.ndarray
+    coordination: np.ndarray
+    is_train: np.ndarray
+    features: SiteFeatures | None
+
+
 def _one_baseline(
-    name: str,
-    z: np.ndarray,
-    coordination: np.ndarray,
-    is_train: np.ndarray,
-    params: BaselineParams,
-    features: SiteFeatures | None,
+    name: str, inputs: _Inputs, params: BaselineParams
 ) -> tuple[np.ndarray, float, float]:
     """One baseline's likelihoods, its wall seconds and the CPU seconds of its thread."""
     from afpx.scheduler import one_blas_thread
+
+    z, coordination, is_train, features = (
+        inputs.z,
+        inputs.coordination,
+        inputs.is_train,
+        inputs.features,
+    )
 
     t0, c0 = time.perf_counter(), time.thread_time()
     with one_blas_thread():

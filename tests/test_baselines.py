@@ -246,3 +246,30 @@ def test_fingerprint_baseline_errors() -> None:
         features=features,
     )
     assert set(out) == {"knn", "mlp"}
+
+
+def test_baseline_inputs_are_sent_to_a_cluster_once() -> None:
+    # the sites' arrays and fingerprints are scattered, not embedded in every task:
+    # distributed warns about a graph above 10 MB, and six tasks would carry ~6 copies
+    import warnings
+
+    distributed = pytest.importorskip("distributed")
+    rng = np.random.default_rng(0)
+    n = 60_000
+    features = SiteFeatures(
+        rng.normal(size=(n, 48)).astype(np.float32), rng.uniform(1.5, 3.0, n), np.ones(n)
+    )
+    z, cn, is_train = rng.integers(1, 90, n), rng.integers(1, 12, n), rng.random(n) < 0.6
+    with (
+        distributed.LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+        ) as cluster,
+        distributed.Client(cluster),
+        warnings.catch_warnings(record=True) as caught,
+    ):
+        warnings.simplefilter("always")
+        out = baseline_likelihoods(
+            z, cn, is_train, names=("constant", "frequency"), features=features
+        )
+    assert not [w for w in caught if "large graph" in str(w.message)]
+    np.testing.assert_array_equal(out["constant"], constant_likelihood(n))
