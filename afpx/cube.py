@@ -302,14 +302,22 @@ def _row_table(table: StructureTable, draws: int) -> dict[str, np.ndarray]:
     }
 
 
-def _blocks(table: StructureTable, draws: int, chunk_sites: int) -> list[_Block]:
-    """Blocks of ``chunk_sites`` rows (the last one shorter), as views of ``table``."""
-    n_rows = int(table.site_start[-1]) * draws
-    blocks = []
+def _block_bounds(
+    site_start: np.ndarray, draws: int, chunk_sites: int
+) -> Iterator[tuple[int, int, int, int]]:
+    """Rows ``start:stop`` of each block of ``chunk_sites`` rows, its first and last structure."""
+    n_rows = int(site_start[-1]) * draws
     for start in range(0, n_rows, chunk_sites):
         stop = min(start + chunk_sites, n_rows)
         ends = [start // draws, (stop - 1) // draws]  # sites of the first and last row
-        first, last = np.searchsorted(table.site_start, ends, side="right") - 1
+        first, last = np.searchsorted(site_start, ends, side="right") - 1
+        yield start, stop, int(first), int(last)
+
+
+def _blocks(table: StructureTable, draws: int, chunk_sites: int) -> list[_Block]:
+    """Blocks of ``chunk_sites`` rows (the last one shorter), as views of ``table``."""
+    blocks = []
+    for start, stop, first, last in _block_bounds(table.site_start, draws, chunk_sites):
         atoms = slice(table.atom_start[first], table.atom_start[last + 1])
         sites = slice(table.site_start[first], table.site_start[last + 1])
         blocks.append(
@@ -662,12 +670,8 @@ def fingerprint_dataset(
 
 def _spilled_blocks(table: SpilledTable, draws: int, chunk_sites: int) -> list[_SpilledBlock]:
     """Blocks of ``chunk_sites`` rows (the last one shorter) of a spilled table."""
-    n_rows = int(table.site_start[-1]) * draws
     blocks = []
-    for start in range(0, n_rows, chunk_sites):
-        stop = min(start + chunk_sites, n_rows)
-        ends = [start // draws, (stop - 1) // draws]  # sites of the first and last row
-        first, last = np.searchsorted(table.site_start, ends, side="right") - 1
+    for start, stop, first, last in _block_bounds(table.site_start, draws, chunk_sites):
         row0 = int(table.site_start[first]) * draws
         blocks.append(
             _SpilledBlock(
