@@ -618,19 +618,28 @@ def training_curves_figure(metrics: pd.DataFrame, *, source: str) -> Figure:
 
 
 def read_evaluation_metrics(eval_dir: str | os.PathLike[str]) -> dict[str, Any]:
-    """``metrics.json`` of an ``afpx evaluate`` output folder (or the file itself)."""
-    path = Path(eval_dir)
-    path = path if path.is_file() else path / _METRICS_JSON
-    if not path.is_file():
-        raise AfpxError(
-            f"{os.fspath(path)} not found: give the folder written by `afpx evaluate CUBE -o DIR`"
-        )
+    """``metrics.json`` of an ``afpx evaluate`` folder or the file itself (a path or URL)."""
+    from afpx.store import filesystem, is_url
+
+    where = os.fspath(eval_dir).rstrip("/")
+    if is_url(where):
+        fs, inner = filesystem(where)
+        path = where if fs.isfile(inner) else f"{where}/{_METRICS_JSON}"
+        fs, inner = filesystem(path)
+        found = fs.isfile(inner)
+    else:
+        local = Path(where)
+        path = where if local.is_file() else os.fspath(local / _METRICS_JSON)
+        found = Path(path).is_file()
+    if not found:
+        raise AfpxError(f"{path} not found: give the folder written by `afpx evaluate CUBE -o DIR`")
     try:
-        metrics: dict[str, Any] = json.loads(path.read_text())
+        text = fs.cat_file(inner).decode() if is_url(path) else Path(path).read_text()
+        metrics: dict[str, Any] = json.loads(text)
     except ValueError as exc:
-        raise AfpxError(f"{os.fspath(path)} is not JSON: {exc}") from exc
+        raise AfpxError(f"{path} is not JSON: {exc}") from exc
     if "models" not in metrics:
-        raise AfpxError(f"{os.fspath(path)} is not an `afpx evaluate` metrics file (no 'models')")
+        raise AfpxError(f"{path} is not an `afpx evaluate` metrics file (no 'models')")
     return metrics
 
 
@@ -639,8 +648,8 @@ def read_evaluation_arrays(eval_dir: str | os.PathLike[str], *names: str) -> Any
 
     Parameters
     ----------
-    eval_dir : path
-        The evaluation folder.
+    eval_dir : str or path
+        The evaluation folder (a path or a URL).
     *names : str
         Variables that must be present.
 
@@ -655,15 +664,15 @@ def read_evaluation_arrays(eval_dir: str | os.PathLike[str], *names: str) -> Any
     """
     import xarray as xr
 
-    path = Path(eval_dir) / _ARRAYS_ZARR
-    if not path.is_dir():
-        raise AfpxError(
-            f"{os.fspath(path)} not found: give the folder written by `afpx evaluate CUBE -o DIR`"
-        )
+    from afpx.store import exists
+
+    path = f"{os.fspath(eval_dir).rstrip('/')}/{_ARRAYS_ZARR}"
+    if not exists(path):
+        raise AfpxError(f"{path} not found: give the folder written by `afpx evaluate CUBE -o DIR`")
     ds = xr.open_zarr(path, consolidated=False)
     missing = [n for n in names if n not in ds.variables]
     if missing:
-        raise AfpxError(f"{os.fspath(path)} has no {', '.join(missing)}; rerun `afpx evaluate`")
+        raise AfpxError(f"{path} has no {', '.join(missing)}; rerun `afpx evaluate`")
     return ds[list(names)].load() if names else ds.load()
 
 

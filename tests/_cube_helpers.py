@@ -193,3 +193,35 @@ def make_synthetic_cube(
             encoding[str(name)] = {"chunks": (min(chunk_sites, n_sites), *var.shape[1:])}
     ds.to_zarr(path, mode="w", zarr_format=3, consolidated=False, encoding=encoding)
     return path
+
+
+def mark_complete(path: str | Path) -> None:
+    """Set the cube's completion attribute (as a finished build does)."""
+    import zarr
+
+    from afpx.cube import COMPLETE_ATTR
+
+    zarr.open_group(path, mode="r+").attrs.update({COMPLETE_ATTR: True})
+
+
+def make_cube_with_likelihoods(path: str | Path) -> Path:
+    """A complete synthetic cube (24 structures) whose likelihoods favour the true element.
+
+    The true element gets 0.9, every other element a random value below 0.3,
+    and the softmax prediction is the true element.
+    """
+    path = make_synthetic_cube(path, n_structures=24, seed=3)
+    ds = xr.open_zarr(path, consolidated=False)
+    z = np.asarray(ds[schema.Z].values).astype(int)
+    rng = np.random.default_rng(0)
+    lk = (0.3 * rng.random((z.size, schema.N_ELEMENTS))).astype(np.float32)
+    lk[np.arange(z.size), z - 1] = 0.9
+    extra = xr.Dataset(
+        {
+            schema.LIKELIHOOD: ((schema.SITE, schema.ELEMENT), lk),
+            schema.SOFTMAX_PRED: ((schema.SITE,), z.astype(np.int16)),
+        }
+    )
+    extra.to_zarr(path, mode="a", zarr_format=3, consolidated=False)
+    mark_complete(path)
+    return Path(path)

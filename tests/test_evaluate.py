@@ -5,6 +5,7 @@ import math
 
 import numpy as np
 import pytest
+from _cube_helpers import make_cube_with_likelihoods, mark_complete
 from _rank_helpers import random_library
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -498,7 +499,7 @@ def _same_report(one, two) -> None:
 def synthetic_cube(tmp_path_factory):
     import xarray as xr
 
-    path = _synthetic_with_likelihood(tmp_path_factory.mktemp("eval"))
+    path = make_cube_with_likelihoods(tmp_path_factory.mktemp("eval") / "cube.zarr")
     return xr.open_zarr(path, consolidated=False).load()
 
 
@@ -638,35 +639,6 @@ def test_verdict_reports_a_model_that_does_not_beat_every_baseline() -> None:
 # -- the command line ------------------------------------------------------------------
 
 
-def _synthetic_with_likelihood(tmp_path):
-    import xarray as xr
-    from _cube_helpers import make_synthetic_cube
-
-    path = make_synthetic_cube(tmp_path / "cube.zarr", n_structures=24, seed=3)
-    ds = xr.open_zarr(path, consolidated=False)
-    z = np.asarray(ds[schema.Z].values).astype(int)
-    rng = np.random.default_rng(0)
-    lk = (0.3 * rng.random((z.size, schema.N_ELEMENTS))).astype(np.float32)
-    lk[np.arange(z.size), z - 1] = 0.9
-    extra = xr.Dataset(
-        {
-            schema.LIKELIHOOD: ((schema.SITE, schema.ELEMENT), lk),
-            schema.SOFTMAX_PRED: ((schema.SITE,), z.astype(np.int16)),
-        }
-    )
-    extra.to_zarr(path, mode="a", zarr_format=3, consolidated=False)
-    _mark_complete(path)
-    return path
-
-
-def _mark_complete(path):
-    import zarr
-
-    from afpx.cube import COMPLETE_ATTR
-
-    zarr.open_group(path, mode="r+").attrs.update({COMPLETE_ATTR: True})
-
-
 def test_cli_evaluate_writes_report(tmp_path) -> None:
     import json
 
@@ -675,7 +647,7 @@ def test_cli_evaluate_writes_report(tmp_path) -> None:
 
     from afpx.cli import main
 
-    cube = _synthetic_with_likelihood(tmp_path)
+    cube = make_cube_with_likelihoods(tmp_path / "cube.zarr")
     out = tmp_path / "report"
     res = CliRunner().invoke(
         main,
@@ -709,7 +681,7 @@ def test_cli_evaluate_fails_clearly_without_likelihoods(tmp_path) -> None:
     from afpx.cli import main
 
     cube = make_synthetic_cube(tmp_path / "bare.zarr", n_structures=6)
-    _mark_complete(cube)
+    mark_complete(cube)
     res = CliRunner().invoke(main, ["evaluate", str(cube), "-o", str(tmp_path / "r")])
     assert res.exit_code == 2
     assert "afpx likelihood" in res.output
@@ -943,7 +915,7 @@ def test_cli_evaluate_with_a_model_scores_in_memory(tmp_path) -> None:
     from afpx.cli import main
 
     cube = make_synthetic_cube(tmp_path / "cube.zarr", n_structures=30, seed=2)
-    _mark_complete(cube)
+    mark_complete(cube)
     model = train_tiny_model(cube, tmp_path / "model", epochs=2)
     out = tmp_path / "report"
     args = ["evaluate", str(cube), "--model", str(model), "-o", str(out), "--baselines", ""]
@@ -1091,7 +1063,7 @@ def test_evaluate_scores_the_fingerprint_baselines_and_the_likelihood_metrics(tm
     from afpx.baselines import BaselineParams
     from afpx.evaluate import evaluate
 
-    path = _synthetic_with_likelihood(tmp_path)
+    path = make_cube_with_likelihoods(tmp_path / "cube.zarr")
     ds = xr.open_zarr(path, consolidated=False)
     report = evaluate(
         ds,

@@ -21,7 +21,7 @@ def _parse_case(items: tuple[str, ...]) -> tuple[tuple[str, ...], ...] | None:
 
 
 @click.command("evaluate")
-@click.argument("cube", type=click.Path(exists=True, file_okay=False))
+@click.argument("cube")
 @click.option(
     "--model",
     type=click.Path(exists=True, file_okay=False),
@@ -39,10 +39,10 @@ def _parse_case(items: tuple[str, ...]) -> tuple[tuple[str, ...], ...] | None:
 @click.option(
     "-o",
     "--output",
-    type=click.Path(file_okay=False),
     default="evaluation",
     show_default=True,
-    help="Report folder: metrics.json and arrays.zarr.",
+    help="Report folder (a path or a URL such as s3://bucket/report): metrics.json and "
+    "arrays.zarr. Checked for writing before the evaluation starts.",
 )
 @click.option(
     "--baselines",
@@ -119,7 +119,13 @@ def evaluate_command(
     if model is not None:
         require_torch("afpx evaluate --model")
     from afpx.baselines import BaselineParams
-    from afpx.evaluate import EvaluateParams, evaluate, with_model_likelihoods, write_report
+    from afpx.evaluate import (
+        EvaluateParams,
+        evaluate,
+        prepare_report_dir,
+        with_model_likelihoods,
+        write_report,
+    )
 
     try:
         from afpx.cube import open_cube
@@ -135,6 +141,7 @@ def evaluate_command(
     if case is not None:
         params = dataclasses.replace(params, case_study=case)
     ds = open_cube(cube)
+    prepare_report_dir(output)  # a folder that cannot be written fails now, not after the work
     if model is not None:
         ds = with_model_likelihoods(ds, model, device=device)
     show = sys.stderr.isatty() if progress is None else progress

@@ -10,7 +10,7 @@ import click
 from afpx.cli import library_errors, require_modules, require_torch
 
 _OUT = click.argument("output", type=click.Path(dir_okay=False))
-_EVAL = click.argument("evaluation", type=click.Path(exists=True))
+_EVAL = click.argument("evaluation")
 _SPLIT = click.option(
     "--split",
     type=click.Choice(["train", "holdout", "test"]),

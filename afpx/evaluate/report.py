@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import numpy as np
 
-from afpx import schema
+from afpx import AfpxError, schema
 from afpx.evaluate.metrics import as_str_array
 from afpx.templates.util import jsonable
 
@@ -25,6 +26,7 @@ __all__ = [
     "afpx_version",
     "cube_summary",
     "json_attrs",
+    "prepare_report_dir",
     "summary_table",
     "verdict",
     "write_report",
@@ -204,32 +206,95 @@ def summary_table(metrics: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_report(report: EvaluationReport, out_dir: str | os.PathLike[str]) -> dict[str, Path]:
-    """Write ``metrics.json`` and ``arrays.zarr`` into a folder (created).
+def prepare_report_dir(out_dir: str | os.PathLike[str]) -> str:
+    """Make sure the report can be written to ``out_dir``, before any evaluation work.
+
+    A local folder is created (with its parents) and a probe file is written
+    and removed in it; at a URL (``s3://bucket/report``, any fsspec protocol)
+    the probe is written under the URL. An evaluation takes minutes to hours:
+    a report folder that cannot be written should fail it at the start, not
+    at the end.
+
+    Parameters
+    ----------
+    out_dir : str or path
+        The report folder: a local path or a URL.
+
+    Returns
+    -------
+    str
+        ``out_dir`` as a string.
+
+    Raises
+    ------
+    AfpxError
+        When the folder cannot be created or written, naming it and the reason.
+    """
+    from afpx.store import filesystem, is_url
+
+    where = os.fspath(out_dir)
+    probe_name = f".afpx-write-probe-{uuid.uuid4().hex[:8]}"
+    if is_url(where):
+        fs, root = filesystem(where)
+        probe = f"{root.rstrip('/')}/{probe_name}"
+        try:
+            fs.pipe_file(probe, b"")
+            fs.rm_file(probe)
+        except Exception as exc:  # each filesystem raises its own kinds
+            raise AfpxError(
+                f"cannot write the report to {where}: {exc}; check that the bucket or "
+                "folder exists and that you may write to it, or give a local -o folder"
+            ) from exc
+        return where
+    out = Path(where)
+    if out.exists() and not out.is_dir():
+        raise AfpxError(f"the report folder {where} is a file: give a folder for the report")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / probe_name).write_bytes(b"")
+        (out / probe_name).unlink()
+    except OSError as exc:
+        raise AfpxError(
+            f"cannot write the report folder {where}: {exc.strerror or exc}; "
+            "choose a folder you may write to"
+        ) from exc
+    return where
+
+
+def write_report(report: EvaluationReport, out_dir: str | os.PathLike[str]) -> dict[str, str]:
+    """Write ``arrays.zarr`` and then ``metrics.json`` into a folder (created).
+
+    ``metrics.json`` comes last, so a report that has it is complete.
 
     Parameters
     ----------
     report : EvaluationReport
         From :func:`evaluate`.
-    out_dir : path
-        The report folder.
+    out_dir : str or path
+        The report folder: a local path or a URL (``s3://bucket/report``).
 
     Returns
     -------
     dict
-        ``metrics`` and ``arrays``: the paths written.
+        ``metrics`` and ``arrays``: the paths (or URLs) written.
     """
     import json
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    metrics_path = out / "metrics.json"
-    arrays_path = out / "arrays.zarr"
-    metrics_path.write_text(json.dumps(jsonable(report.metrics), indent=2, allow_nan=True) + "\n")
+    from afpx.store import filesystem, is_url
+
+    where = prepare_report_dir(out_dir).rstrip("/")
+    metrics_path = f"{where}/metrics.json"
+    arrays_path = f"{where}/arrays.zarr"
+    text = json.dumps(jsonable(report.metrics), indent=2, allow_nan=True) + "\n"
     arrays = report.arrays.copy()
     # variable-length strings: fixed-width unicode has no stable zarr v3 spec
     for name in list(arrays.variables):
         if arrays[name].dtype.kind == "U":
             arrays[name] = arrays[name].astype(object)
     arrays.to_zarr(arrays_path, mode="w", zarr_format=3, consolidated=False)
+    if is_url(where):
+        fs, path = filesystem(metrics_path)
+        fs.pipe_file(path, text.encode())
+    else:
+        Path(metrics_path).write_text(text)
     return {"metrics": metrics_path, "arrays": arrays_path}

@@ -1,0 +1,114 @@
+"""Evaluation reports and screens at URLs (a local S3 server, moto's), and outputs that
+cannot be written: refused before any work, naming the path."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import xarray as xr
+from _cube_helpers import make_cube_with_likelihoods
+from _s3_helpers import s3_bucket
+from click.testing import CliRunner
+
+import afpx.evaluate
+from afpx import AfpxError, plots, store
+from afpx.cli import main
+from afpx.evaluate import prepare_report_dir
+
+FAST = ["--baselines", "constant,random", "--no-progress", "--scheduler", "synchronous"]
+
+
+@pytest.fixture(scope="module")
+def bucket() -> Iterator[str]:
+    with s3_bucket() as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def cube(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_cube_with_likelihoods(tmp_path_factory.mktemp("remote") / "cube.zarr")
+
+
+def _never_evaluate(monkeypatch: pytest.MonkeyPatch) -> None:
+    def fail(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the evaluation ran although its report cannot be written")
+
+    monkeypatch.setattr(afpx.evaluate, "evaluate", fail)
+
+
+def test_report_at_a_url_equals_the_local_one(bucket: str, cube: Path, tmp_path: Path) -> None:
+    local = tmp_path / "report"
+    assert CliRunner().invoke(main, ["evaluate", str(cube), "-o", str(local), *FAST]).exit_code == 0
+    # the cube read from the bucket too
+    fs, root = store.filesystem(bucket)
+    fs.put(str(cube), f"{root}/cube.zarr", recursive=True)
+    url = f"{bucket}/reports/one"
+    result = CliRunner().invoke(main, ["evaluate", f"{bucket}/cube.zarr", "-o", url, *FAST])
+    assert result.exit_code == 0, result.output
+    assert f"wrote {url}/metrics.json and {url}/arrays.zarr" in result.output
+    assert not Path("s3:").exists()  # the URL was not taken for a local folder
+    ours, theirs = plots.read_evaluation_metrics(local), plots.read_evaluation_metrics(url)
+    for metrics in (ours, theirs):
+        metrics.pop("runtime", None)
+        metrics.get("cube", {}).pop("path", None)
+    assert json.dumps(ours, sort_keys=True) == json.dumps(theirs, sort_keys=True)
+    xr.testing.assert_identical(
+        plots.read_evaluation_arrays(local, "confusion"),
+        plots.read_evaluation_arrays(url, "confusion"),
+    )
+    # the figures read a report at a URL as they read a folder
+    pytest.importorskip("matplotlib")
+    figure = tmp_path / "confusion.png"
+    drawn = CliRunner().invoke(main, ["plot", "confusion", url, str(figure)])
+    assert drawn.exit_code == 0, drawn.output
+    assert figure.read_bytes().startswith(b"\x89PNG")
+
+
+@pytest.mark.parametrize("where", ["file", "under_a_file"])
+def test_unwritable_report_folder_fails_before_the_evaluation(
+    where: str, cube: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a_file = tmp_path / "taken"
+    a_file.write_text("not a folder\n")
+    out = a_file if where == "file" else a_file / "report"
+    _never_evaluate(monkeypatch)
+    result = CliRunner().invoke(main, ["evaluate", str(cube), "-o", str(out), *FAST])
+    assert result.exit_code == 2, result.output
+    assert f"report folder {out}" in result.output
+    assert "Traceback" not in result.output
+    assert a_file.read_text() == "not a folder\n"
+
+
+def test_report_to_a_missing_bucket_fails_before_the_evaluation(
+    bucket: str, cube: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _never_evaluate(monkeypatch)
+    url = "s3://afpx-no-such-bucket-7f3a/report"
+    result = CliRunner().invoke(main, ["evaluate", str(cube), "-o", url, *FAST])
+    assert result.exit_code == 2, result.output
+    assert f"cannot write the report to {url}" in result.output
+    assert "bucket" in result.output
+
+
+def test_prepare_report_dir_creates_the_folder_and_leaves_no_probe(
+    bucket: str, tmp_path: Path
+) -> None:
+    out = tmp_path / "a" / "b"
+    assert prepare_report_dir(out) == str(out)
+    assert out.is_dir() and list(out.iterdir()) == []
+    url = f"{bucket}/empty-report"
+    assert prepare_report_dir(url) == url
+    fs, root = store.filesystem(url)
+    assert not fs.exists(root) or fs.ls(root, detail=False) == []
+
+
+def test_reading_a_report_that_is_not_there_names_it(bucket: str, tmp_path: Path) -> None:
+    with pytest.raises(AfpxError, match=r"metrics\.json not found"):
+        plots.read_evaluation_metrics(f"{bucket}/nothing-here")
+    with pytest.raises(AfpxError, match=r"arrays\.zarr not found"):
+        plots.read_evaluation_arrays(f"{bucket}/nothing-here", "confusion")
+    result = CliRunner().invoke(main, ["plot", "confusion", str(tmp_path / "no"), "x.png"])
+    assert result.exit_code == 2 and "not found" in result.output
