@@ -73,6 +73,8 @@ DONE: Final = "done"
 N_ROWS: Final = "n_rows"
 #: Attribute holding the screen's options (JSON), compared on resume.
 OPTIONS_ATTR: Final = "afpx_screen"
+#: Root attribute of a screen store being created (removed when its options are written).
+CREATING_ATTR: Final = "afpx_screen_creating"
 
 #: Per-row variables: name -> (dtype, fill value, has a ``slot`` dim).
 ROW_VARIABLES: Final[dict[str, tuple[str, Any, bool]]] = {
@@ -286,7 +288,13 @@ def _write_batch(
 
 
 # -- the store ----------------------------------------------------------------
-def _create_store(path: Path, options: ScreenOptions, sets: Sequence[tuple[str, ...]]) -> None:
+def _create_store(path: str, options: ScreenOptions, sets: Sequence[tuple[str, ...]]) -> None:
+    """Create the store's arrays; the options attribute, which makes it a screen, comes last.
+
+    Until then the root carries :data:`CREATING_ATTR`, so that a creation cut
+    short in place (at a URL; a local store is created beside its path and
+    renamed) is recognised and may be started again.
+    """
     import zarr
 
     from afpx.templates import element_symbols
@@ -295,8 +303,11 @@ def _create_store(path: Path, options: ScreenOptions, sets: Sequence[tuple[str, 
     lookup = {s: z for z, s in enumerate(element_symbols(), start=1)}
     # every chunk on disk, fill values included: a resumed store equals a one-shot one
     config: Any = {"write_empty_chunks": True}
-    group = zarr.open_group(path, mode="w-", zarr_format=3)
-    group.attrs[OPTIONS_ATTR] = json.dumps(options.to_attrs(), sort_keys=True)
+    from afpx.store import is_url
+
+    # a URL was checked (and cleared) by the caller: listings may lag behind a removal
+    group = zarr.open_group(path, mode="w" if is_url(path) else "w-", zarr_format=3)
+    group.attrs[CREATING_ATTR] = True
 
     def create(
         name: str, dims: tuple[str, ...], shape: tuple[int, ...], dtype: str, fill: Any
@@ -324,18 +335,32 @@ def _create_store(path: Path, options: ScreenOptions, sets: Sequence[tuple[str, 
     for name, (dtype, fill) in SET_VARIABLES.items():
         create(name, (SET,), (n,), dtype, fill)
     create(DONE, (SET,), (n,), "bool", False)
+    attrs = dict(group.attrs)
+    del attrs[CREATING_ATTR]
+    attrs[OPTIONS_ATTR] = json.dumps(options.to_attrs(), sort_keys=True)
+    group.attrs.put(attrs)
 
 
-def _stored_options(path: Path) -> dict[str, Any] | None:
-    """The options of the screen store at ``path``, or None if it is not one."""
+def _root_attrs(path: str) -> dict[str, Any] | None:
+    """The root attributes of the zarr group at ``path`` (a path or URL), or None."""
     import zarr
 
     try:
-        group = zarr.open_group(path, mode="r", zarr_format=3)
+        return dict(zarr.open_group(path, mode="r", zarr_format=3).attrs)
     except (OSError, ValueError, zarr.errors.BaseZarrError):
         return None
-    raw = group.attrs.get(OPTIONS_ATTR)
+
+
+def _stored_options(path: str) -> dict[str, Any] | None:
+    """The options of the screen store at ``path``, or None if it is not one."""
+    raw = (_root_attrs(path) or {}).get(OPTIONS_ATTR)
     return json.loads(raw) if isinstance(raw, str) else None
+
+
+def _cut_short_while_created(path: str) -> bool:
+    """Whether ``path`` holds a screen store whose creation did not finish."""
+    attrs = _root_attrs(path)
+    return attrs is not None and bool(attrs.get(CREATING_ATTR)) and OPTIONS_ATTR not in attrs
 
 
 def _differences(stored: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
@@ -356,7 +381,7 @@ def open_screen(path: str | os.PathLike[str]) -> xr.Dataset:
     """
     import xarray as xr
 
-    stored = _stored_options(Path(path))
+    stored = _stored_options(os.fspath(path))
     if stored is None:
         raise AfpxError(f"{os.fspath(path)!r} is not an afpx screen store (made by `afpx screen`)")
     ds = xr.open_zarr(path, consolidated=False, zarr_format=3)
@@ -421,8 +446,9 @@ def screen(
         The chemical space, e.g. ``"Li,Na,Mn,Fe,Ge,Si"``.
     size : int
         Elements per set (2: binaries, 3: ternaries, ...).
-    output : path
-        The zarr store to write (a local folder).
+    output : str or path
+        The zarr store to write: a local folder or a URL (``s3://bucket/screen.zarr``,
+        any fsspec protocol; written in place there, the options attribute last).
     cube : path, optional
         A cube with likelihoods; default: the built-in template library.
     library : TemplateLibrary, optional
@@ -474,47 +500,66 @@ def screen(
     )
     lib = library if library is not None else _library(options.cube)
     _check_library(lib, options)
-    path = Path(output)
+    from afpx import store
+
+    where = os.fspath(output) if store.is_url(output) else os.path.abspath(os.fspath(output))
     sets = element_sets(symbols, size)
-    if path.exists():
-        stored = _stored_options(path)
-        if stored is None:
+    if store.exists(where):
+        stored = _stored_options(where)
+        if stored is None and _cut_short_while_created(where):
+            if not (resume or overwrite):
+                raise AfpxError(
+                    f"{where!r} holds a screen whose creation was cut short (nothing was "
+                    "ranked yet): pass --resume or --overwrite to start it again"
+                )
+            store.remove(where)
+        elif stored is None:
             raise AfpxError(
-                f"{os.fspath(path)!r} exists and is not an afpx screen store; "
+                f"{where!r} exists and is not an afpx screen store; "
                 "choose another output (nothing was changed)"
             )
-        if resume:
+        elif resume:
             differ = _differences(stored, options.to_attrs())
             if differ:
                 raise AfpxError(
-                    f"cannot resume {os.fspath(path)!r} with other options ("
+                    f"cannot resume {where!r} with other options ("
                     + "; ".join(differ)
                     + "): rerun with the stored ones, or pass --overwrite to start again"
                 )
         elif overwrite:
-            shutil.rmtree(path)
+            store.remove(where)
         else:
             raise AfpxError(
-                f"{os.fspath(path)!r} exists: pass --resume to continue that screen "
+                f"{where!r} exists: pass --resume to continue that screen "
                 "or --overwrite to replace it"
             )
-    if path.exists():
-        # temporaries of chunk writes cut short by a kill (zarr writes a chunk
-        # to ``NAME.HEX.partial``, then renames it)
-        for leftover in path.rglob("*.partial"):
-            leftover.unlink()
+    if store.exists(where):
+        if not store.is_url(where):
+            # temporaries of chunk writes cut short by a kill (zarr writes a chunk
+            # to ``NAME.HEX.partial``, then renames it)
+            for leftover in Path(where).rglob("*.partial"):
+                leftover.unlink()
+    elif store.is_url(where):
+        # object stores have no rename: created in place, the options attribute last
+        _create_store(where, options, sets)
     else:
         # made beside it and renamed: a kill while creating leaves no half store
+        path = Path(where)
+        if not path.parent.is_dir():
+            raise AfpxError(
+                f"the folder {path.parent} of {where} does not exist; create it or choose "
+                "another output"
+            )
         partial = path.with_name(f".{path.name}.{uuid.uuid4().hex}.creating")
         try:
-            _create_store(partial, options, sets)
+            _create_store(str(partial), options, sets)
             partial.rename(path)
         finally:
             shutil.rmtree(partial, ignore_errors=True)
 
     import zarr
 
-    done = np.asarray(zarr.open_array(path / DONE, mode="r")[:])
+    done = np.asarray(zarr.open_array(f"{where}/{DONE}", mode="r")[:])
     starts = range(0, len(sets), batch_size)
     pending = [s for s in starts if not done[s : s + batch_size].all()]
     if len(pending) < len(starts):
@@ -539,7 +584,7 @@ def screen(
     tasks = [
         dask.delayed(_write_batch, pure=False)(
             source,
-            os.path.abspath(path),
+            where,
             start,
             sets[start : start + batch_size],
             options,
@@ -549,4 +594,4 @@ def screen(
     ]
     if tasks:
         compute(*tasks, progress=progress)
-    return open_screen(path)
+    return open_screen(where)

@@ -3,20 +3,26 @@ cannot be written: refused before any work, naming the path."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 import xarray as xr
 from _cube_helpers import make_cube_with_likelihoods
+from _rank_helpers import random_library
 from _s3_helpers import s3_bucket
 from click.testing import CliRunner
 
 import afpx.evaluate
+import afpx.screen
 from afpx import AfpxError, plots, store
 from afpx.cli import main
 from afpx.evaluate import prepare_report_dir
+from afpx.screen import CREATING_ATTR, open_screen, screen
+from afpx.templates import TemplateLibrary
 
 FAST = ["--baselines", "constant,random", "--no-progress", "--scheduler", "synchronous"]
 
@@ -112,3 +118,69 @@ def test_reading_a_report_that_is_not_there_names_it(bucket: str, tmp_path: Path
         plots.read_evaluation_arrays(f"{bucket}/nothing-here", "confusion")
     result = CliRunner().invoke(main, ["plot", "confusion", str(tmp_path / "no"), "x.png"])
     assert result.exit_code == 2 and "not found" in result.output
+
+
+# -- screens -------------------------------------------------------------------------------
+SPACE = ["Li", "Mn", "Ge", "O"]
+
+
+@pytest.fixture(scope="module")
+def library() -> TemplateLibrary:
+    """Random templates whose sites carry only the screened elements."""
+    lib = random_library(np.random.default_rng(7), 12, max_sites=4, multiplicities=(1, 2, 3))
+    z = np.random.default_rng(8).choice(np.asarray([3, 25, 32, 8], dtype=np.int16), lib.z.size)
+    return dataclasses.replace(lib, z=z)
+
+
+def test_screen_at_a_url_equals_the_local_one(
+    bucket: str, library: TemplateLibrary, tmp_path: Path
+) -> None:
+    local = screen(SPACE, 2, tmp_path / "s.zarr", library=library, top=4, batch_size=2)
+    url = f"{bucket}/screens/s.zarr"
+    remote = screen(SPACE, 2, url, library=library, top=4, batch_size=2)
+    xr.testing.assert_identical(local.load(), remote.load())
+    assert not Path("s3:").exists()
+    with pytest.raises(AfpxError, match="pass --resume to continue"):
+        screen(SPACE, 2, url, library=library, top=4, batch_size=2)
+    again = screen(SPACE, 2, url, library=library, top=4, batch_size=2, overwrite=True)
+    xr.testing.assert_identical(local.load(), again.load())
+
+
+def test_a_url_screen_cut_short_while_created_is_started_again(
+    bucket: str, library: TemplateLibrary, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # an object store has no rename: the half store stays, marked as being created
+    create = afpx.screen._create_store
+
+    def cut(path: str, *args: object) -> None:
+        create(path, *args)  # type: ignore[arg-type]
+        raise KeyboardInterrupt
+
+    url = f"{bucket}/screens/cut.zarr"
+    monkeypatch.setattr(afpx.screen, "_create_store", cut)
+    with pytest.raises(KeyboardInterrupt):
+        screen(SPACE, 2, url, library=library, top=4, batch_size=2)
+    monkeypatch.undo()
+    # the cut came after the arrays, before the options: mark it so by hand
+    group = store.open_group(url, mode="r+")
+    attrs = dict(group.attrs)
+    attrs.pop(afpx.screen.OPTIONS_ATTR)
+    group.attrs.put({**attrs, CREATING_ATTR: True})
+    with pytest.raises(AfpxError, match="creation was cut short"):
+        screen(SPACE, 2, url, library=library, top=4, batch_size=2)
+    with pytest.raises(AfpxError, match="not an afpx screen store"):
+        open_screen(url)
+    resumed = screen(SPACE, 2, url, library=library, top=4, batch_size=2, resume=True)
+    one_shot = screen(SPACE, 2, tmp_path / "one.zarr", library=library, top=4, batch_size=2)
+    xr.testing.assert_identical(one_shot.load(), resumed.load())
+
+
+def test_screen_output_in_a_missing_folder_is_refused(tmp_path: Path) -> None:
+    a_file = tmp_path / "taken"
+    a_file.write_text("x\n")
+    result = CliRunner().invoke(
+        main, ["screen", "-e", "Li,Mn,Ge", "-k", "2", "-o", str(a_file / "s.zarr")]
+    )
+    assert result.exit_code == 2, result.output
+    assert f"the folder {a_file} of {a_file / 's.zarr'} does not exist" in result.output
+    assert "Traceback" not in result.output

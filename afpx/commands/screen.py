@@ -21,7 +21,13 @@ from afpx.commands.ingest import echo_warnings, scheduler_option
 @click.option(
     "--size", "-k", type=int, required=True, help="Elements per set (2: binaries, 3: ternaries)."
 )
-@click.option("--output", "-o", type=click.Path(), required=True, help="The zarr store to write.")
+@click.option(
+    "--output",
+    "-o",
+    type=click.Path(),
+    required=True,
+    help="The zarr store to write: a path or a URL such as s3://bucket/screen.zarr.",
+)
 @click.option(
     "--cube",
     type=click.Path(),
