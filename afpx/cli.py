@@ -27,7 +27,12 @@ class AfpxUsageError(click.UsageError):
 
 
 def library_errors(func: F) -> F:
-    """Turn :class:`afpx.AfpxError` into a one-line error with exit code 2."""
+    """Turn :class:`afpx.AfpxError` and :class:`OSError` into a one-line error with exit code 2.
+
+    An operating-system error (no space left, permission denied, a read-only
+    file system) is shown as its reason and the file it concerns; its
+    traceback goes to the debug log (``-vv``).
+    """
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -35,8 +40,19 @@ def library_errors(func: F) -> F:
             return func(*args, **kwargs)
         except AfpxError as exc:
             raise AfpxUsageError(str(exc)) from exc
+        except OSError as exc:
+            logging.getLogger("afpx").debug("operating-system error", exc_info=True)
+            raise AfpxUsageError(os_error_message(exc)) from exc
 
     return wrapper  # type: ignore[return-value]
+
+
+def os_error_message(exc: OSError) -> str:
+    """One line for an operating-system error: its reason, and the file(s) it names."""
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    files = [f for f in (exc.filename, exc.filename2) if f is not None]
+    where = " -> ".join(str(f) for f in files)
+    return f"{reason}: {where}" if where else reason
 
 
 #: How to add PyTorch; the CPU build avoids a multi-gigabyte CUDA download.
@@ -133,7 +149,10 @@ def cli_reference(*, width: int = 88) -> str:
         "Generated from the live `--help` of every command by "
         "`python scripts/make_cli_docs.py`; a test fails when this page and the",
         "help differ. Every command prints the same text with `-h`. Library errors (bad input,",
-        "missing data) are one-line messages with exit code 2; tracebacks mean a bug.",
+        "missing data) are one-line messages with exit code 2, and so are operating-system",
+        "errors (no space left, permission denied: the reason and the file; the traceback with",
+        "`-vv`). Outputs that take long to make are checked for writing before the work starts.",
+        "Other tracebacks mean a bug.",
     ]
 
     def walk(command: click.Command, parent: click.Context | None, name: str) -> None:

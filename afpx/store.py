@@ -72,6 +72,7 @@ __all__ = [
     "open_group",
     "partials",
     "pick",
+    "prepare_folder",
     "publish",
     "release",
     "remove",
@@ -654,6 +655,60 @@ def remove(path: str | os.PathLike[str]) -> None:
     if fs.exists(where):
         fs.rm(where, recursive=True)
     fs.invalidate_cache(where)
+
+
+def prepare_folder(path: str | os.PathLike[str], *, what: str = "the output folder") -> str:
+    """Make sure files can be written into the folder ``path`` before any work is done.
+
+    A local folder is created (with its parents) and a probe file is written
+    and removed in it; at a URL (``s3://bucket/report``, any fsspec protocol)
+    the probe is written under the URL. Commands that work for minutes call
+    this first, so that an output that cannot be written fails them at the
+    start rather than at the end.
+
+    Parameters
+    ----------
+    path : str or path
+        A local folder or a URL.
+    what : str
+        How the error message names the folder (``"the report folder"``).
+
+    Returns
+    -------
+    str
+        ``path`` as a string.
+
+    Raises
+    ------
+    AfpxError
+        When the folder cannot be created or written, naming it and the reason.
+    """
+    where = os.fspath(path)
+    probe_name = f".afpx-write-probe-{uuid.uuid4().hex[:8]}"
+    if is_url(where):
+        fs, root = filesystem(where)
+        probe = f"{root.rstrip('/')}/{probe_name}"
+        try:
+            fs.pipe_file(probe, b"")
+            fs.rm_file(probe)
+        except Exception as exc:  # each filesystem raises its own kinds
+            raise AfpxError(
+                f"cannot write {what} to {where}: {exc}; check that the bucket or folder "
+                "exists and that you may write to it, or give a local folder"
+            ) from exc
+        return where
+    out = Path(where)
+    if out.exists() and not out.is_dir():
+        raise AfpxError(f"{what} {where} is a file: give a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / probe_name).write_bytes(b"")
+        (out / probe_name).unlink()
+    except OSError as exc:
+        raise AfpxError(
+            f"cannot write {what} {where}: {exc.strerror or exc}; choose a folder you may write to"
+        ) from exc
+    return where
 
 
 def publish(

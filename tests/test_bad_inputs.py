@@ -177,6 +177,23 @@ VALUE_CASES = {
     ),
     "set_key": Case(("train", "{cube}", "-o", "{new}", "--set", "colour=red"), "colour"),
     "epochs": Case(("train", "{cube}", "-o", "{new}", "--epochs", "-1"), "got -1"),
+    # outputs that cannot be written: refused before the work, naming the path
+    "cif_folder_under_a_file": Case(
+        ("rank", "--elements", "Mn,Ge", "--export-cif", "{lime}/cifs"),
+        "cannot write the --export-cif folder",
+    ),
+    "cif_folder_url": Case(
+        ("rank", "--elements", "Mn,Ge", "--export-cif", "s3://bucket/cifs"),
+        "--export-cif writes local files",
+    ),
+    "model_folder_under_a_file": Case(
+        ("train", "{cube}", "-o", "{lime}/model", "--epochs", "1", "--no-progress"),
+        "cannot write the model folder",
+    ),
+    "screen_under_a_file": Case(
+        ("screen", "-e", "Li,Mn,Ge", "-k", "2", "-o", "{lime}/s.zarr", "--no-progress"),
+        "lime.cif of",
+    ),
 }
 
 

@@ -20,7 +20,6 @@ import afpx.evaluate
 import afpx.screen
 from afpx import AfpxError, plots, store
 from afpx.cli import main
-from afpx.evaluate import prepare_report_dir
 from afpx.screen import CREATING_ATTR, open_screen, screen
 from afpx.templates import TemplateLibrary
 
@@ -83,7 +82,7 @@ def test_unwritable_report_folder_fails_before_the_evaluation(
     _never_evaluate(monkeypatch)
     result = CliRunner().invoke(main, ["evaluate", str(cube), "-o", str(out), *FAST])
     assert result.exit_code == 2, result.output
-    assert f"report folder {out}" in result.output
+    assert f"the report folder {out}" in result.output
     assert "Traceback" not in result.output
     assert a_file.read_text() == "not a folder\n"
 
@@ -95,18 +94,16 @@ def test_report_to_a_missing_bucket_fails_before_the_evaluation(
     url = "s3://afpx-no-such-bucket-7f3a/report"
     result = CliRunner().invoke(main, ["evaluate", str(cube), "-o", url, *FAST])
     assert result.exit_code == 2, result.output
-    assert f"cannot write the report to {url}" in result.output
+    assert f"cannot write the report folder to {url}" in result.output
     assert "bucket" in result.output
 
 
-def test_prepare_report_dir_creates_the_folder_and_leaves_no_probe(
-    bucket: str, tmp_path: Path
-) -> None:
+def test_prepare_folder_creates_the_folder_and_leaves_no_probe(bucket: str, tmp_path: Path) -> None:
     out = tmp_path / "a" / "b"
-    assert prepare_report_dir(out) == str(out)
+    assert store.prepare_folder(out) == str(out)
     assert out.is_dir() and list(out.iterdir()) == []
     url = f"{bucket}/empty-report"
-    assert prepare_report_dir(url) == url
+    assert store.prepare_folder(url) == url
     fs, root = store.filesystem(url)
     assert not fs.exists(root) or fs.ls(root, detail=False) == []
 
@@ -184,3 +181,29 @@ def test_screen_output_in_a_missing_folder_is_refused(tmp_path: Path) -> None:
     assert result.exit_code == 2, result.output
     assert f"the folder {a_file} of {a_file / 's.zarr'} does not exist" in result.output
     assert "Traceback" not in result.output
+
+
+# -- operating-system errors in any command ------------------------------------------------
+@pytest.mark.parametrize(
+    ("error", "line"),
+    [
+        (
+            PermissionError(13, "Permission denied", "/data/cube.zarr"),
+            "Permission denied: /data/cube.zarr",
+        ),
+        (OSError(28, "No space left on device"), "No space left on device"),
+        (
+            OSError(18, "Invalid cross-device link", "/a", None, "/b"),
+            "Invalid cross-device link: /a -> /b",
+        ),
+    ],
+)
+def test_an_os_error_is_one_line_naming_the_file(error: OSError, line: str) -> None:
+    from afpx.cli import AfpxUsageError, library_errors
+
+    def command() -> None:
+        raise error
+
+    with pytest.raises(AfpxUsageError) as caught:
+        library_errors(command)()
+    assert caught.value.format_message() == line

@@ -122,10 +122,10 @@ def evaluate_command(
     from afpx.evaluate import (
         EvaluateParams,
         evaluate,
-        prepare_report_dir,
         with_model_likelihoods,
         write_report,
     )
+    from afpx.store import prepare_folder
 
     try:
         from afpx.cube import open_cube
@@ -141,7 +141,8 @@ def evaluate_command(
     if case is not None:
         params = dataclasses.replace(params, case_study=case)
     ds = open_cube(cube)
-    prepare_report_dir(output)  # a folder that cannot be written fails now, not after the work
+    # a folder that cannot be written fails now, not after the work
+    prepare_folder(output, what="the report folder")
     if model is not None:
         ds = with_model_likelihoods(ds, model, device=device)
     show = sys.stderr.isatty() if progress is None else progress

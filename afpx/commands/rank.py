@@ -176,6 +176,13 @@ def rank_command(
             f"--export-cif: cube {cube!r} stores no template geometry (built by an older "
             f"afpx); rebuild it with `afpx build-cube`, or rank without --export-cif"
         )
+    if export_cif is not None:
+        from afpx.store import is_url, prepare_folder
+
+        if is_url(export_cif):
+            raise AfpxError(f"--export-cif writes local files: give a folder, not {export_cif}")
+        # a folder that cannot be written fails now, not after ranking (and relaxing)
+        prepare_folder(export_cif, what="the --export-cif folder")
     options: dict[str, Any] = {"exclude_own_formula": exclude_own_formula}
     if max_sites is not None:
         options["max_unique_sites"] = max_sites

@@ -34,7 +34,6 @@ from afpx.evaluate.metrics import (
 from afpx.evaluate.params import VARIANTS, EvaluateParams
 from afpx.evaluate.report import (
     EvaluationReport,
-    prepare_report_dir,
     summary_table,
     verdict,
     write_report,
@@ -58,7 +57,6 @@ __all__ = [
     "likelihood_histogram",
     "optimality_score",
     "per_site_metrics",
-    "prepare_report_dir",
     "sample_sets",
     "scored_libraries",
     "set_positions",

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import os
-import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import numpy as np
 
-from afpx import AfpxError, schema
+from afpx import schema
 from afpx.evaluate.metrics import as_str_array
 from afpx.templates.util import jsonable
 
@@ -26,7 +25,6 @@ __all__ = [
     "afpx_version",
     "cube_summary",
     "json_attrs",
-    "prepare_report_dir",
     "summary_table",
     "verdict",
     "write_report",
@@ -206,61 +204,6 @@ def summary_table(metrics: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def prepare_report_dir(out_dir: str | os.PathLike[str]) -> str:
-    """Make sure the report can be written to ``out_dir``, before any evaluation work.
-
-    A local folder is created (with its parents) and a probe file is written
-    and removed in it; at a URL (``s3://bucket/report``, any fsspec protocol)
-    the probe is written under the URL. An evaluation takes minutes to hours:
-    a report folder that cannot be written should fail it at the start, not
-    at the end.
-
-    Parameters
-    ----------
-    out_dir : str or path
-        The report folder: a local path or a URL.
-
-    Returns
-    -------
-    str
-        ``out_dir`` as a string.
-
-    Raises
-    ------
-    AfpxError
-        When the folder cannot be created or written, naming it and the reason.
-    """
-    from afpx.store import filesystem, is_url
-
-    where = os.fspath(out_dir)
-    probe_name = f".afpx-write-probe-{uuid.uuid4().hex[:8]}"
-    if is_url(where):
-        fs, root = filesystem(where)
-        probe = f"{root.rstrip('/')}/{probe_name}"
-        try:
-            fs.pipe_file(probe, b"")
-            fs.rm_file(probe)
-        except Exception as exc:  # each filesystem raises its own kinds
-            raise AfpxError(
-                f"cannot write the report to {where}: {exc}; check that the bucket or "
-                "folder exists and that you may write to it, or give a local -o folder"
-            ) from exc
-        return where
-    out = Path(where)
-    if out.exists() and not out.is_dir():
-        raise AfpxError(f"the report folder {where} is a file: give a folder for the report")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / probe_name).write_bytes(b"")
-        (out / probe_name).unlink()
-    except OSError as exc:
-        raise AfpxError(
-            f"cannot write the report folder {where}: {exc.strerror or exc}; "
-            "choose a folder you may write to"
-        ) from exc
-    return where
-
-
 def write_report(report: EvaluationReport, out_dir: str | os.PathLike[str]) -> dict[str, str]:
     """Write ``arrays.zarr`` and then ``metrics.json`` into a folder (created).
 
@@ -280,9 +223,9 @@ def write_report(report: EvaluationReport, out_dir: str | os.PathLike[str]) -> d
     """
     import json
 
-    from afpx.store import filesystem, is_url
+    from afpx.store import filesystem, is_url, prepare_folder
 
-    where = prepare_report_dir(out_dir).rstrip("/")
+    where = prepare_folder(out_dir, what="the report folder").rstrip("/")
     metrics_path = f"{where}/metrics.json"
     arrays_path = f"{where}/arrays.zarr"
     text = json.dumps(jsonable(report.metrics), indent=2, allow_nan=True) + "\n"
