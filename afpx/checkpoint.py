@@ -52,14 +52,19 @@ MANIFEST_FORMAT = "afpx-model-package"
 
 
 def open_store(path: str | os.PathLike[str]) -> Any:
-    """Open a cube's zarr group read-only (plain zarr, no dask: safe in workers)."""
+    """Open a cube's zarr group read-only (plain zarr, no dask: safe in workers).
+
+    ``path`` is a local path or a URL (``s3://bucket/cube.zarr``).
+    """
     import zarr
 
-    p = Path(path)
-    if not p.exists():
-        raise AfpxError(f"cube {str(path)!r} does not exist; build it with `afpx build-cube`")
+    from afpx.store import exists
+
+    where = os.fspath(path)
+    if not exists(where):
+        raise AfpxError(f"cube {where!r} does not exist; build it with `afpx build-cube`")
     try:
-        return zarr.open_group(str(p), mode="r")
+        return zarr.open_group(where, mode="r")
     except Exception as exc:  # zarr raises several kinds for a non-store
         raise AfpxError(f"{str(path)!r} is not a zarr store: {exc}") from exc
 

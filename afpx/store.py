@@ -55,6 +55,7 @@ __all__ = [
     "CHECKSUMS_GROUP",
     "build_key",
     "check_chunks",
+    "check_writable_folder",
     "chunk_tasks",
     "claim",
     "done_chunks",
@@ -72,7 +73,6 @@ __all__ = [
     "open_group",
     "partials",
     "pick",
-    "prepare_folder",
     "publish",
     "release",
     "remove",
@@ -657,14 +657,15 @@ def remove(path: str | os.PathLike[str]) -> None:
     fs.invalidate_cache(where)
 
 
-def prepare_folder(path: str | os.PathLike[str], *, what: str = "the output folder") -> str:
-    """Make sure files can be written into the folder ``path`` before any work is done.
+def check_writable_folder(path: str | os.PathLike[str], *, what: str = "the output folder") -> str:
+    """Make sure files can be written into the folder ``path``, before any work is done.
 
-    A local folder is created (with its parents) and a probe file is written
-    and removed in it; at a URL (``s3://bucket/report``, any fsspec protocol)
-    the probe is written under the URL. Commands that work for minutes call
-    this first, so that an output that cannot be written fails them at the
-    start rather than at the end.
+    Nothing is created: a probe file is written and removed in the folder, or,
+    when it does not exist yet, in its nearest existing parent folder; at a
+    URL (``s3://bucket/report``, any fsspec protocol) the probe is written
+    under the URL. Commands that work for minutes call this first, so that an
+    output that cannot be written fails them at the start rather than at the
+    end, and a command that fails leaves no empty folder behind.
 
     Parameters
     ----------
@@ -681,7 +682,7 @@ def prepare_folder(path: str | os.PathLike[str], *, what: str = "the output fold
     Raises
     ------
     AfpxError
-        When the folder cannot be created or written, naming it and the reason.
+        When the folder could not be created or written, naming it and the reason.
     """
     where = os.fspath(path)
     probe_name = f".afpx-write-probe-{uuid.uuid4().hex[:8]}"
@@ -697,16 +698,19 @@ def prepare_folder(path: str | os.PathLike[str], *, what: str = "the output fold
                 "exists and that you may write to it, or give a local folder"
             ) from exc
         return where
-    out = Path(where)
+    out = Path(where).absolute()
     if out.exists() and not out.is_dir():
         raise AfpxError(f"{what} {where} is a file: give a folder")
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    if not existing.is_dir():
+        raise AfpxError(f"cannot write {what} {where}: {existing} is a file, not a folder")
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / probe_name).write_bytes(b"")
-        (out / probe_name).unlink()
+        (existing / probe_name).write_bytes(b"")
+        (existing / probe_name).unlink()
     except OSError as exc:
         raise AfpxError(
-            f"cannot write {what} {where}: {exc.strerror or exc}; choose a folder you may write to"
+            f"cannot write {what} {where}: {exc.strerror or exc} in {existing}; "
+            "choose a folder you may write to"
         ) from exc
     return where
 

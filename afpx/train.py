@@ -58,7 +58,7 @@ from afpx.checkpoint import (
     write_manifest,
 )
 from afpx.features import context_from_store
-from afpx.store import prepare_folder
+from afpx.store import check_writable_folder
 
 if TYPE_CHECKING:
     from afpx.model import AFPNet, ModelConfig, ModelOutput, SiteNet
@@ -871,7 +871,7 @@ def train(
         mcfg = model_config or ModelConfig()
         tcfg = train_config or TrainConfig()
     # a folder that cannot be written fails now, not after the set-up
-    prepare_folder(out_dir, what="the model folder")
+    check_writable_folder(out_dir, what="the model folder")
 
     torch.manual_seed(tcfg.seed)
     net = build_net(mcfg)
@@ -949,6 +949,7 @@ def train(
         rows = [r for r in state.get("rows", []) if int(r["epoch"]) <= first_epoch]
         best = dict(state.get("best", best))
 
+    out_dir.mkdir(parents=True, exist_ok=True)
     meta = {
         "format": FORMAT,
         "afpx_version": __version__,

@@ -98,12 +98,14 @@ def test_report_to_a_missing_bucket_fails_before_the_evaluation(
     assert "bucket" in result.output
 
 
-def test_prepare_folder_creates_the_folder_and_leaves_no_probe(bucket: str, tmp_path: Path) -> None:
+def test_check_writable_folder_creates_nothing_and_leaves_no_probe(
+    bucket: str, tmp_path: Path
+) -> None:
     out = tmp_path / "a" / "b"
-    assert store.prepare_folder(out) == str(out)
-    assert out.is_dir() and list(out.iterdir()) == []
+    assert store.check_writable_folder(out) == str(out)
+    assert list(tmp_path.iterdir()) == []
     url = f"{bucket}/empty-report"
-    assert store.prepare_folder(url) == url
+    assert store.check_writable_folder(url) == url
     fs, root = store.filesystem(url)
     assert not fs.exists(root) or fs.ls(root, detail=False) == []
 
@@ -207,3 +209,26 @@ def test_an_os_error_is_one_line_naming_the_file(error: OSError, line: str) -> N
     with pytest.raises(AfpxUsageError) as caught:
         library_errors(command)()
     assert caught.value.format_message() == line
+
+
+def test_training_from_a_cube_at_a_url_equals_training_from_the_folder(
+    bucket: str, cube: Path, tmp_path: Path
+) -> None:
+    torch = pytest.importorskip("torch")
+    from _model_helpers import train_tiny_model
+
+    from afpx.checkpoint import load_weights
+
+    fs, root = store.filesystem(bucket)
+    fs.put(str(cube), f"{root}/train/cube.zarr", recursive=True)
+    local = train_tiny_model(cube, tmp_path / "local", epochs=1)
+    remote = train_tiny_model(f"{bucket}/train/cube.zarr", tmp_path / "remote", epochs=1)
+    ours, theirs = load_weights(local / "model.pt"), load_weights(remote / "model.pt")
+    assert ours.keys() == theirs.keys()
+    for name in ours:
+        assert torch.equal(ours[name], theirs[name]), name
+    missing = CliRunner().invoke(
+        main, ["train", f"{bucket}/no-cube.zarr", "-o", str(tmp_path / "m")]
+    )
+    assert missing.exit_code == 2
+    assert f"cube '{bucket}/no-cube.zarr' does not exist" in missing.output

@@ -125,7 +125,7 @@ def evaluate_command(
         with_model_likelihoods,
         write_report,
     )
-    from afpx.store import prepare_folder
+    from afpx.store import check_writable_folder
 
     try:
         from afpx.cube import open_cube
@@ -142,7 +142,7 @@ def evaluate_command(
         params = dataclasses.replace(params, case_study=case)
     ds = open_cube(cube)
     # a folder that cannot be written fails now, not after the work
-    prepare_folder(output, what="the report folder")
+    check_writable_folder(output, what="the report folder")
     if model is not None:
         ds = with_model_likelihoods(ds, model, device=device)
     show = sys.stderr.isatty() if progress is None else progress

@@ -56,7 +56,7 @@ def build_configs(
 
 
 @click.command("train")
-@click.argument("cube", type=click.Path(exists=True, file_okay=False))
+@click.argument("cube")
 @click.option(
     "-o",
     "--output",

@@ -177,12 +177,12 @@ def rank_command(
             f"afpx); rebuild it with `afpx build-cube`, or rank without --export-cif"
         )
     if export_cif is not None:
-        from afpx.store import is_url, prepare_folder
+        from afpx.store import check_writable_folder, is_url
 
         if is_url(export_cif):
             raise AfpxError(f"--export-cif writes local files: give a folder, not {export_cif}")
         # a folder that cannot be written fails now, not after ranking (and relaxing)
-        prepare_folder(export_cif, what="the --export-cif folder")
+        check_writable_folder(export_cif, what="the --export-cif folder")
     options: dict[str, Any] = {"exclude_own_formula": exclude_own_formula}
     if max_sites is not None:
         options["max_unique_sites"] = max_sites

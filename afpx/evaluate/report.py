@@ -223,9 +223,11 @@ def write_report(report: EvaluationReport, out_dir: str | os.PathLike[str]) -> d
     """
     import json
 
-    from afpx.store import filesystem, is_url, prepare_folder
+    from afpx.store import check_writable_folder, filesystem, is_url
 
-    where = prepare_folder(out_dir, what="the report folder").rstrip("/")
+    where = check_writable_folder(out_dir, what="the report folder").rstrip("/")
+    if not is_url(where):
+        Path(where).mkdir(parents=True, exist_ok=True)
     metrics_path = f"{where}/metrics.json"
     arrays_path = f"{where}/arrays.zarr"
     text = json.dumps(jsonable(report.metrics), indent=2, allow_nan=True) + "\n"
