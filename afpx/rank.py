@@ -584,15 +584,15 @@ def load_library(cube: str | os.PathLike[str] | None = None) -> TemplateLibrary:
     from afpx.cube import open_cube, structure_geometry
     from afpx.templates import TemplateGeometry
 
-    path = Path(cube)
+    path = os.fspath(cube)  # a local path or a URL (not a Path: it would mangle "s3://")
     ds = open_cube(path)
     if schema.LIKELIHOOD not in ds.variables and schema.LIKELIHOOD_MEAN not in ds.variables:
         raise AfpxError(
-            f"cube {os.fspath(path)!r} has no likelihoods; write them with "
-            f"`afpx likelihood {os.fspath(path)} --model MODEL`"
+            f"cube {path!r} has no likelihoods; write them with "
+            f"`afpx likelihood {path} --model MODEL`"
         )
     lib = TemplateLibrary.from_cube(ds)
-    lib.attrs["cube"] = os.fspath(path)
+    lib.attrs["cube"] = path
     geometry = structure_geometry(ds)  # stored by build-cube, for CIF export
     if geometry is not None:
         lib = dataclasses.replace(lib, geometry=TemplateGeometry(**geometry))

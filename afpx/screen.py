@@ -341,6 +341,13 @@ def _create_store(path: str, options: ScreenOptions, sets: Sequence[tuple[str, .
     group.attrs.put(attrs)
 
 
+def _location(path: str | os.PathLike[str]) -> str:
+    """A URL as given, a local path made absolute (how a screen records its cube)."""
+    from afpx.store import is_url
+
+    return os.fspath(path) if is_url(path) else os.path.abspath(os.fspath(path))
+
+
 def _root_attrs(path: str) -> dict[str, Any] | None:
     """The root attributes of the zarr group at ``path`` (a path or URL), or None."""
     import zarr
@@ -495,14 +502,14 @@ def screen(
         max_sites=max_sites,
         exclude_own_formula=exclude_own_formula,
         tie_tolerance=float(tie_tolerance),
-        cube=None if cube is None or library is not None else os.path.abspath(os.fspath(cube)),
+        cube=None if cube is None or library is not None else _location(cube),
         batch_size=batch_size,
     )
     lib = library if library is not None else _library(options.cube)
     _check_library(lib, options)
     from afpx import store
 
-    where = os.fspath(output) if store.is_url(output) else os.path.abspath(os.fspath(output))
+    where = _location(output)
     sets = element_sets(symbols, size)
     if store.exists(where):
         stored = _stored_options(where)

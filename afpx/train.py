@@ -58,7 +58,7 @@ from afpx.checkpoint import (
     write_manifest,
 )
 from afpx.features import context_from_store
-from afpx.store import check_writable_folder
+from afpx.store import check_writable_folder, is_url
 
 if TYPE_CHECKING:
     from afpx.model import AFPNet, ModelConfig, ModelOutput, SiteNet
@@ -393,7 +393,8 @@ class CubeIndex:
         g = open_store(path)
         from afpx.store import check_chunks
 
-        check_chunks(Path(path))  # a lost or truncated chunk: one line, not a codec traceback
+        if not is_url(path):  # chunk sizes are recorded for local cubes only
+            check_chunks(Path(path))  # a lost or truncated chunk: one line, not a codec traceback
         missing = [
             n
             for n in (schema.AFP, schema.Z, schema.R0, schema.DMIN_RATIO, schema.STRUCTURE_INDEX)
@@ -958,7 +959,7 @@ def train(
         "train": tcfg.to_dict(),
         "fingerprint": index.fingerprint,
         "cube": {
-            "path": str(Path(cube).resolve()),
+            "path": os.fspath(cube) if is_url(cube) else str(Path(cube).resolve()),
             "n_sites": index.n_sites,
             "n_train": len(train_sites),
             "n_holdout": len(index.sites("holdout")),

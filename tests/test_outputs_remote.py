@@ -227,8 +227,28 @@ def test_training_from_a_cube_at_a_url_equals_training_from_the_folder(
     assert ours.keys() == theirs.keys()
     for name in ours:
         assert torch.equal(ours[name], theirs[name]), name
+    recorded = json.loads((remote / "config.json").read_text())["cube"]["path"]
+    assert recorded == f"{bucket}/train/cube.zarr"  # not a local path made of the URL
     missing = CliRunner().invoke(
         main, ["train", f"{bucket}/no-cube.zarr", "-o", str(tmp_path / "m")]
     )
     assert missing.exit_code == 2
     assert f"cube '{bucket}/no-cube.zarr' does not exist" in missing.output
+
+
+# -- cubes at URLs read by rank, screen and train: the URL is kept as it is ---------------------
+def test_rank_and_screen_read_a_cube_at_a_url(bucket: str, tmp_path: Path) -> None:
+    from _rank_helpers import cube_with_likelihood
+
+    local = cube_with_likelihood(tmp_path / "cube.zarr", n_structures=40)
+    fs, root = store.filesystem(bucket)
+    fs.put(str(local), f"{root}/rank/cube.zarr", recursive=True)
+    url = f"{bucket}/rank/cube.zarr"
+    args = ["rank", "-e", "Mn,Ge", "--format", "csv", "--top", "0", "--cube"]
+    ours = CliRunner().invoke(main, [*args, str(local)])
+    theirs = CliRunner().invoke(main, [*args, url])
+    assert ours.exit_code == 0 and theirs.exit_code == 0, theirs.output
+    assert ours.output == theirs.output
+    done = screen(["Li", "Mn", "Ge"], 2, tmp_path / "s.zarr", cube=url, top=3)
+    assert done.attrs[afpx.screen.OPTIONS_ATTR]["cube"] == url
+    assert int(done["n_rows"].sum()) > 0
