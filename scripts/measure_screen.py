@@ -3,7 +3,7 @@
 Usage (from the repository root)::
 
     python scripts/measure_screen.py [--elements Li,Na,Mg,Mn,Ge,Si,O] [--size 3]
-        [--repeats 3] [--max-set-size 4] [--json OUT.json]
+        [--repeats 3] [--batch-size 8] [--max-set-size 5] [--json OUT.json]
 
 With the built-in template library (top 50):
 
@@ -13,7 +13,7 @@ With the built-in template library (top 50):
    and plans already there), then on a local ``distributed`` cluster of 1
    and of 2 single-threaded worker processes (started before the clock;
    each worker loads the library and builds its plans in the first timed
-   run, as a real screen does), in batches of 4 sets; besides wall time,
+   run, as a real screen does), in batches of --batch-size sets; besides wall time,
    the CPU time spent (this process, or the sum over the workers: it does
    not depend on how busy the machine is);
 3. one set's cost against its size (2, 3, 4 elements): the first call, which
@@ -38,9 +38,21 @@ from pathlib import Path
 from typing import Any
 
 SIZE_SETS = {
-    2: [["Mn", "Ge"], ["Li", "O"], ["Fe", "Si"], ["Na", "Sb"], ["Ca", "Sn"]],
-    3: [["Li", "Mn", "Ge"], ["Na", "Fe", "O"], ["Mg", "Al", "Si"]],
-    4: [["Li", "Mn", "Ge", "O"], ["Na", "Fe", "Si", "O"]],
+    2: [["Mn", "Ge"], ["Li", "O"], ["Fe", "Si"], ["Na", "Sb"], ["Ca", "Sn"], ["Cu", "Zn"]],
+    3: [
+        ["Li", "Mn", "Ge"],
+        ["Na", "Fe", "O"],
+        ["Mg", "Al", "Si"],
+        ["Ca", "Si", "O"],
+        ["Cu", "Zn", "Sn"],
+    ],
+    4: [
+        ["Li", "Mn", "Ge", "O"],
+        ["Na", "Fe", "Si", "O"],
+        ["Mg", "Al", "Si", "O"],
+        ["Li", "Co", "P", "O"],
+    ],
+    5: [["Li", "Mn", "Ge", "O", "Sr"], ["Na", "Fe", "Si", "O", "Ca"], ["Mg", "Al", "Si", "O", "K"]],
 }
 
 
@@ -59,8 +71,8 @@ def main() -> None:
     parser.add_argument("--elements", default="Li,Na,Mg,Mn,Ge,Si,O")
     parser.add_argument("--size", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--max-set-size", type=int, default=4, help="Largest size costed in 3.")
+    parser.add_argument("--batch-size", type=int, default=8, help="As afpx screen's default.")
+    parser.add_argument("--max-set-size", type=int, default=5, help="Largest size costed in 3.")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
 
@@ -128,7 +140,7 @@ def main() -> None:
         }
         print(
             f"{name:32s} median {med:7.2f} s  {len(sets) / med:6.2f} sets/s  "
-            f"x{base / med:.2f} of baseline  CPU {cpu_med / len(sets):5.2f} s/set"
+            f"x{base / med:.2f} of baseline  CPU {cpu_med / len(sets):6.3f} s/set"
         )
 
     out["set_cost"] = {}
@@ -145,7 +157,7 @@ def main() -> None:
             later.append(time.perf_counter() - t)
         med = statistics.median(later)
         out["set_cost"][k] = {"first_s": first, "later_s": later, "median_s": med}
-        print(f"size {k}: first call {first:6.2f} s (plan), then median {med:6.2f} s per set")
+        print(f"size {k}: first call {first:6.3f} s (plan), then median {med:6.3f} s per set")
     out["load_after"] = _load()
     print(f"load after {out['load_after']}")
     if args.json is not None:
