@@ -32,12 +32,7 @@ from afpx.evaluate.metrics import (
     per_site_metrics,
 )
 from afpx.evaluate.params import VARIANTS, EvaluateParams
-from afpx.evaluate.report import (
-    EvaluationReport,
-    summary_table,
-    verdict,
-    write_report,
-)
+from afpx.evaluate.report import EvaluationReport, summary_table, verdict, write_report
 from afpx.evaluate.run import check_evaluable, evaluate
 from afpx.evaluate.scoring import scored_libraries, with_model_likelihoods
 from afpx.evaluate.test1 import TrueRank, true_candidate_rank
