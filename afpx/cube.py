@@ -92,6 +92,10 @@ DEFAULT_SPLIT = SplitParams()
 #: Attribute set (last) on a store once every chunk is written.
 COMPLETE_ATTR = "afpx_complete"
 
+#: Most chunks (blocks of ``chunk_sites`` rows) a build computes and writes in one Dask
+#: compute: Dask's state, which grows with the tasks of a compute, stays bounded.
+CHUNKS_PER_WAVE = 256
+
 #: Variables computed by the fingerprint tasks (the rest is known up front).
 _COMPUTED = {
     schema.AFP: ("perspective_bin", schema.DTYPES[schema.AFP]),
@@ -970,7 +974,6 @@ def _write(
     ``base``: a cube whose finished chunks equal the first chunks of ``ds``
     (an append); they are linked, not computed.
     """
-    import dask
     import zarr
 
     chunk_sites = int(ds.attrs.get("chunk_sites", schema.DEFAULT_CHUNK_SITES))
@@ -991,13 +994,13 @@ def _write(
             store.start_store(ds, partial, _encoding(ds, chunk_sites))
             if base is not None:
                 _link_base(ds, base, partial)
-        tasks = store.chunk_tasks(ds, partial, store.done_chunks(partial))
-        if tasks:
-            # what reading and the in-memory variables freed would otherwise stay resident
-            # under the fingerprints' own working memory: the peak of a build
-            trim_memory()
-            with client.as_current() if client is not None else contextlib.nullcontext():
-                scheduler_compute(dask.delayed(tasks), progress=bool(progress))
+        waves = store.chunk_waves(ds, partial, store.done_chunks(partial), CHUNKS_PER_WAVE)
+        with client.as_current() if client is not None else contextlib.nullcontext():
+            for wave in waves:
+                # what reading, the in-memory variables and the wave before freed would
+                # otherwise stay resident under the fingerprints' own working memory
+                trim_memory()
+                scheduler_compute(wave, progress=bool(progress))
         store.finish(partial)
         zarr.open_group(partial, mode="r+").attrs[COMPLETE_ATTR] = True
         _publish(partial, target, replace=replace)

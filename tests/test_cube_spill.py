@@ -12,6 +12,7 @@ import pytest
 import xarray as xr
 
 import afpx.cube
+import afpx.store
 import afpx.structures
 from afpx import schema
 from afpx.cube import build_cube, fingerprint_dataset, open_cube, write_cube
@@ -56,6 +57,58 @@ def test_spilled_build_equals_the_in_memory_cube_byte_for_byte(
     assert sorted(a) == sorted(b)
     assert [name for name in a if a[name] != b[name]] == []
     assert sorted(p.name for p in tmp_path.iterdir()) == ["memory.zarr", "spilled.zarr"]
+
+
+@pytest.mark.usefixtures("small_parts")
+def test_waves_smaller_than_the_blocks_write_the_same_cube(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    options = {"draws": 2, "chunk_sites": 5}
+    whole = build_cube(FILES, tmp_path / "whole.zarr", progress=False, **options)
+    n_chunks = len(open_cube(whole)[schema.AFP].chunks[0])
+    assert n_chunks > 6
+    written: list[int] = []
+    original = afpx.cube.scheduler_compute
+
+    def compute(wave: Any, **kwargs: Any) -> Any:
+        keys = wave.__dask_graph__()
+        written.append(sum(isinstance(k, tuple) and k[0].startswith("afpx-write") for k in keys))
+        return original(wave, **kwargs)
+
+    monkeypatch.setattr(afpx.cube, "CHUNKS_PER_WAVE", 3)
+    monkeypatch.setattr(afpx.cube, "scheduler_compute", compute)
+    waved = build_cube(FILES, tmp_path / "waved.zarr", progress=False, **options)
+    assert digests(Path(waved)) == digests(Path(whole))
+    # the sites' chunks three at a time, then the atoms' and the lattices' chunk (one each)
+    assert written == [3] * (n_chunks // 3) + [n_chunks % 3] * bool(n_chunks % 3) + [1, 1]
+
+
+def test_a_build_stopped_between_waves_resumes_to_the_same_cube(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    options = {"draws": 2, "chunk_sites": 5}
+    whole = build_cube(FILES, tmp_path / "whole.zarr", progress=False, **options)
+    target = tmp_path / "cube.zarr"
+    original = afpx.cube.scheduler_compute
+    waves = {"n": 0}
+
+    def compute(wave: Any, **kwargs: Any) -> Any:
+        waves["n"] += 1
+        if waves["n"] == 3:
+            raise KeyboardInterrupt
+        return original(wave, **kwargs)
+
+    monkeypatch.setattr(afpx.cube, "CHUNKS_PER_WAVE", 3)
+    monkeypatch.setattr(afpx.cube, "scheduler_compute", compute)
+    with pytest.raises(KeyboardInterrupt):
+        build_cube(FILES, target, progress=False, **options)
+    (partial,) = afpx.store.partials(target)
+    assert len(afpx.store.done_chunks(partial)) == 2 * 3 * 10  # two waves of ten per-site variables
+    assert [p.name for p in tmp_path.glob(".cube.zarr.spill-*")] == []
+    monkeypatch.setattr(afpx.cube, "scheduler_compute", original)
+    build_cube(FILES, target, progress=False, resume=True, **options)
+    assert digests(target) == digests(Path(whole))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cube.zarr", "whole.zarr"]
 
 
 @pytest.mark.parametrize(
