@@ -32,7 +32,7 @@ import shutil
 import sys
 import tempfile
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -489,6 +489,41 @@ def fingerprint_structures(
     )
 
 
+class _Picks(Mapping[tuple[Any, ...], tuple[Any, ...]]):
+    """The tasks of one variable's chunks, made when asked for: ``(pick, (source, b), var)``.
+
+    Chunk ``b`` (key ``(name, b, 0, ...)``, ``ndim`` entries after the name)
+    of variable ``var`` is item ``var`` of block ``b``'s result (task
+    ``(source, b)``). The graph of a cube holds no task object per variable
+    and block: the writes take their chunks from the blocks' results
+    (:func:`afpx.store.chunk_waves`), and these tasks are made only where a
+    variable is computed on its own.
+    """
+
+    def __init__(self, name: str, source: str, var: str, n_blocks: int, ndim: int) -> None:
+        self.name, self.source, self.var = name, source, var
+        self.n_blocks, self.ndim = n_blocks, ndim
+
+    def __getitem__(self, key: tuple[Any, ...]) -> tuple[Any, ...]:
+        if (
+            not isinstance(key, tuple)
+            or len(key) != self.ndim + 1
+            or key[0] != self.name
+            or any(k != 0 for k in key[2:])
+            or not isinstance(key[1], int)
+            or not 0 <= key[1] < self.n_blocks
+        ):
+            raise KeyError(key)
+        return (store.pick, (self.source, key[1]), self.var)
+
+    def __iter__(self) -> Iterator[tuple[Any, ...]]:
+        zeros = (0,) * (self.ndim - 1)
+        return ((self.name, b, *zeros) for b in range(self.n_blocks))
+
+    def __len__(self) -> int:
+        return self.n_blocks
+
+
 def _lazy_computed(
     blocks: Sequence[_Block | _SpilledBlock], options: _Options, *, spilled: bool = False
 ) -> dict[str, Any]:
@@ -498,7 +533,7 @@ def _lazy_computed(
     give the per-site labels (:data:`_LABELS`).
     """
     import dask.array as da
-    from dask.highlevelgraph import HighLevelGraph
+    from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
 
     params = options.params
     # a fresh name per graph: a distributed client must never reuse another build's results
@@ -512,14 +547,12 @@ def _lazy_computed(
     variables = {**_COMPUTED, **_LABELS} if spilled else _COMPUTED
     for var, (tail, dtype) in variables.items():
         var_name = f"afpx-{var}-{token}"
-        keys: dict[Any, Any]
         chunks: tuple[tuple[int, ...], ...]
         if tail == "perspective_bin":
             chunks = (*site_chunks, (params.n_perspectives,), (params.n_bins,))
-            keys = {(var_name, b, 0, 0): (store.pick, (name, b), var) for b in range(len(blocks))}
         else:
             chunks = site_chunks
-            keys = {(var_name, b): (store.pick, (name, b), var) for b in range(len(blocks))}
+        keys = MaterializedLayer(_Picks(var_name, name, var, len(blocks), len(chunks)))
         graph = HighLevelGraph(
             {**base.layers, var_name: keys},
             {**base.dependencies, var_name: {name}},

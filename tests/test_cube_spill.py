@@ -153,6 +153,25 @@ def test_read_spilled_equals_read_table(tmp_path: Path) -> None:
     )
 
 
+@pytest.mark.usefixtures("small_parts")
+def test_a_lazy_variable_computed_on_its_own_equals_the_cube(tmp_path: Path) -> None:
+    # the writes take every chunk from its block's result; the variables' own tasks are
+    # made only when one is computed alone
+    (tmp_path / "spill").mkdir()
+    ds = fingerprint_dataset(read_spilled(FILES, tmp_path / "spill"), chunk_sites=7, draws=2)
+    cube = open_cube(build_cube(FILES, tmp_path / "c.zarr", chunk_sites=7, draws=2, progress=False))
+    for name in (schema.AFP, schema.R0, schema.Z, schema.DRAW, schema.STRUCTURE_INDEX):
+        np.testing.assert_array_equal(ds[name].values, cube[name].values)
+    assert ds[schema.WYCKOFF].values.tolist() == cube[schema.WYCKOFF].values.tolist()
+    afp = ds[schema.AFP].data
+    layer = afp.dask.layers[afp.name]
+    assert len(layer) == len(afp.chunks[0]) > 2
+    assert list(layer) == [(afp.name, b, 0, 0) for b in range(len(layer))]
+    for key in [(afp.name, len(layer), 0, 0), (afp.name, 0, 1, 0), (afp.name, 0), "x"]:
+        with pytest.raises(KeyError):
+            layer[key]
+
+
 def test_duplicates_dropped_from_a_spilled_part(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
