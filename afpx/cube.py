@@ -1001,11 +1001,15 @@ def _write(
     client: Any,
     resume: bool = False,
     base: Path | None = None,
+    release: bool = False,
 ) -> Path:
     """Write ``ds`` through a partial store and publish it at ``target`` (see write_cube).
 
     ``base``: a cube whose finished chunks equal the first chunks of ``ds``
-    (an append); they are linked, not computed.
+    (an append); they are linked, not computed. ``release``: ``ds`` is the
+    caller's own, made for this write: its variables in memory (per
+    structure and per rejection) are removed from it once they are in the
+    store, so that they are not held while the chunks are computed.
     """
     import zarr
 
@@ -1027,6 +1031,10 @@ def _write(
             store.start_store(ds, partial, _encoding(ds, chunk_sites))
             if base is not None:
                 _link_base(ds, base, partial)
+        if release:
+            lazy = set(store.lazy_names(ds))
+            for name in [str(n) for n in ds.variables if str(n) not in lazy]:
+                del ds[name]
         waves = store.chunk_waves(ds, partial, store.done_chunks(partial), CHUNKS_PER_WAVE)
         with client.as_current() if client is not None else contextlib.nullcontext():
             for wave in waves:
@@ -1034,6 +1042,7 @@ def _write(
                 # otherwise stay resident under the fingerprints' own working memory
                 trim_memory()
                 scheduler_compute(wave, progress=bool(progress))
+        trim_memory()  # the last wave's too: what comes next (a summary) starts from less
         store.finish(partial)
         zarr.open_group(partial, mode="r+").attrs[COMPLETE_ATTR] = True
         _publish(partial, target, replace=replace)
@@ -1224,13 +1233,20 @@ def build_cube(
             sources=sources,
         )
         del read  # the dataset holds what the cube needs (a table's arrays, not copies)
-        return write_cube(
+        if url is not None:
+            return write_cube(
+                ds, url, overwrite=overwrite, progress=progress, client=client, resume=resume
+            )
+        _check_target(target, overwrite=overwrite)  # again: the read took a while
+        # the dataset is this build's own: what is written up front is not kept meanwhile
+        return _write(
             ds,
-            target if url is None else url,
-            overwrite=overwrite,
+            target,
+            replace=overwrite,
             progress=progress,
             client=client,
             resume=resume,
+            release=True,
         )
     raise AssertionError("unreachable")  # pragma: no cover - ExitStack swallows nothing
 
@@ -1390,7 +1406,7 @@ def _check_prefix(ds: xr.Dataset, old: xr.Dataset, target: Path) -> None:
 
 
 # -- reading --------------------------------------------------------------------------------------
-def open_cube(path: str | os.PathLike[str]) -> xr.Dataset:
+def open_cube(path: str | os.PathLike[str], *, load: bool = True) -> xr.Dataset:
     """Open a cube lazily; its small variables are loaded, the fingerprints are not.
 
     Every one-dimensional variable (per site, per structure, per rejection)
@@ -1401,6 +1417,10 @@ def open_cube(path: str | os.PathLike[str]) -> xr.Dataset:
     ----------
     path : str or path
         A store written by :func:`build_cube` (a local path; URLs go to xarray as they are).
+    load : bool
+        Load the one-dimensional variables; False leaves every variable lazy
+        (what :func:`cube_summary` reads is then read by it alone: a few
+        per-site variables, not all of them).
 
     Returns
     -------
@@ -1429,6 +1449,8 @@ def open_cube(path: str | os.PathLike[str]) -> xr.Dataset:
     if "://" not in where:
         store.check_chunks(Path(where))  # a deleted or truncated chunk: stat calls only
     schema.check_cube(ds)
+    if not load:
+        return ds
     small = [name for name, var in ds.variables.items() if var.ndim == 1]
     return ds.assign({name: ds[name].load() for name in small})
 

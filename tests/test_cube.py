@@ -474,6 +474,14 @@ def test_summary(read: ReadResult) -> None:
     assert "Na 2" in text and "r_factor: 1" in text and "kaiser_beta=14.0" in text
 
 
+def test_summary_of_a_cube_opened_without_loading(read: ReadResult, tmp_path: Path) -> None:
+    # what build-cube prints: only the variables the summary needs are read
+    path = build_cube(read, tmp_path / "cube.zarr", draws=2, progress=False)
+    lazy = open_cube(path, load=False)
+    assert all(var.chunks for var in lazy.variables.values() if var.ndim)
+    assert cube_summary(lazy, path=str(path)) == cube_summary(open_cube(path), path=str(path))
+
+
 def test_cli_build_cube_and_info(data_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "cod.zarr"
     runner = CliRunner()

@@ -83,6 +83,28 @@ def test_waves_smaller_than_the_blocks_write_the_same_cube(
     assert written == [3] * (n_chunks // 3) + [n_chunks % 3] * bool(n_chunks % 3) + [1, 1]
 
 
+def test_the_build_holds_no_per_structure_variable_while_it_computes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # they are in the store before the first wave; write_cube leaves the caller's dataset be
+    held: list[list[str]] = []
+    original = afpx.store.chunk_waves
+
+    def waves(ds: xr.Dataset, *args: Any) -> Any:
+        held.append(sorted(str(n) for n in ds.variables))
+        return original(ds, *args)
+
+    monkeypatch.setattr(afpx.store, "chunk_waves", waves)
+    built = build_cube(FILES, tmp_path / "cube.zarr", chunk_sites=16, progress=False)
+    per_site = [name for name, var in open_cube(built).variables.items() if schema.SITE in var.dims]
+    geometry = [schema.LATTICE, schema.ATOM_FRAC_COORDS, schema.ATOM_Z]
+    assert held == [sorted(per_site + geometry)]
+    ds = fingerprint_dataset(read_table(FILES), sources=FILES, chunk_sites=16)
+    names = set(ds.variables)
+    write_cube(ds, tmp_path / "other.zarr", progress=False)
+    assert set(ds.variables) == names
+
+
 def test_a_build_stopped_between_waves_resumes_to_the_same_cube(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
