@@ -75,10 +75,18 @@ def test_waves_smaller_than_the_blocks_write_the_same_cube(
         written.append(sum(isinstance(k, tuple) and k[0].startswith("afpx-write") for k in keys))
         return original(wave, **kwargs)
 
+    trims = {"n": 0}
+
+    def trim() -> bool:
+        trims["n"] += 1
+        return True
+
     monkeypatch.setattr(afpx.cube, "CHUNKS_PER_WAVE", 3)
     monkeypatch.setattr(afpx.cube, "scheduler_compute", compute)
+    monkeypatch.setattr(afpx.cube, "trim_memory", trim)
     waved = build_cube(FILES, tmp_path / "waved.zarr", progress=False, **options)
     assert digests(Path(waved)) == digests(Path(whole))
+    assert trims["n"] == len(written) + 1  # before every wave and after the last
     # the sites' chunks three at a time, then the atoms' and the lattices' chunk (one each)
     assert written == [3] * (n_chunks // 3) + [n_chunks % 3] * bool(n_chunks % 3) + [1, 1]
 
