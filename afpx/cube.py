@@ -50,7 +50,7 @@ from afpx.kernels import (
 )
 from afpx.neighbours import count_within, nearest_neighbour_distances, neighbour_shells
 from afpx.scheduler import compute as scheduler_compute
-from afpx.scheduler import trim_memory, use_scheduler, workers_on_this_host
+from afpx.scheduler import task_slots, trim_memory, use_scheduler, workers_on_this_host
 from afpx.splits import SplitParams, assign_splits
 
 if TYPE_CHECKING:
@@ -92,9 +92,11 @@ DEFAULT_SPLIT = SplitParams()
 #: Attribute set (last) on a store once every chunk is written.
 COMPLETE_ATTR = "afpx_complete"
 
-#: Most chunks (blocks of ``chunk_sites`` rows) a build computes and writes in one Dask
-#: compute: Dask's state, which grows with the tasks of a compute, stays bounded.
-CHUNKS_PER_WAVE = 256
+#: Chunks (blocks of ``chunk_sites`` rows) a build computes and writes in one Dask
+#: compute, or four per task slot of the scheduler where that is more: what Dask and the
+#: memory allocator hold, which grows with the tasks of one compute, stays bounded, and
+#: the memory freed is handed back between waves.
+CHUNKS_PER_WAVE = 32
 
 #: Variables computed by the fingerprint tasks (the rest is known up front).
 _COMPUTED = {
@@ -1035,7 +1037,8 @@ def _write(
             lazy = set(store.lazy_names(ds))
             for name in [str(n) for n in ds.variables if str(n) not in lazy]:
                 del ds[name]
-        waves = store.chunk_waves(ds, partial, store.done_chunks(partial), CHUNKS_PER_WAVE)
+        per_wave = max(CHUNKS_PER_WAVE, 4 * task_slots(client))
+        waves = store.chunk_waves(ds, partial, store.done_chunks(partial), per_wave)
         with client.as_current() if client is not None else contextlib.nullcontext():
             for wave in waves:
                 # what reading, the in-memory variables and the wave before freed would

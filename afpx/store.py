@@ -474,8 +474,21 @@ def _wave(
     needed = {source for task in layer.values() for source in task[1:]}
     layer[name] = (_written, *layer)
     # only the tasks that the writes need: not the picks, which Dask would otherwise
-    # convert, one task object each, before culling them, nor the other waves' tasks
-    base = graph.cull(needed)
+    # convert, one task object each, before culling them, nor the other waves' tasks;
+    # culled from the layers they are in (and those these depend on) alone, since
+    # culling lists the keys of every layer it is given
+    names = {key[0] for key in needed}
+    if not names <= graph.layers.keys():  # keys named otherwise than their layers
+        names = set(graph.layers)
+    todo = list(names)
+    while todo:
+        for dependency in graph.dependencies.get(todo.pop(), ()):
+            if dependency not in names:
+                names.add(dependency)
+                todo.append(dependency)
+    base = HighLevelGraph(
+        {n: graph.layers[n] for n in names}, {n: graph.dependencies[n] & names for n in names}
+    ).cull(needed)
     culled = HighLevelGraph(
         {**base.layers, name: MaterializedLayer(layer)},
         {**base.dependencies, name: set(base.layers)},

@@ -84,11 +84,18 @@ def test_waves_smaller_than_the_blocks_write_the_same_cube(
     monkeypatch.setattr(afpx.cube, "CHUNKS_PER_WAVE", 3)
     monkeypatch.setattr(afpx.cube, "scheduler_compute", compute)
     monkeypatch.setattr(afpx.cube, "trim_memory", trim)
+    monkeypatch.setattr(afpx.cube, "task_slots", lambda client: 1)
     waved = build_cube(FILES, tmp_path / "waved.zarr", progress=False, **options)
     assert digests(Path(waved)) == digests(Path(whole))
     assert trims["n"] == len(written) + 1  # before every wave and after the last
-    # the sites' chunks three at a time, then the atoms' and the lattices' chunk (one each)
-    assert written == [3] * (n_chunks // 3) + [n_chunks % 3] * bool(n_chunks % 3) + [1, 1]
+    # the sites' chunks four at a time (four per task slot: more than 3), then the atoms'
+    # and the lattices' chunk (one each)
+    assert written == [4] * (n_chunks // 4) + [n_chunks % 4] * bool(n_chunks % 4) + [1, 1]
+    written.clear()
+    monkeypatch.setattr(afpx.cube, "CHUNKS_PER_WAVE", 5)
+    again = build_cube(FILES, tmp_path / "again.zarr", progress=False, **options)
+    assert digests(Path(again)) == digests(Path(whole))
+    assert written == [5] * (n_chunks // 5) + [n_chunks % 5] * bool(n_chunks % 5) + [1, 1]
 
 
 def test_the_build_holds_no_per_structure_variable_while_it_computes(
@@ -129,6 +136,7 @@ def test_a_build_stopped_between_waves_resumes_to_the_same_cube(
         return original(wave, **kwargs)
 
     monkeypatch.setattr(afpx.cube, "CHUNKS_PER_WAVE", 3)
+    monkeypatch.setattr(afpx.cube, "task_slots", lambda client: 0)
     monkeypatch.setattr(afpx.cube, "scheduler_compute", compute)
     with pytest.raises(KeyboardInterrupt):
         build_cube(FILES, target, progress=False, **options)
