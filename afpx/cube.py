@@ -1038,13 +1038,19 @@ def _write(
             for name in [str(n) for n in ds.variables if str(n) not in lazy]:
                 del ds[name]
         per_wave = max(CHUNKS_PER_WAVE, 4 * task_slots(client))
-        waves = store.chunk_waves(ds, partial, store.done_chunks(partial), per_wave)
-        with client.as_current() if client is not None else contextlib.nullcontext():
-            for wave in waves:
+        done = store.done_chunks(partial)
+        waves = store.chunk_waves(ds, partial, done, per_wave)
+        # one bar for the whole build, not one per wave
+        with (
+            client.as_current() if client is not None else contextlib.nullcontext(),
+            _progress_bar(store.pending_chunks(ds, done), bool(progress)) as bar,
+        ):
+            for wave, n_chunks in waves:
                 # what reading, the in-memory variables and the wave before freed would
                 # otherwise stay resident under the fingerprints' own working memory
                 trim_memory()
-                scheduler_compute(wave, progress=bool(progress))
+                scheduler_compute(wave)
+                bar.update(n_chunks)
         trim_memory()  # the last wave's too: what comes next (a summary) starts from less
         store.finish(partial)
         zarr.open_group(partial, mode="r+").attrs[COMPLETE_ATTR] = True
@@ -1066,6 +1072,12 @@ def _write(
     finally:
         store.let_go(partial)
     return target
+
+
+def _progress_bar(total: int, enabled: bool) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, disable=not enabled, unit="chunk", desc="writing", file=sys.stderr)
 
 
 def _os_message(exc: OSError, target: Path, partial: Path | None) -> str:

@@ -71,6 +71,7 @@ __all__ = [
     "new_spill",
     "open_group",
     "partials",
+    "pending_chunks",
     "pick",
     "publish",
     "release",
@@ -396,7 +397,7 @@ def _written(*done: None) -> None:
 
 def chunk_waves(
     ds: xr.Dataset, partial: Path, done: set[tuple[str, int]], per_wave: int
-) -> Iterator[Any]:
+) -> Iterator[tuple[Any, int]]:
     """Delayed writes of every chunk of every lazy variable not in ``done``, a wave at a time.
 
     Chunks are along the first dimension; a lazy variable must be in one
@@ -422,25 +423,41 @@ def chunk_waves(
 
     Yields
     ------
-    dask.delayed.Delayed
-        A wave; computing it writes its chunks and marks them done.
+    (dask.delayed.Delayed, int)
+        A wave (computing it writes its chunks and marks them done) and how
+        many chunk writes it makes.
     """
     from dask.highlevelgraph import HighLevelGraph
 
+    for rows, members in _alike(ds).items():
+        pending = _pending(members, len(rows), done)
+        if not pending:
+            continue
+        bounds = np.concatenate([[0], np.cumsum(rows)]).astype(int)
+        graph = HighLevelGraph.merge(*(a.dask for _, a in members))
+        for lo in range(0, len(pending), per_wave):
+            indices = pending[lo : lo + per_wave]
+            yield _wave(partial, graph, members, bounds, indices, done), len(indices)
+
+
+def pending_chunks(ds: xr.Dataset, done: set[tuple[str, int]]) -> int:
+    """How many chunk writes :func:`chunk_waves` makes: its waves' sizes add up to it."""
+    return sum(len(_pending(m, len(rows), done)) for rows, m in _alike(ds).items())
+
+
+def _alike(ds: xr.Dataset) -> dict[tuple[int, ...], list[tuple[str, Any]]]:
+    """The lazy variables of ``ds`` by their chunks along the first dimension."""
     alike: dict[tuple[int, ...], list[tuple[str, Any]]] = {}
     for name in lazy_names(ds):
         array = ds[name].data
         if any(len(c) > 1 for c in array.chunks[1:]):
             array = array.rechunk(dict.fromkeys(range(1, array.ndim), -1))
         alike.setdefault(tuple(array.chunks[0]), []).append((name, array))
-    for rows, members in alike.items():
-        pending = [i for i in range(len(rows)) if any((var, i) not in done for var, _ in members)]
-        if not pending:
-            continue
-        bounds = np.concatenate([[0], np.cumsum(rows)]).astype(int)
-        graph = HighLevelGraph.merge(*(a.dask for _, a in members))
-        for lo in range(0, len(pending), per_wave):
-            yield _wave(partial, graph, members, bounds, pending[lo : lo + per_wave], done)
+    return alike
+
+
+def _pending(members: list[tuple[str, Any]], n: int, done: set[tuple[str, int]]) -> list[int]:
+    return [i for i in range(n) if any((var, i) not in done for var, _ in members)]
 
 
 def _wave(

@@ -457,6 +457,12 @@ def test_progress_bar_only_when_asked(
     assert "100%" not in capsys.readouterr().err
     build_cube(read, tmp_path / "bar.zarr", progress=True)
     assert "100%" in capsys.readouterr().err
+    # written in several waves: still one bar, of chunks, for the whole build
+    monkeypatch.setattr(afpx.cube, "CHUNKS_PER_WAVE", 1)
+    monkeypatch.setattr(afpx.cube, "task_slots", lambda client: 0)
+    build_cube(read, tmp_path / "waves.zarr", chunk_sites=3, progress=True)
+    lines = [line for line in capsys.readouterr().err.split("\n") if "writing" in line]
+    assert len(lines) == 1 and "100%" in lines[0] and "Completed" not in lines[0]
 
 
 def _eager_bar(init: Any) -> Any:

@@ -289,3 +289,13 @@ def test_spill_only_where_every_worker_sees_this_disk() -> None:
     assert workers_on_this_host(_Client([here, here]))
     assert not workers_on_this_host(_Client([here, "elsewhere"]))
     assert not workers_on_this_host(_Client([]))
+
+
+def test_pending_chunks_adds_up_the_waves(tmp_path: Path) -> None:
+    ds = fingerprint_dataset(read_table(FILES), sources=FILES, chunk_sites=5)
+    for done in [set(), {(name, 0) for name in afpx.store.lazy_names(ds)}]:
+        waves = list(afpx.store.chunk_waves(ds, tmp_path, done, 4))
+        assert sum(n for _, n in waves) == afpx.store.pending_chunks(ds, done)
+        assert all(0 < n <= 4 for _, n in waves)
+    n_site_chunks = len(ds[schema.AFP].chunks[0])
+    assert afpx.store.pending_chunks(ds, set()) == n_site_chunks  # all in memory but these
