@@ -32,7 +32,7 @@ import shutil
 import sys
 import tempfile
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -50,7 +50,7 @@ from afpx.kernels import (
 )
 from afpx.neighbours import count_within, nearest_neighbour_distances, neighbour_shells
 from afpx.scheduler import compute as scheduler_compute
-from afpx.scheduler import trim_memory, use_scheduler, workers_on_this_host
+from afpx.scheduler import task_slots, trim_memory, use_scheduler, workers_on_this_host
 from afpx.splits import SplitParams, assign_splits
 
 if TYPE_CHECKING:
@@ -91,6 +91,12 @@ DEFAULT_SPLIT = SplitParams()
 
 #: Attribute set (last) on a store once every chunk is written.
 COMPLETE_ATTR = "afpx_complete"
+
+#: Chunks (blocks of ``chunk_sites`` rows) a build computes and writes in one Dask
+#: compute, or four per task slot of the scheduler where that is more: what Dask and the
+#: memory allocator hold, which grows with the tasks of one compute, stays bounded, and
+#: the memory freed is handed back between waves.
+CHUNKS_PER_WAVE = 32
 
 #: Variables computed by the fingerprint tasks (the rest is known up front).
 _COMPUTED = {
@@ -485,6 +491,41 @@ def fingerprint_structures(
     )
 
 
+class _Picks(Mapping[tuple[Any, ...], tuple[Any, ...]]):
+    """The tasks of one variable's chunks, made when asked for: ``(pick, (source, b), var)``.
+
+    Chunk ``b`` (key ``(name, b, 0, ...)``, ``ndim`` entries after the name)
+    of variable ``var`` is item ``var`` of block ``b``'s result (task
+    ``(source, b)``). The graph of a cube holds no task object per variable
+    and block: the writes take their chunks from the blocks' results
+    (:func:`afpx.store.chunk_waves`), and these tasks are made only where a
+    variable is computed on its own.
+    """
+
+    def __init__(self, name: str, source: str, var: str, n_blocks: int, ndim: int) -> None:
+        self.name, self.source, self.var = name, source, var
+        self.n_blocks, self.ndim = n_blocks, ndim
+
+    def __getitem__(self, key: tuple[Any, ...]) -> tuple[Any, ...]:
+        if (
+            not isinstance(key, tuple)
+            or len(key) != self.ndim + 1
+            or key[0] != self.name
+            or any(k != 0 for k in key[2:])
+            or not isinstance(key[1], int)
+            or not 0 <= key[1] < self.n_blocks
+        ):
+            raise KeyError(key)
+        return (store.pick, (self.source, key[1]), self.var)
+
+    def __iter__(self) -> Iterator[tuple[Any, ...]]:
+        zeros = (0,) * (self.ndim - 1)
+        return ((self.name, b, *zeros) for b in range(self.n_blocks))
+
+    def __len__(self) -> int:
+        return self.n_blocks
+
+
 def _lazy_computed(
     blocks: Sequence[_Block | _SpilledBlock], options: _Options, *, spilled: bool = False
 ) -> dict[str, Any]:
@@ -494,7 +535,7 @@ def _lazy_computed(
     give the per-site labels (:data:`_LABELS`).
     """
     import dask.array as da
-    from dask.highlevelgraph import HighLevelGraph
+    from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
 
     params = options.params
     # a fresh name per graph: a distributed client must never reuse another build's results
@@ -508,14 +549,12 @@ def _lazy_computed(
     variables = {**_COMPUTED, **_LABELS} if spilled else _COMPUTED
     for var, (tail, dtype) in variables.items():
         var_name = f"afpx-{var}-{token}"
-        keys: dict[Any, Any]
         chunks: tuple[tuple[int, ...], ...]
         if tail == "perspective_bin":
             chunks = (*site_chunks, (params.n_perspectives,), (params.n_bins,))
-            keys = {(var_name, b, 0, 0): (store.pick, (name, b), var) for b in range(len(blocks))}
         else:
             chunks = site_chunks
-            keys = {(var_name, b): (store.pick, (name, b), var) for b in range(len(blocks))}
+        keys = MaterializedLayer(_Picks(var_name, name, var, len(blocks), len(chunks)))
         graph = HighLevelGraph(
             {**base.layers, var_name: keys},
             {**base.dependencies, var_name: {name}},
@@ -964,13 +1003,16 @@ def _write(
     client: Any,
     resume: bool = False,
     base: Path | None = None,
+    release: bool = False,
 ) -> Path:
     """Write ``ds`` through a partial store and publish it at ``target`` (see write_cube).
 
     ``base``: a cube whose finished chunks equal the first chunks of ``ds``
-    (an append); they are linked, not computed.
+    (an append); they are linked, not computed. ``release``: ``ds`` is the
+    caller's own, made for this write: its variables in memory (per
+    structure and per rejection) are removed from it once they are in the
+    store, so that they are not held while the chunks are computed.
     """
-    import dask
     import zarr
 
     chunk_sites = int(ds.attrs.get("chunk_sites", schema.DEFAULT_CHUNK_SITES))
@@ -991,13 +1033,25 @@ def _write(
             store.start_store(ds, partial, _encoding(ds, chunk_sites))
             if base is not None:
                 _link_base(ds, base, partial)
-        tasks = store.chunk_tasks(ds, partial, store.done_chunks(partial))
-        if tasks:
-            # what reading and the in-memory variables freed would otherwise stay resident
-            # under the fingerprints' own working memory: the peak of a build
-            trim_memory()
-            with client.as_current() if client is not None else contextlib.nullcontext():
-                scheduler_compute(dask.delayed(tasks), progress=bool(progress))
+        if release:
+            lazy = set(store.lazy_names(ds))
+            for name in [str(n) for n in ds.variables if str(n) not in lazy]:
+                del ds[name]
+        per_wave = max(CHUNKS_PER_WAVE, 4 * task_slots(client))
+        done = store.done_chunks(partial)
+        waves = store.chunk_waves(ds, partial, done, per_wave)
+        # one bar for the whole build, not one per wave
+        with (
+            client.as_current() if client is not None else contextlib.nullcontext(),
+            _progress_bar(store.pending_chunks(ds, done), bool(progress)) as bar,
+        ):
+            for wave, n_chunks in waves:
+                # what reading, the in-memory variables and the wave before freed would
+                # otherwise stay resident under the fingerprints' own working memory
+                trim_memory()
+                scheduler_compute(wave)
+                bar.update(n_chunks)
+        trim_memory()  # the last wave's too: what comes next (a summary) starts from less
         store.finish(partial)
         zarr.open_group(partial, mode="r+").attrs[COMPLETE_ATTR] = True
         _publish(partial, target, replace=replace)
@@ -1018,6 +1072,12 @@ def _write(
     finally:
         store.let_go(partial)
     return target
+
+
+def _progress_bar(total: int, enabled: bool) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, disable=not enabled, unit="chunk", desc="writing", file=sys.stderr)
 
 
 def _os_message(exc: OSError, target: Path, partial: Path | None) -> str:
@@ -1188,13 +1248,20 @@ def build_cube(
             sources=sources,
         )
         del read  # the dataset holds what the cube needs (a table's arrays, not copies)
-        return write_cube(
+        if url is not None:
+            return write_cube(
+                ds, url, overwrite=overwrite, progress=progress, client=client, resume=resume
+            )
+        _check_target(target, overwrite=overwrite)  # again: the read took a while
+        # the dataset is this build's own: what is written up front is not kept meanwhile
+        return _write(
             ds,
-            target if url is None else url,
-            overwrite=overwrite,
+            target,
+            replace=overwrite,
             progress=progress,
             client=client,
             resume=resume,
+            release=True,
         )
     raise AssertionError("unreachable")  # pragma: no cover - ExitStack swallows nothing
 
@@ -1354,7 +1421,7 @@ def _check_prefix(ds: xr.Dataset, old: xr.Dataset, target: Path) -> None:
 
 
 # -- reading --------------------------------------------------------------------------------------
-def open_cube(path: str | os.PathLike[str]) -> xr.Dataset:
+def open_cube(path: str | os.PathLike[str], *, load: bool = True) -> xr.Dataset:
     """Open a cube lazily; its small variables are loaded, the fingerprints are not.
 
     Every one-dimensional variable (per site, per structure, per rejection)
@@ -1365,6 +1432,10 @@ def open_cube(path: str | os.PathLike[str]) -> xr.Dataset:
     ----------
     path : str or path
         A store written by :func:`build_cube` (a local path; URLs go to xarray as they are).
+    load : bool
+        Load the one-dimensional variables; False leaves every variable lazy
+        (what :func:`cube_summary` reads is then read by it alone: a few
+        per-site variables, not all of them).
 
     Returns
     -------
@@ -1393,6 +1464,8 @@ def open_cube(path: str | os.PathLike[str]) -> xr.Dataset:
     if "://" not in where:
         store.check_chunks(Path(where))  # a deleted or truncated chunk: stat calls only
     schema.check_cube(ds)
+    if not load:
+        return ds
     small = [name for name, var in ds.variables.items() if var.ndim == 1]
     return ds.assign({name: ds[name].load() for name in small})
 

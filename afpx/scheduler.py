@@ -38,6 +38,7 @@ __all__ = [
     "active_client",
     "compute",
     "one_blas_thread",
+    "task_slots",
     "trim_memory",
     "use_scheduler",
     "workers_on_this_host",
@@ -235,6 +236,23 @@ def workers_on_this_host(client: Any) -> bool:
     here = socket.gethostname()
     hosts = client.run(socket.gethostname)
     return bool(hosts) and all(host == here for host in hosts.values())
+
+
+def task_slots(client: Any) -> int:
+    """How many tasks run at once: the threads of ``client``'s workers, else of this process.
+
+    Parameters
+    ----------
+    client : distributed.Client or None
+        As yielded by :func:`use_scheduler`; None for Dask's local schedulers
+        (``num_workers`` in Dask's configuration, else the number of cores).
+    """
+    if client is not None:
+        return max(1, sum(int(n) for n in client.nthreads().values()))
+    import dask
+    from dask.system import CPU_COUNT
+
+    return max(1, int(dask.config.get("num_workers", None) or CPU_COUNT))
 
 
 def trim_memory() -> bool:

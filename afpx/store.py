@@ -37,7 +37,7 @@ import shutil
 import socket
 import sys
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
@@ -56,7 +56,7 @@ __all__ = [
     "build_key",
     "check_chunks",
     "check_writable_folder",
-    "chunk_tasks",
+    "chunk_waves",
     "claim",
     "done_chunks",
     "exchange",
@@ -72,6 +72,7 @@ __all__ = [
     "new_spill",
     "open_group",
     "partials",
+    "pending_chunks",
     "pick",
     "publish",
     "release",
@@ -350,7 +351,7 @@ def pick(result: dict[str, Any], key: str) -> Any:
     """Item ``key`` of a task's result: a chunk of one of several variables computed together.
 
     A Dask array whose chunk ``i`` is the task ``(pick, source, key)`` is
-    written by :func:`chunk_tasks` straight from ``source``: the picks never
+    written by :func:`chunk_waves` straight from ``source``: the picks never
     become tasks of their own.
     """
     return result[key]
@@ -395,59 +396,122 @@ def _written(*done: None) -> None:
     return None
 
 
-def chunk_tasks(ds: xr.Dataset, partial: Path, done: set[tuple[str, int]]) -> list[Any]:
-    """Delayed writes of every chunk of every lazy variable not in ``done``.
+def chunk_waves(
+    ds: xr.Dataset, partial: Path, done: set[tuple[str, int]], per_wave: int
+) -> Iterator[tuple[Any, int]]:
+    """Delayed writes of every chunk of every lazy variable not in ``done``, a wave at a time.
 
     Chunks are along the first dimension; a lazy variable must be in one
     chunk along every other dimension (as the stores afpx writes are). One
     task writes chunk ``i`` of every variable chunked alike along the first
     dimension: Dask's own state costs about 3 KB per task while it computes,
     and a task per variable and chunk (as ``dask.array.store`` makes) would
-    more than double that on a large cube.
+    more than double that on a large cube. Each wave (one
+    :class:`dask.delayed.Delayed`, to compute before asking for the next)
+    writes at most ``per_wave`` chunks of such variables, and its graph is
+    made only when it is asked for: what Dask holds while it computes is
+    bounded by ``per_wave``, not by the size of the cube.
+
+    Parameters
+    ----------
+    ds : xarray.Dataset
+    partial : pathlib.Path
+        The store being written (see :func:`start_store`).
+    done : set of (str, int)
+        Chunks already written (:func:`done_chunks`).
+    per_wave : int
+        Most chunks along the first dimension per wave (positive).
+
+    Yields
+    ------
+    (dask.delayed.Delayed, int)
+        A wave (computing it writes its chunks and marks them done) and how
+        many chunk writes it makes.
     """
-    import functools
+    from dask.highlevelgraph import HighLevelGraph
 
-    from dask.delayed import Delayed
-    from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
+    for rows, members in _alike(ds).items():
+        pending = _pending(members, len(rows), done)
+        if not pending:
+            continue
+        bounds = np.concatenate([[0], np.cumsum(rows)]).astype(int)
+        graph = HighLevelGraph.merge(*(a.dask for _, a in members))
+        for lo in range(0, len(pending), per_wave):
+            indices = pending[lo : lo + per_wave]
+            yield _wave(partial, graph, members, bounds, indices, done), len(indices)
 
+
+def pending_chunks(ds: xr.Dataset, done: set[tuple[str, int]]) -> int:
+    """How many chunk writes :func:`chunk_waves` makes: its waves' sizes add up to it."""
+    return sum(len(_pending(m, len(rows), done)) for rows, m in _alike(ds).items())
+
+
+def _alike(ds: xr.Dataset) -> dict[tuple[int, ...], list[tuple[str, Any]]]:
+    """The lazy variables of ``ds`` by their chunks along the first dimension."""
     alike: dict[tuple[int, ...], list[tuple[str, Any]]] = {}
     for name in lazy_names(ds):
         array = ds[name].data
         if any(len(c) > 1 for c in array.chunks[1:]):
             array = array.rechunk(dict.fromkeys(range(1, array.ndim), -1))
         alike.setdefault(tuple(array.chunks[0]), []).append((name, array))
-    tasks = []
-    for rows, members in alike.items():
-        bounds = np.concatenate([[0], np.cumsum(rows)]).astype(int)
-        name = f"afpx-write-{uuid.uuid4().hex}"
-        layer: dict[Any, Any] = {}
-        for i in range(len(rows)):
-            todo = [(var, array) for var, array in members if (var, i) not in done]
-            if not todo:
-                continue
-            sources = [_source(a, (a.name, i) + (0,) * (a.ndim - 1)) for _, a in todo]
-            write = functools.partial(
-                _write_chunks,
-                str(partial),
-                i,
-                tuple(var for var, _ in todo),
-                (int(bounds[i]), int(bounds[i + 1])),
-                tuple(key for _, key in sources),
-            )
-            layer[(name, i)] = (write, *(source for source, _ in sources))
-        if not layer:
-            continue
-        needed = {source for task in layer.values() for source in task[1:]}
-        layer[name] = (_written, *layer)
-        # only the layers that the writes need: not the picks, which Dask would otherwise
-        # convert, one task object each, before culling them
-        base = HighLevelGraph.merge(*(a.dask for _, a in members)).cull(needed)
-        graph = HighLevelGraph(
-            {**base.layers, name: MaterializedLayer(layer)},
-            {**base.dependencies, name: set(base.layers)},
+    return alike
+
+
+def _pending(members: list[tuple[str, Any]], n: int, done: set[tuple[str, int]]) -> list[int]:
+    return [i for i in range(n) if any((var, i) not in done for var, _ in members)]
+
+
+def _wave(
+    partial: Path,
+    graph: Any,
+    members: list[tuple[str, Any]],
+    bounds: np.ndarray,
+    indices: list[int],
+    done: set[tuple[str, int]],
+) -> Any:
+    """The writes of chunks ``indices`` of ``members`` (whose graphs ``graph`` merges)."""
+    import functools
+
+    from dask.delayed import Delayed
+    from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
+
+    name = f"afpx-write-{uuid.uuid4().hex}"
+    layer: dict[Any, Any] = {}
+    for i in indices:
+        todo = [(var, array) for var, array in members if (var, i) not in done]
+        sources = [_source(a, (a.name, i) + (0,) * (a.ndim - 1)) for _, a in todo]
+        write = functools.partial(
+            _write_chunks,
+            str(partial),
+            i,
+            tuple(var for var, _ in todo),
+            (int(bounds[i]), int(bounds[i + 1])),
+            tuple(key for _, key in sources),
         )
-        tasks.append(Delayed(name, graph))
-    return tasks
+        layer[(name, i)] = (write, *(source for source, _ in sources))
+    needed = {source for task in layer.values() for source in task[1:]}
+    layer[name] = (_written, *layer)
+    # only the tasks that the writes need: not the picks, which Dask would otherwise
+    # convert, one task object each, before culling them, nor the other waves' tasks;
+    # culled from the layers they are in (and those these depend on) alone, since
+    # culling lists the keys of every layer it is given
+    names = {key[0] for key in needed}
+    if not names <= graph.layers.keys():  # keys named otherwise than their layers
+        names = set(graph.layers)
+    todo = list(names)
+    while todo:
+        for dependency in graph.dependencies.get(todo.pop(), ()):
+            if dependency not in names:
+                names.add(dependency)
+                todo.append(dependency)
+    base = HighLevelGraph(
+        {n: graph.layers[n] for n in names}, {n: graph.dependencies[n] & names for n in names}
+    ).cull(needed)
+    culled = HighLevelGraph(
+        {**base.layers, name: MaterializedLayer(layer)},
+        {**base.dependencies, name: set(base.layers)},
+    )
+    return Delayed(name, culled)
 
 
 def _source(array: Any, key: tuple[Any, ...]) -> tuple[Any, str | None]:

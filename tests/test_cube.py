@@ -457,6 +457,12 @@ def test_progress_bar_only_when_asked(
     assert "100%" not in capsys.readouterr().err
     build_cube(read, tmp_path / "bar.zarr", progress=True)
     assert "100%" in capsys.readouterr().err
+    # written in several waves: still one bar, of chunks, for the whole build
+    monkeypatch.setattr(afpx.cube, "CHUNKS_PER_WAVE", 1)
+    monkeypatch.setattr(afpx.cube, "task_slots", lambda client: 0)
+    build_cube(read, tmp_path / "waves.zarr", chunk_sites=3, progress=True)
+    lines = [line for line in capsys.readouterr().err.split("\n") if "writing" in line]
+    assert len(lines) == 1 and "100%" in lines[0] and "Completed" not in lines[0]
 
 
 def _eager_bar(init: Any) -> Any:
@@ -472,6 +478,14 @@ def test_summary(read: ReadResult) -> None:
     text = cube_summary(fingerprint_dataset(read, draws=2))
     assert f"sites: {n_sites(read, 2)}" in text and "structures: 5" in text
     assert "Na 2" in text and "r_factor: 1" in text and "kaiser_beta=14.0" in text
+
+
+def test_summary_of_a_cube_opened_without_loading(read: ReadResult, tmp_path: Path) -> None:
+    # what build-cube prints: only the variables the summary needs are read
+    path = build_cube(read, tmp_path / "cube.zarr", draws=2, progress=False)
+    lazy = open_cube(path, load=False)
+    assert all(var.chunks for var in lazy.variables.values() if var.ndim)
+    assert cube_summary(lazy, path=str(path)) == cube_summary(open_cube(path), path=str(path))
 
 
 def test_cli_build_cube_and_info(data_dir: Path, tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ import pytest
 import xarray as xr
 
 import afpx.cube
+import afpx.store
 import afpx.structures
 from afpx import schema
 from afpx.cube import build_cube, fingerprint_dataset, open_cube, write_cube
@@ -58,6 +59,96 @@ def test_spilled_build_equals_the_in_memory_cube_byte_for_byte(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["memory.zarr", "spilled.zarr"]
 
 
+@pytest.mark.usefixtures("small_parts")
+def test_waves_smaller_than_the_blocks_write_the_same_cube(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    options = {"draws": 2, "chunk_sites": 5}
+    whole = build_cube(FILES, tmp_path / "whole.zarr", progress=False, **options)
+    n_chunks = len(open_cube(whole)[schema.AFP].chunks[0])
+    assert n_chunks > 6
+    written: list[int] = []
+    original = afpx.cube.scheduler_compute
+
+    def compute(wave: Any, **kwargs: Any) -> Any:
+        keys = wave.__dask_graph__()
+        written.append(sum(isinstance(k, tuple) and k[0].startswith("afpx-write") for k in keys))
+        return original(wave, **kwargs)
+
+    trims = {"n": 0}
+
+    def trim() -> bool:
+        trims["n"] += 1
+        return True
+
+    monkeypatch.setattr(afpx.cube, "CHUNKS_PER_WAVE", 3)
+    monkeypatch.setattr(afpx.cube, "scheduler_compute", compute)
+    monkeypatch.setattr(afpx.cube, "trim_memory", trim)
+    monkeypatch.setattr(afpx.cube, "task_slots", lambda client: 1)
+    waved = build_cube(FILES, tmp_path / "waved.zarr", progress=False, **options)
+    assert digests(Path(waved)) == digests(Path(whole))
+    assert trims["n"] == len(written) + 1  # before every wave and after the last
+    # the sites' chunks four at a time (four per task slot: more than 3), then the atoms'
+    # and the lattices' chunk (one each)
+    assert written == [4] * (n_chunks // 4) + [n_chunks % 4] * bool(n_chunks % 4) + [1, 1]
+    written.clear()
+    monkeypatch.setattr(afpx.cube, "CHUNKS_PER_WAVE", 5)
+    again = build_cube(FILES, tmp_path / "again.zarr", progress=False, **options)
+    assert digests(Path(again)) == digests(Path(whole))
+    assert written == [5] * (n_chunks // 5) + [n_chunks % 5] * bool(n_chunks % 5) + [1, 1]
+
+
+def test_the_build_holds_no_per_structure_variable_while_it_computes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # they are in the store before the first wave; write_cube leaves the caller's dataset be
+    held: list[list[str]] = []
+    original = afpx.store.chunk_waves
+
+    def waves(ds: xr.Dataset, *args: Any) -> Any:
+        held.append(sorted(str(n) for n in ds.variables))
+        return original(ds, *args)
+
+    monkeypatch.setattr(afpx.store, "chunk_waves", waves)
+    built = build_cube(FILES, tmp_path / "cube.zarr", chunk_sites=16, progress=False)
+    per_site = [name for name, var in open_cube(built).variables.items() if schema.SITE in var.dims]
+    geometry = [schema.LATTICE, schema.ATOM_FRAC_COORDS, schema.ATOM_Z]
+    assert held == [sorted(per_site + geometry)]
+    ds = fingerprint_dataset(read_table(FILES), sources=FILES, chunk_sites=16)
+    names = set(ds.variables)
+    write_cube(ds, tmp_path / "other.zarr", progress=False)
+    assert set(ds.variables) == names
+
+
+def test_a_build_stopped_between_waves_resumes_to_the_same_cube(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    options = {"draws": 2, "chunk_sites": 5}
+    whole = build_cube(FILES, tmp_path / "whole.zarr", progress=False, **options)
+    target = tmp_path / "cube.zarr"
+    original = afpx.cube.scheduler_compute
+    waves = {"n": 0}
+
+    def compute(wave: Any, **kwargs: Any) -> Any:
+        waves["n"] += 1
+        if waves["n"] == 3:
+            raise KeyboardInterrupt
+        return original(wave, **kwargs)
+
+    monkeypatch.setattr(afpx.cube, "CHUNKS_PER_WAVE", 3)
+    monkeypatch.setattr(afpx.cube, "task_slots", lambda client: 0)
+    monkeypatch.setattr(afpx.cube, "scheduler_compute", compute)
+    with pytest.raises(KeyboardInterrupt):
+        build_cube(FILES, target, progress=False, **options)
+    (partial,) = afpx.store.partials(target)
+    assert len(afpx.store.done_chunks(partial)) == 2 * 3 * 10  # two waves of ten per-site variables
+    assert [p.name for p in tmp_path.glob(".cube.zarr.spill-*")] == []
+    monkeypatch.setattr(afpx.cube, "scheduler_compute", original)
+    build_cube(FILES, target, progress=False, resume=True, **options)
+    assert digests(target) == digests(Path(whole))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cube.zarr", "whole.zarr"]
+
+
 @pytest.mark.parametrize(
     ("shape", "dtype"), [((60_000, 3), "float64"), ((40_000, 3, 3), "float64"), ((9,), "int16")]
 )
@@ -98,6 +189,25 @@ def test_read_spilled_equals_read_table(tmp_path: Path) -> None:
     np.testing.assert_array_equal(
         middle.site_start, table.table.site_start[1:n] - table.table.site_start[1]
     )
+
+
+@pytest.mark.usefixtures("small_parts")
+def test_a_lazy_variable_computed_on_its_own_equals_the_cube(tmp_path: Path) -> None:
+    # the writes take every chunk from its block's result; the variables' own tasks are
+    # made only when one is computed alone
+    (tmp_path / "spill").mkdir()
+    ds = fingerprint_dataset(read_spilled(FILES, tmp_path / "spill"), chunk_sites=7, draws=2)
+    cube = open_cube(build_cube(FILES, tmp_path / "c.zarr", chunk_sites=7, draws=2, progress=False))
+    for name in (schema.AFP, schema.R0, schema.Z, schema.DRAW, schema.STRUCTURE_INDEX):
+        np.testing.assert_array_equal(ds[name].values, cube[name].values)
+    assert ds[schema.WYCKOFF].values.tolist() == cube[schema.WYCKOFF].values.tolist()
+    afp = ds[schema.AFP].data
+    layer = afp.dask.layers[afp.name]
+    assert len(layer) == len(afp.chunks[0]) > 2
+    assert list(layer) == [(afp.name, b, 0, 0) for b in range(len(layer))]
+    for key in [(afp.name, len(layer), 0, 0), (afp.name, 0, 1, 0), (afp.name, 0), "x"]:
+        with pytest.raises(KeyError):
+            layer[key]
 
 
 def test_duplicates_dropped_from_a_spilled_part(
@@ -179,3 +289,13 @@ def test_spill_only_where_every_worker_sees_this_disk() -> None:
     assert workers_on_this_host(_Client([here, here]))
     assert not workers_on_this_host(_Client([here, "elsewhere"]))
     assert not workers_on_this_host(_Client([]))
+
+
+def test_pending_chunks_adds_up_the_waves(tmp_path: Path) -> None:
+    ds = fingerprint_dataset(read_table(FILES), sources=FILES, chunk_sites=5)
+    for done in [set(), {(name, 0) for name in afpx.store.lazy_names(ds)}]:
+        waves = list(afpx.store.chunk_waves(ds, tmp_path, done, 4))
+        assert sum(n for _, n in waves) == afpx.store.pending_chunks(ds, done)
+        assert all(0 < n <= 4 for _, n in waves)
+    n_site_chunks = len(ds[schema.AFP].chunks[0])
+    assert afpx.store.pending_chunks(ds, set()) == n_site_chunks  # all in memory but these

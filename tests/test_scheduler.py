@@ -161,3 +161,18 @@ def test_trim_memory_where_glibc_can(monkeypatch: pytest.MonkeyPatch) -> None:
     # another C library: nothing to call, nothing happens
     monkeypatch.setattr(ctypes, "CDLL", lambda name: object())
     assert afpx.scheduler.trim_memory() is False
+
+
+class _Threads:
+    def nthreads(self) -> dict[str, int]:
+        return {"tcp://w0:1": 4, "tcp://w1:1": 2}
+
+
+def test_task_slots_of_a_client_and_of_local_schedulers() -> None:
+    from dask.system import CPU_COUNT
+
+    assert afpx.scheduler.task_slots(_Threads()) == 6
+    with dask.config.set(num_workers=3):
+        assert afpx.scheduler.task_slots(None) == 3
+    with dask.config.set(num_workers=None):
+        assert afpx.scheduler.task_slots(None) == CPU_COUNT

@@ -112,7 +112,7 @@ def build_cube_command(
                 max_file_mb=max_file_mb,
                 resume=resume,
             )
-        click.echo(cube_summary(open_cube(path), path=str(path)))
+        click.echo(cube_summary(open_cube(path, load=False), path=str(path)))
         return
     with echo_warnings():
         built = build_cube(
@@ -132,7 +132,7 @@ def build_cube_command(
             max_file_mb=max_file_mb,
             resume=resume,
         )
-    click.echo(cube_summary(open_cube(built), path=str(built)))
+    click.echo(cube_summary(open_cube(built, load=False), path=str(built)))
 
 
 @click.command("info")
