@@ -1451,7 +1451,7 @@ def open_cube(path: str | os.PathLike[str], *, load: bool = True) -> xr.Dataset:
     import xarray as xr
 
     where = os.fspath(path)
-    if "://" not in where and not Path(where).exists():
+    if not store.exists(where):  # a local path or a URL
         raise AfpxError(f"no cube at {where}: build one with `afpx build-cube`")
     try:
         ds = xr.open_zarr(where, consolidated=False, zarr_format=3)

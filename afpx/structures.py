@@ -2201,10 +2201,7 @@ def read_table(
         parts.append(_accept(chunk, rejections, duplicates))
         duplicates.forget(finished)
     table = _assemble(parts)
-    missing = np.flatnonzero(table.hydrogen_missing)
-    if missing.size:
-        first = int(missing[0])
-        _warn_hydrogen(missing.size, str(table.structure_id[first]), str(table.source[first]))
+    _warn_missing_hydrogen(table)
     return TableRead(table, rejections, n_read, params)
 
 
@@ -2295,11 +2292,16 @@ def read_spilled(
         site_start=offsets(joined["n_sites"]),
         part_start=offsets(part_sizes),
     )
+    _warn_missing_hydrogen(table)
+    return TableRead(table, rejections, n_read, params)
+
+
+def _warn_missing_hydrogen(table: StructureTable | SpilledTable) -> None:
+    """Warn once if any structure of ``table`` lacks the hydrogen its formula states."""
     missing = np.flatnonzero(table.hydrogen_missing)
     if missing.size:
         first = int(missing[0])
         _warn_hydrogen(missing.size, str(table.structure_id[first]), str(table.source[first]))
-    return TableRead(table, rejections, n_read, params)
 
 
 def _warn_hydrogen(n: int, structure_id: str, source: str) -> None:

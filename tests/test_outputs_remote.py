@@ -249,6 +249,9 @@ def test_rank_and_screen_read_a_cube_at_a_url(bucket: str, tmp_path: Path) -> No
     theirs = CliRunner().invoke(main, [*args, url])
     assert ours.exit_code == 0 and theirs.exit_code == 0, theirs.output
     assert ours.output == theirs.output
+    missing = CliRunner().invoke(main, [*args, f"{bucket}/rank/none.zarr"])
+    assert missing.exit_code == 2
+    assert f"no cube at {bucket}/rank/none.zarr: build one" in missing.output
     done = screen(["Li", "Mn", "Ge"], 2, tmp_path / "s.zarr", cube=url, top=3)
     assert done.attrs[afpx.screen.OPTIONS_ATTR]["cube"] == url
     assert int(done["n_rows"].sum()) > 0
