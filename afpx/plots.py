@@ -619,23 +619,16 @@ def training_curves_figure(metrics: pd.DataFrame, *, source: str) -> Figure:
 
 def read_evaluation_metrics(eval_dir: str | os.PathLike[str]) -> dict[str, Any]:
     """``metrics.json`` of an ``afpx evaluate`` folder or the file itself (a path or URL)."""
-    from afpx.store import filesystem, is_url
+    from afpx.store import filesystem
 
-    where = os.fspath(eval_dir).rstrip("/")
-    if is_url(where):
-        fs, inner = filesystem(where)
-        path = where if fs.isfile(inner) else f"{where}/{_METRICS_JSON}"
-        fs, inner = filesystem(path)
-        found = fs.isfile(inner)
-    else:
-        local = Path(where)
-        path = where if local.is_file() else os.fspath(local / _METRICS_JSON)
-        found = Path(path).is_file()
-    if not found:
+    path = os.fspath(eval_dir).rstrip("/")
+    fs, inner = filesystem(path)  # fsspec's local filesystem for a path
+    if not fs.isfile(inner):
+        path, inner = f"{path}/{_METRICS_JSON}", f"{inner}/{_METRICS_JSON}"
+    if not fs.isfile(inner):
         raise AfpxError(f"{path} not found: give the folder written by `afpx evaluate CUBE -o DIR`")
     try:
-        text = fs.cat_file(inner).decode() if is_url(path) else Path(path).read_text()
-        metrics: dict[str, Any] = json.loads(text)
+        metrics: dict[str, Any] = json.loads(fs.cat_file(inner).decode())
     except ValueError as exc:
         raise AfpxError(f"{path} is not JSON: {exc}") from exc
     if "models" not in metrics:

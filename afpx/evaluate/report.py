@@ -6,7 +6,6 @@ import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 import numpy as np
@@ -223,11 +222,11 @@ def write_report(report: EvaluationReport, out_dir: str | os.PathLike[str]) -> d
     """
     import json
 
-    from afpx.store import check_writable_folder, filesystem, is_url
+    from afpx.store import check_writable_folder, filesystem
 
     where = check_writable_folder(out_dir, what="the report folder").rstrip("/")
-    if not is_url(where):
-        Path(where).mkdir(parents=True, exist_ok=True)
+    fs, root = filesystem(where)  # fsspec's local filesystem for a path
+    fs.makedirs(root, exist_ok=True)
     metrics_path = f"{where}/metrics.json"
     arrays_path = f"{where}/arrays.zarr"
     text = json.dumps(jsonable(report.metrics), indent=2, allow_nan=True) + "\n"
@@ -237,9 +236,5 @@ def write_report(report: EvaluationReport, out_dir: str | os.PathLike[str]) -> d
         if arrays[name].dtype.kind == "U":
             arrays[name] = arrays[name].astype(object)
     arrays.to_zarr(arrays_path, mode="w", zarr_format=3, consolidated=False)
-    if is_url(where):
-        fs, path = filesystem(metrics_path)
-        fs.pipe_file(path, text.encode())
-    else:
-        Path(metrics_path).write_text(text)
+    fs.pipe_file(f"{root}/metrics.json", text.encode())
     return {"metrics": metrics_path, "arrays": arrays_path}
