@@ -390,9 +390,17 @@ class RankTable:
         lead = "{"
         pieces: list[tuple[str, list[str]]] = []
         for name, values in cols.items():
-            pieces.append((lead + encode_basestring_ascii(name) + ": ", _json_values(values)))
-            lead = ", "
-        return _interleave(pieces, "}" + separator, len(self), last="}")
+            lead += encode_basestring_ascii(name) + ": "
+            plain = _plain_json_strings(values)
+            if plain is None:
+                pieces.append((lead, _json_values(values)))
+                lead = ", "
+            else:
+                # nothing to escape: the quotes go into the texts around the values
+                pieces.append((lead + '"', plain))
+                lead = '", '
+        close = lead[:-2] + "}"  # '"}' after a plain string column, else '}'
+        return _interleave(pieces, close + separator, len(self), last=close)
 
     def to_csv(self) -> str:
         """The rows as CSV with a header, exactly as :func:`csv.writer` (``\\n`` line ends)."""
@@ -433,6 +441,26 @@ def _int_texts(values: np.ndarray) -> list[str]:
     # counts, space groups, template indices: fewer distinct texts than rows
     texts = np.asarray(list(map(str, range(high + 1))), dtype=object)
     return list(texts[values].tolist())
+
+
+def _plain_json_strings(values: np.ndarray) -> list[str] | None:
+    """The items of a column of strings that JSON writes unescaped, else None.
+
+    The JSON encoder (ASCII mode) escapes quotes, backslashes and anything
+    outside ``" "..."~"``; a few scans of the joined texts decide for the whole
+    column, so that the writer adds the quotes around each value without
+    any work per row.
+    """
+    if values.dtype.kind not in "OTU" or values.size == 0:
+        return None
+    items = values.tolist()
+    if not set(map(type, items)) <= {str}:
+        return None
+    joined = "".join(items)
+    # printable ASCII (isprintable is False for the control characters and DEL)
+    if not (joined.isascii() and joined.isprintable()) or '"' in joined or "\\" in joined:
+        return None
+    return items
 
 
 def _json_values(values: np.ndarray) -> list[str]:

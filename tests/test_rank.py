@@ -615,7 +615,10 @@ def test_writers_join_rows_as_the_per_row_writers_do(hand: TemplateLibrary) -> N
         assert col.json_rows() == [json.dumps({"rank": v}) for v in ints.tolist()]
         assert col.to_csv() == "rank\n" + "".join(f"{v}\n" for v in ints.tolist())
     # text columns: plain ASCII, or with something to escape in one field
-    for texts in (["Mn 2a, Ge 4b", "x"], ["a\\b", "x"], ["del\x7f", "x"], ['"q"', "x"], ["é", "x"]):
+    for texts in (
+        ["Mn 2a, Ge 4b", "x"], ["a\\b", "x"], ["del\x7f", "x"], ['"q"', "x"], ["é", "x"],
+        ["tab\there", "x"], ["", ""], ["Mn", "\n"],
+    ):  # fmt: skip
         col = RankTable([MN, GE], ["Mn", "Ge"], {"formula": (("composition",), np.asarray(texts))})
         col.variables["rank"] = (("composition",), np.ones(2))
         assert col.json_rows() == [json.dumps({"rank": 1.0, "formula": v}) for v in texts]
