@@ -34,6 +34,7 @@ import io
 import math
 import threading
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Final
@@ -217,6 +218,14 @@ def chgnet_calculator(params: RelaxParams | None = None) -> Calculator:
         raise AfpxError(
             f"relaxing candidates needs CHGNet, which is not installed: {RELAX_INSTALL}"
         ) from exc
+    # CHGNet 0.3 builds its cell volumes with torch.tensor(list of tensors), which torch
+    # answers with a UserWarning on every structure; it says nothing about the result
+    warnings.filterwarnings(
+        "ignore",
+        message="Converting a tensor with requires_grad=True to a scalar",
+        category=UserWarning,
+        module="chgnet",
+    )
     key = (params.model, params.device)
     with _MODELS_LOCK:
         model = _MODELS.get(key)
@@ -417,8 +426,6 @@ def _templates_within(
 
 def _prototype(z: int) -> list[Structure]:
     """fcc, bcc and hcp cells of an element, sized from its atomic radius."""
-    import warnings
-
     from ase.build import bulk
     from pymatgen.core.periodic_table import Element
     from pymatgen.io.ase import AseAtomsAdaptor

@@ -9,6 +9,7 @@ signature can be checked by passing ``fingerprint=``.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -118,7 +119,11 @@ def assert_equivalent_sites_agree(
     perspectives in another order: pass ``up_to_perspective_order=True``,
     which compares the perspectives of each tetrahedron as sorted sets.
     """
-    equivalent = SpacegroupAnalyzer(structure, symprec=0.01).get_symmetry_dataset().equivalent_atoms
+    with warnings.catch_warnings():
+        # pymatgen runs spglib in its deprecated error mode, which spglib warns about
+        warnings.filterwarnings("ignore", "Set OLD_ERROR_HANDLING", DeprecationWarning)
+        analyzer = SpacegroupAnalyzer(structure, symprec=0.01)
+        equivalent = analyzer.get_symmetry_dataset().equivalent_atoms
     atoms = list(range(len(structure)))
     afp = fingerprint(structure, atoms)
     if up_to_perspective_order:
