@@ -204,6 +204,14 @@ def mark_complete(path: str | Path) -> None:
     zarr.open_group(path, mode="r+").attrs.update({COMPLETE_ATTR: True})
 
 
+def true_element_likelihood(z: np.ndarray, *, seed: int) -> np.ndarray:
+    """Made-up (site, element) likelihoods: 0.9 for each site's own element, others in [0, 0.3)."""
+    rng = np.random.default_rng(seed)
+    lk = (0.3 * rng.random((z.size, schema.N_ELEMENTS))).astype(np.float32)
+    lk[np.arange(z.size), np.asarray(z, dtype=int) - 1] = 0.9
+    return lk
+
+
 def make_cube_with_likelihoods(path: str | Path) -> Path:
     """A complete synthetic cube (24 structures) whose likelihoods favour the true element.
 
@@ -213,9 +221,7 @@ def make_cube_with_likelihoods(path: str | Path) -> Path:
     path = make_synthetic_cube(path, n_structures=24, seed=3)
     ds = xr.open_zarr(path, consolidated=False)
     z = np.asarray(ds[schema.Z].values).astype(int)
-    rng = np.random.default_rng(0)
-    lk = (0.3 * rng.random((z.size, schema.N_ELEMENTS))).astype(np.float32)
-    lk[np.arange(z.size), z - 1] = 0.9
+    lk = true_element_likelihood(z, seed=0)
     extra = xr.Dataset(
         {
             schema.LIKELIHOOD: ((schema.SITE, schema.ELEMENT), lk),

@@ -149,17 +149,14 @@ def cube_with_likelihood(
     of each unique site), as the likelihood writer stores it.
     """
     import xarray as xr
-    from _cube_helpers import make_synthetic_cube
+    from _cube_helpers import make_synthetic_cube, true_element_likelihood
 
     raw = make_synthetic_cube(
         path.with_name(path.name + ".raw"), n_structures=n_structures, draws=draws, seed=seed
     )
     ds = xr.open_zarr(raw, consolidated=False).load()
     if likelihood:
-        rng = np.random.default_rng(seed)
-        n = ds.sizes[schema.SITE]
-        lik = rng.random((n, schema.N_ELEMENTS)).astype(np.float32) * 0.3
-        lik[np.arange(n), ds[schema.Z].values.astype(int) - 1] = 0.9
+        lik = true_element_likelihood(ds[schema.Z].values, seed=seed)
         coords = schema.element_coords()
         ds = ds.assign_coords(coords)
         ds[schema.LIKELIHOOD] = ((schema.SITE, schema.ELEMENT), lik)
