@@ -38,6 +38,7 @@ __all__ = [
     "active_client",
     "compute",
     "one_blas_thread",
+    "one_malloc_arena",
     "task_slots",
     "trim_memory",
     "use_scheduler",
@@ -279,6 +280,39 @@ def trim_memory() -> bool:
         return False
     malloc_trim(0)
     return True
+
+
+#: ``M_ARENA_MAX`` of glibc's ``mallopt`` (``malloc.h``).
+_M_ARENA_MAX = -8
+
+
+def one_malloc_arena() -> bool:
+    """Make the threads of this process that have no malloc arena yet share glibc's main one.
+
+    glibc gives every new thread a malloc arena of its own (up to eight per
+    core), and memory freed in
+    one arena is reused by that arena only: Dask's worker threads each keep
+    their own high-water mark beside the main thread's, and what reading
+    left behind in one arena is never reused by the fingerprints computed in
+    another. With one arena, the working memory of every step fills the
+    holes the steps before it left. Process-wide and for the rest of the
+    process (glibc fixes the limit when it first needs a new arena); threads
+    that have an arena already keep it.
+
+    Returns
+    -------
+    bool
+        False where the C library has no ``mallopt`` (not glibc) or refused
+        the setting, and nothing was done.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c")).mallopt
+    except (OSError, AttributeError, TypeError):
+        return False
+    return bool(mallopt(_M_ARENA_MAX, 1))
 
 
 def compute(*collections: Any, progress: bool = False, **kwargs: Any) -> tuple[Any, ...]:

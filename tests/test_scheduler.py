@@ -163,6 +163,50 @@ def test_trim_memory_where_glibc_can(monkeypatch: pytest.MonkeyPatch) -> None:
     assert afpx.scheduler.trim_memory() is False
 
 
+_ARENAS = """
+import ctypes, sys, tempfile, threading
+import numpy as np
+import afpx.scheduler
+if sys.argv[1] == "one":
+    assert afpx.scheduler.one_malloc_arena()
+kept = []
+def work():
+    kept.append(np.ones(10_000))  # 80 KB: from this thread's malloc arena
+threads = [threading.Thread(target=work) for _ in range(3)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+libc = ctypes.CDLL("libc.so.6")
+libc.fopen.restype = ctypes.c_void_p
+with tempfile.NamedTemporaryFile(suffix=".xml") as out:
+    f = ctypes.c_void_p(libc.fopen(out.name.encode(), b"w"))
+    libc.malloc_info(0, f)
+    libc.fclose(f)
+    print(open(out.name).read().count("<heap nr="))
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc's malloc arenas")
+def test_one_malloc_arena_makes_new_threads_share_the_main_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import ctypes
+    import subprocess
+
+    def heaps(mode: str) -> int:
+        done = subprocess.run(
+            [sys.executable, "-c", _ARENAS, mode], capture_output=True, text=True, check=True
+        )
+        return int(done.stdout.strip().splitlines()[-1])
+
+    assert heaps("default") > 1  # the threads' own arenas
+    assert heaps("one") == 1
+    # another C library: nothing to call, nothing happens
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: object())
+    assert afpx.scheduler.one_malloc_arena() is False
+
+
 class _Threads:
     def nthreads(self) -> dict[str, int]:
         return {"tcp://w0:1": 4, "tcp://w1:1": 2}
