@@ -491,6 +491,59 @@ def fingerprint_structures(
     )
 
 
+class _SpilledBlocks(Sequence[_SpilledBlock]):
+    """The blocks of a spilled table, each made when asked for from a few integers.
+
+    What the graph of a large cube keeps per block is four int64 (its rows and
+    its first and last structure), not a :class:`_SpilledBlock` with its own
+    tuple of file names: the blocks' tasks (:class:`_Tasks`) are made as Dask
+    asks for them, a wave at a time.
+    """
+
+    def __init__(self, folder: str, part_start: np.ndarray, bounds: np.ndarray) -> None:
+        self.folder = folder
+        self.part_start = part_start  # (n_parts + 1,): the first structure of every part
+        self.bounds = bounds  # (n_blocks, 4): rows start, stop; first, last structure
+
+    def __len__(self) -> int:
+        return int(self.bounds.shape[0])
+
+    def __getitem__(self, b: Any) -> Any:  # an int: the blocks are never sliced
+        from afpx.structures import part_pieces
+
+        start, stop, first, last = (int(v) for v in self.bounds[b])
+        return _SpilledBlock(
+            first=first,
+            start=start,
+            stop=stop,
+            pieces=part_pieces(self.folder, self.part_start, first, last + 1),
+        )
+
+
+class _Tasks(Mapping[tuple[Any, ...], tuple[Any, ...]]):
+    """The blocks' tasks, made when asked for: key ``(name, b)`` is ``(compute, blocks[b])``."""
+
+    def __init__(self, name: str, compute: Any, blocks: Sequence[Any]) -> None:
+        self.name, self.compute, self.blocks = name, compute, blocks
+
+    def __getitem__(self, key: tuple[Any, ...]) -> tuple[Any, ...]:
+        if (
+            not isinstance(key, tuple)
+            or len(key) != 2
+            or key[0] != self.name
+            or not isinstance(key[1], int)
+            or not 0 <= key[1] < len(self.blocks)
+        ):
+            raise KeyError(key)
+        return (self.compute, self.blocks[key[1]])
+
+    def __iter__(self) -> Iterator[tuple[Any, ...]]:
+        return ((self.name, b) for b in range(len(self.blocks)))
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+
 class _Picks(Mapping[tuple[Any, ...], tuple[Any, ...]]):
     """The tasks of one variable's chunks, made when asked for: ``(pick, (source, b), var)``.
 
@@ -542,8 +595,9 @@ def _lazy_computed(
     token = uuid.uuid4().hex
     name = f"afpx-fingerprint-{token}"
     compute = functools.partial(_compute_spilled if spilled else _compute_block, options=options)
-    layer: dict[Any, Any] = {(name, b): (compute, block) for b, block in enumerate(blocks)}
-    base = HighLevelGraph.from_collections(name, layer, dependencies=())
+    # the tasks are made as they are asked for: the graph holds the blocks only
+    layer = _Tasks(name, compute, blocks)
+    base = HighLevelGraph({name: MaterializedLayer(layer)}, {name: set()})
     site_chunks = (tuple(b.stop - b.start for b in blocks),)
     arrays: dict[str, Any] = {}
     variables = {**_COMPUTED, **_LABELS} if spilled else _COMPUTED
@@ -707,20 +761,15 @@ def fingerprint_dataset(
     return xr.Dataset(data, attrs=json.loads(json.dumps(attrs)))
 
 
-def _spilled_blocks(table: SpilledTable, draws: int, chunk_sites: int) -> list[_SpilledBlock]:
+def _spilled_blocks(table: SpilledTable, draws: int, chunk_sites: int) -> _SpilledBlocks:
     """Blocks of ``chunk_sites`` rows (the last one shorter) of a spilled table."""
-    blocks = []
+    bounds = []
     for start, stop, first, last in _block_bounds(table.site_start, draws, chunk_sites):
         row0 = int(table.site_start[first]) * draws
-        blocks.append(
-            _SpilledBlock(
-                first=int(first),
-                start=start - row0,
-                stop=stop - row0,
-                pieces=table.pieces(int(first), int(last) + 1),
-            )
-        )
-    return blocks
+        bounds.append((start - row0, stop - row0, first, last))
+    return _SpilledBlocks(
+        table.folder, table.part_start.copy(), np.array(bounds, dtype=np.int64).reshape(-1, 4)
+    )
 
 
 def _zarr_chunks(shape: tuple[int, ...], dtype: Any) -> tuple[int, ...]:

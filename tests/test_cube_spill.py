@@ -210,6 +210,35 @@ def test_a_lazy_variable_computed_on_its_own_equals_the_cube(tmp_path: Path) -> 
             layer[key]
 
 
+@pytest.mark.usefixtures("small_parts")
+def test_the_blocks_tasks_are_made_when_asked_for(tmp_path: Path) -> None:
+    # the graph keeps a few integers per block, not a task object with its file names
+    (tmp_path / "spill").mkdir()
+    read = read_spilled(FILES, tmp_path / "spill")
+    table = read.table
+    assert isinstance(table, SpilledTable)
+    ds = fingerprint_dataset(read, chunk_sites=7, draws=2)
+    afp = ds[schema.AFP].data
+    (source,) = afp.dask.dependencies[afp.name]
+    layer = afp.dask.layers[source]
+    assert not isinstance(layer.mapping, dict)
+    assert list(layer) == [(source, b) for b in range(len(afp.chunks[0]))]
+    starts = np.concatenate([[0], np.cumsum(afp.chunks[0])])
+    spans_parts = False
+    for b, key in enumerate(layer):
+        _, block = layer[key]
+        assert block.stop - block.start == afp.chunks[0][b]
+        # its rows from its first structure's first row, and that structure's parts
+        assert block.start == starts[b] - 2 * table.site_start[block.first]
+        last = np.searchsorted(table.site_start, (starts[b + 1] - 1) // 2, side="right") - 1
+        assert block.pieces == table.pieces(block.first, int(last) + 1)
+        spans_parts |= len(block.pieces) > 1
+    assert spans_parts
+    for key in [(source, len(layer)), (source, -1), (source, 0, 0), (afp.name, 0), "x"]:
+        with pytest.raises(KeyError):
+            layer[key]
+
+
 def test_duplicates_dropped_from_a_spilled_part(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
