@@ -50,7 +50,13 @@ from afpx.kernels import (
 )
 from afpx.neighbours import count_within, nearest_neighbour_distances, neighbour_shells
 from afpx.scheduler import compute as scheduler_compute
-from afpx.scheduler import task_slots, trim_memory, use_scheduler, workers_on_this_host
+from afpx.scheduler import (
+    set_mmap_threshold,
+    task_slots,
+    trim_memory,
+    use_scheduler,
+    workers_on_this_host,
+)
 from afpx.splits import SplitParams, assign_splits
 
 if TYPE_CHECKING:
@@ -97,6 +103,11 @@ COMPLETE_ATTR = "afpx_complete"
 #: memory allocator hold, which grows with the tasks of one compute, stays bounded, and
 #: the memory freed is handed back between waves.
 CHUNKS_PER_WAVE = 32
+
+#: glibc's mmap threshold while the waves compute (:func:`afpx.scheduler.set_mmap_threshold`):
+#: the fingerprints' arrays of 1 MiB or more are mapped on their own and handed back when
+#: freed, rather than left in a heap that grows with the waves; None leaves glibc's own.
+WAVE_MMAP_THRESHOLD: int | None = 2**20
 
 #: Variables computed by the fingerprint tasks (the rest is known up front).
 _COMPUTED = {
@@ -1086,6 +1097,8 @@ def _write(
             lazy = set(store.lazy_names(ds))
             for name in [str(n) for n in ds.variables if str(n) not in lazy]:
                 del ds[name]
+        if WAVE_MMAP_THRESHOLD is not None:
+            set_mmap_threshold(WAVE_MMAP_THRESHOLD)
         per_wave = max(CHUNKS_PER_WAVE, 4 * task_slots(client))
         done = store.done_chunks(partial)
         waves = store.chunk_waves(ds, partial, done, per_wave)

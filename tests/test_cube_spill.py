@@ -98,6 +98,27 @@ def test_waves_smaller_than_the_blocks_write_the_same_cube(
     assert written == [5] * (n_chunks // 5) + [n_chunks % 5] * bool(n_chunks % 5) + [1, 1]
 
 
+def test_the_waves_run_under_a_fixed_mmap_threshold(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    events: list[Any] = []
+    original = afpx.cube.scheduler_compute
+
+    def compute(wave: Any, **kwargs: Any) -> Any:
+        events.append("wave")
+        return original(wave, **kwargs)
+
+    monkeypatch.setattr(afpx.cube, "scheduler_compute", compute)
+    monkeypatch.setattr(afpx.cube, "set_mmap_threshold", lambda n: events.append(n) or True)
+    build_cube(FILES[:3], tmp_path / "a.zarr", progress=False)
+    assert events[0] == afpx.cube.WAVE_MMAP_THRESHOLD == 2**20  # before the first wave
+    assert events[1:] and set(events[1:]) == {"wave"}
+    events.clear()
+    monkeypatch.setattr(afpx.cube, "WAVE_MMAP_THRESHOLD", None)  # glibc's own
+    build_cube(FILES[:3], tmp_path / "b.zarr", progress=False)
+    assert events and set(events) == {"wave"}
+
+
 def test_the_build_holds_no_per_structure_variable_while_it_computes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

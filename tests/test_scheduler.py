@@ -207,6 +207,40 @@ def test_one_malloc_arena_makes_new_threads_share_the_main_one(
     assert afpx.scheduler.one_malloc_arena() is False
 
 
+_MAPPED = """
+import ctypes
+import numpy as np
+import afpx.scheduler
+FIELDS = "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost"
+class Info(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in FIELDS.split()]
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = Info
+def mapped(nbytes):
+    before = libc.mallinfo2().hblkhd
+    a = np.ones(nbytes, dtype=np.uint8)  # kept until measured
+    return libc.mallinfo2().hblkhd - before >= nbytes
+small, large = 512 * 2**10, 4 * 2**20
+print(mapped(small), mapped(large))
+assert afpx.scheduler.set_mmap_threshold(2**20)
+print(mapped(small), mapped(large))
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc's mmap threshold")
+def test_set_mmap_threshold_maps_large_blocks_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    import ctypes
+    import subprocess
+
+    done = subprocess.run(
+        [sys.executable, "-c", _MAPPED], capture_output=True, text=True, check=True
+    )
+    # glibc's own threshold (128 KiB at first) maps both; from 1 MiB on, the large one only
+    assert done.stdout.split() == ["True", "True", "False", "True"]
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: object())
+    assert afpx.scheduler.set_mmap_threshold(2**20) is False
+
+
 class _Threads:
     def nthreads(self) -> dict[str, int]:
         return {"tcp://w0:1": 4, "tcp://w1:1": 2}
