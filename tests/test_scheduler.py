@@ -163,6 +163,13 @@ def test_trim_memory_where_glibc_can(monkeypatch: pytest.MonkeyPatch) -> None:
     assert afpx.scheduler.trim_memory() is False
 
 
+def _glibc_defaults() -> dict[str, str]:
+    """This environment less any glibc malloc setting (a local cluster's may be in it)."""
+    import os
+
+    return {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "GLIBC_TUNABLES"))}
+
+
 _ARENAS = """
 import ctypes, sys, tempfile, threading
 import numpy as np
@@ -196,7 +203,11 @@ def test_one_malloc_arena_makes_new_threads_share_the_main_one(
 
     def heaps(mode: str) -> int:
         done = subprocess.run(
-            [sys.executable, "-c", _ARENAS, mode], capture_output=True, text=True, check=True
+            [sys.executable, "-c", _ARENAS, mode],
+            capture_output=True,
+            text=True,
+            check=True,
+            env=_glibc_defaults(),
         )
         return int(done.stdout.strip().splitlines()[-1])
 
@@ -233,7 +244,11 @@ def test_set_mmap_threshold_maps_large_blocks_only(monkeypatch: pytest.MonkeyPat
     import subprocess
 
     done = subprocess.run(
-        [sys.executable, "-c", _MAPPED], capture_output=True, text=True, check=True
+        [sys.executable, "-c", _MAPPED],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=_glibc_defaults(),
     )
     # glibc's own threshold (128 KiB at first) maps both; from 1 MiB on, the large one only
     assert done.stdout.split() == ["True", "True", "False", "True"]
