@@ -50,7 +50,13 @@ from afpx.kernels import (
 )
 from afpx.neighbours import count_within, nearest_neighbour_distances, neighbour_shells
 from afpx.scheduler import compute as scheduler_compute
-from afpx.scheduler import task_slots, trim_memory, use_scheduler, workers_on_this_host
+from afpx.scheduler import (
+    set_mmap_threshold,
+    task_slots,
+    trim_memory,
+    use_scheduler,
+    workers_on_this_host,
+)
 from afpx.splits import SplitParams, assign_splits
 
 if TYPE_CHECKING:
@@ -97,6 +103,11 @@ COMPLETE_ATTR = "afpx_complete"
 #: memory allocator hold, which grows with the tasks of one compute, stays bounded, and
 #: the memory freed is handed back between waves.
 CHUNKS_PER_WAVE = 32
+
+#: glibc's mmap threshold while the waves compute (:func:`afpx.scheduler.set_mmap_threshold`):
+#: the fingerprints' arrays of 1 MiB or more are mapped on their own and handed back when
+#: freed, rather than left in a heap that grows with the waves; None leaves glibc's own.
+WAVE_MMAP_THRESHOLD: int | None = 2**20
 
 #: Variables computed by the fingerprint tasks (the rest is known up front).
 _COMPUTED = {
@@ -491,6 +502,59 @@ def fingerprint_structures(
     )
 
 
+class _SpilledBlocks(Sequence[_SpilledBlock]):
+    """The blocks of a spilled table, each made when asked for from a few integers.
+
+    What the graph of a large cube keeps per block is four int64 (its rows and
+    its first and last structure), not a :class:`_SpilledBlock` with its own
+    tuple of file names: the blocks' tasks (:class:`_Tasks`) are made as Dask
+    asks for them, a wave at a time.
+    """
+
+    def __init__(self, folder: str, part_start: np.ndarray, bounds: np.ndarray) -> None:
+        self.folder = folder
+        self.part_start = part_start  # (n_parts + 1,): the first structure of every part
+        self.bounds = bounds  # (n_blocks, 4): rows start, stop; first, last structure
+
+    def __len__(self) -> int:
+        return int(self.bounds.shape[0])
+
+    def __getitem__(self, b: Any) -> Any:  # an int: the blocks are never sliced
+        from afpx.structures import part_pieces
+
+        start, stop, first, last = (int(v) for v in self.bounds[b])
+        return _SpilledBlock(
+            first=first,
+            start=start,
+            stop=stop,
+            pieces=part_pieces(self.folder, self.part_start, first, last + 1),
+        )
+
+
+class _Tasks(Mapping[tuple[Any, ...], tuple[Any, ...]]):
+    """The blocks' tasks, made when asked for: key ``(name, b)`` is ``(compute, blocks[b])``."""
+
+    def __init__(self, name: str, compute: Any, blocks: Sequence[Any]) -> None:
+        self.name, self.compute, self.blocks = name, compute, blocks
+
+    def __getitem__(self, key: tuple[Any, ...]) -> tuple[Any, ...]:
+        if (
+            not isinstance(key, tuple)
+            or len(key) != 2
+            or key[0] != self.name
+            or not isinstance(key[1], int)
+            or not 0 <= key[1] < len(self.blocks)
+        ):
+            raise KeyError(key)
+        return (self.compute, self.blocks[key[1]])
+
+    def __iter__(self) -> Iterator[tuple[Any, ...]]:
+        return ((self.name, b) for b in range(len(self.blocks)))
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+
 class _Picks(Mapping[tuple[Any, ...], tuple[Any, ...]]):
     """The tasks of one variable's chunks, made when asked for: ``(pick, (source, b), var)``.
 
@@ -542,8 +606,9 @@ def _lazy_computed(
     token = uuid.uuid4().hex
     name = f"afpx-fingerprint-{token}"
     compute = functools.partial(_compute_spilled if spilled else _compute_block, options=options)
-    layer: dict[Any, Any] = {(name, b): (compute, block) for b, block in enumerate(blocks)}
-    base = HighLevelGraph.from_collections(name, layer, dependencies=())
+    # the tasks are made as they are asked for: the graph holds the blocks only
+    layer = _Tasks(name, compute, blocks)
+    base = HighLevelGraph({name: MaterializedLayer(layer)}, {name: set()})
     site_chunks = (tuple(b.stop - b.start for b in blocks),)
     arrays: dict[str, Any] = {}
     variables = {**_COMPUTED, **_LABELS} if spilled else _COMPUTED
@@ -707,20 +772,15 @@ def fingerprint_dataset(
     return xr.Dataset(data, attrs=json.loads(json.dumps(attrs)))
 
 
-def _spilled_blocks(table: SpilledTable, draws: int, chunk_sites: int) -> list[_SpilledBlock]:
+def _spilled_blocks(table: SpilledTable, draws: int, chunk_sites: int) -> _SpilledBlocks:
     """Blocks of ``chunk_sites`` rows (the last one shorter) of a spilled table."""
-    blocks = []
+    bounds = []
     for start, stop, first, last in _block_bounds(table.site_start, draws, chunk_sites):
         row0 = int(table.site_start[first]) * draws
-        blocks.append(
-            _SpilledBlock(
-                first=int(first),
-                start=start - row0,
-                stop=stop - row0,
-                pieces=table.pieces(int(first), int(last) + 1),
-            )
-        )
-    return blocks
+        bounds.append((start - row0, stop - row0, first, last))
+    return _SpilledBlocks(
+        table.folder, table.part_start.copy(), np.array(bounds, dtype=np.int64).reshape(-1, 4)
+    )
 
 
 def _zarr_chunks(shape: tuple[int, ...], dtype: Any) -> tuple[int, ...]:
@@ -1037,6 +1097,8 @@ def _write(
             lazy = set(store.lazy_names(ds))
             for name in [str(n) for n in ds.variables if str(n) not in lazy]:
                 del ds[name]
+        if WAVE_MMAP_THRESHOLD is not None:
+            set_mmap_threshold(WAVE_MMAP_THRESHOLD)
         per_wave = max(CHUNKS_PER_WAVE, 4 * task_slots(client))
         done = store.done_chunks(partial)
         waves = store.chunk_waves(ds, partial, done, per_wave)

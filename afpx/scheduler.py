@@ -38,6 +38,8 @@ __all__ = [
     "active_client",
     "compute",
     "one_blas_thread",
+    "one_malloc_arena",
+    "set_mmap_threshold",
     "task_slots",
     "trim_memory",
     "use_scheduler",
@@ -279,6 +281,70 @@ def trim_memory() -> bool:
         return False
     malloc_trim(0)
     return True
+
+
+#: ``M_ARENA_MAX`` of glibc's ``mallopt`` (``malloc.h``).
+_M_ARENA_MAX = -8
+
+
+def one_malloc_arena() -> bool:
+    """Make the threads of this process that have no malloc arena yet share glibc's main one.
+
+    glibc gives every new thread a malloc arena of its own (up to eight per
+    core), and memory freed in
+    one arena is reused by that arena only: Dask's worker threads each keep
+    their own high-water mark beside the main thread's, and what reading
+    left behind in one arena is never reused by the fingerprints computed in
+    another. With one arena, the working memory of every step fills the
+    holes the steps before it left. Process-wide and for the rest of the
+    process (glibc fixes the limit when it first needs a new arena); threads
+    that have an arena already keep it.
+
+    Returns
+    -------
+    bool
+        False where the C library has no ``mallopt`` (not glibc) or refused
+        the setting, and nothing was done.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c")).mallopt
+    except (OSError, AttributeError, TypeError):
+        return False
+    return bool(mallopt(_M_ARENA_MAX, 1))
+
+
+#: ``M_MMAP_THRESHOLD`` of glibc's ``mallopt``.
+_M_MMAP_THRESHOLD = -3
+
+
+def set_mmap_threshold(nbytes: int) -> bool:
+    """Have glibc map every allocation of ``nbytes`` or more on its own from now on.
+
+    Such a block is unmapped when freed, never left in a heap. By default
+    glibc raises the threshold to the size of the largest mapped block freed
+    so far (up to 32 MiB), so that a long computation ends up with its large
+    arrays in the heap, where the holes they leave are reused only in part;
+    fixing the threshold also stops it from moving. Process-wide. A low
+    threshold costs system time (every such array is mapped and faulted in
+    afresh): 128 KiB more than tripled it for ``build-cube``.
+
+    Returns
+    -------
+    bool
+        False where the C library has no ``mallopt`` (not glibc) or refused
+        the value, and nothing was done.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c")).mallopt
+    except (OSError, AttributeError, TypeError):
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, int(nbytes)))
 
 
 def compute(*collections: Any, progress: bool = False, **kwargs: Any) -> tuple[Any, ...]:

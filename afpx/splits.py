@@ -95,11 +95,14 @@ def assign_splits(
     True
     """
     params = params if params is not None else SplitParams()
-    formulas = np.asarray(formulas, dtype=object)
+    formulas = np.asarray(formulas)
+    if formulas.dtype.kind not in "UT":  # objects: as text (a StringDType array as it is)
+        formulas = np.asarray(formulas, dtype=object).astype(str)
     out = np.empty(len(formulas), dtype=object)
     if len(formulas) == 0:
         return out
-    unique, inverse = np.unique(formulas.astype(str), return_inverse=True)
+    # distinct formulas from the array itself: no Python string per structure
+    unique, inverse = np.unique(formulas, return_inverse=True)
     u = np.array([formula_hash(f, params.seed) for f in unique], dtype=np.float64)
     label = np.searchsorted(np.cumsum(params.fractions), u, side="right")
     label = np.minimum(label, len(SPLITS) - 1)

@@ -254,6 +254,10 @@ def lazy_names(ds: xr.Dataset) -> list[str]:
     return sorted(str(n) for n, v in ds.variables.items() if is_lazy(v.data))
 
 
+#: Values of a text variable hashed at a time by :func:`build_key`.
+_KEY_SLICE = 4096
+
+
 def build_key(ds: xr.Dataset) -> str:
     """sha256 of what a build writes besides the lazy chunks: attrs, small arrays, layout."""
     h = hashlib.sha256(json.dumps(ds.attrs, sort_keys=True, default=str).encode())
@@ -265,7 +269,11 @@ def build_key(ds: xr.Dataset) -> str:
             continue
         values = np.asarray(var.values)
         if values.dtype.kind in "OTU":
-            h.update("\0".join(map(str, values.ravel().tolist())).encode())
+            # the text joined by NULs, a slice at a time: no string per value for all at once
+            flat = values.ravel()
+            for lo in range(0, flat.size, _KEY_SLICE):
+                text = "\0".join(map(str, flat[lo : lo + _KEY_SLICE].tolist()))
+                h.update((("\0" if lo else "") + text).encode())
         else:
             h.update(np.ascontiguousarray(values).tobytes())
     return h.hexdigest()

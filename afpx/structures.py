@@ -96,6 +96,7 @@ __all__ = [
     "load_spilled",
     "load_spilled_column",
     "parse_formula_sum",
+    "part_pieces",
     "read_spilled",
     "read_structures",
     "read_table",
@@ -649,18 +650,40 @@ class SpilledTable:
         """
         starts = {"structure": None, "atom": self.atom_start, "site": self.site_start}[along]
         bounds = self.part_start if starts is None else starts[self.part_start]
-        if hi <= lo:
-            return ()
-        k0 = int(np.searchsorted(bounds, lo, side="right")) - 1
-        k1 = int(np.searchsorted(bounds, hi - 1, side="right")) - 1
-        return tuple(
-            (
-                self.part_file(k),
-                max(lo, int(bounds[k])) - int(bounds[k]),
-                min(hi, int(bounds[k + 1])) - int(bounds[k]),
-            )
-            for k in range(k0, k1 + 1)
+        return part_pieces(self.folder, bounds, lo, hi)
+
+
+def part_pieces(
+    folder: str, bounds: np.ndarray, lo: int, hi: int
+) -> tuple[tuple[str, int, int], ...]:
+    """:meth:`SpilledTable.pieces` from the parts' first rows alone.
+
+    Parameters
+    ----------
+    folder : str
+        :attr:`SpilledTable.folder`.
+    bounds : ndarray of shape (n_parts + 1,), int64
+        First row of every part along the axis wanted (``part_start`` along
+        ``structure``), and the number of rows.
+    lo, hi : int
+        Rows wanted.
+
+    Returns
+    -------
+    tuple of (str, int, int)
+    """
+    if hi <= lo:
+        return ()
+    k0 = int(np.searchsorted(bounds, lo, side="right")) - 1
+    k1 = int(np.searchsorted(bounds, hi - 1, side="right")) - 1
+    return tuple(
+        (
+            _part_file(folder, k),
+            max(lo, int(bounds[k])) - int(bounds[k]),
+            min(hi, int(bounds[k + 1])) - int(bounds[k]),
         )
+        for k in range(k0, k1 + 1)
+    )
 
 
 def _part_file(folder: str, k: int) -> str:

@@ -234,6 +234,19 @@ def test_rank_export_from_a_cube_without_geometry_fails_before_writing(tmp_path:
     assert not out.exists()  # no empty output folder
 
 
+def test_build_cube_shares_one_malloc_arena(
+    tmp_path: Path, data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import afpx.scheduler
+
+    calls: list[bool] = []
+    monkeypatch.setattr(afpx.scheduler, "one_malloc_arena", lambda: calls.append(True) or True)
+    cif = str(data_dir / "cod" / "1000044.cif")
+    result = CliRunner().invoke(main, ["build-cube", cif, "-o", str(tmp_path / "c.zarr")])
+    assert result.exit_code == 0, result.output
+    assert calls == [True]  # before the build: its threads are not started yet
+
+
 def test_structure_geometry_rejects_inconsistent_counts(tmp_path: Path, data_dir: Path) -> None:
     from afpx import schema
     from afpx.cube import open_cube, structure_geometry

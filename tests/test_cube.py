@@ -545,6 +545,13 @@ def test_splits_are_grouped_by_formula_and_seeded() -> None:
         [np.mean(big == s) for s in schema.SPLITS], [0.6, 0.2, 0.2], atol=0.015
     )
     np.testing.assert_array_equal(assign_splits(formulas, params=SplitParams(seed=0)), labels)
+    # the same from numpy's text arrays (a cube's formulas) and from objects
+    for array in (
+        np.array(formulas, dtype=np.dtypes.StringDType()),
+        np.array(formulas, dtype=object),
+        np.array(formulas),
+    ):
+        np.testing.assert_array_equal(assign_splits(array), labels)
     assert not np.array_equal(assign_splits(formulas, params=SplitParams(seed=1)), labels)
     # independent of the order of the structures
     order = rng.permutation(len(formulas))

@@ -98,6 +98,27 @@ def test_waves_smaller_than_the_blocks_write_the_same_cube(
     assert written == [5] * (n_chunks // 5) + [n_chunks % 5] * bool(n_chunks % 5) + [1, 1]
 
 
+def test_the_waves_run_under_a_fixed_mmap_threshold(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    events: list[Any] = []
+    original = afpx.cube.scheduler_compute
+
+    def compute(wave: Any, **kwargs: Any) -> Any:
+        events.append("wave")
+        return original(wave, **kwargs)
+
+    monkeypatch.setattr(afpx.cube, "scheduler_compute", compute)
+    monkeypatch.setattr(afpx.cube, "set_mmap_threshold", lambda n: events.append(n) or True)
+    build_cube(FILES[:3], tmp_path / "a.zarr", progress=False)
+    assert events[0] == afpx.cube.WAVE_MMAP_THRESHOLD == 2**20  # before the first wave
+    assert events[1:] and set(events[1:]) == {"wave"}
+    events.clear()
+    monkeypatch.setattr(afpx.cube, "WAVE_MMAP_THRESHOLD", None)  # glibc's own
+    build_cube(FILES[:3], tmp_path / "b.zarr", progress=False)
+    assert events and set(events) == {"wave"}
+
+
 def test_the_build_holds_no_per_structure_variable_while_it_computes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -206,6 +227,35 @@ def test_a_lazy_variable_computed_on_its_own_equals_the_cube(tmp_path: Path) -> 
     assert len(layer) == len(afp.chunks[0]) > 2
     assert list(layer) == [(afp.name, b, 0, 0) for b in range(len(layer))]
     for key in [(afp.name, len(layer), 0, 0), (afp.name, 0, 1, 0), (afp.name, 0), "x"]:
+        with pytest.raises(KeyError):
+            layer[key]
+
+
+@pytest.mark.usefixtures("small_parts")
+def test_the_blocks_tasks_are_made_when_asked_for(tmp_path: Path) -> None:
+    # the graph keeps a few integers per block, not a task object with its file names
+    (tmp_path / "spill").mkdir()
+    read = read_spilled(FILES, tmp_path / "spill")
+    table = read.table
+    assert isinstance(table, SpilledTable)
+    ds = fingerprint_dataset(read, chunk_sites=7, draws=2)
+    afp = ds[schema.AFP].data
+    (source,) = afp.dask.dependencies[afp.name]
+    layer = afp.dask.layers[source]
+    assert not isinstance(layer.mapping, dict)
+    assert list(layer) == [(source, b) for b in range(len(afp.chunks[0]))]
+    starts = np.concatenate([[0], np.cumsum(afp.chunks[0])])
+    spans_parts = False
+    for b, key in enumerate(layer):
+        _, block = layer[key]
+        assert block.stop - block.start == afp.chunks[0][b]
+        # its rows from its first structure's first row, and that structure's parts
+        assert block.start == starts[b] - 2 * table.site_start[block.first]
+        last = np.searchsorted(table.site_start, (starts[b + 1] - 1) // 2, side="right") - 1
+        assert block.pieces == table.pieces(block.first, int(last) + 1)
+        spans_parts |= len(block.pieces) > 1
+    assert spans_parts
+    for key in [(source, len(layer)), (source, -1), (source, 0, 0), (afp.name, 0), "x"]:
         with pytest.raises(KeyError):
             layer[key]
 

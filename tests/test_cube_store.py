@@ -325,3 +325,24 @@ def test_info_reports_a_partial_build_next_to_the_cube(tmp_path: Path) -> None:
     info = CliRunner().invoke(main, ["info", str(cube)])
     assert info.exit_code == 0
     assert "partial build next to it (stale):" in info.output
+
+
+def test_build_key_hashes_text_a_slice_at_a_time_as_all_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import hashlib
+
+    import xarray as xr
+
+    text = np.array([f"id-{i}" for i in range(10)], dtype=np.dtypes.StringDType())
+    ds = xr.Dataset({"s": ("x", text), "o": ("x", text.astype(object))})
+    key = afpx.store.build_key(ds)
+    for size in (1, 3, 10, 11):
+        monkeypatch.setattr(afpx.store, "_KEY_SLICE", size)
+        assert afpx.store.build_key(ds) == key
+    # the values joined by NULs, variable by variable
+    h = hashlib.sha256(b"{}")
+    for name, var in sorted(ds.variables.items()):
+        h.update(f"\0{name}\0{var.dims}\0{var.shape}\0{var.dtype}\0".encode())
+        h.update("\0".join(text.tolist()).encode())
+    assert key == h.hexdigest()

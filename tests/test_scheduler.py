@@ -163,6 +163,99 @@ def test_trim_memory_where_glibc_can(monkeypatch: pytest.MonkeyPatch) -> None:
     assert afpx.scheduler.trim_memory() is False
 
 
+def _glibc_defaults() -> dict[str, str]:
+    """This environment less any glibc malloc setting (a local cluster's may be in it)."""
+    import os
+
+    return {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "GLIBC_TUNABLES"))}
+
+
+_ARENAS = """
+import ctypes, sys, tempfile, threading
+import numpy as np
+import afpx.scheduler
+if sys.argv[1] == "one":
+    assert afpx.scheduler.one_malloc_arena()
+kept = []
+def work():
+    kept.append(np.ones(10_000))  # 80 KB: from this thread's malloc arena
+threads = [threading.Thread(target=work) for _ in range(3)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+libc = ctypes.CDLL("libc.so.6")
+libc.fopen.restype = ctypes.c_void_p
+with tempfile.NamedTemporaryFile(suffix=".xml") as out:
+    f = ctypes.c_void_p(libc.fopen(out.name.encode(), b"w"))
+    libc.malloc_info(0, f)
+    libc.fclose(f)
+    print(open(out.name).read().count("<heap nr="))
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc's malloc arenas")
+def test_one_malloc_arena_makes_new_threads_share_the_main_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import ctypes
+    import subprocess
+
+    def heaps(mode: str) -> int:
+        done = subprocess.run(
+            [sys.executable, "-c", _ARENAS, mode],
+            capture_output=True,
+            text=True,
+            check=True,
+            env=_glibc_defaults(),
+        )
+        return int(done.stdout.strip().splitlines()[-1])
+
+    assert heaps("default") > 1  # the threads' own arenas
+    assert heaps("one") == 1
+    # another C library: nothing to call, nothing happens
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: object())
+    assert afpx.scheduler.one_malloc_arena() is False
+
+
+_MAPPED = """
+import ctypes
+import numpy as np
+import afpx.scheduler
+FIELDS = "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost"
+class Info(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in FIELDS.split()]
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = Info
+def mapped(nbytes):
+    before = libc.mallinfo2().hblkhd
+    a = np.ones(nbytes, dtype=np.uint8)  # kept until measured
+    return libc.mallinfo2().hblkhd - before >= nbytes
+small, large = 512 * 2**10, 4 * 2**20
+print(mapped(small), mapped(large))
+assert afpx.scheduler.set_mmap_threshold(2**20)
+print(mapped(small), mapped(large))
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc's mmap threshold")
+def test_set_mmap_threshold_maps_large_blocks_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    import ctypes
+    import subprocess
+
+    done = subprocess.run(
+        [sys.executable, "-c", _MAPPED],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=_glibc_defaults(),
+    )
+    # glibc's own threshold (128 KiB at first) maps both; from 1 MiB on, the large one only
+    assert done.stdout.split() == ["True", "True", "False", "True"]
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: object())
+    assert afpx.scheduler.set_mmap_threshold(2**20) is False
+
+
 class _Threads:
     def nthreads(self) -> dict[str, int]:
         return {"tcp://w0:1": 4, "tcp://w1:1": 2}

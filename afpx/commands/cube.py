@@ -88,8 +88,12 @@ def build_cube_command(
     the result equals a build of the cube's sources and INPUTS in one go.
     """
     from afpx.cube import append_to_cube, build_cube, cube_summary, open_cube
+    from afpx.scheduler import one_malloc_arena
     from afpx.splits import SplitParams
 
+    # before any Dask thread: the reading tasks, the fingerprints and this thread reuse
+    # one another's freed memory, and a larger corpus leaves no more of it behind
+    one_malloc_arena()
     if append:
         ctx = click.get_current_context()
         fixed = ["draws", "seed", "deterministic", "chunk_sites", "split_seed", "overwrite"]
