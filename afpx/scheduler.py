@@ -283,6 +283,18 @@ def trim_memory() -> bool:
     return True
 
 
+def _mallopt(param: int, value: int) -> bool:
+    """glibc's ``mallopt(param, value)``; False where there is none or it refused."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c")).mallopt
+    except (OSError, AttributeError, TypeError):
+        return False
+    return bool(mallopt(param, value))
+
+
 #: ``M_ARENA_MAX`` of glibc's ``mallopt`` (``malloc.h``).
 _M_ARENA_MAX = -8
 
@@ -306,14 +318,7 @@ def one_malloc_arena() -> bool:
         False where the C library has no ``mallopt`` (not glibc) or refused
         the setting, and nothing was done.
     """
-    import ctypes
-    import ctypes.util
-
-    try:
-        mallopt = ctypes.CDLL(ctypes.util.find_library("c")).mallopt
-    except (OSError, AttributeError, TypeError):
-        return False
-    return bool(mallopt(_M_ARENA_MAX, 1))
+    return _mallopt(_M_ARENA_MAX, 1)
 
 
 #: ``M_MMAP_THRESHOLD`` of glibc's ``mallopt``.
@@ -337,14 +342,7 @@ def set_mmap_threshold(nbytes: int) -> bool:
         False where the C library has no ``mallopt`` (not glibc) or refused
         the value, and nothing was done.
     """
-    import ctypes
-    import ctypes.util
-
-    try:
-        mallopt = ctypes.CDLL(ctypes.util.find_library("c")).mallopt
-    except (OSError, AttributeError, TypeError):
-        return False
-    return bool(mallopt(_M_MMAP_THRESHOLD, int(nbytes)))
+    return _mallopt(_M_MMAP_THRESHOLD, int(nbytes))
 
 
 def compute(*collections: Any, progress: bool = False, **kwargs: Any) -> tuple[Any, ...]:
