@@ -159,16 +159,50 @@ class _Options:
     draws: int
 
 
+#: Neighbour vectors gathered before :func:`_compute_block` hands its rows to the
+#: kernel: ~0.8 MB of vectors (and as much jitter) at a time, not a whole block's
+#: (~4 MB each for 256 rows of ~600 neighbours, doubled by joining them).
+MAX_PENDING_PAIRS = 1 << 15
+
+
 def _compute_block(block: _Block, options: _Options) -> dict[str, np.ndarray]:
-    """Fingerprints and descriptors of the rows of one block (numpy out)."""
+    """Fingerprints and descriptors of the rows of one block (numpy out).
+
+    Rows go to :func:`afp_kernel` a few at a time (:data:`MAX_PENDING_PAIRS`
+    neighbours): a row's fingerprint does not depend on the rows beside it, so
+    the result is the same, and the block's working memory stays small.
+    """
     params = options.params
+    xp = namespace_for_device(options.device)
+    afp = np.empty((block.n_rows, params.n_perspectives, params.n_bins), dtype=np.float32)
+    filled = 0
     vec_parts: list[np.ndarray] = []
     counts: list[int] = []
+    r0_pending: list[float] = []
+    rotations: list[np.ndarray] = []
+    jitter: list[np.ndarray] = []
     r0_rows: list[np.ndarray] = []
     ratio_rows: list[np.ndarray] = []
     coord_rows: list[np.ndarray] = []
-    rotations: list[np.ndarray] = []
-    jitter: list[np.ndarray] = []
+
+    def flush() -> None:
+        nonlocal filled
+        if not counts:
+            return
+        out = afp_kernel(
+            xp.asarray(np.concatenate(vec_parts)),
+            np.asarray(counts, dtype=np.int64),
+            xp.asarray(np.asarray(r0_pending)),
+            params=params,
+            rotations=None if options.deterministic else xp.asarray(np.stack(rotations)),
+            jitter=None if options.deterministic else xp.asarray(np.concatenate(jitter)),
+        )
+        afp[filled : filled + len(counts)] = to_numpy(out)
+        filled += len(counts)
+        for pending in (vec_parts, counts, r0_pending, rotations, jitter):
+            pending.clear()
+
+    n_pending = 0
     rows = np.arange(block.start, block.stop, dtype=np.int64)
     site, draw_of_row = rows // options.draws, rows % options.draws
     owner = np.searchsorted(block.site_start, site, side="right") - 1
@@ -194,26 +228,23 @@ def _compute_block(block: _Block, options: _Options) -> dict[str, np.ndarray]:
             v = vectors[offsets[pos] : offsets[pos + 1]]
             vec_parts.append(v)
             counts.append(len(v))
+            r0_pending.append(float(r0[pos]))
             if not options.deterministic:
                 rng = row_generator(options.seed, block.first + i, int(unique[pos]), int(draw))
                 rotation, e = draw_augmentation(rng, len(v), sigma=params.jitter)
                 rotations.append(rotation)
                 jitter.append(e)
+            n_pending += len(v)
+            if n_pending >= MAX_PENDING_PAIRS:
+                flush()
+                n_pending = 0
         r0_rows.append(r0[position])
         ratio_rows.append(float(block.dmin[i]) / r0[position])
         coord_rows.append(coordination[position])
-    xp = namespace_for_device(options.device)
+    flush()
     r0_all = np.concatenate(r0_rows) if r0_rows else np.zeros(0)
-    afp = afp_kernel(
-        xp.asarray(np.concatenate(vec_parts) if vec_parts else np.zeros((0, 3))),
-        np.asarray(counts, dtype=np.int64),
-        xp.asarray(r0_all),
-        params=params,
-        rotations=None if options.deterministic else xp.asarray(np.stack(rotations)),
-        jitter=None if options.deterministic else xp.asarray(np.concatenate(jitter)),
-    )
     return {
-        schema.AFP: to_numpy(afp),
+        schema.AFP: afp,
         schema.R0: r0_all.astype(schema.DTYPES[schema.R0]),
         schema.DMIN_RATIO: (np.concatenate(ratio_rows) if ratio_rows else np.zeros(0)).astype(
             schema.DTYPES[schema.DMIN_RATIO]

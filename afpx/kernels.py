@@ -37,8 +37,17 @@ from afpx import AfpxError
 from afpx._array import get_array_namespace
 
 #: Largest number of (neighbour, perspective) distances handled in one pass of
-#: :func:`afp_kernel`: bounds temporary memory (~3 MB) and keeps passes in cache.
+#: :func:`afp_kernel`: bounds the distances' temporary memory (~3 MB) and keeps
+#: passes in cache.
 MAX_DISTANCES_PER_PASS = 1 << 17
+
+#: Largest number of fine-histogram values (rows × perspectives × ``pad_length``)
+#: in one pass of :func:`afp_kernel`. The histograms and their spectra dominate a
+#: pass's memory (~28 bytes per value: int64 counts, float32 copy, complex64
+#: spectrum): 2**19 values, 37 rows at the default parameters, keep a pass near
+#: 14 MB. Without this bound a pass held up to 256 rows (~80 MB) when neighbours
+#: were few.
+MAX_HISTOGRAM_VALUES = 1 << 19
 
 #: Jitter displacements larger than this many σ are vanishingly rare
 #: (P ≈ 1e-7 in 3D); the neighbour query reaches this far past ``r_max``.
@@ -510,7 +519,8 @@ def afp_kernel(
     Notes
     -----
     Rows are processed in passes of at most :data:`MAX_DISTANCES_PER_PASS`
-    (neighbour, perspective) distances. Every operation is elementwise per
+    (neighbour, perspective) distances and :data:`MAX_HISTOGRAM_VALUES`
+    histogram values. Every operation is elementwise per
     row, so a row's fingerprint does not depend on the batch it is in.
 
     Examples
@@ -532,10 +542,13 @@ def afp_kernel(
     ends = np.cumsum(counts_host)
     starts = ends - counts_host
     per_pass = max(1, MAX_DISTANCES_PER_PASS // params.n_perspectives)
+    rows_per_pass = max(1, MAX_HISTOGRAM_VALUES // (params.n_perspectives * params.pad_length))
     row = 0
     while row < n_rows:
         stop = row + 1
-        while stop < n_rows and ends[stop] - starts[row] <= per_pass:
+        while (
+            stop < n_rows and stop - row < rows_per_pass and ends[stop] - starts[row] <= per_pass
+        ):
             stop += 1
         lo, hi = int(starts[row]), int(ends[stop - 1])
         c = xp.asarray(counts_host[row:stop])

@@ -175,6 +175,29 @@ def test_chunking_does_not_change_the_cube(read: ReadResult, chunk_sites: int) -
     np.testing.assert_array_equal(got, ref)
 
 
+def test_rows_handed_to_the_kernel_a_few_at_a_time_give_the_same_cube(
+    read: ReadResult, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import afpx.cube
+
+    calls: list[int] = []
+    real = afpx.cube.afp_kernel
+
+    def counting(vectors: Any, counts: Any, r0: Any, **kwargs: Any) -> Any:
+        calls.append(len(counts))
+        return real(vectors, counts, r0, **kwargs)
+
+    monkeypatch.setattr(afpx.cube, "afp_kernel", counting)
+    whole = fingerprint_dataset(read, draws=2, seed=3, chunk_sites=1000).compute()
+    assert len(calls) == 1
+    calls.clear()
+    monkeypatch.setattr(afpx.cube, "MAX_PENDING_PAIRS", 50)  # about a row at a time
+    few = fingerprint_dataset(read, draws=2, seed=3, chunk_sites=1000).compute()
+    assert len(calls) > 4 and sum(calls) == whole.sizes[schema.SITE]
+    for name in (schema.AFP, schema.R0, schema.DMIN_RATIO, schema.COORDINATION):
+        np.testing.assert_array_equal(few[name].values, whole[name].values, err_msg=name)
+
+
 def test_blocks_of_many_structures_equal_one_structure_at_a_time(read: ReadResult) -> None:
     # blocks hold views with offsets into the whole table; one structure alone has none
     alone = [compute_fingerprints([s], deterministic=True) for s in read.structures]

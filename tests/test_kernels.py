@@ -324,6 +324,30 @@ def test_passes_do_not_change_results(monkeypatch: pytest.MonkeyPatch) -> None:
     np.testing.assert_array_equal(one_pass, many)
 
 
+def test_histogram_bound_passes_do_not_change_results(monkeypatch: pytest.MonkeyPatch) -> None:
+    import afpx.kernels
+
+    rows = random_rows(11, [30, 0, 45, 20, 60])
+    calls: list[int] = []
+    real = afpx.kernels.bin_counts
+
+    def counting(w: np.ndarray, counts: np.ndarray, *, params: FingerprintParams) -> np.ndarray:
+        calls.append(len(counts))
+        return real(w, counts, params=params)
+
+    monkeypatch.setattr(afpx.kernels, "bin_counts", counting)
+    one_pass = afp_kernel(rows["vectors"], rows["counts"], rows["r0"], params=PARAMS)
+    assert calls == [5]
+    calls.clear()
+    # room for two rows' histograms per pass: 3 passes of 2, 2 and 1 rows
+    monkeypatch.setattr(
+        afpx.kernels, "MAX_HISTOGRAM_VALUES", 2 * PARAMS.n_perspectives * PARAMS.pad_length
+    )
+    bounded = afp_kernel(rows["vectors"], rows["counts"], rows["r0"], params=PARAMS)
+    assert calls == [2, 2, 1]
+    np.testing.assert_array_equal(one_pass, bounded)
+
+
 def test_counts_must_match_vectors() -> None:
     with pytest.raises(AfpxError, match="counts sum to 3"):
         afp_kernel(np.zeros((2, 3)), np.array([3]), np.ones(1), params=PARAMS)
