@@ -546,9 +546,7 @@ def afp_kernel(
     row = 0
     while row < n_rows:
         stop = row + 1
-        while (
-            stop < n_rows and stop - row < rows_per_pass and ends[stop] - starts[row] <= per_pass
-        ):
+        while stop < n_rows and stop - row < rows_per_pass and ends[stop] - starts[row] <= per_pass:
             stop += 1
         lo, hi = int(starts[row]), int(ends[stop - 1])
         c = xp.asarray(counts_host[row:stop])
