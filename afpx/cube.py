@@ -104,6 +104,11 @@ COMPLETE_ATTR = "afpx_complete"
 #: the memory freed is handed back between waves.
 CHUNKS_PER_WAVE = 32
 
+#: Structures per zarr chunk of the per-structure variables (ids, formulas,
+#: sources, space groups, ...): a spilled build writes them a chunk at a time,
+#: reading their labels back from disk, so that none is held for the whole corpus.
+STRUCTURE_CHUNK = 8192
+
 #: glibc's mmap threshold while the waves compute (:func:`afpx.scheduler.set_mmap_threshold`):
 #: the fingerprints' arrays of 1 MiB or more are mapped on their own and handed back when
 #: freed, rather than left in a heap that grows with the waves; None leaves glibc's own.
@@ -702,9 +707,11 @@ def fingerprint_dataset(
         ``afp``, ``r0``, ``dmin_ratio`` and ``coordination`` are Dask arrays
         chunked by ``chunk_sites``; everything else is in memory, but for a
         spilled table: then every per-site variable comes from the same
-        tasks as the fingerprints, and the lattices and atoms are Dask arrays
-        reading the table's files (chunked as zarr chunks them), so that
-        only per-structure and per-rejection variables are in memory.
+        tasks as the fingerprints, the lattices and atoms are Dask arrays
+        reading the table's files (chunked as zarr chunks them), and so are
+        the per-structure labels (ids, formulas, sources, space groups,
+        ``dmin``, splits; chunks of :data:`STRUCTURE_CHUNK`), so that only
+        the structures' counts and the rejections are in memory.
 
     Raises
     ------
@@ -734,17 +741,27 @@ def fingerprint_dataset(
             )
         )
     options = _Options(params, int(seed), deterministic, device, draws)
+    S, T, R = schema.SITE, schema.STRUCTURE, schema.REJECT
     if isinstance(table, SpilledTable):
-        # every per-site and per-atom variable is read back from disk by the tasks
+        # every per-site, per-atom and per-structure variable is read back from disk by
+        # the tasks; only the counts are in memory
         rows = computed = _lazy_computed(
             _spilled_blocks(table, draws, chunk_sites), options, spilled=True
         )
         geometry = _lazy_geometry(table)
+        labels = {name: (T, array) for name, array in _lazy_labels(table, split).items()}
     else:
         rows = _row_table(table, draws)
         computed = _lazy_computed(_blocks(table, draws, chunk_sites), options)
         geometry = _geometry_variables(table)
-    S, T, R = schema.SITE, schema.STRUCTURE, schema.REJECT
+        labels = {
+            schema.STRUCTURE_ID: (T, table.structure_id),
+            schema.FORMULA: (T, table.formula),
+            schema.SOURCE: (T, table.source),
+            schema.SPACEGROUP: (T, table.spacegroup.astype(schema.DTYPES[schema.SPACEGROUP])),
+            schema.DMIN: (T, table.dmin.astype(schema.DTYPES[schema.DMIN])),
+            schema.SPLIT: (T, assign_splits(table.formula, params=split).astype(_STRING)),
+        }
 
     data: dict[str, Any] = {
         schema.AFP: ((S, schema.PERSPECTIVE, schema.BIN), computed[schema.AFP]),
@@ -761,18 +778,13 @@ def fingerprint_dataset(
         schema.DRAW,
     ):
         data[name] = (S, rows[name])
+    data.update(labels)
     data.update(
         {
-            schema.STRUCTURE_ID: (T, table.structure_id),
-            schema.FORMULA: (T, table.formula),
-            schema.SOURCE: (T, table.source),
-            schema.SPACEGROUP: (T, table.spacegroup.astype(schema.DTYPES[schema.SPACEGROUP])),
             schema.N_UNIQUE_SITES: (
                 T,
                 np.diff(table.site_start).astype(schema.DTYPES[schema.N_UNIQUE_SITES]),
             ),
-            schema.DMIN: (T, table.dmin.astype(schema.DTYPES[schema.DMIN])),
-            schema.SPLIT: (T, assign_splits(table.formula, params=split).astype(_STRING)),
             schema.REJECT_ID: (R, np.array([r.id for r in read.rejections], dtype=_STRING)),
             schema.REJECT_REASON: (R, np.array([r.reason for r in read.rejections], dtype=_STRING)),
             schema.REJECT_MESSAGE: (
@@ -786,7 +798,8 @@ def fingerprint_dataset(
     )
     data.update(geometry)
     if sources is None:
-        sources = sorted(set(table.source.tolist()))
+        distinct = table.sources if isinstance(table, SpilledTable) else table.source.tolist()
+        sources = sorted(set(distinct))
     attrs = {
         "fingerprint": params.to_attrs(),
         "fingerprint_conventions": conventions(params),
@@ -855,6 +868,71 @@ def _lazy_geometry(table: SpilledTable) -> dict[str, Any]:
         graph = HighLevelGraph.from_collections(name, layer, dependencies=())
         chunks = (tuple(np.diff(bounds).tolist()), *((t,) for t in tail))
         out[var] = (dims, da.Array(graph, name, chunks, dtype=dtype))
+    return out
+
+
+@dataclass(frozen=True)
+class _SpilledLabels:
+    """Structures ``pieces`` of a spilled table whose labels a task reads (its payload)."""
+
+    pieces: tuple[tuple[str, int, int], ...]
+    split: SplitParams
+
+
+def _load_labels(rows: _SpilledLabels) -> dict[str, np.ndarray]:
+    """The per-structure variables of some structures, read back from their parts."""
+    from afpx.structures import load_spilled_column
+
+    formula = load_spilled_column(rows.pieces, "formula")
+    spacegroup = load_spilled_column(rows.pieces, "spacegroup")
+    dmin = load_spilled_column(rows.pieces, "dmin")
+    return {
+        schema.STRUCTURE_ID: load_spilled_column(rows.pieces, "structure_id"),
+        schema.FORMULA: formula,
+        schema.SOURCE: load_spilled_column(rows.pieces, "source"),
+        schema.SPACEGROUP: spacegroup.astype(schema.DTYPES[schema.SPACEGROUP]),
+        schema.DMIN: dmin.astype(schema.DTYPES[schema.DMIN]),
+        schema.SPLIT: assign_splits(formula, params=rows.split).astype(_STRING),
+    }
+
+
+def _lazy_labels(table: SpilledTable, split: SplitParams) -> dict[str, Any]:
+    """The per-structure labels of a spilled table: Dask arrays sharing one task per chunk.
+
+    Chunks of :data:`STRUCTURE_CHUNK` structures, as they are stored: each
+    task reads its structures' labels from their parts, and the split is
+    drawn from their formulas alone (it depends on nothing else).
+    """
+    import dask.array as da
+    from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
+
+    n = len(table)
+    bounds = [*range(0, n, STRUCTURE_CHUNK), n]
+    payloads = [
+        _SpilledLabels(table.pieces(lo, hi), split) for lo, hi in itertools.pairwise(bounds)
+    ]
+    token = uuid.uuid4().hex
+    name = f"afpx-labels-{token}"
+    base = HighLevelGraph(
+        {name: MaterializedLayer(_Tasks(name, _load_labels, payloads))}, {name: set()}
+    )
+    chunks = (tuple(np.diff(bounds).tolist()),)
+    dtypes = {
+        schema.STRUCTURE_ID: _STRING,
+        schema.FORMULA: _STRING,
+        schema.SOURCE: _STRING,
+        schema.SPACEGROUP: np.dtype(schema.DTYPES[schema.SPACEGROUP]),
+        schema.DMIN: np.dtype(schema.DTYPES[schema.DMIN]),
+        schema.SPLIT: _STRING,
+    }
+    out: dict[str, Any] = {}
+    for var, dtype in dtypes.items():
+        var_name = f"afpx-{var}-{token}"
+        keys = MaterializedLayer(_Picks(var_name, name, var, len(payloads), 1))
+        graph = HighLevelGraph(
+            {**base.layers, var_name: keys}, {**base.dependencies, var_name: {name}}
+        )
+        out[var] = da.Array(graph, var_name, chunks, dtype=dtype)
     return out
 
 
@@ -931,6 +1009,9 @@ def _encoding(ds: xr.Dataset, chunk_sites: int) -> dict[str, dict[str, Any]]:
             enc["chunks"] = tuple(
                 chunk_sites if d == schema.SITE else var.sizes[d] for d in var.dims
             )
+        elif var.dims == (schema.STRUCTURE,):
+            # written a chunk at a time from a spilled read: bounded work per chunk
+            enc["chunks"] = (max(1, min(var.shape[0], STRUCTURE_CHUNK)),)
         elif store.is_lazy(var.data):
             # as zarr chunks the same variable written from memory: the same cube either way
             enc["chunks"] = _zarr_chunks(var.shape, var.dtype)
@@ -1095,6 +1176,7 @@ def _write(
     resume: bool = False,
     base: Path | None = None,
     release: bool = False,
+    key_extra: str = "",
 ) -> Path:
     """Write ``ds`` through a partial store and publish it at ``target`` (see write_cube).
 
@@ -1103,13 +1185,15 @@ def _write(
     caller's own, made for this write: its variables in memory (per
     structure and per rejection) are removed from it once they are in the
     store, so that they are not held while the chunks are computed.
+    ``key_extra``: what the key of a resumable build must also depend on (the
+    digest of a spilled read: its labels are not in memory to hash).
     """
     import zarr
 
     chunk_sites = int(ds.attrs.get("chunk_sites", schema.DEFAULT_CHUNK_SITES))
     if progress is None:
         progress = sys.stderr.isatty()
-    key = store.build_key(ds)
+    key = store.build_key(ds, extra=key_extra)
     partial = _take_partial(target, key, resume)
     resumed = partial is not None
     if partial is None:
@@ -1290,6 +1374,7 @@ def build_cube(
         MAX_FILE_MB,
         FilterParams,
         ReadResult,
+        SpilledTable,
         TableRead,
         read_spilled,
         read_table,
@@ -1340,6 +1425,8 @@ def build_cube(
             split=split,
             sources=sources,
         )
+        spilled = isinstance(read, TableRead) and isinstance(read.table, SpilledTable)
+        digest = read.table.digest if spilled else ""  # type: ignore[union-attr]
         del read  # the dataset holds what the cube needs (a table's arrays, not copies)
         if url is not None:
             return write_cube(
@@ -1355,6 +1442,7 @@ def build_cube(
             client=client,
             resume=resume,
             release=True,
+            key_extra=digest,
         )
     raise AssertionError("unreachable")  # pragma: no cover - ExitStack swallows nothing
 

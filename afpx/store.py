@@ -258,9 +258,15 @@ def lazy_names(ds: xr.Dataset) -> list[str]:
 _KEY_SLICE = 4096
 
 
-def build_key(ds: xr.Dataset) -> str:
-    """sha256 of what a build writes besides the lazy chunks: attrs, small arrays, layout."""
+def build_key(ds: xr.Dataset, *, extra: str = "") -> str:
+    """sha256 of what a build writes besides the lazy chunks: attrs, small arrays, layout.
+
+    ``extra``: what else the build depends on, where that is not in memory (the
+    digest of the structures read to disk, whose labels are lazy variables).
+    """
     h = hashlib.sha256(json.dumps(ds.attrs, sort_keys=True, default=str).encode())
+    if extra:
+        h.update(f"\0extra\0{extra}".encode())
     for name in sorted(str(n) for n in ds.variables):
         var = ds.variables[name]
         h.update(f"\0{name}\0{var.dims}\0{var.shape}\0{var.dtype}\0".encode())

@@ -113,8 +113,11 @@ ASE_SUFFIXES: Final = (".db",)
 _ROWS_PER_TASK: Final = 1000
 #: CIF files handled by one Dask task.
 _FILES_PER_TASK: Final = 16
-#: Dask tasks computed at a time (the progress bar and de-duplication advance between waves).
-_TASKS_PER_WAVE: Final = 64
+#: Dask tasks computed at a time, or two per task slot of the scheduler where that is
+#: more (the progress bar and de-duplication advance between waves). A wave's results
+#: are held until it ends: 64 tasks at a time made the reading peak grow with the
+#: corpus up to 64,000 rows, 8 keep it the same from 8,000 rows on.
+_TASKS_PER_WAVE: Final = 8
 #: Held while a reader changes Python's warning filters or records warnings. Both are
 #: process-wide: without it, tasks running in threads would record each other's warnings
 #: (a "Defaulting to P1" of one CIF rejecting another) and restore each other's filters.
@@ -579,7 +582,7 @@ class TableRead:
 
     def summary(self) -> str:
         """As :meth:`ReadResult.summary`."""
-        n_h = int(np.count_nonzero(self.table.hydrogen_missing))
+        n_h, _ = _hydrogen_missing(self.table)
         return _summary(self.n_read, len(self.table), self.rejections, n_h)
 
 
@@ -598,44 +601,56 @@ _SPILLED: Final = (
 )
 
 
+#: Per-structure labels a spilled part keeps beside its geometry: the cube's
+#: per-structure variables read them back a chunk at a time.
+_SPILLED_LABELS: Final = ("structure_id", "source", "formula", "spacegroup", "hydrogen_missing")
+
+#: Text columns: fixed-width in the parts (np.savez cannot store StringDType without pickle).
+_TEXT: Final = ("structure_id", "source", "formula", "wyckoff")
+
+
 @dataclass(frozen=True)
 class SpilledTable:
-    """A :class:`StructureTable` whose bulky columns are kept on disk, one file per part.
+    """A :class:`StructureTable` kept on disk, one file per part; offsets in memory.
 
-    What :func:`read_spilled` hands to ``build_cube``: the per-structure
-    labels stay in memory (a few tens of bytes per structure), while the
-    lattices, the atoms and the unique sites are written to ``folder`` as
-    they are read, one ``part-NNNNNN.npz`` per reading task, and read back
-    by the tasks that need them (:func:`load_spilled`). Structures
+    What :func:`read_spilled` hands to ``build_cube``: the lattices, the
+    atoms, the unique sites and the per-structure labels (ids, sources,
+    formulas, space groups, shortest distances) are written to ``folder`` as
+    they are read, one ``part-NNNNNN.npz`` per reading task, and read back by
+    the tasks that need them (:func:`load_spilled`,
+    :func:`load_spilled_column`). In memory stay the offsets (16 bytes per
+    structure) and what the whole read needs. Structures
     ``part_start[k]:part_start[k + 1]`` are in part ``k``.
 
     Attributes
     ----------
     folder : str
         Where the parts are.
-    structure_id, source, formula : ndarray of shape (n_structures,), StringDType
-    spacegroup : ndarray of shape (n_structures,), int16
-    dmin : ndarray of shape (n_structures,), float64
-    hydrogen_missing : ndarray of shape (n_structures,), bool
     atom_start, site_start : ndarray of shape (n_structures + 1,), int64
         As in :class:`StructureTable`.
     part_start : ndarray of shape (n_parts + 1,), int64
         First structure of every part.
+    sources : tuple of str
+        Distinct sources of the structures, in the order first read.
+    n_hydrogen_missing : int
+        Structures that state hydrogen in their formula but have no H atoms.
+    first_hydrogen_missing : (str, str) or None
+        Id and source of the first of them.
+    digest : str
+        sha256 of the parts' contents, in order: what a resumed build checks.
     """
 
     folder: str
-    structure_id: np.ndarray
-    source: np.ndarray
-    formula: np.ndarray
-    spacegroup: np.ndarray
-    dmin: np.ndarray
-    hydrogen_missing: np.ndarray
     atom_start: np.ndarray
     site_start: np.ndarray
     part_start: np.ndarray
+    sources: tuple[str, ...]
+    n_hydrogen_missing: int
+    first_hydrogen_missing: tuple[str, str] | None
+    digest: str
 
     def __len__(self) -> int:
-        return int(self.structure_id.shape[0])
+        return int(self.atom_start.shape[0]) - 1
 
     def part_file(self, k: int) -> str:
         """The file of part ``k``."""
@@ -690,11 +705,18 @@ def _part_file(folder: str, k: int) -> str:
     return os.path.join(folder, f"part-{k:06d}.npz")
 
 
-def _save_part(path: str, columns: dict[str, np.ndarray]) -> None:
-    arrays = {name: columns[name] for name in _SPILLED}
-    # fixed-width unicode: np.savez cannot store StringDType without pickle
-    arrays["wyckoff"] = np.asarray(arrays["wyckoff"].tolist(), dtype=str)
+def _save_part(path: str, columns: dict[str, np.ndarray]) -> str:
+    """Write a part's geometry and labels; returns the sha256 of what it wrote."""
+    arrays = {name: columns[name] for name in (*_SPILLED, *_SPILLED_LABELS)}
+    for name in _TEXT:
+        arrays[name] = np.asarray(arrays[name].tolist(), dtype=str)
+    h = hashlib.sha256()
+    for name in sorted(arrays):
+        array = np.ascontiguousarray(arrays[name])
+        h.update(f"{name}\0{array.dtype.str}\0{array.shape}\0".encode())
+        h.update(array.tobytes())
     np.savez(path, **arrays)  # type: ignore[arg-type]  # numpy's stub: any name may be allow_pickle
+    return h.hexdigest()
 
 
 def load_spilled_column(pieces: Sequence[tuple[str, int, int]], column: str) -> np.ndarray:
@@ -705,7 +727,9 @@ def load_spilled_column(pieces: Sequence[tuple[str, int, int]], column: str) -> 
     pieces : sequence of (str, int, int)
         From :meth:`SpilledTable.pieces` along the column's own axis.
     column : str
-        A column of :class:`StructureTable` kept on disk.
+        A column of :class:`StructureTable` kept on disk (a label too:
+        ``structure_id``, ``source``, ``formula``, ``spacegroup``,
+        ``hydrogen_missing``).
 
     Returns
     -------
@@ -716,7 +740,7 @@ def load_spilled_column(pieces: Sequence[tuple[str, int, int]], column: str) -> 
         with np.load(path) as npz:
             parts.append(npz[column][lo:hi])
     out = parts[0] if len(parts) == 1 else np.concatenate(parts)
-    return out.astype(_STRING) if column == "wyckoff" else out
+    return out.astype(_STRING) if column in _TEXT else out
 
 
 def load_spilled(pieces: Sequence[tuple[str, int, int]]) -> StructureTable:
@@ -2266,13 +2290,16 @@ def read_spilled(
     AfpxWarning
         As :func:`read_structures`.
     """
-    kept = ("structure_id", "source", "formula", "spacegroup", "dmin", "hydrogen_missing")
-    columns: dict[str, list[np.ndarray]] = {name: [] for name in (*kept, "n_atoms", "n_sites")}
+    counts: dict[str, list[np.ndarray]] = {"n_atoms": [], "n_sites": []}
     part_sizes: list[int] = []
     rejections: list[Rejection] = []
     duplicates = _Duplicates()
+    digest = hashlib.sha256()
+    sources: dict[str, None] = {}
+    n_hydrogen, first_hydrogen = 0, None
     n_read = 0
-    # each reading task writes its structures to a file: only labels come back
+    # each reading task writes its structures, labels included, to a file: only what
+    # the read as a whole needs comes back, and only counts are kept
     run = functools.partial(_run_chunk_spill, params=params, folder=os.fspath(folder))
     chunks = _read_chunks(
         inputs, run, progress=progress, scheduler=None, workers=None, max_file_mb=max_file_mb
@@ -2284,47 +2311,69 @@ def read_spilled(
         if chunk.part is None:
             continue
         final = _part_file(os.fspath(folder), len(part_sizes))
-        if not len(labels["structure_id"]):
+        ids = labels["structure_id"]
+        if not len(ids):
             os.unlink(chunk.part)  # every structure of the task repeated an earlier one
             continue
-        if keep is not None:  # duplicates dropped: the part without them
+        if keep is not None or ids is not chunk.columns["structure_id"]:
+            # duplicates dropped or ids renamed: the part as kept
             with np.load(chunk.part) as npz:
-                whole = {name: npz[name] for name in _SPILLED}
-            _save_part(final, _take(whole, keep))
+                whole = {name: npz[name] for name in (*_SPILLED, *_SPILLED_LABELS)}
+            if keep is not None:
+                whole = _take(whole, keep)
+            whole["structure_id"] = ids
+            part_digest = _save_part(final, whole)
             os.unlink(chunk.part)
         else:
             os.replace(chunk.part, final)
-        part_sizes.append(len(labels["structure_id"]))
-        for name, values in columns.items():
+            part_digest = chunk.digest
+        assert part_digest is not None  # a task that wrote a part says what it wrote
+        digest.update(bytes.fromhex(part_digest))
+        part_sizes.append(len(ids))
+        for name, values in counts.items():
             values.append(labels[name])
-    empty = {"spacegroup": np.int16, "dmin": np.float64, "hydrogen_missing": bool}
-    joined = {
-        name: np.concatenate(values) if values else np.zeros(0, empty.get(name, np.int64))
-        for name, values in columns.items()
-    }
-    for name in ("structure_id", "source", "formula"):
-        joined[name] = joined[name].astype(_STRING, copy=False)
+        sources.update(dict.fromkeys(np.unique(labels["source"]).tolist()))
+        missing = np.flatnonzero(labels["hydrogen_missing"])
+        if missing.size:
+            n_hydrogen += missing.size
+            if first_hydrogen is None:
+                first = int(missing[0])
+                first_hydrogen = (str(ids[first]), str(labels["source"][first]))
 
-    def offsets(counts: Sequence[int] | np.ndarray) -> np.ndarray:
-        return np.concatenate([[0], np.cumsum(counts, dtype=np.int64)]).astype(np.int64)
+    def offsets(parts: list[np.ndarray]) -> np.ndarray:
+        joined = np.concatenate(parts) if parts else np.zeros(0, np.int64)
+        return np.concatenate([[0], np.cumsum(joined, dtype=np.int64)]).astype(np.int64)
 
     table = SpilledTable(
         folder=os.fspath(folder),
-        **{name: joined[name] for name in kept},
-        atom_start=offsets(joined["n_atoms"]),
-        site_start=offsets(joined["n_sites"]),
-        part_start=offsets(part_sizes),
+        atom_start=offsets(counts["n_atoms"]),
+        site_start=offsets(counts["n_sites"]),
+        part_start=offsets([np.asarray(part_sizes, dtype=np.int64)]),
+        sources=tuple(sources),
+        n_hydrogen_missing=n_hydrogen,
+        first_hydrogen_missing=first_hydrogen,
+        digest=digest.hexdigest(),
     )
     _warn_missing_hydrogen(table)
     return TableRead(table, rejections, n_read, params)
 
 
+def _hydrogen_missing(table: StructureTable | SpilledTable) -> tuple[int, tuple[str, str] | None]:
+    """Structures of ``table`` lacking the hydrogen their formula states; the first one (id, source)."""
+    if isinstance(table, SpilledTable):
+        return table.n_hydrogen_missing, table.first_hydrogen_missing
+    missing = np.flatnonzero(table.hydrogen_missing)
+    if not missing.size:
+        return 0, None
+    first = int(missing[0])
+    return int(missing.size), (str(table.structure_id[first]), str(table.source[first]))
+
+
 def _warn_missing_hydrogen(table: StructureTable | SpilledTable) -> None:
     """Warn once if any structure of ``table`` lacks the hydrogen its formula states."""
-    missing = np.flatnonzero(table.hydrogen_missing)
-    if missing.size:
-        first = int(missing[0])
-        _warn_hydrogen(missing.size, str(table.structure_id[first]), str(table.source[first]))
+    n, first = _hydrogen_missing(table)
+    if first is not None:
+        _warn_hydrogen(n, *first)
 
 
 def _warn_hydrogen(n: int, structure_id: str, source: str) -> None:
@@ -2392,7 +2441,8 @@ class _TableChunk:
     outcomes: list[tuple[Rejection | None, str | None]]
     blocks: list[str | None]
     columns: dict[str, np.ndarray]
-    part: str | None = None  # the file the task wrote its columns to, labels aside
+    part: str | None = None  # the file the task wrote its columns to
+    digest: str | None = None  # sha256 of what it wrote there
 
 
 def _run_chunk_table(tasks: list[_Task], params: FilterParams) -> _TableChunk:
@@ -2405,32 +2455,25 @@ def _run_chunk_table(tasks: list[_Task], params: FilterParams) -> _TableChunk:
     )
 
 
-#: Columns of a spilled table kept in memory (per structure).
-_LABELS: Final = (
-    "structure_id",
-    "source",
-    "formula",
-    "spacegroup",
-    "dmin",
-    "hydrogen_missing",
-    "n_atoms",
-    "n_sites",
-)
+#: Per-structure columns a spilling reading task hands back: what duplicates are
+#: checked by, and counts. The rest stays in its file.
+_LABELS: Final = ("structure_id", "source", "hydrogen_missing", "n_atoms", "n_sites")
 
 
 def _run_chunk_spill(tasks: list[_Task], params: FilterParams, folder: str) -> _TableChunk:
     """:func:`_run_chunk_table` that writes its columns to a file in ``folder``.
 
-    Only the outcomes and the per-structure labels travel back: what a wave
-    of reading tasks holds in memory does not carry the atoms.
+    Only the outcomes and a few per-structure columns (:data:`_LABELS`)
+    travel back: what a wave of reading tasks holds in memory carries
+    neither the atoms nor the formulas.
     """
     chunk = _run_chunk_table(tasks, params)
     if not len(chunk.columns["structure_id"]):
         return chunk
     part = os.path.join(folder, f"read-{uuid.uuid4().hex}.npz")
-    _save_part(part, chunk.columns)
+    digest = _save_part(part, chunk.columns)
     labels = {name: chunk.columns[name] for name in _LABELS}
-    return _TableChunk(chunk.outcomes, chunk.blocks, labels, part)
+    return _TableChunk(chunk.outcomes, chunk.blocks, labels, part, digest)
 
 
 def _accept(
@@ -2545,10 +2588,11 @@ def _map_chunks(
     """``run`` of every chunk, in order: Dask tasks computed a wave at a time."""
     import dask
 
-    from afpx.scheduler import compute, use_scheduler
+    from afpx.scheduler import compute, task_slots, use_scheduler
 
     task = dask.delayed(run, pure=False)
-    with use_scheduler(scheduler, workers=workers):
-        for start in range(0, len(chunks), _TASKS_PER_WAVE):
-            wave = chunks[start : start + _TASKS_PER_WAVE]
+    with use_scheduler(scheduler, workers=workers) as client:
+        per_wave = max(_TASKS_PER_WAVE, 2 * task_slots(client))
+        for start in range(0, len(chunks), per_wave):
+            wave = chunks[start : start + per_wave]
             yield from compute(*[task(chunk) for chunk in wave])

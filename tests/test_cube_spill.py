@@ -17,7 +17,13 @@ import afpx.structures
 from afpx import schema
 from afpx.cube import build_cube, fingerprint_dataset, open_cube, write_cube
 from afpx.scheduler import workers_on_this_host
-from afpx.structures import SpilledTable, load_spilled, read_spilled, read_table
+from afpx.structures import (
+    SpilledTable,
+    load_spilled,
+    load_spilled_column,
+    read_spilled,
+    read_table,
+)
 
 COD = Path(__file__).parent / "data" / "cod"
 FILES = sorted(str(p) for p in COD.glob("*.cif"))
@@ -122,23 +128,55 @@ def test_the_waves_run_under_a_fixed_mmap_threshold(
 def test_the_build_holds_no_per_structure_variable_while_it_computes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # they are in the store before the first wave; write_cube leaves the caller's dataset be
+    # the counts and the rejections are in the store before the first wave, the labels
+    # are lazy (read back from the spill a chunk at a time); write_cube leaves the
+    # caller's dataset be
     held: list[list[str]] = []
+    lazy: list[list[str]] = []
     original = afpx.store.chunk_waves
 
     def waves(ds: xr.Dataset, *args: Any) -> Any:
         held.append(sorted(str(n) for n in ds.variables))
+        lazy.append(afpx.store.lazy_names(ds))
         return original(ds, *args)
 
     monkeypatch.setattr(afpx.store, "chunk_waves", waves)
     built = build_cube(FILES, tmp_path / "cube.zarr", chunk_sites=16, progress=False)
-    per_site = [name for name, var in open_cube(built).variables.items() if schema.SITE in var.dims]
+    cube = open_cube(built)
+    per_site = [name for name, var in cube.variables.items() if schema.SITE in var.dims]
     geometry = [schema.LATTICE, schema.ATOM_FRAC_COORDS, schema.ATOM_Z]
-    assert held == [sorted(per_site + geometry)]
+    labels = [
+        schema.STRUCTURE_ID,
+        schema.FORMULA,
+        schema.SOURCE,
+        schema.SPACEGROUP,
+        schema.DMIN,
+        schema.SPLIT,
+    ]
+    assert held == lazy == [sorted(per_site + geometry + labels)]
+    assert set(cube.variables) - set(held[0]) >= {schema.N_ATOMS, schema.N_UNIQUE_SITES}
     ds = fingerprint_dataset(read_table(FILES), sources=FILES, chunk_sites=16)
     names = set(ds.variables)
     write_cube(ds, tmp_path / "other.zarr", progress=False)
     assert set(ds.variables) == names
+
+
+def test_a_resumable_build_is_keyed_by_the_structures_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the labels are not in memory to hash: the key takes the digest of the parts
+    keys: list[str] = []
+    real = afpx.store.build_key
+
+    def build_key(ds: xr.Dataset, *, extra: str = "") -> str:
+        keys.append(extra)
+        return real(ds, extra=extra)
+
+    monkeypatch.setattr(afpx.store, "build_key", build_key)
+    build_cube(FILES, tmp_path / "a.zarr", progress=False)
+    (tmp_path / "spill").mkdir()
+    assert keys == [read_spilled(FILES, tmp_path / "spill").table.digest]
+    assert real(open_cube(tmp_path / "a.zarr"), extra="x") != real(open_cube(tmp_path / "a.zarr"))
 
 
 def test_a_build_stopped_between_waves_resumes_to_the_same_cube(
@@ -200,10 +238,23 @@ def test_read_spilled_equals_read_table(tmp_path: Path) -> None:
     for name in ("lattice", "frac_coords", "numbers", "site_index", "site_z", "multiplicity"):
         np.testing.assert_array_equal(getattr(back, name), getattr(table.table, name))
     assert back.wyckoff.tolist() == table.table.wyckoff.tolist()
-    for name in ("atom_start", "site_start", "spacegroup", "dmin"):
+    for name in ("atom_start", "site_start"):
         np.testing.assert_array_equal(getattr(spilled.table, name), getattr(table.table, name))
+    # the labels are on disk only
+    pieces = spilled.table.pieces(0, n)
+    for name in ("spacegroup", "dmin", "hydrogen_missing"):
+        np.testing.assert_array_equal(
+            load_spilled_column(pieces, name), getattr(table.table, name), err_msg=name
+        )
     for name in ("structure_id", "source", "formula"):
-        assert getattr(spilled.table, name).tolist() == getattr(table.table, name).tolist()
+        assert load_spilled_column(pieces, name).tolist() == getattr(table.table, name).tolist()
+    assert spilled.table.sources == tuple(dict.fromkeys(table.table.source.tolist()))
+    assert spilled.table.n_hydrogen_missing == int(table.table.hydrogen_missing.sum())
+    # the digest is the parts' content: the same read, the same digest; fewer files, another
+    (tmp_path / "again").mkdir()
+    assert read_spilled(FILES, tmp_path / "again").table.digest == spilled.table.digest
+    (tmp_path / "fewer").mkdir()
+    assert read_spilled(FILES[1:], tmp_path / "fewer").table.digest != spilled.table.digest
     # any range of structures, across parts
     middle = load_spilled(spilled.table.pieces(1, n - 1))
     np.testing.assert_array_equal(middle.lattice, table.table.lattice[1 : n - 1])
