@@ -2359,7 +2359,7 @@ def read_spilled(
 
 
 def _hydrogen_missing(table: StructureTable | SpilledTable) -> tuple[int, tuple[str, str] | None]:
-    """Structures of ``table`` lacking the hydrogen their formula states; the first one (id, source)."""
+    """Structures of ``table`` lacking the hydrogen their formula states; the first's id, source."""
     if isinstance(table, SpilledTable):
         return table.n_hydrogen_missing, table.first_hydrogen_missing
     missing = np.flatnonzero(table.hydrogen_missing)
