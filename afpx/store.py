@@ -576,33 +576,66 @@ def _recorded(store: Path) -> dict[str, tuple[int, str]]:
 
 
 def finish(partial: Path) -> None:
-    """Record sizes and sha256 of every chunk file, then drop the build bookkeeping."""
+    """Record sizes and sha256 of every chunk file, then drop the build bookkeeping.
+
+    The record is written as it is gathered, one top-level entry (a variable)
+    at a time, in the order ``json.dumps(..., sort_keys=True)`` gives: what is
+    held is one variable's chunks, not the cube's (at 4x oqmd-icsd the whole
+    record built in memory first cost ~45 MB).
+    """
+    folder = partial / CHECKSUMS_GROUP
+    folder.mkdir(exist_ok=True)
+    tmp = folder / f".zarr.json.tmp-{uuid.uuid4().hex[:8]}"
+    with tmp.open("w") as out:
+        out.write('{"attributes": {"algorithm": "sha256", "files": {')
+        sep = ""
+        # "NAME/..." in text order: names ordered as NAME + "/" (a name may hold "-" or ".")
+        tops = sorted((p for p in partial.iterdir() if not p.name.startswith(".")), key=_key_order)
+        for top in tops:
+            for rel, size, digest in _chunk_records(partial, top):
+                out.write(f"{sep}{json.dumps(rel)}: {json.dumps([size, digest])}")
+                sep = ", "
+        out.write('}}, "node_type": "group", "zarr_format": 3}')
+    os.replace(tmp, folder / "zarr.json")
+    shutil.rmtree(partial / _MARKS, ignore_errors=True)
+
+
+def _key_order(top: Path) -> str:
+    return top.name + "/"
+
+
+def _chunk_records(partial: Path, top: Path) -> list[tuple[str, int, str]]:
+    """(file, size, sha256) of the chunk files under ``top``, in text order.
+
+    Sizes and digests recorded as the chunks were written (marks) are taken
+    as they are; other chunks (written up front) are hashed here. zarr's
+    temporary files of a killed write are removed.
+    """
+    if not top.is_dir():
+        return []
     marked: dict[str, tuple[int, str]] = {}
-    for mark in (partial / _MARKS).glob("*/*"):
-        if not mark.name.isdigit():
-            continue
-        record = json.loads(mark.read_text())
-        marked[record["file"]] = (int(record["size"]), str(record["sha256"]))
-    files: dict[str, list[Any]] = {}
-    for path in sorted(partial.rglob("*")):
+    marks = partial / _MARKS / top.name
+    if marks.is_dir():
+        for mark in marks.iterdir():
+            if not mark.name.isdigit():
+                continue
+            record = json.loads(mark.read_text())
+            marked[record["file"]] = (int(record["size"]), str(record["sha256"]))
+    files: list[str] = []
+    for path in top.rglob("*"):
         if _ZARR_TEMPORARY.search(path.name):
             path.unlink()  # zarr writes a chunk to NAME.<uuid>.partial and renames it
             continue
+        if not path.is_file() or path.name == "zarr.json":
+            continue
         rel = path.relative_to(partial).as_posix()
-        if not path.is_file() or path.name == "zarr.json" or rel.startswith("."):
-            continue
-        if "/c/" not in f"/{rel}":
-            continue
-        size, digest = marked.get(rel) or (path.stat().st_size, sha256_of(path))
-        files[rel] = [size, digest]
-    meta = {
-        "zarr_format": 3,
-        "node_type": "group",
-        "attributes": {"algorithm": "sha256", "files": files},
-    }
-    (partial / CHECKSUMS_GROUP).mkdir(exist_ok=True)
-    _write_atomic(partial / CHECKSUMS_GROUP / "zarr.json", json.dumps(meta, sort_keys=True))
-    shutil.rmtree(partial / _MARKS, ignore_errors=True)
+        if "/c/" in f"/{rel}":
+            files.append(rel)
+    records = []
+    for rel in sorted(files):
+        size, digest = marked.get(rel) or ((partial / rel).stat().st_size, sha256_of(partial / rel))
+        records.append((rel, size, digest))
+    return records
 
 
 def check_chunks(store: Path) -> None:

@@ -346,3 +346,41 @@ def test_build_key_hashes_text_a_slice_at_a_time_as_all_at_once(
         h.update(f"\0{name}\0{var.dims}\0{var.shape}\0{var.dtype}\0".encode())
         h.update("\0".join(text.tolist()).encode())
     assert key == h.hexdigest()
+
+
+def test_checksums_are_written_as_gathered_in_sorted_json(tmp_path: Path) -> None:
+    # names with "-" and "." sort before "/": the record must still be in text order,
+    # byte for byte what json.dumps(..., sort_keys=True) gives; marks are taken as they are
+    import hashlib
+
+    partial = tmp_path / "store"
+    contents = {
+        "a/c/0": b"x",
+        "a/c/10": b"yy",
+        "a/c/2": b"zzz",
+        "a-b/c/0/0": b"1",
+        "a.x/c/1": b"22",
+        "ab/c/0": b"",
+        "a/zarr.json": b"{}",  # metadata: not recorded
+        "a/c/3.0123456789abcdef0123456789abcdef.partial": b"half",  # zarr's temporary: removed
+    }
+    for rel, data in contents.items():
+        (partial / rel).parent.mkdir(parents=True, exist_ok=True)
+        (partial / rel).write_bytes(data)
+    marks = partial / ".afpx-chunks" / "a"
+    marks.mkdir(parents=True)
+    (marks / "10").write_text(json.dumps({"file": "a/c/10", "size": 2, "sha256": "recorded"}))
+    afpx.store.finish(partial)
+    text = (partial / CHECKSUMS_GROUP / "zarr.json").read_text()
+    chunks = [rel for rel in contents if "/c/" in rel and not rel.endswith(".partial")]
+    files = {rel: [len(contents[rel]), hashlib.sha256(contents[rel]).hexdigest()] for rel in chunks}
+    files["a/c/10"] = [2, "recorded"]
+    meta = {
+        "zarr_format": 3,
+        "node_type": "group",
+        "attributes": {"algorithm": "sha256", "files": files},
+    }
+    assert text == json.dumps(meta, sort_keys=True)
+    assert not (partial / "a" / "c" / "3.0123456789abcdef0123456789abcdef.partial").exists()
+    assert not (partial / ".afpx-chunks").exists()
+    assert [p.name for p in (partial / CHECKSUMS_GROUP).iterdir()] == ["zarr.json"]
