@@ -21,6 +21,7 @@ dim ``reject`` over rejected inputs. See docs/cube-schema.md.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import functools
@@ -1763,6 +1764,10 @@ def _atomic_number(e: int | str) -> int:
     return symbols.index(e) + 1
 
 
+#: Sites or structures :func:`cube_summary` reads at a time.
+_SUMMARY_SLICE = 1 << 16
+
+
 def cube_summary(ds: xr.Dataset, *, path: str | None = None) -> str:
     """A human summary of a cube: sizes, counts per element and split, parameters, rejections."""
     symbols = schema.element_symbols()
@@ -1787,13 +1792,29 @@ def cube_summary(ds: xr.Dataset, *, path: str | None = None) -> str:
         f"{afp.size * afp.dtype.itemsize / 2**30:.2f} GiB in memory, "
         f"chunks of {afp.chunks[0][0] if afp.chunks else n_sites} sites",
     ]
-    splits = np.asarray(ds[schema.SPLIT].values.tolist(), dtype=object)
-    site_split = splits[np.asarray(ds[schema.STRUCTURE_INDEX].values)]
+    # counted a slice at a time: nothing held per site or per structure of a large cube
+    n_structures = ds.sizes[schema.STRUCTURE]
+    sites_of = np.zeros(n_structures, dtype=np.int64)
+    per_z: collections.Counter[int] = collections.Counter()
+    for lo in range(0, n_sites, _SUMMARY_SLICE):
+        hi = min(lo + _SUMMARY_SLICE, n_sites)
+        index = np.asarray(ds[schema.STRUCTURE_INDEX][lo:hi].values, dtype=np.int64)
+        sites_of += np.bincount(index, minlength=n_structures)
+        values, n = np.unique(np.asarray(ds[schema.Z][lo:hi].values), return_counts=True)
+        per_z.update(dict(zip(values.tolist(), n.tolist(), strict=True)))
+    structures = dict.fromkeys(schema.SPLITS, 0)
+    sites = dict.fromkeys(schema.SPLITS, 0)
+    for lo in range(0, n_structures, _SUMMARY_SLICE):
+        split = np.asarray(ds[schema.SPLIT][lo : lo + _SUMMARY_SLICE].values)
+        for name in schema.SPLITS:
+            mine = split == name
+            structures[name] += int(mine.sum())
+            sites[name] += int(sites_of[lo : lo + _SUMMARY_SLICE][mine].sum())
     lines.append("split: structures / sites")
     for name in schema.SPLITS:
-        lines.append(f"  {name}: {int((splits == name).sum())} / {int((site_split == name).sum())}")
-    z = np.asarray(ds[schema.Z].values)
-    zs, counts = np.unique(z, return_counts=True)
+        lines.append(f"  {name}: {structures[name]} / {sites[name]}")
+    zs = np.array(sorted(per_z), dtype=np.int64)
+    counts = np.array([per_z[z] for z in zs.tolist()], dtype=np.int64)
     order = np.argsort(-counts, kind="stable")
     per_element = ", ".join(f"{symbols[zs[i] - 1]} {counts[i]}" for i in order)
     lines.append(f"sites per element ({len(zs)} elements): {per_element}")

@@ -503,6 +503,22 @@ def test_summary(read: ReadResult) -> None:
     assert "Na 2" in text and "r_factor: 1" in text and "kaiser_beta=14.0" in text
 
 
+def test_summary_counted_a_slice_at_a_time(
+    read: ReadResult, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import afpx.cube
+
+    cube = open_cube(build_cube(read, tmp_path / "cube.zarr", draws=2, progress=False))
+    whole = cube_summary(cube)
+    split = np.asarray(cube[schema.SPLIT].values.tolist())
+    site_split = split[cube[schema.STRUCTURE_INDEX].values]
+    for name in schema.SPLITS:
+        n, m = int((split == name).sum()), int((site_split == name).sum())
+        assert f"  {name}: {n} / {m}" in whole
+    monkeypatch.setattr(afpx.cube, "_SUMMARY_SLICE", 3)  # slices across structures
+    assert cube_summary(cube) == whole
+
+
 def test_summary_of_a_cube_opened_without_loading(read: ReadResult, tmp_path: Path) -> None:
     # what build-cube prints: only the variables the summary needs are read
     path = build_cube(read, tmp_path / "cube.zarr", draws=2, progress=False)
