@@ -8,8 +8,8 @@ that graph, and computes it once while writing it to zarr (v3), into a hidden
 sibling of the target that is renamed into place only when complete. It keeps
 the structures read on disk (:func:`afpx.structures.read_spilled`, in a hidden
 ``.NAME.spill-XXXXXXXX`` next to the target), and every task reads back the
-structures it needs: memory does not grow with the corpus beyond its
-per-structure labels.
+structures it needs, labels included: memory does not grow with the corpus
+beyond two counts per structure.
 :func:`open_cube` opens a cube lazily with its small per-site and
 per-structure variables in memory, so that selections (:func:`select_sites`)
 never read the fingerprints.

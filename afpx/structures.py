@@ -2263,10 +2263,11 @@ def read_spilled(
     """As :func:`read_table`, but the bulky columns go to ``folder`` as they are read.
 
     Reads on the current Dask scheduler. Every reading task's accepted
-    structures (duplicates dropped) are written to one file in ``folder``;
-    only the per-structure labels and offsets are kept in memory, so that
-    memory does not grow with the corpus beyond a few tens of bytes per
-    structure. The caller owns ``folder`` (and removes it).
+    structures (duplicates dropped), with their labels, are written to one
+    file in ``folder``; only the offsets (16 bytes per structure) and what
+    the read as a whole needs (distinct sources, the structures lacking
+    hydrogen, a digest) are kept in memory. The caller owns ``folder`` (and
+    removes it).
 
     Parameters
     ----------
