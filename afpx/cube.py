@@ -635,31 +635,47 @@ def _lazy_computed(
     ``spilled``: the blocks are :class:`_SpilledBlock` and their tasks also
     give the per-site labels (:data:`_LABELS`).
     """
+    params = options.params
+    compute = functools.partial(_compute_spilled if spilled else _compute_block, options=options)
+    site_chunks = (tuple(b.stop - b.start for b in blocks),)
+    variables = {**_COMPUTED, **_LABELS} if spilled else _COMPUTED
+    layout = {
+        var: (
+            (*site_chunks, (params.n_perspectives,), (params.n_bins,))
+            if tail == "perspective_bin"
+            else site_chunks,
+            dtype,
+        )
+        for var, (tail, dtype) in variables.items()
+    }
+    return _picked_arrays("fingerprint", compute, blocks, layout)
+
+
+def _picked_arrays(
+    kind: str,
+    compute: Any,
+    payloads: Sequence[Any],
+    layout: Mapping[str, tuple[tuple[tuple[int, ...], ...], Any]],
+) -> dict[str, Any]:
+    """Dask arrays sharing one task per chunk: chunk ``b`` of each is picked from task ``b``.
+
+    Task ``b`` is ``compute(payloads[b])``, made when Dask asks for it (the
+    graph holds the payloads only), and returns a dict with an item per
+    variable of ``layout`` (variable -> (chunks, dtype)).
+    """
     import dask.array as da
     from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
 
-    params = options.params
     # a fresh name per graph: a distributed client must never reuse another build's results
     token = uuid.uuid4().hex
-    name = f"afpx-fingerprint-{token}"
-    compute = functools.partial(_compute_spilled if spilled else _compute_block, options=options)
-    # the tasks are made as they are asked for: the graph holds the blocks only
-    layer = _Tasks(name, compute, blocks)
-    base = HighLevelGraph({name: MaterializedLayer(layer)}, {name: set()})
-    site_chunks = (tuple(b.stop - b.start for b in blocks),)
+    name = f"afpx-{kind}-{token}"
+    base = HighLevelGraph({name: MaterializedLayer(_Tasks(name, compute, payloads))}, {name: set()})
     arrays: dict[str, Any] = {}
-    variables = {**_COMPUTED, **_LABELS} if spilled else _COMPUTED
-    for var, (tail, dtype) in variables.items():
+    for var, (chunks, dtype) in layout.items():
         var_name = f"afpx-{var}-{token}"
-        chunks: tuple[tuple[int, ...], ...]
-        if tail == "perspective_bin":
-            chunks = (*site_chunks, (params.n_perspectives,), (params.n_bins,))
-        else:
-            chunks = site_chunks
-        keys = MaterializedLayer(_Picks(var_name, name, var, len(blocks), len(chunks)))
+        keys = MaterializedLayer(_Picks(var_name, name, var, len(payloads), len(chunks)))
         graph = HighLevelGraph(
-            {**base.layers, var_name: keys},
-            {**base.dependencies, var_name: {name}},
+            {**base.layers, var_name: keys}, {**base.dependencies, var_name: {name}}
         )
         arrays[var] = da.Array(graph, var_name, chunks, dtype=dtype)
     return arrays
@@ -904,19 +920,11 @@ def _lazy_labels(table: SpilledTable, split: SplitParams) -> dict[str, Any]:
     task reads its structures' labels from their parts, and the split is
     drawn from their formulas alone (it depends on nothing else).
     """
-    import dask.array as da
-    from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
-
     n = len(table)
     bounds = [*range(0, n, STRUCTURE_CHUNK), n]
     payloads = [
         _SpilledLabels(table.pieces(lo, hi), split) for lo, hi in itertools.pairwise(bounds)
     ]
-    token = uuid.uuid4().hex
-    name = f"afpx-labels-{token}"
-    base = HighLevelGraph(
-        {name: MaterializedLayer(_Tasks(name, _load_labels, payloads))}, {name: set()}
-    )
     chunks = (tuple(np.diff(bounds).tolist()),)
     dtypes = {
         schema.STRUCTURE_ID: _STRING,
@@ -926,15 +934,8 @@ def _lazy_labels(table: SpilledTable, split: SplitParams) -> dict[str, Any]:
         schema.DMIN: np.dtype(schema.DTYPES[schema.DMIN]),
         schema.SPLIT: _STRING,
     }
-    out: dict[str, Any] = {}
-    for var, dtype in dtypes.items():
-        var_name = f"afpx-{var}-{token}"
-        keys = MaterializedLayer(_Picks(var_name, name, var, len(payloads), 1))
-        graph = HighLevelGraph(
-            {**base.layers, var_name: keys}, {**base.dependencies, var_name: {name}}
-        )
-        out[var] = da.Array(graph, var_name, chunks, dtype=dtype)
-    return out
+    layout = {var: (chunks, dtype) for var, dtype in dtypes.items()}
+    return _picked_arrays("labels", _load_labels, payloads, layout)
 
 
 def _geometry_variables(table: StructureTable) -> dict[str, Any]:
@@ -1426,8 +1427,9 @@ def build_cube(
             split=split,
             sources=sources,
         )
-        spilled = isinstance(read, TableRead) and isinstance(read.table, SpilledTable)
-        digest = read.table.digest if spilled else ""  # type: ignore[union-attr]
+        digest = ""  # what a resumed build checks beyond the dataset (a spilled read's parts)
+        if isinstance(read, TableRead) and isinstance(read.table, SpilledTable):
+            digest = read.table.digest
         del read  # the dataset holds what the cube needs (a table's arrays, not copies)
         if url is not None:
             return write_cube(

@@ -2333,7 +2333,7 @@ def read_spilled(
         part_sizes.append(len(ids))
         for name, values in counts.items():
             values.append(labels[name])
-        sources.update(dict.fromkeys(np.unique(labels["source"]).tolist()))
+        sources.update(dict.fromkeys(labels["source"].tolist()))
         missing = np.flatnonzero(labels["hydrogen_missing"])
         if missing.size:
             n_hydrogen += missing.size
