@@ -1372,15 +1372,7 @@ def build_cube(
         For invalid options, an existing output, unreadable inputs, or when no
         structure is accepted. The output path is then untouched.
     """
-    from afpx.structures import (
-        MAX_FILE_MB,
-        FilterParams,
-        ReadResult,
-        SpilledTable,
-        TableRead,
-        read_spilled,
-        read_table,
-    )
+    from afpx.structures import MAX_FILE_MB, FilterParams, ReadResult, TableRead
 
     _check_options(
         draws=draws, seed=seed, deterministic=deterministic, chunk_sites=chunk_sites, device=device
@@ -1403,17 +1395,16 @@ def build_cube(
         if isinstance(inputs, ReadResult | TableRead):
             read, sources = inputs, None
         else:
-            quality = filters if filters is not None else FilterParams()
-            cap = MAX_FILE_MB if max_file_mb is None else max_file_mb
-            # read on the same scheduler as the fingerprints
-            if workers_on_this_host(client):
-                # the bulk goes to disk as it is read, and each task reads back its rows
-                folder = stack.enter_context(_spill_folder(target, local=url is None))
-                read = read_spilled(
-                    items, folder, params=quality, progress=progress, max_file_mb=cap
-                )
-            else:  # the workers cannot see this machine's disk: the tasks carry their rows
-                read = read_table(items, params=quality, progress=progress, max_file_mb=cap)
+            read = _read_inputs(
+                items,
+                target,
+                stack,
+                client,
+                local=url is None,
+                filters=filters if filters is not None else FilterParams(),
+                progress=progress,
+                max_file_mb=MAX_FILE_MB if max_file_mb is None else max_file_mb,
+            )
             sources = [str(i) for i in items]
         logger.info("read: %s", read.summary().replace("\n", ", "))
         ds = fingerprint_dataset(
@@ -1427,9 +1418,7 @@ def build_cube(
             split=split,
             sources=sources,
         )
-        digest = ""  # what a resumed build checks beyond the dataset (a spilled read's parts)
-        if isinstance(read, TableRead) and isinstance(read.table, SpilledTable):
-            digest = read.table.digest
+        digest = _spill_digest(read)
         del read  # the dataset holds what the cube needs (a table's arrays, not copies)
         if url is not None:
             return write_cube(
@@ -1448,6 +1437,43 @@ def build_cube(
             key_extra=digest,
         )
     raise AssertionError("unreachable")  # pragma: no cover - ExitStack swallows nothing
+
+
+def _read_inputs(
+    items: Sequence[str | os.PathLike[str]],
+    target: Path,
+    stack: contextlib.ExitStack,
+    client: Any,
+    *,
+    local: bool,
+    filters: FilterParams,
+    progress: bool | None,
+    max_file_mb: float,
+) -> TableRead:
+    """Read ``items`` on the scheduler that will fingerprint them (build and append alike).
+
+    Where the workers share this machine's disk, the bulk goes to a spill
+    folder as it is read (next to a local ``target``, removed when ``stack``
+    closes) and every task reads back its own rows; otherwise the tasks
+    carry their rows, read into memory here.
+    """
+    from afpx.structures import read_spilled, read_table
+
+    if workers_on_this_host(client):
+        folder = stack.enter_context(_spill_folder(target, local=local))
+        return read_spilled(
+            items, folder, params=filters, progress=progress, max_file_mb=max_file_mb
+        )
+    return read_table(items, params=filters, progress=progress, max_file_mb=max_file_mb)
+
+
+def _spill_digest(read: ReadResult | TableRead) -> str:
+    """What a resumed build checks beyond the dataset: the digest of a spilled read's parts."""
+    from afpx.structures import SpilledTable, TableRead
+
+    if isinstance(read, TableRead) and isinstance(read.table, SpilledTable):
+        return read.table.digest
+    return ""
 
 
 @contextlib.contextmanager
@@ -1515,7 +1541,7 @@ def append_to_cube(
         sources, its sources cannot be read any more or now give other
         structures (then rebuild it), or nothing new is accepted.
     """
-    from afpx.structures import MAX_FILE_MB, FilterParams, read_table
+    from afpx.structures import MAX_FILE_MB, FilterParams
 
     if store.is_url(path):
         raise AfpxError(
@@ -1523,7 +1549,8 @@ def append_to_cube(
             " from all its sources"
         )
     target = Path(path).expanduser().absolute()
-    old = open_cube(target)
+    # lazy: the old cube's values are compared a chunk at a time (_check_prefix)
+    old = open_cube(target, load=False)
     attrs = old.attrs
     old_sources = [str(s) for s in attrs.get("sources", [])]
     items = [inputs] if isinstance(inputs, str | os.PathLike) else list(inputs)
@@ -1545,10 +1572,15 @@ def append_to_cube(
         seed=int(split_attrs["seed"]),
         fractions=tuple(float(split_attrs["fractions"][k]) for k in schema.SPLITS),  # type: ignore[arg-type]
     )
-    with use_scheduler(scheduler, workers=workers) as client:
-        read = read_table(
+    with contextlib.ExitStack() as stack:
+        client = stack.enter_context(use_scheduler(scheduler, workers=workers))
+        read = _read_inputs(
             [*old_sources, *items],
-            params=filters,
+            target,
+            stack,
+            client,
+            local=True,
+            filters=filters,
             progress=progress,
             max_file_mb=MAX_FILE_MB if max_file_mb is None else max_file_mb,
         )
@@ -1570,12 +1602,24 @@ def append_to_cube(
                 f" ({read.summary().splitlines()[-1] if read.rejections else 'nothing read'});"
                 f" the cube {target} is unchanged"
             )
+        digest = _spill_digest(read)
+        del read  # the dataset holds what the cube needs
         dropped = sorted(str(n) for n in old.data_vars if n not in ds.variables)
         if dropped:
             logger.warning("the appended cube drops %s: compute it again", ", ".join(dropped))
+        # the dataset is this append's own: what is written up front is not kept meanwhile
         return _write(
-            ds, target, replace=True, progress=progress, client=client, resume=resume, base=target
+            ds,
+            target,
+            replace=True,
+            progress=progress,
+            client=client,
+            resume=resume,
+            base=target,
+            release=True,
+            key_extra=digest,
         )
+    raise AssertionError("unreachable")  # pragma: no cover - ExitStack swallows nothing
 
 
 def _is_dataset(name: str) -> bool:
@@ -1584,24 +1628,74 @@ def _is_dataset(name: str) -> bool:
     return name in datasets.DATASETS
 
 
+#: Rows of an in-memory variable that an append compares with the old cube at a time.
+_PREFIX_ROWS = 1 << 16
+
+
 def _check_prefix(ds: xr.Dataset, old: xr.Dataset, target: Path) -> None:
-    """Refuse unless every in-memory variable of ``ds`` begins with the old cube's values."""
+    """Refuse unless ``ds`` begins with the values of the old cube ``old`` (opened lazily).
+
+    Compared a block at a time, so that neither side is held whole: a lazy
+    variable of ``ds`` (a spilled read's labels and geometry) a chunk at a
+    time, the blocks of the variables sharing chunks computed together (they
+    share their tasks); an in-memory one :data:`_PREFIX_ROWS` rows at a time.
+    The fingerprint tasks' own outputs are not compared (computing them
+    would fingerprint the old structures again): the fingerprints, and in a
+    spilled read also the per-site labels, which follow from the geometry
+    and the unique-site counts that are compared.
+    """
+    import dask
+
+    task_outputs = {*_COMPUTED, *_LABELS}
+    lazy = set(store.lazy_names(ds))
+    groups: dict[tuple[bool, tuple[int, ...]], list[str]] = {}
     for name in sorted(str(n) for n in old.variables):
-        if name not in ds.variables or name in store.lazy_names(ds):
+        if name not in ds.variables or (name in lazy and name in task_outputs):
             continue
         var = ds.variables[name]
         if var.dims != old[name].dims:
             continue
-        head = np.asarray(var.isel({d: slice(0, old.sizes[d]) for d in var.dims}).values)
-        before = np.asarray(old[name].values)
-        if head.dtype.kind not in "biuf" or before.dtype.kind not in "biuf":
-            head = np.asarray(head.tolist(), dtype=object)
-            before = np.asarray(before.tolist(), dtype=object)
-        if head.shape != before.shape or not np.array_equal(head, before):
-            raise AfpxError(
-                f"the cube {target} no longer matches its sources (`{name}` differs: changed"
-                " files, other afpx version or split rule); rebuild it with afpx build-cube"
-            )
+        if var.ndim == 0 or any(ds.sizes[d] < old.sizes[d] for d in var.dims):
+            _compare_prefix(name, np.asarray(var.values), old[name].values, target)
+            continue
+        n = old.sizes[var.dims[0]]
+        if name in lazy:
+            bounds = np.cumsum((0, *ds[name].data.chunks[0]))
+        else:
+            bounds = np.arange(0, n, _PREFIX_ROWS)
+        edges = (*(int(b) for b in bounds if b < n), n)
+        groups.setdefault((name in lazy, edges), []).append(name)
+    for (is_lazy, edges), names in groups.items():
+        for lo, hi in itertools.pairwise(edges):
+            heads = [_prefix_window(ds, old, name, lo, hi) for name in names]
+            if is_lazy:
+                heads = list(scheduler_compute(*heads))
+            for name, head in zip(names, heads, strict=True):
+                before = _prefix_window(old, old, name, lo, hi)
+                if store.is_lazy(before):
+                    # the old cube is local: read here, not on the workers
+                    (before,) = dask.compute(before, scheduler="synchronous")
+                _compare_prefix(name, np.asarray(head), np.asarray(before), target)
+
+
+def _prefix_window(ds: xr.Dataset, old: xr.Dataset, name: str, lo: int, hi: int) -> Any:
+    """Rows ``lo:hi`` of ``ds[name]``, cut to the old cube's sizes along its other dimensions."""
+    var = ds.variables[name]
+    window = {d: slice(0, old.sizes[d]) for d in var.dims[1:]}
+    return var.isel({var.dims[0]: slice(lo, hi), **window}).data
+
+
+def _compare_prefix(name: str, head: np.ndarray, before: np.ndarray, target: Path) -> None:
+    """Raise unless ``head`` begins with ``before`` (rows; text compared as Python strings)."""
+    head, before = np.atleast_1d(head), np.atleast_1d(before)
+    if head.dtype.kind not in "biuf" or before.dtype.kind not in "biuf":
+        head = np.asarray(head.tolist(), dtype=object)
+        before = np.asarray(before.tolist(), dtype=object)
+    if head.shape[1:] != before.shape[1:] or not np.array_equal(head[: len(before)], before):
+        raise AfpxError(
+            f"the cube {target} no longer matches its sources (`{name}` differs: changed"
+            " files, other afpx version or split rule); rebuild it with afpx build-cube"
+        )
 
 
 # -- reading --------------------------------------------------------------------------------------

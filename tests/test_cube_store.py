@@ -228,6 +228,61 @@ def test_append_equals_one_shot_bit_for_bit(tmp_path: Path, one_shot: Path) -> N
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cube.zarr"]
 
 
+def test_append_spills_its_read_or_reads_into_memory_alike(
+    tmp_path: Path, one_shot: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import afpx.structures
+
+    spilled = {"n": 0}
+    original = afpx.structures.read_spilled
+
+    def read_spilled(*args: Any, **kwargs: Any) -> Any:
+        spilled["n"] += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(afpx.structures, "read_spilled", read_spilled)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    cube = build_cube(FIRST, tmp_path / "a" / "cube.zarr", chunk_sites=CHUNK, draws=2)
+    append_to_cube(SECOND, cube, progress=False)
+    # the append read the old sources and the new ones to disk, as a build does
+    assert spilled["n"] == 2
+    assert_same_store(cube, one_shot)
+    assert sorted(p.name for p in cube.parent.iterdir()) == ["cube.zarr"]  # spill removed
+    # workers that cannot see this disk: the rows are read into memory, same cube
+    monkeypatch.setattr(afpx.cube, "workers_on_this_host", lambda client: False)
+    cube = build_cube(FIRST, tmp_path / "b" / "cube.zarr", chunk_sites=CHUNK, draws=2)
+    append_to_cube(SECOND, cube, progress=False)
+    assert spilled["n"] == 2
+    assert_same_store(cube, one_shot)
+
+
+def test_append_refuses_when_a_source_changed(tmp_path: Path) -> None:
+    sources = tmp_path / "sources"
+    sources.mkdir()
+    first = []
+    for name in FIRST:
+        copy = sources / Path(name).name
+        copy.write_bytes(Path(name).read_bytes())
+        first.append(str(copy))
+    cube = build_cube(first, tmp_path / "cube.zarr", chunk_sites=CHUNK, progress=False)
+    before = tree(cube)
+    edited = Path(first[0])
+    text = edited.read_text()
+    assert "_cell_length_a    4.76060" in text
+    edited.write_text(text.replace("_cell_length_a    4.76060", "_cell_length_a    4.80060"))
+    with pytest.raises(AfpxError, match=r"no longer matches its sources \(`dmin` differs"):
+        append_to_cube(SECOND, cube, progress=False)
+    assert tree(cube) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cube.zarr", "sources"]
+    # fewer structures than the cube holds, once two sources are no CIFs any more
+    for name in first[:2]:
+        Path(name).write_text("not a CIF\n")
+    with pytest.raises(AfpxError, match=r"its sources \(`atom_frac_coords` differs"):
+        append_to_cube(SECOND[:1], cube, progress=False)
+    assert tree(cube) == before
+
+
 def test_failed_append_leaves_the_cube_as_it_was(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
