@@ -53,6 +53,8 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "CHECKSUMS_GROUP",
+    "CHECKSUMS_RECORDS",
+    "RECORD_CHUNK",
     "build_key",
     "check_chunks",
     "check_writable_folder",
@@ -75,6 +77,7 @@ __all__ = [
     "pending_chunks",
     "pick",
     "publish",
+    "recorded_chunks",
     "release",
     "remove",
     "remove_partial",
@@ -85,9 +88,16 @@ __all__ = [
     "verify_chunks",
 ]
 
-#: A zarr group of the store whose attributes hold the size and sha256 of every chunk
-#: file (metadata excluded): a group, so that zarr and xarray read past it silently.
+#: A zarr group of the store that records the size and sha256 of every chunk file
+#: (metadata excluded): a group, so that zarr and xarray read past it silently.
 CHECKSUMS_GROUP: Final = "afpx_checksums"
+#: The array of :data:`CHECKSUMS_GROUP` holding the record: the UTF-8 bytes of one JSON
+#: line ``[file, size, sha256]`` per chunk file, in text order of the files. Data, not
+#: metadata: zarr parses a group's attributes whenever a store's members are listed
+#: (every open), and a record of ~70,000 files in them cost ~30 MB at each open.
+CHECKSUMS_RECORDS: Final = "records"
+#: Bytes per chunk of :data:`CHECKSUMS_RECORDS` (and read at a time).
+RECORD_CHUNK: Final = 1 << 20
 _OWNER_SUFFIX: Final = ".owner.json"
 _MARKS: Final = ".afpx-chunks"
 _RENAME_NOREPLACE: Final = 1
@@ -549,7 +559,7 @@ def link_chunks(old: Path, partial: Path, name: str, ndim: int, indices: Iterabl
     Chunks so taken are never written again (they are marked done), so the
     old store's files stay as they are whatever happens to the new one.
     """
-    recorded = _recorded(old)
+    recorded = {rel: (size, digest) for rel, size, digest in recorded_chunks(old, under=name)}
     for index in indices:
         source = _chunk_file(old, name, index, ndim)
         target = _chunk_file(partial, name, index, ndim)
@@ -566,37 +576,88 @@ def link_chunks(old: Path, partial: Path, name: str, ndim: int, indices: Iterabl
 
 
 # -- finishing and checking --------------------------------------------------------------------
-def _recorded(store: Path) -> dict[str, tuple[int, str]]:
+def recorded_chunks(store: Path, *, under: str | None = None) -> Iterator[tuple[str, int, str]]:
+    """(file, size, sha256) of every chunk file recorded in ``store``, in text order of the files.
+
+    Read :data:`RECORD_CHUNK` bytes at a time: what is held is one chunk of
+    the record, not the record. Stores of earlier versions, whose record is
+    in the group's attributes, are read whole. Nothing for a store without a
+    record. ``under``: only the files of that variable.
+    """
+    import zarr
+
+    folder = store / CHECKSUMS_GROUP
     try:
-        meta = json.loads((store / CHECKSUMS_GROUP / "zarr.json").read_text())
-        files = meta["attributes"]["files"]
-        return {k: (int(v[0]), str(v[1])) for k, v in files.items()}
-    except (OSError, ValueError, KeyError, TypeError, IndexError):
-        return {}
+        meta = json.loads((folder / "zarr.json").read_text())
+        attributes = meta["attributes"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    prefix = None if under is None else under + "/"
+    if "files" in attributes:  # the record in the attributes (before this version)
+        for rel, (size, digest) in sorted(attributes["files"].items()):
+            if prefix is None or rel.startswith(prefix):
+                yield rel, int(size), str(digest)
+        return
+    # a line of ``under``'s files begins with this text ("[" and the file's JSON string)
+    head = None if prefix is None else json.dumps([prefix])[:-2]
+    records = zarr.open_array(folder / CHECKSUMS_RECORDS, mode="r")
+    rest = b""
+    for lo in range(0, records.shape[0], RECORD_CHUNK):
+        piece = np.asarray(records[lo : lo + RECORD_CHUNK], dtype=np.uint8)
+        lines = (rest + piece.tobytes()).split(b"\n")
+        rest = lines.pop()
+        for line in lines:
+            if head is None or line.startswith(head.encode()):
+                try:
+                    rel, size, digest = json.loads(line)
+                except ValueError:
+                    raise AfpxError(
+                        f"{folder} is damaged: unreadable record line {line[:80]!r};"
+                        " rebuild the cube (afpx build-cube)"
+                    ) from None
+                yield str(rel), int(size), str(digest)
+    if rest:
+        raise AfpxError(
+            f"{folder} is damaged: its record ends in an unfinished line;"
+            " rebuild the cube (afpx build-cube)"
+        )
 
 
 def finish(partial: Path) -> None:
     """Record sizes and sha256 of every chunk file, then drop the build bookkeeping.
 
-    The record is written as it is gathered, one top-level entry (a variable)
-    at a time, in the order ``json.dumps(..., sort_keys=True)`` gives: what is
-    held is one variable's chunks, not the cube's (at 4x oqmd-icsd the whole
-    record built in memory first cost ~45 MB).
+    The record (:data:`CHECKSUMS_RECORDS`) is written as it is gathered, one
+    variable at a time, to a temporary file, and then copied into its array
+    :data:`RECORD_CHUNK` bytes at a time: what is held is one variable's
+    chunks, not the cube's.
     """
+    import zarr
+
     folder = partial / CHECKSUMS_GROUP
-    folder.mkdir(exist_ok=True)
-    tmp = folder / f".zarr.json.tmp-{uuid.uuid4().hex[:8]}"
-    with tmp.open("w") as out:
-        out.write('{"attributes": {"algorithm": "sha256", "files": {')
-        sep = ""
+    building = partial / f".{CHECKSUMS_GROUP}.tmp"
+    shutil.rmtree(building, ignore_errors=True)  # left by a killed finish
+    lines = partial / f".{CHECKSUMS_GROUP}.jsonl.tmp"
+    with lines.open("wb") as out:
         # "NAME/..." in text order: names ordered as NAME + "/" (a name may hold "-" or ".")
-        tops = sorted((p for p in partial.iterdir() if not p.name.startswith(".")), key=_key_order)
+        tops = sorted(
+            (p for p in partial.iterdir() if not p.name.startswith(".") and p != folder),
+            key=_key_order,
+        )
         for top in tops:
             for rel, size, digest in _chunk_records(partial, top):
-                out.write(f"{sep}{json.dumps(rel)}: {json.dumps([size, digest])}")
-                sep = ", "
-        out.write('}}, "node_type": "group", "zarr_format": 3}')
-    os.replace(tmp, folder / "zarr.json")
+                out.write(json.dumps([rel, size, digest]).encode() + b"\n")
+    group = zarr.open_group(building, mode="w", zarr_format=3)
+    group.attrs.update({"algorithm": "sha256", "format": "json-lines"})
+    nbytes = lines.stat().st_size
+    records = group.create_array(
+        CHECKSUMS_RECORDS, shape=(nbytes,), chunks=(RECORD_CHUNK,), dtype="uint8"
+    )
+    with lines.open("rb") as text:
+        for lo in range(0, nbytes, RECORD_CHUNK):
+            records[lo : lo + RECORD_CHUNK] = np.frombuffer(text.read(RECORD_CHUNK), np.uint8)
+    lines.unlink()
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(building, folder)
     shutil.rmtree(partial / _MARKS, ignore_errors=True)
 
 
@@ -643,7 +704,7 @@ def check_chunks(store: Path) -> None:
 
     Stat calls only; a store without recorded checksums passes.
     """
-    for rel, (size, _) in _recorded(store).items():
+    for rel, size, _ in recorded_chunks(store):
         path = store / rel
         try:
             actual = path.stat().st_size
@@ -666,13 +727,10 @@ def verify_chunks(store: Path) -> tuple[int, list[str]]:
     AfpxError
         If the store records no checksums (written before they were recorded).
     """
-    recorded = _recorded(store)
-    if not recorded:
-        raise AfpxError(
-            f"{store} records no checksums ({CHECKSUMS_GROUP}); rebuild it to verify it"
-        )
+    n = 0
     problems = []
-    for rel, (size, digest) in sorted(recorded.items()):
+    for rel, size, digest in recorded_chunks(store):
+        n += 1
         path = store / rel
         if not path.is_file():
             problems.append(f"{rel}: missing")
@@ -680,7 +738,11 @@ def verify_chunks(store: Path) -> tuple[int, list[str]]:
             problems.append(f"{rel}: {path.stat().st_size} bytes, {size} were written")
         elif sha256_of(path) != digest:
             problems.append(f"{rel}: sha256 differs from the one recorded at write time")
-    return len(recorded), problems
+    if not n:
+        raise AfpxError(
+            f"{store} records no checksums ({CHECKSUMS_GROUP}); rebuild it to verify it"
+        )
+    return n, problems
 
 
 # -- any fsspec/zarr store -------------------------------------------------------------------

@@ -20,7 +20,7 @@ import afpx.store
 from afpx import AfpxError, schema
 from afpx.cli import main
 from afpx.cube import append_to_cube, build_cube, open_cube, verify_cube
-from afpx.store import CHECKSUMS_GROUP, partials, rename_noreplace
+from afpx.store import CHECKSUMS_GROUP, partials, recorded_chunks, rename_noreplace
 
 COD = Path(__file__).parent / "data" / "cod"
 FILES = sorted(str(p) for p in COD.glob("*.cif"))
@@ -346,9 +346,7 @@ def test_info_verify_finds_a_flipped_bit(tmp_path: Path) -> None:
     runner = CliRunner()
     good = runner.invoke(main, ["info", "--verify", str(cube)])
     assert good.exit_code == 0, good.output
-    n_files = len(
-        json.loads((cube / CHECKSUMS_GROUP / "zarr.json").read_text())["attributes"]["files"]
-    )
+    n_files = len(list(recorded_chunks(cube)))
     assert f"verified: {n_files} chunk files match their sha256" in good.output
     chunk = cube / "r0" / "c" / "0"
     data = bytearray(chunk.read_bytes())
@@ -403,10 +401,13 @@ def test_build_key_hashes_text_a_slice_at_a_time_as_all_at_once(
     assert key == h.hexdigest()
 
 
-def test_checksums_are_written_as_gathered_in_sorted_json(tmp_path: Path) -> None:
-    # names with "-" and "." sort before "/": the record must still be in text order,
-    # byte for byte what json.dumps(..., sort_keys=True) gives; marks are taken as they are
+def test_checksums_are_written_as_gathered_in_text_order(tmp_path: Path) -> None:
+    # names with "-" and "." sort before "/": the record must still be in text order of
+    # the files; marks are taken as they are; the record is data (JSON lines in a zarr
+    # array read a chunk at a time), not attributes that zarr parses on every open
     import hashlib
+
+    import zarr
 
     partial = tmp_path / "store"
     contents = {
@@ -426,16 +427,70 @@ def test_checksums_are_written_as_gathered_in_sorted_json(tmp_path: Path) -> Non
     marks.mkdir(parents=True)
     (marks / "10").write_text(json.dumps({"file": "a/c/10", "size": 2, "sha256": "recorded"}))
     afpx.store.finish(partial)
-    text = (partial / CHECKSUMS_GROUP / "zarr.json").read_text()
-    chunks = [rel for rel in contents if "/c/" in rel and not rel.endswith(".partial")]
-    files = {rel: [len(contents[rel]), hashlib.sha256(contents[rel]).hexdigest()] for rel in chunks}
-    files["a/c/10"] = [2, "recorded"]
-    meta = {
-        "zarr_format": 3,
-        "node_type": "group",
-        "attributes": {"algorithm": "sha256", "files": files},
-    }
-    assert text == json.dumps(meta, sort_keys=True)
+    chunks = sorted(rel for rel in contents if "/c/" in rel and not rel.endswith(".partial"))
+    assert chunks == ["a-b/c/0/0", "a.x/c/1", "a/c/0", "a/c/10", "a/c/2", "ab/c/0"]
+    expected = [
+        (rel, len(contents[rel]), hashlib.sha256(contents[rel]).hexdigest()) for rel in chunks
+    ]
+    expected[chunks.index("a/c/10")] = ("a/c/10", 2, "recorded")
+    assert list(recorded_chunks(partial)) == expected
+    assert list(recorded_chunks(partial, under="a")) == [r for r in expected if r[0][:2] == "a/"]
+    group = zarr.open_group(partial / CHECKSUMS_GROUP, mode="r")
+    assert dict(group.attrs) == {"algorithm": "sha256", "format": "json-lines"}
+    text = b"".join(json.dumps(list(r)).encode() + b"\n" for r in expected)
+    assert np.asarray(group["records"][:]).tobytes() == text
     assert not (partial / "a" / "c" / "3.0123456789abcdef0123456789abcdef.partial").exists()
-    assert not (partial / ".afpx-chunks").exists()
-    assert [p.name for p in (partial / CHECKSUMS_GROUP).iterdir()] == ["zarr.json"]
+    assert sorted(p.name for p in partial.iterdir()) == ["a", "a-b", "a.x", "ab", CHECKSUMS_GROUP]
+
+
+def test_a_record_longer_than_a_chunk_is_read_across_chunks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(afpx.store, "RECORD_CHUNK", 7)  # every line spans chunks
+    partial = tmp_path / "store"
+    (partial / "v" / "c").mkdir(parents=True)
+    for i in range(12):
+        (partial / "v" / "c" / str(i)).write_bytes(b"x" * i)
+    afpx.store.finish(partial)
+    got = [(rel, size) for rel, size, _ in recorded_chunks(partial)]
+    assert got == sorted((f"v/c/{i}", i) for i in range(12))
+    afpx.store.check_chunks(partial)
+    assert afpx.store.verify_chunks(partial) == (12, [])
+
+
+def test_a_damaged_record_is_named(tmp_path: Path) -> None:
+    import zarr
+
+    partial = tmp_path / "store"
+    (partial / "v" / "c").mkdir(parents=True)
+    (partial / "v" / "c" / "0").write_bytes(b"x")
+    afpx.store.finish(partial)
+    records = zarr.open_array(partial / CHECKSUMS_GROUP / "records", mode="r+")
+    text = np.asarray(records[:]).tobytes()
+    records[-1] = ord(" ")  # the final newline lost
+    with pytest.raises(AfpxError, match="damaged: its record ends in an unfinished line"):
+        afpx.store.check_chunks(partial)
+    records[:] = np.frombuffer(text.replace(b"[", b"{"), np.uint8)
+    with pytest.raises(AfpxError, match="damaged: unreadable record line"):
+        afpx.store.verify_chunks(partial)
+
+
+def test_a_cube_with_its_record_in_attributes_still_opens_and_verifies(tmp_path: Path) -> None:
+    # cubes of earlier versions held the record in the group's attributes
+    import shutil
+
+    cube = build_cube(FIRST, tmp_path / "cube.zarr", chunk_sites=CHUNK, progress=False)
+    records = list(recorded_chunks(cube))
+    group = cube / CHECKSUMS_GROUP
+    shutil.rmtree(group)
+    group.mkdir()
+    files = {rel: [size, digest] for rel, size, digest in records}
+    meta = {"attributes": {"algorithm": "sha256", "files": files}, "node_type": "group"}
+    (group / "zarr.json").write_text(json.dumps({**meta, "zarr_format": 3}, sort_keys=True))
+    assert list(recorded_chunks(cube)) == records
+    open_cube(cube)
+    assert verify_cube(cube) == (len(records), [])
+    chunk = cube / records[0][0]
+    chunk.write_bytes(chunk.read_bytes()[:-1])
+    with pytest.raises(AfpxError, match="is damaged: chunk"):
+        open_cube(cube)
