@@ -93,7 +93,8 @@ def test_waves_smaller_than_the_blocks_write_the_same_cube(
     monkeypatch.setattr(afpx.cube, "task_slots", lambda client: 1)
     waved = build_cube(FILES, tmp_path / "waved.zarr", progress=False, **options)
     assert digests(Path(waved)) == digests(Path(whole))
-    assert trims["n"] == len(written) + 1  # before every wave and after the last
+    # after reading, before every wave and after the last
+    assert trims["n"] == len(written) + 2
     # the sites' chunks four at a time (four per task slot: more than 3), then the atoms'
     # and the lattices' chunk (one each)
     assert written == [4] * (n_chunks // 4) + [n_chunks % 4] * bool(n_chunks % 4) + [1, 1]
