@@ -49,6 +49,13 @@ MAX_DISTANCES_PER_PASS = 1 << 17
 #: were few.
 MAX_HISTOGRAM_VALUES = 1 << 19
 
+#: On a GPU (CuPy) a pass is ~30 kernel launches whatever its size, so passes
+#: are this many times larger (2**21 distances and 2**23 histogram values: ~0.3 GB
+#: of device memory at most). With the CPU's bounds an H200 took 2.1 s for
+#: 4,096 rows of 1,000 neighbours, which 16 CPU cores did in 0.94 s
+#: (``scripts/gpu_check.py``).
+DEVICE_PASS_SCALE = 16
+
 #: Jitter displacements larger than this many σ are vanishingly rare
 #: (P ≈ 1e-7 in 3D); the neighbour query reaches this far past ``r_max``.
 JITTER_MARGIN_SIGMAS = 6.0
@@ -541,15 +548,18 @@ def afp_kernel(
     out = xp.zeros((n_rows, params.n_perspectives, params.n_bins), dtype=xp.float32)
     ends = np.cumsum(counts_host)
     starts = ends - counts_host
-    per_pass = max(1, MAX_DISTANCES_PER_PASS // params.n_perspectives)
-    rows_per_pass = max(1, MAX_HISTOGRAM_VALUES // (params.n_perspectives * params.pad_length))
+    scale = 1 if xp is np else DEVICE_PASS_SCALE
+    per_pass = max(1, scale * MAX_DISTANCES_PER_PASS // params.n_perspectives)
+    rows_per_pass = max(
+        1, scale * MAX_HISTOGRAM_VALUES // (params.n_perspectives * params.pad_length)
+    )
     row = 0
     while row < n_rows:
         stop = row + 1
         while stop < n_rows and stop - row < rows_per_pass and ends[stop] - starts[row] <= per_pass:
             stop += 1
         lo, hi = int(starts[row]), int(ends[stop - 1])
-        c = xp.asarray(counts_host[row:stop])
+        c = counts_host[row:stop]  # on the host: the pairs' owners are made there
         w = environment_frame(
             vectors[lo:hi],
             c,

@@ -348,6 +348,36 @@ def test_histogram_bound_passes_do_not_change_results(monkeypatch: pytest.Monkey
     np.testing.assert_array_equal(one_pass, bounded)
 
 
+def test_a_device_namespace_gets_larger_passes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Off numpy (CuPy), passes are DEVICE_PASS_SCALE times larger; the result is the same."""
+    import types
+
+    import afpx.kernels
+
+    rows = random_rows(12, [30, 0, 45, 20, 60, 25])
+    device = types.ModuleType("device")  # a namespace that is not numpy, computing with numpy
+    device.__dict__.update({k: getattr(np, k) for k in dir(np) if not k.startswith("__")})
+    calls: list[int] = []
+    real = afpx.kernels.bin_counts
+
+    def counting(w: np.ndarray, counts: Any, *, params: FingerprintParams) -> np.ndarray:
+        calls.append(len(counts))
+        return real(w, counts, params=params)
+
+    two_rows = 2 * PARAMS.n_perspectives * PARAMS.pad_length
+    monkeypatch.setattr(afpx.kernels, "bin_counts", counting)
+    monkeypatch.setattr(afpx.kernels, "MAX_HISTOGRAM_VALUES", two_rows)
+    expected = afp_kernel(rows["vectors"], rows["counts"], rows["r0"], params=PARAMS)
+    assert calls == [2, 2, 2]
+    calls.clear()
+    monkeypatch.setattr(afpx.kernels, "DEVICE_PASS_SCALE", 3)
+    monkeypatch.setattr(afpx.kernels, "get_array_namespace", lambda *arrays: device)
+    got = afp_kernel(rows["vectors"], rows["counts"], rows["r0"], params=PARAMS)
+    assert calls == [6]
+    # the device namespace transforms with its own (double-precision) FFT
+    np.testing.assert_allclose(got, expected, atol=1e-5 * np.abs(expected).max())
+
+
 def test_counts_must_match_vectors() -> None:
     with pytest.raises(AfpxError, match="counts sum to 3"):
         afp_kernel(np.zeros((2, 3)), np.array([3]), np.ones(1), params=PARAMS)

@@ -15,7 +15,7 @@ PARAMS = FingerprintParams()
 N_SITES = 256
 
 
-def _rows(n_sites: int, neighbours: int, seed: int = 0) -> dict[str, np.ndarray]:
+def random_environments(n_sites: int, neighbours: int, seed: int = 0) -> dict[str, np.ndarray]:
     """Random environments with about ``neighbours`` atoms within 6 r0 of each origin."""
     rng = np.random.default_rng(seed)
     n = n_sites * neighbours
@@ -41,7 +41,7 @@ class AfpKernel:
     param_names: ClassVar[list[str]] = ["neighbours_per_origin"]
 
     def setup(self, neighbours: int) -> None:
-        self.rows = _rows(N_SITES, neighbours)
+        self.rows = random_environments(N_SITES, neighbours)
         self._limits = threadpool_limits(1)
 
     def teardown(self, neighbours: int) -> None:
