@@ -40,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "asv_bench"))
 from benchmarks.bench_kernels import random_environments
 
 import afpx.kernels
+from afpx import schema
 from afpx.cube import fingerprint_structures
 from afpx.kernels import FingerprintParams, afp_kernel
 
@@ -151,7 +152,7 @@ def main() -> None:
     options = {"draws": args.draws, "seed": 3}
     expected = fingerprint_structures(structures, device="cpu", **options)
     got = fingerprint_structures(structures, device="cuda", **options)
-    afp = "afp"
+    afp = schema.AFP
     same = sorted(k for k in expected if k != afp and np.array_equal(expected[k], got[k]))
     differ = sorted(k for k in expected if k != afp and k not in same)
     fp = {
